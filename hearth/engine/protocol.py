@@ -1,0 +1,73 @@
+"""The seam between the API server and the engine (vLLM's EngineClient, small).
+
+The server holds an `EngineClient`; tests hand it a fake. The engine detokenizes and applies stop strings, so a
+`Delta` carries both the new token ids and the new text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hearth.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one request produced since its last Delta."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    architecture: str
+    quantization: str | None = None
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` is the HTTP status the API should answer with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+class EngineClient(Protocol):
+    """What the API server needs from an engine."""
+
+    @property
+    def state(self) -> str:  # "loading" | "ready"
+        ...
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """Stream the request's output; the last Delta has finished=True. Raises EngineError on refusal."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its resources; its stream ends with finish_reason "abort"."""
+        ...
