@@ -1,0 +1,5 @@
+import sys
+
+from hearth.cli.main import main
+
+sys.exit(main())
