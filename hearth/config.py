@@ -186,6 +186,32 @@ def kv_bytes(spec: KVSpec, num_tokens: int, dtype: str = "bfloat16") -> int:
     return total * DTYPE_BYTES[dtype]
 
 
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine limits, named as vLLM's flags (--max-model-len, --max-num-seqs, ...)."""
+
+    max_model_len: int | None = None  # None: the model's context length, capped at 8192 by default
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512  # per step: chunked prefill token budget
+    kv_cache_memory: float | None = None  # GiB (>= 1) or a fraction of free memory (< 1); None: enough for max_num_seqs
+    block_size: int = 16
+    dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16
+    max_waiting: int = 256  # queue depth before new requests are refused (HTTP 429)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
 def hearth_home() -> str:
     """`$HEARTH_HOME`, default `~/.hearth`: models/, keys, audit/, usage.db, config.toml."""
     return os.environ.get("HEARTH_HOME") or os.path.join(os.path.expanduser("~"), ".hearth")

@@ -45,6 +45,16 @@ class ModelInfo:
     quantization: str | None = None
 
 
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for /metrics and /health."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
+    num_kvcache_blocks: int = 0
+
+
 class EngineError(Exception):
     """A request the engine refuses; `status` is the HTTP status the API should answer with."""
 
@@ -63,6 +73,9 @@ class EngineClient(Protocol):
 
     @property
     def model_info(self) -> ModelInfo: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         """Stream the request's output; the last Delta has finished=True. Raises EngineError on refusal."""
