@@ -1,0 +1,145 @@
+"""ModelRunner: owns the model and its paged KV cache, turns a Batch into tensors and runs one forward per step.
+
+All scheduled sequences share one forward: their new tokens are laid out one sequence after another, with the
+positions, cache slots and block tables the attention layers read from the forward Context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from hearth.config import EngineConfig, ModelConfig, kv_bytes_per_token, kv_spec
+from hearth.engine.scheduler import Batch
+from hearth.layers.attention import Attention
+from hearth.layers.context import Context, reset_context, set_context
+from hearth.layers.sampler import Sampler
+from hearth.loader.load import load_model
+from hearth.loader.resolve import ModelRef
+from hearth.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 1 << 30
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def resolve_dtype(name: str, ref: ModelRef, config: ModelConfig) -> torch.dtype:
+    """auto: bf16 for GGUF (the int4 kernels want bf16 activations) and bf16/fp16 checkpoints, else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if ref.format == "gguf" or config.torch_dtype in ("bfloat16", "float16"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class ModelRunner:
+    def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu"):
+        self.config = config
+        self.engine_config = engine_config
+        self.device = torch.device(device)
+        if os.environ.get("HEARTH_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["HEARTH_NUM_THREADS"]))
+        self.dtype = resolve_dtype(engine_config.dtype, ref, config)
+        self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings)  # fmt: skip
+        self.block_size = engine_config.block_size
+        with torch.device(self.device):
+            self.model = model_class(config)(config)
+        load_model(self.model, ref, self.dtype, keep_quantized=self.dtype != torch.float32)
+        self.model.eval()
+        self.sampler = Sampler(engine_config.seed)
+        self.num_kvcache_blocks = self.allocate_kv_cache()
+
+    def allocate_kv_cache(self) -> int:
+        """Size the block pool from the KV budget with the KVSpec arithmetic the planner uses, then allocate it."""
+        spec = kv_spec(self.config)
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        block_bytes = kv_bytes_per_token(spec, dtype_name) * self.block_size
+        budget = self.engine_config.kv_cache_memory
+        if budget is None:
+            wanted = self.engine_config.max_num_seqs * self.max_model_len * block_bytes // self.block_size
+            budget_bytes = min(wanted, available_memory(self.device) // 4)
+        elif budget >= 1:
+            budget_bytes = int(budget * GIB)
+        else:
+            budget_bytes = int(budget * available_memory(self.device))
+        num_blocks = max(budget_bytes // block_bytes, 1)
+        if num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"KV-cache budget of {budget_bytes / GIB:.2f} GiB holds {num_blocks * self.block_size} tokens, "
+                f"fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory or lower --max-model-len"
+            )
+        attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer, layer_spec in zip(attn_layers, spec.layers):
+            shape = (num_blocks, self.block_size, layer_spec.num_kv_heads, layer_spec.head_size)
+            # zeros: pages are only made resident as the cache fills
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB), at most %d tokens in flight",
+            num_blocks, self.block_size, num_blocks * block_bytes / GIB, num_blocks * self.block_size,
+        )  # fmt: skip
+        return num_blocks
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Build input ids, positions and the forward Context; return the rows whose logits are sampled."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        ctx = Context(q_starts=[0], block_size=self.block_size)
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            ctx.q_starts.append(len(input_ids))
+            ctx.context_lens.append(end)
+            (ctx.decode_seq_idx if num_new == 1 else ctx.prefill_seq_idx).append(i)
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+        dev = self.device
+        ctx.block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        ctx.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if ctx.decode_seq_idx:
+            ctx.decode_block_tables = ctx.block_tables[ctx.decode_seq_idx]
+            lens = [ctx.context_lens[i] for i in ctx.decode_seq_idx]
+            ctx.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
+        set_context(ctx)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        return ids, torch.tensor(positions, dtype=torch.long, device=dev), sample_rows
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[list, list[int], list]:
+        """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
+        input_ids, positions, sample_rows = self.prepare(batch)
+        try:
+            hidden_states = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
+        if not sampled:
+            return [], [], []
+        logits = self.model.compute_logits(hidden_states[sample_rows])
+        token_ids, logprobs = self.sampler(logits, sampled, [getattr(s, "generator", None) for s in sampled])
+        return sampled, token_ids, logprobs

@@ -1,0 +1,111 @@
+"""Scheduler: decides which sequences run each step and how many of their tokens (vLLM's iteration-level model).
+
+Each step has a token budget (`max_num_batched_tokens`). Running decodes are served first, one token each; then
+running sequences still in (chunked) prefill; then waiting sequences in arrival order while the budget and
+`max_num_seqs` allow. When the cache runs out of blocks the most recently admitted running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue to be recomputed (its prefix may still be cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hearth.engine.block_manager import BlockManager
+from hearth.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class Batch:
+    """The scheduler's output: data only, so the runner could live elsewhere."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> Batch:
+        """Pick this step's sequences and token counts, reserving their cache slots."""
+        batch = Batch()
+        budget = self.max_num_batched_tokens
+        # running sequences: decodes (one token left to compute) before unfinished prefills
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in order:
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below to make room for an earlier one
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_new):
+                # preempt the newest sequence not already in this batch, or this one if there is none
+                victim = next((s for s in reversed(self.running) if s is not seq and s not in batch.seqs), seq)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self.block_manager.append_slots(seq, num_new)
+            batch.seqs.append(seq)
+            batch.num_scheduled_tokens.append(num_new)
+            budget -= num_new
+        # waiting sequences, first come first served
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                cached = self.block_manager.allocate_prefix(seq)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = cached
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_append(seq, num_new):
+                if not self.running and not batch.seqs:
+                    # nothing else holds blocks: shrink the chunk to what fits
+                    free_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
+                    num_new = min(num_new, free_tokens)
+                if num_new == 0 or not self.block_manager.can_append(seq, num_new):
+                    self.block_manager.free(seq)  # let go of prefix blocks held while waiting
+                    break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.block_manager.append_slots(seq, num_new)
+            batch.seqs.append(seq)
+            batch.num_scheduled_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark `seq` finished (or aborted) and free its blocks; works for waiting and running sequences."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,55 @@
+"""Sequence: one request's state between the scheduler, the block manager and the model runner."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from hearth.engine.protocol import TokenLogprob
+from hearth.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _counter = itertools.count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.seq_id = next(Sequence._counter)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.block_table: list[int] = []
+        self.params = params
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

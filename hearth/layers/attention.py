@@ -1,0 +1,84 @@
+"""Attention over the paged KV cache, on any torch device, for mixed prefill and decode batches.
+
+New keys/values are written to their cache slots, then prefill sequences attend one by one (causal, offset by the
+tokens already cached) and all single-token decode sequences attend in one batched call over their block tables.
+Sliding-window layers mask keys older than the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hearth.layers.context import get_context
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # cache: [num_blocks, block_size, kv_heads, head_dim] -> [length, kv_heads, head_dim]
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None  # set by the model runner
+        self.v_cache: torch.Tensor | None = None
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        return mask
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        ctx = get_context()
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if k_cache is not None:
+            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        for i in ctx.prefill_seq_idx:
+            start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
+            length = ctx.context_lens[i]
+            num_new = end - start
+            if k_cache is None or length == num_new:
+                keys, values = k[start:end], v[start:end]
+            else:
+                keys = gather_kv(k_cache, ctx.block_tables[i], length).to(q.dtype)
+                values = gather_kv(v_cache, ctx.block_tables[i], length).to(q.dtype)
+            k_pos = torch.arange(length, device=q.device)
+            q_pos = k_pos[length - num_new :]
+            if self.sliding_window is None and length == num_new:
+                mask, causal = None, True
+            else:
+                mask, causal = self._mask(q_pos, k_pos), False
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
+            )  # fmt: skip
+            out[start:end] = o.transpose(0, 1)
+        if ctx.decode_seq_idx:
+            rows = torch.tensor([ctx.q_starts[i] for i in ctx.decode_seq_idx], device=q.device)
+            lens = ctx.decode_context_lens  # [B]
+            tables = ctx.decode_block_tables  # [B, max_blocks]
+            keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # [B, max_len, kv_heads, head_dim]
+            values = v_cache[tables].flatten(1, 2).to(q.dtype)
+            k_pos = torch.arange(keys.shape[1], device=q.device)
+            mask = k_pos[None, :] < lens[:, None]
+            if self.sliding_window is not None:
+                mask &= k_pos[None, :] >= lens[:, None] - self.sliding_window
+            o = F.scaled_dot_product_attention(
+                q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True,
+            )  # fmt: skip
+            out[rows] = o.squeeze(2)
+        return out.flatten(1)

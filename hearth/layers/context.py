@@ -1,0 +1,42 @@
+"""Per-step attention metadata set by the model runner and read by attention (nano-vllm's utils/context.py).
+
+Keeping it out of `forward` signatures keeps model code clean. Set and read only on the engine thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    # tokens of this step are laid out sequence after sequence; sequence i owns query rows q_starts[i]:q_starts[i+1]
+    q_starts: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)  # tokens in the cache after this step, per sequence
+    slot_mapping: torch.Tensor | None = None  # [num_tokens] flat cache slot of each new token
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] block ids, -1 padded
+    block_size: int = 16
+    # decode rows: sequences with exactly one new token, attended in one batched call
+    decode_seq_idx: list[int] = field(default_factory=list)
+    decode_context_lens: torch.Tensor | None = None  # [num_decode] int64
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    prefill_seq_idx: list[int] = field(default_factory=list)
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(context: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = Context()

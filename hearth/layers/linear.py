@@ -1,0 +1,108 @@
+"""Linear layers whose weights load through `weight_loader` and may stay quantized.
+
+Fused projections (qkv, gate_up) collect their shards during loading; `finalize()` joins them and picks how the weight
+is held: dense in the compute dtype, or GGUF Q4_0/Q4_1 kept as packed int4 for the CPU int4 kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hearth.kernels.int4_mm import int4_mm, pack_int4
+from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
+
+INT4_TYPES = ("Q4_0", "Q4_1")
+
+
+def _join(parts: list):
+    if all(isinstance(p, QuantizedTensor) for p in parts) and len({p.qtype for p in parts}) == 1:
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        rows = sum(p.shape[0] for p in parts)
+        return QuantizedTensor(torch.cat([p.data for p in parts]), first.qtype, (rows, first.shape[1]))
+    return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. `output_sizes` lists the row counts of fused shards (e.g. q, k, v); a plain layer has one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.output_sizes = output_sizes or [out_features]
+        assert sum(self.output_sizes) == out_features
+        self.has_bias = bias
+        self._shards: dict[tuple[str, int], torch.Tensor | QuantizedTensor] = {}
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
+        self.scales_and_zeros: torch.Tensor | None = None
+        self.quant_type: str | None = None
+
+    def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
+        size = self.output_sizes[shard_id]
+        rows = tensor.shape[0]
+        if rows != size or (kind == "weight" and tensor.shape[1] != self.in_features):
+            want = (size, self.in_features) if kind == "weight" else (size,)
+            raise ValueError(f"{kind} shard {shard_id}: expected shape {want}, got {tuple(tensor.shape)}")
+        self._shards[(kind, shard_id)] = tensor
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        n = len(self.output_sizes)
+        missing = [i for i in range(n) if ("weight", i) not in self._shards]
+        if missing:
+            raise ValueError(f"missing weight shards {missing}")
+        weight = _join([self._shards[("weight", i)] for i in range(n)])
+        if self.has_bias:
+            parts = [self._shards.get(("bias", i)) for i in range(n)]
+            if any(p is None for p in parts):
+                raise ValueError("missing bias")
+            self.bias = torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]).to(dtype)
+        self._shards.clear()
+        if isinstance(weight, QuantizedTensor):
+            self.quant_type = weight.type_name
+            if keep_quantized and weight.type_name in INT4_TYPES and dtype != torch.float32:
+                nibbles, scales, mins = split_q4_blocks(weight)
+                # w = d*nib + min = (nib - 8)*d + (min + 8d)
+                self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
+                return
+            weight = weight.dequantize()
+        self.weight = weight.to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            out = int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros, 32)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Token embeddings; GGUF-quantized tables are dequantized to the compute dtype at load."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight: torch.Tensor | None = None
+        self.quant_type: str | None = None
+
+    def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if tuple(tensor.shape) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"embedding: expected {(self.num_embeddings, self.embedding_dim)}, got {tuple(tensor.shape)}")
+        self.weight = tensor  # dequantized in finalize()
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        if self.weight is None:
+            raise ValueError("missing weight")
+        if isinstance(self.weight, QuantizedTensor):
+            self.quant_type = self.weight.type_name
+            self.weight = self.weight.dequantize()
+        self.weight = self.weight.to(dtype).contiguous()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

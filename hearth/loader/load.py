@@ -1,0 +1,95 @@
+"""load_model(model, ref): stream a checkpoint's tensors into a model through each module's weight_loader.
+
+The model never learns the file format: GGUF names are mapped to HF names and llama.cpp's Q/K row permutation is
+undone here; fused projections are resolved through the model's `packed_modules_mapping`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hearth.loader import ModelLoadError
+from hearth.loader.resolve import ModelRef
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def iter_checkpoint(ref: ModelRef, config):
+    """(HF name, tensor or QuantizedTensor) pairs of a checkpoint, in file order."""
+    if ref.format == "gguf":
+        from hearth.loader.gguf import open_gguf
+        from hearth.loader.names import gguf_to_hf_name, unpermute_qk
+
+        gguf_file = open_gguf(ref.path)
+        arch = gguf_file.architecture
+        for name, tensor in gguf_file.iter_tensors():
+            hf_name = gguf_to_hf_name(arch, name)
+            if hf_name is None:
+                continue
+            if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+                heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
+                tensor = unpermute_qk(tensor, heads)
+            yield hf_name, tensor
+    else:
+        from hearth.loader.safetensors import iter_safetensors
+
+        yield from iter_safetensors(ref.path)
+
+
+def _target(model: nn.Module, name: str) -> tuple[nn.Module, str, int] | None:
+    """The module owning an HF parameter name, the parameter kind ("weight"/"bias") and the fused shard id."""
+    module_path, _, kind = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    shard_id = 0
+    packed = getattr(model, "packed_modules_mapping", {})
+    if leaf in packed:
+        leaf, shard_id = packed[leaf]
+    path = f"{parent}.{leaf}" if parent else leaf
+    try:
+        return model.get_submodule(path), kind, shard_id
+    except AttributeError:
+        return None
+
+
+def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+    """Fill `model` from the checkpoint at `ref`; raise ModelLoadError for anything missing or unexpected."""
+    start = time.perf_counter()
+    loaded: set[tuple[str, str]] = set()
+    tensors = iter_checkpoint(ref, model.config)
+    for name, tensor in tqdm(tensors, desc="loading", unit=" tensors", leave=False, mininterval=0.5):
+        if name.endswith(SKIPPED_SUFFIXES) or (name == "lm_head.weight" and model.lm_head is None):
+            continue
+        target = _target(model, name)
+        if target is None:
+            if name.startswith(f"model.layers.{model.config.num_hidden_layers}."):
+                continue  # e.g. DeepSeek's MTP layer, not used for generation
+            raise ModelLoadError(ref.path, f"unexpected tensor {name!r} for {model.config.architecture}")
+        module, kind, shard_id = target
+        try:
+            if hasattr(module, "weight_loader"):
+                module.weight_loader(tensor, kind, shard_id)
+            else:
+                param = getattr(module, kind)
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
+                param.data = (tensor.dequantize() if hasattr(tensor, "dequantize") else tensor).to(dtype).clone()
+        except ValueError as e:
+            raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
+        loaded.add((name.rpartition(".")[0], kind))
+    for mod_name, module in model.named_modules():
+        if hasattr(module, "finalize"):
+            try:
+                module.finalize(dtype, keep_quantized)
+            except ValueError as e:
+                raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
+        elif isinstance(getattr(module, "weight", None), nn.Parameter):
+            if (mod_name, "weight") not in loaded:
+                raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
+    logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
