@@ -1,0 +1,78 @@
+"""GGUF tensor names → HF names per architecture, and llama.cpp's Q/K row permutation (MODELS.md §4.2)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from hearth.quant.gguf_types import QuantizedTensor
+
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output": "lm_head",
+    "output_norm": "model.norm",
+}
+BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+NAMED_ARCHS = ("llama", "qwen2")
+PERMUTED_ARCHS = ("llama",)  # NOTE: llama.cpp permutes q/k rows only for arch llama; qwen2 stays in HF layout
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def gguf_to_hf_name(arch: str, name: str) -> str | None:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None for names to skip or not known."""
+    if arch not in NAMED_ARCHS:
+        return None
+    if m := _BLOCK_RE.fullmatch(name):
+        layer, part, suffix = m.groups()
+        hf = BLOCK_NAMES.get(part)
+        return None if hf is None else f"model.layers.{layer}.{hf}.{suffix}"
+    if m := _GLOBAL_RE.fullmatch(name):
+        hf = GLOBAL_NAMES.get(m.group(1))  # rope_freqs and anything unknown → None
+        return None if hf is None else f"{hf}.{m.group(2)}"
+    return None
+
+
+def is_permuted(arch: str, name: str) -> bool:
+    """Whether this GGUF tensor carries llama.cpp's Q/K row permutation (undo with `unpermute_qk`)."""
+    return arch in PERMUTED_ARCHS and bool(re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", name))
+
+
+def _permute_rows(t: torch.Tensor, n_head: int, inverse: bool) -> torch.Tensor:
+    rows = t.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot split {rows} rows into {n_head} heads of pairs")
+    half = rows // n_head // 2
+    split = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+def _apply(t: torch.Tensor | QuantizedTensor, n_head: int, inverse: bool) -> torch.Tensor | QuantizedTensor:
+    if isinstance(t, QuantizedTensor):
+        # blocks run along each row, so moving whole rows of raw bytes needs no dequantization
+        return QuantizedTensor(_permute_rows(t.data, n_head, inverse), t.qtype, t.shape)
+    return _permute_rows(t, n_head, inverse)
+
+
+def unpermute_qk(t: torch.Tensor | QuantizedTensor, n_head: int) -> torch.Tensor | QuantizedTensor:
+    """Undo llama.cpp's q/k row permutation: interleaved rope pairs (2i, 2i+1) → HF rotate_half (i, i + hd/2).
+
+    Works on a weight, a 1-D bias or a QuantizedTensor. Pass `num_attention_heads` for q, `num_key_value_heads` for k.
+    """
+    return _apply(t, n_head, inverse=True)
+
+
+def permute_qk(t: torch.Tensor | QuantizedTensor, n_head: int) -> torch.Tensor | QuantizedTensor:
+    """What llama.cpp's converter does to HF q/k rows (`LlamaModel.permute`); used to build test fixtures."""
+    return _apply(t, n_head, inverse=False)
