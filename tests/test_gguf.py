@@ -53,8 +53,10 @@ def encode(name: str, w: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return quants.quantize(w, qtype), qtype
 
 
-def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, T]], tokens: list[str]) -> None:
+def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, T]], tokens: list[str], alignment=0) -> None:
     writer = GGUFWriter(str(path), arch)
+    if alignment:
+        writer.add_custom_alignment(alignment)
     writer.add_block_count(LAYERS)
     writer.add_context_length(512)
     writer.add_embedding_length(HIDDEN)
@@ -194,8 +196,11 @@ def test_qwen2_tied_config(tmp_path):
     rng = np.random.default_rng(1)
     tensors = {"token_embd.weight": (rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), T.F32),
                "blk.0.attn_q.bias": (rng.standard_normal(HIDDEN).astype(np.float32), T.F32)}  # fmt: skip
-    write_gguf(tmp_path / "q.gguf", "qwen2", tensors, [f"t{i}" for i in range(VOCAB)])
-    cfg = read_gguf_config(str(tmp_path / "q.gguf"))
+    write_gguf(tmp_path / "q.gguf", "qwen2", tensors, [f"t{i}" for i in range(VOCAB)], alignment=256)
+    g = open_gguf(tmp_path / "q.gguf")
+    assert g.metadata["general.alignment"] == 256 and g.tensor_infos[0].offset % 256 == 0
+    assert all(torch.equal(t, torch.from_numpy(tensors[name][0])) for name, t in g.iter_tensors())
+    cfg = read_gguf_config(g)
     assert cfg.model_type == "qwen2" and cfg.tie_word_embeddings and cfg.attention_bias
     write_gguf(tmp_path / "m.gguf", "mamba", tensors, ["a"])
     with pytest.raises(ModelLoadError, match="unsupported architecture 'mamba'"):

@@ -101,11 +101,12 @@ class _HeaderScan:
         for _ in range(num_kv):
             key = self.string("metadata key").decode("utf-8", errors="replace")
             (vtype,) = self.take("<I", f"type of {key!r}")
+            value_pos = self.pos
+            self.skip_value(vtype, key)
             if key == "general.alignment" and vtype == int(GGUFValueType.UINT32):
-                (alignment,) = struct.unpack_from("<I", self.buf, self.pos)
+                (alignment,) = struct.unpack_from("<I", self.buf, value_pos)
                 if alignment == 0 or alignment & (alignment - 1):
                     raise self.fail(f"general.alignment {alignment} is not a power of two")
-            self.skip_value(vtype, key)
         raw_infos = []
         for _ in range(num_tensors):
             name = self.string("tensor name").decode("utf-8", errors="replace")
@@ -215,7 +216,7 @@ def open_gguf(path: str | os.PathLike[str], *, check_types: bool = True) -> GGUF
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelLoadError(path, "no such file")
+        raise ModelLoadError(path, "not a file" if os.path.exists(path) else "no such file")
     version, infos, data_start = _check_header(path, check_types)
     try:
         reader = GGUFReader(path, mode="c")  # copy-on-write map: writable tensors, the file is never modified
