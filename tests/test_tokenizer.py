@@ -8,7 +8,13 @@ import os
 import pytest
 
 from hearth.loader.resolve import embedded_model_path
-from hearth.tokenizer import Tokenizer, load_tokenizer
+from hearth.tokenizer import (
+    PRE_TOKENIZER_SPLITS,
+    Tokenizer,
+    _byte_level_bpe,
+    _read_gguf_tokenizer_metadata,
+    load_tokenizer,
+)
 
 TEXTS = [
     "Hello, world!",
@@ -114,11 +120,35 @@ def test_hf_folder(tok: Tokenizer, tmp_path) -> None:
         assert loaded.encode(text) == tok.encode(text)
 
 
-def test_unknown_pre_tokenizer(monkeypatch, gguf_path: str) -> None:
-    import hearth.tokenizer as module
+@pytest.fixture(scope="module")
+def metadata(gguf_path: str) -> dict:
+    return _read_gguf_tokenizer_metadata(gguf_path)
 
-    real = module._read_gguf_tokenizer_metadata
-    monkeypatch.setattr(module, "_read_gguf_tokenizer_metadata",
-                        lambda p: {**real(p), "tokenizer.ggml.pre": "martian"})  # fmt: skip
+
+def _with_pre(metadata: dict, pre: str) -> Tokenizer:
+    meta = {**metadata, "tokenizer.ggml.pre": pre}
+    tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
+    return Tokenizer(_byte_level_bpe(tokens, types, meta))
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZER_SPLITS))
+def test_every_pre_tokenizer_builds_and_round_trips(metadata: dict, pre: str) -> None:
+    tok = _with_pre(metadata, pre)
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_pre_tokenizer_digit_rules(metadata: dict) -> None:
+    pieces = {pre: [t for t in _with_pre(metadata, pre).backend.pre_tokenizer.pre_tokenize_str("x 12345")]
+              for pre in ("gpt2", "smollm", "llama-bpe", "qwen2", "deepseek-v3")}  # fmt: skip
+    words = {pre: [w for w, _ in p] for pre, p in pieces.items()}
+    assert words["gpt2"] == ["x", "Ġ12345"]
+    assert words["smollm"] == ["x", "Ġ", "1", "2", "3", "4", "5"]
+    assert words["llama-bpe"] == ["x", "Ġ", "123", "45"]
+    assert words["qwen2"] == ["x", "Ġ", "1", "2", "3", "4", "5"]
+    assert words["deepseek-v3"] == ["x", "Ġ", "123", "45"]
+
+
+def test_unknown_pre_tokenizer(metadata: dict) -> None:
     with pytest.raises(ValueError, match="martian"):
-        load_tokenizer(gguf_path)
+        _with_pre(metadata, "martian")
