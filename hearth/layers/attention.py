@@ -42,6 +42,8 @@ class Attention(nn.Module):
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         ctx = get_context()
         k_cache, v_cache = self.k_cache, self.v_cache
+        if ctx.slot_mapping is None:  # no cache this step (a plain forward over whole sequences)
+            k_cache = v_cache = None
         if k_cache is not None:
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
             v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
