@@ -13,7 +13,6 @@ import torch
 
 from hearth.config import EngineConfig, ModelConfig, kv_bytes_per_token, kv_spec
 from hearth.engine.scheduler import Batch
-from hearth.layers.attention import Attention
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.layers.sampler import Sampler
 from hearth.loader.load import load_model
@@ -85,12 +84,12 @@ class ModelRunner:
                 f"KV-cache budget of {budget_bytes / GIB:.2f} GiB holds {num_blocks * self.block_size} tokens, "
                 f"fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory or lower --max-model-len"
             )
-        attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer, layer_spec in zip(attn_layers, spec.layers):
-            shape = (num_blocks, self.block_size, layer_spec.num_kv_heads, layer_spec.head_size)
-            # zeros: pages are only made resident as the cache fills
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # every cache-holding layer (Attention, or a model's own such as MLA) has allocate_cache(), in layer order
+        cache_layers = [m for m in self.model.modules() if hasattr(m, "allocate_cache")]
+        if len(cache_layers) != spec.num_layers:
+            raise ValueError(f"model has {len(cache_layers)} cache layers but its KVSpec has {spec.num_layers}")
+        for layer, layer_spec in zip(cache_layers, spec.layers):
+            layer.allocate_cache(num_blocks, self.block_size, layer_spec, self.dtype, self.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB), at most %d tokens in flight",
             num_blocks, self.block_size, num_blocks * block_bytes / GIB, num_blocks * self.block_size,

@@ -32,6 +32,12 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # set by the model runner
         self.v_cache: torch.Tensor | None = None
 
+    def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
+        """Called by the model runner with this layer's LayerKV; zeros so pages only become resident as used."""
+        shape = (num_blocks, block_size, layer_spec.num_kv_heads, layer_spec.head_size)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape[:-1] + (layer_spec.head_size_v,), dtype=dtype, device=device)
+
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         mask = k_pos[None, :] <= q_pos[:, None]
         if self.sliding_window is not None:
