@@ -152,3 +152,44 @@ def test_pre_tokenizer_digit_rules(metadata: dict) -> None:
 def test_unknown_pre_tokenizer(metadata: dict) -> None:
     with pytest.raises(ValueError, match="martian"):
         _with_pre(metadata, "martian")
+
+
+def test_sentencepiece_vocab_matches_sentencepiece(tmp_path) -> None:
+    """A `llama` (SentencePiece BPE, byte fallback) GGUF vocab: train a tiny model and compare ids with it."""
+    gguf = pytest.importorskip("gguf")
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello tokenizer!", "Numbers 123 and 4567.",
+              "Le café est très bon.", "def f(x):\n    return x"] * 50  # fmt: skip
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    kinds = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(pieces))
+    ]
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([sp.get_score(i) for i in range(len(pieces))])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    tok = load_tokenizer(str(tmp_path / "spm.gguf"))
+    assert tok.add_bos and tok.encode("hi")[0] == sp.bos_id()
+    for text in TEXTS:
+        if "<|" in text:
+            continue  # not special tokens in this vocabulary
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids) == text
