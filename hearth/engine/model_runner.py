@@ -122,8 +122,11 @@ class ModelRunner:
         ctx.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if ctx.decode_seq_idx:
             ctx.decode_block_tables = ctx.block_tables[ctx.decode_seq_idx]
+            ctx.decode_rows = torch.tensor([ctx.q_starts[i] for i in ctx.decode_seq_idx], device=dev)
             lens = [ctx.context_lens[i] for i in ctx.decode_seq_idx]
             ctx.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
+            k_pos = torch.arange(ctx.decode_block_tables.shape[1] * bs, device=dev)
+            ctx.decode_mask = (k_pos[None, :] < ctx.decode_context_lens[:, None])[:, None, None, :]
         set_context(ctx)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, torch.tensor(positions, dtype=torch.long, device=dev), sample_rows

@@ -2,7 +2,8 @@
 
 New keys/values are written to their cache slots, then prefill sequences attend one by one (causal, offset by the
 tokens already cached) and all single-token decode sequences attend in one batched call over their block tables.
-Sliding-window layers mask keys older than the window.
+Sliding-window layers mask keys older than the window. With learned per-head sinks (gpt-oss, MODELS.md §1.3) the
+softmax denominator gains one extra logit per head; SDPA cannot do that, so those layers attend in plain torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,28 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         sinks: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+    """softmax([q·k * scale, sink_h]) over keys plus one sink column that has no value; computed in float32.
+
+    q: [B, H, n, D]; k, v: [B, Hkv, L, D] (query head h uses kv head h // (H/Hkv)); mask: bool, True = attend,
+    broadcastable to [B, H, n, L]; sinks: [H]. Returns [B, H, n, D] in q's dtype.
+    """
+    b, num_heads, n, d = q.shape
+    num_kv_heads, length = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    qf = q.float().reshape(b, num_kv_heads, group * n, d)
+    scores = (qf @ k.float().transpose(-1, -2)).view(b, num_heads, n, length) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, num_heads, 1, 1)
+    m = torch.maximum(scores.amax(-1, keepdim=True), sink)
+    p = torch.exp(scores - m)
+    denom = p.sum(-1, keepdim=True) + torch.exp(sink - m)
+    p = (p / denom).view(b, num_kv_heads, group * n, length)
+    return (p @ v.float()).view(b, num_heads, n, -1).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -44,8 +67,8 @@ class Attention(nn.Module):
             mask &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
         return mask
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]; sinks: [num_heads] or None
         ctx = get_context()
         k_cache, v_cache = self.k_cache, self.v_cache
         if ctx.slot_mapping is None:  # no cache this step (a plain forward over whole sequences)
@@ -65,6 +88,11 @@ class Attention(nn.Module):
                 values = gather_kv(v_cache, ctx.block_tables[i], length).to(q.dtype)
             k_pos = torch.arange(length, device=q.device)
             q_pos = k_pos[length - num_new :]
+            if sinks is not None:
+                o = attention_with_sinks(q[None, start:end].transpose(1, 2), keys[None].transpose(1, 2),
+                                         values[None].transpose(1, 2), self._mask(q_pos, k_pos), sinks, self.scale)
+                out[start:end] = o[0].transpose(0, 1)
+                continue
             if self.sliding_window is None and length == num_new:
                 mask, causal = None, True
             else:
@@ -75,18 +103,20 @@ class Attention(nn.Module):
             )  # fmt: skip
             out[start:end] = o.transpose(0, 1)
         if ctx.decode_seq_idx:
-            rows = torch.tensor([ctx.q_starts[i] for i in ctx.decode_seq_idx], device=q.device)
+            rows = ctx.decode_rows
             lens = ctx.decode_context_lens  # [B]
             tables = ctx.decode_block_tables  # [B, max_blocks]
             keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # [B, max_len, kv_heads, head_dim]
             values = v_cache[tables].flatten(1, 2).to(q.dtype)
-            k_pos = torch.arange(keys.shape[1], device=q.device)
-            mask = k_pos[None, :] < lens[:, None]
-            if self.sliding_window is not None:
-                mask &= k_pos[None, :] >= lens[:, None] - self.sliding_window
+            if self.sliding_window is None:
+                mask = ctx.decode_mask
+            else:
+                k_pos = torch.arange(keys.shape[1], device=q.device)
+                mask = (k_pos[None, :] < lens[:, None]) & (k_pos[None, :] >= lens[:, None] - self.sliding_window)
+                mask = mask[:, None, None, :]
             o = F.scaled_dot_product_attention(
                 q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True,
+                attn_mask=mask, scale=self.scale, enable_gqa=True,
             )  # fmt: skip
             out[rows] = o.squeeze(2)
         return out.flatten(1)

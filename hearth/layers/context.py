@@ -20,8 +20,10 @@ class Context:
     block_size: int = 16
     # decode rows: sequences with exactly one new token, attended in one batched call
     decode_seq_idx: list[int] = field(default_factory=list)
+    decode_rows: torch.Tensor | None = None  # [num_decode] query row of each decode sequence
     decode_context_lens: torch.Tensor | None = None  # [num_decode] int64
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] key is in the context
     prefill_seq_idx: list[int] = field(default_factory=list)
 
 

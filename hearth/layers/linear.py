@@ -1,7 +1,8 @@
 """Linear layers whose weights load through `weight_loader` and may stay quantized.
 
 Fused projections (qkv, gate_up) collect their shards during loading; `finalize()` joins them and picks how the weight
-is held: dense in the compute dtype, or GGUF Q4_0/Q4_1 kept as packed int4 for the CPU int4 kernel.
+is held: dense in the compute dtype; GGUF Q4_0/Q4_1 as packed int4 (exact); other GGUF types requantized to per-row
+int8. The quantized forms need a bf16 compute dtype; with float32 everything is dequantized (the reference mode).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hearth.kernels.int4_mm import int4_mm, pack_int4
+from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
 
 INT4_TYPES = ("Q4_0", "Q4_1")
@@ -41,6 +43,8 @@ class Linear(nn.Module):
         self.bias: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
+        self.int8_weight: torch.Tensor | None = None
+        self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
@@ -65,10 +69,14 @@ class Linear(nn.Module):
         self._shards.clear()
         if isinstance(weight, QuantizedTensor):
             self.quant_type = weight.type_name
-            if keep_quantized and weight.type_name in INT4_TYPES and dtype != torch.float32:
-                nibbles, scales, mins = split_q4_blocks(weight)
-                # w = d*nib + min = (nib - 8)*d + (min + 8d)
-                self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
+            if keep_quantized and dtype == torch.bfloat16:
+                if weight.type_name in INT4_TYPES:
+                    nibbles, scales, mins = split_q4_blocks(weight)
+                    # w = d*nib + min = (nib - 8)*d + (min + 8d)
+                    self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
+                else:
+                    q, scales = quantize_per_row(weight.dequantize())
+                    self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
                 return
             weight = weight.dequantize()
         self.weight = weight.to(dtype).contiguous()
@@ -78,31 +86,63 @@ class Linear(nn.Module):
             out = int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros, 32)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
+        if self.int8_weight is not None:
+            out = int8_mm(x.reshape(-1, self.in_features), self.int8_weight, self.int8_scales)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
-    """Token embeddings; GGUF-quantized tables are dequantized to the compute dtype at load."""
+    """Token embeddings. A GGUF-quantized table stays quantized: lookups dequantize only the rows they gather (exact),
+    and when the table doubles as the LM head (tied embeddings) it is also held as per-row int8 for the logits."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight: torch.Tensor | None = None
+        self.qweight: QuantizedTensor | None = None
+        self.int8_weight: torch.Tensor | None = None
+        self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
+        self.dtype = torch.float32
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
         if tuple(tensor.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"embedding: expected {(self.num_embeddings, self.embedding_dim)}, got {tuple(tensor.shape)}")
-        self.weight = tensor  # dequantized in finalize()
+        self.weight = tensor  # placed in finalize()
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self.weight is None:
             raise ValueError("missing weight")
-        if isinstance(self.weight, QuantizedTensor):
-            self.quant_type = self.weight.type_name
-            self.weight = self.weight.dequantize()
-        self.weight = self.weight.to(dtype).contiguous()
+        self.dtype = dtype
+        weight, self.weight = self.weight, None
+        if isinstance(weight, QuantizedTensor):
+            self.quant_type = weight.type_name
+            if keep_quantized and dtype == torch.bfloat16:
+                self.qweight = QuantizedTensor(weight.data.contiguous(), weight.qtype, tuple(weight.shape))
+                return
+            weight = weight.dequantize()
+        self.weight = weight.to(dtype).contiguous()
+
+    def tie_lm_head(self) -> None:
+        """Prepare the int8 logits form of a quantized table (called by models with tied embeddings)."""
+        if self.qweight is not None and self.int8_weight is None:
+            q, scales = quantize_per_row(self.qweight.dequantize())
+            self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            rows = self.qweight.data[input_ids]
+            return QuantizedTensor(rows, self.qweight.qtype, (len(input_ids), self.embedding_dim)).dequantize().to(
+                self.dtype
+            )
         return F.embedding(input_ids, self.weight)
+
+    def as_lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits from the (tied) embedding table."""
+        if self.qweight is not None:
+            self.tie_lm_head()
+            return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
+        return hidden_states @ self.weight.t()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,8 +18,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             hidden_states = hidden_states + residual
             residual = hidden_states
-        dtype = hidden_states.dtype
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x.to(dtype)
+        if hidden_states.dtype == torch.float32:  # one fused op; the same numbers as the spelled-out form in float32
+            out = F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
+        else:  # HF order: normalise in float32, cast, then scale in the input dtype
+            dtype = hidden_states.dtype
+            out = self.weight * F.rms_norm(hidden_states.float(), self.weight.shape, None, self.eps).to(dtype)
         return out if residual is None else (out, residual)

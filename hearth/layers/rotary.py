@@ -105,7 +105,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].to(q.dtype)
-        sin = self.sin[positions].to(q.dtype)
-        return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for these positions ([num_tokens, head_dim]); computed once per forward, shared by all layers."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)

@@ -83,7 +83,7 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
         except ValueError as e:
             raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
         loaded.add((name.rpartition(".")[0], kind))
-    for mod_name, module in model.named_modules():
+    for mod_name, module in reversed(list(model.named_modules())):  # children before parents
         if hasattr(module, "finalize"):
             try:
                 module.finalize(dtype, keep_quantized)

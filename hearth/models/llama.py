@@ -14,7 +14,7 @@ from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import Attention
 from hearth.layers.linear import Embedding, Linear
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 
 
 class LlamaAttention(nn.Module):
@@ -33,13 +33,13 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, window)
         self.q_size, self.kv_size = q_size, kv_size
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # rotate q and k heads together: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = apply_rotary_emb(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -63,13 +63,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, residual, rotary):
+    def forward(self, hidden_states, residual, cos, sin):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, rotary)
+        hidden_states = self.self_attn(hidden_states, cos, sin)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -85,9 +85,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
         residual = None
         for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, self.rotary_emb)
+            hidden_states, residual = layer(hidden_states, residual, cos, sin)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -111,7 +112,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        """After loading: a quantized tied table also gets its LM-head form now, not on the first request."""
+        if self.lm_head is None:
+            self.model.embed_tokens.tie_lm_head()
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return hidden_states @ self.model.embed_tokens.weight.t()
+            return self.model.embed_tokens.as_lm_head(hidden_states)
         return self.lm_head(hidden_states)
