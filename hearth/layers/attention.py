@@ -114,9 +114,13 @@ class Attention(nn.Module):
                 k_pos = torch.arange(keys.shape[1], device=q.device)
                 mask = (k_pos[None, :] < lens[:, None]) & (k_pos[None, :] >= lens[:, None] - self.sliding_window)
                 mask = mask[:, None, None, :]
-            o = F.scaled_dot_product_attention(
-                q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=mask, scale=self.scale, enable_gqa=True,
-            )  # fmt: skip
+            if sinks is not None:
+                o = attention_with_sinks(q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), mask,
+                                         sinks, self.scale)  # fmt: skip
+            else:
+                o = F.scaled_dot_product_attention(
+                    q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                    attn_mask=mask, scale=self.scale, enable_gqa=True,
+                )  # fmt: skip
             out[rows] = o.squeeze(2)
         return out.flatten(1)

@@ -24,7 +24,16 @@ BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-NAMED_ARCHS = ("llama", "qwen2")
+# gpt-oss (MODELS.md §4.1): llama.cpp splits the interleaved gate/up experts into ffn_gate_exps / ffn_up_exps and stores
+# experts as (out, in), unlike HF's (in, out) `down_proj`; they map to their own kinds (`gate_proj_weight`, ...) that the
+# gpt-oss experts module re-interleaves. NOTE: GGUF MXFP4 nibble order differs from HF's (quant/mxfp4.py converts).
+GPT_OSS_BLOCK_NAMES = {
+    **{k: v for k, v in BLOCK_NAMES.items() if k.startswith("attn_") or k == "attn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.router",
+}
+GPT_OSS_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+NAMED_ARCHS = ("llama", "qwen2", "gpt-oss")
 PERMUTED_ARCHS = ("llama",)  # NOTE: llama.cpp permutes q/k rows only for arch llama; qwen2 stays in HF layout
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -34,12 +43,29 @@ def gguf_to_hf_name(arch: str, name: str) -> str | None:
     """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None for names to skip or not known."""
     if arch not in NAMED_ARCHS:
         return None
+    if arch == "gpt-oss":
+        return _gpt_oss_name(name)
     if m := _BLOCK_RE.fullmatch(name):
         layer, part, suffix = m.groups()
         hf = BLOCK_NAMES.get(part)
         return None if hf is None else f"model.layers.{layer}.{hf}.{suffix}"
     if m := _GLOBAL_RE.fullmatch(name):
         hf = GLOBAL_NAMES.get(m.group(1))  # rope_freqs and anything unknown → None
+        return None if hf is None else f"{hf}.{m.group(2)}"
+    return None
+
+
+def _gpt_oss_name(name: str) -> str | None:
+    if m := re.fullmatch(r"blk\.(\d+)\.attn_sinks(\.weight)?", name):
+        return f"model.layers.{m.group(1)}.self_attn.sinks"
+    if m := _BLOCK_RE.fullmatch(name):
+        layer, part, suffix = m.groups()
+        if part in GPT_OSS_EXPERT_NAMES:
+            return f"model.layers.{layer}.mlp.experts.{GPT_OSS_EXPERT_NAMES[part]}_{suffix}"
+        hf = GPT_OSS_BLOCK_NAMES.get(part)
+        return None if hf is None else f"model.layers.{layer}.{hf}.{suffix}"
+    if m := _GLOBAL_RE.fullmatch(name):
+        hf = GLOBAL_NAMES.get(m.group(1))
         return None if hf is None else f"{hf}.{m.group(2)}"
     return None
 
