@@ -125,10 +125,10 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF file (never tensor data)."""
-    import gguf
+    from hearth.loader.gguf import open_gguf
 
-    reader = gguf.GGUFReader(path)
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    metadata = open_gguf(path, check_types=False).metadata
+    return {key: value for key, value in metadata.items() if key.startswith("tokenizer.")}
 
 
 @lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ exception (or an unbounded allocation) deep inside the reader. Tensor data is ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import mmap
@@ -212,11 +213,18 @@ class GGUFFile:
 def open_gguf(path: str | os.PathLike[str], *, check_types: bool = True) -> GGUFFile:
     """Open and validate a GGUF file; raise ModelLoadError with a one-line reason if it cannot be used.
 
-    `check_types=False` accepts tensor types Hearth cannot compute with (for `hearth show`).
+    `check_types=False` accepts tensor types Hearth cannot compute with (for `hearth show`). The config, tokenizer and
+    weights of one model all come from the same file, so the last few opened files are kept (parsing takes seconds).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(path, "not a file" if os.path.exists(path) else "no such file")
+    st = os.stat(path)
+    return _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size, check_types, path)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(realpath: str, mtime_ns: int, size: int, check_types: bool, path: str) -> GGUFFile:
     version, infos, data_start = _check_header(path, check_types)
     try:
         reader = GGUFReader(path, mode="c")  # copy-on-write map: writable tensors, the file is never modified
