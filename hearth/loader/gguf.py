@@ -219,13 +219,15 @@ def open_gguf(path: str | os.PathLike[str], *, check_types: bool = True) -> GGUF
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(path, "not a file" if os.path.exists(path) else "no such file")
+    if check_types:
+        _check_header(path, check_types=True)  # a quick scan; names the first tensor of an unsupported type
     st = os.stat(path)
-    return _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size, check_types, path)
+    return _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size, path)
 
 
 @functools.lru_cache(maxsize=2)
-def _open_cached(realpath: str, mtime_ns: int, size: int, check_types: bool, path: str) -> GGUFFile:
-    version, infos, data_start = _check_header(path, check_types)
+def _open_cached(realpath: str, mtime_ns: int, size: int, path: str) -> GGUFFile:
+    version, infos, data_start = _check_header(path, check_types=False)
     try:
         reader = GGUFReader(path, mode="c")  # copy-on-write map: writable tensors, the file is never modified
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on corrupt input
