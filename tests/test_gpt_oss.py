@@ -1,0 +1,191 @@
+"""Hearth's gpt-oss against transformers' GptOssForCausalLM: tiny random checkpoints (bf16 layout and MXFP4 layout),
+prefill logits and step-by-step paged decode beyond the sliding window, the MoE fast path against its reference."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import write_byte_tokenizer
+from safetensors.torch import save_file
+
+from hearth.layers.context import Context, reset_context, set_context
+from hearth.quant.mxfp4 import dequantize_mxfp4
+from hearth.sampling_params import SamplingParams
+
+WINDOW = 4
+
+
+def tiny_config(**overrides):
+    from transformers import GptOssConfig
+
+    kwargs = dict(
+        num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2, hidden_size=64, intermediate_size=64,
+        head_dim=16, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, sliding_window=WINDOW,
+        max_position_embeddings=256, attn_implementation="eager", tie_word_embeddings=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return GptOssConfig(**kwargs)
+
+
+def randomize(model) -> None:
+    """Random sinks, biases and larger expert weights, so sinks, biases and the SwiGLU clamp all matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 1.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif name.endswith("gate_up_proj"):
+                p.normal_(0, 0.5)
+
+
+def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    set_context(Context(q_starts=[0, len(ids)], context_lens=[len(ids)], prefill_seq_idx=[0]))
+    try:
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(len(ids)))).float()
+    finally:
+        reset_context()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss(tmp_path_factory):
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(tiny_config()).eval()
+    randomize(model)
+    folder = str(tmp_path_factory.mktemp("tiny-gpt-oss"))
+    model.save_pretrained(folder, safe_serialization=True)
+    write_byte_tokenizer(folder, 256)
+    return folder, model
+
+
+def write_mxfp4_checkpoint(folder: str, hf_model, seed: int = 0) -> None:
+    """The published layout: experts as `*_blocks` (E, rows, G, 16) / `*_scales` (E, rows, G) uint8 with random codes
+    and scales, everything else as saved by transformers; then put the exact dequantized experts into `hf_model`."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = hf_model.config
+    tensors = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()}
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        for name, rows, cols in (("gate_up_proj", 2 * cfg.intermediate_size, cfg.hidden_size),
+                                 ("down_proj", cfg.hidden_size, cfg.intermediate_size)):  # fmt: skip
+            groups = cols // 32
+            blocks = torch.randint(0, 256, (cfg.num_local_experts, rows, groups, 16), dtype=torch.uint8, generator=gen)
+            scales = torch.randint(117, 124, (cfg.num_local_experts, rows, groups), dtype=torch.uint8, generator=gen)
+            del tensors[prefix + name]
+            tensors[prefix + name + "_blocks"], tensors[prefix + name + "_scales"] = blocks, scales
+            with torch.no_grad():  # HF holds (E, in, out)
+                getattr(hf_model.model.layers[i].mlp.experts, name).copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"],
+    }  # fmt: skip
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_byte_tokenizer(folder, cfg.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss_mxfp4(tmp_path_factory):
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(1)
+    model = GptOssForCausalLM(tiny_config(num_hidden_layers=2)).eval()
+    randomize(model)
+    folder = str(tmp_path_factory.mktemp("tiny-gpt-oss-mxfp4"))
+    write_mxfp4_checkpoint(folder, model)
+    return folder, model
+
+
+def check_prefill_and_decode(folder: str, hf, atol: float = 1e-4) -> None:
+    from hearth import LLM
+
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=4)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (24,))  # 6× the window
+    with torch.inference_mode():
+        theirs = hf(ids[None]).logits[0].float()
+    ours = prefill_logits(llm.engine.runner.model, ids)
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-4)
+
+    # two sequences of different lengths decode together through the paged cache (block size 4)
+    prompts = [ids.tolist(), ids[:13].tolist()]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        full = torch.tensor(prompt + out.token_ids)
+        with torch.inference_mode():
+            ref_lp = hf(full[None]).logits[0].float().log_softmax(-1)
+        for step, lp in enumerate(out.logprobs):
+            pos = len(prompt) - 1 + step
+            assert lp.token_id == int(ref_lp[pos].argmax())
+            assert abs(lp.logprob - ref_lp[pos, lp.token_id].item()) <= atol
+
+
+def test_tiny_gpt_oss_matches_transformers(tiny_gpt_oss):
+    folder, hf = tiny_gpt_oss
+    check_prefill_and_decode(folder, hf)
+
+
+def test_tiny_gpt_oss_mxfp4_matches_transformers(tiny_gpt_oss_mxfp4):
+    """Loaded values are exactly the dequantized codes, experts stay packed, logits match HF on those values."""
+    from hearth import LLM
+    from hearth.quant.mxfp4 import Mxfp4Weight
+
+    folder, hf = tiny_gpt_oss_mxfp4
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=64)
+    model = llm.engine.runner.model
+    for i, layer in enumerate(model.model.layers):
+        experts, ref = layer.mlp.experts, hf.model.layers[i].mlp.experts
+        assert isinstance(experts.gate_up, Mxfp4Weight) and isinstance(experts.down, Mxfp4Weight)
+        assert experts.gate_up.blocks.dtype == torch.uint8
+        assert torch.equal(experts.gate_up.dequantize(), ref.gate_up_proj.detach().transpose(1, 2))
+        assert torch.equal(experts.down.dequantize(), ref.down_proj.detach().transpose(1, 2))
+    del llm
+    check_prefill_and_decode(folder, hf)
+
+
+def test_moe_fast_path_matches_reference(tiny_gpt_oss_mxfp4):
+    from hearth import LLM
+
+    folder, _ = tiny_gpt_oss_mxfp4
+    model = LLM(folder, dtype="float32", max_model_len=64).engine.runner.model
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3))
+    fast = prefill_logits(model, ids)
+    model.set_moe_reference(True)
+    ref = prefill_logits(model, ids)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    model.set_moe_reference(False)
+
+
+def test_sliding_layers_in_kv_spec(tiny_gpt_oss):
+    from hearth.config import kv_spec
+    from hearth.loader.inspect import read_hf_config
+
+    spec = kv_spec(read_hf_config(tiny_gpt_oss[0]))
+    assert [layer.sliding_window for layer in spec.layers] == [WINDOW, None, WINDOW]
+
+
+def test_gguf_mxfp4_experts_convert_to_hf_layout():
+    """GGUF MXFP4 (split halves, scale first) → HF interleaved blocks: same values as gguf-py's dequantization."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from hearth.quant.mxfp4 import from_gguf
+
+    w = dequantize_mxfp4(torch.randint(0, 256, (2, 8, 4, 16), dtype=torch.uint8),
+                         torch.randint(120, 130, (2, 8, 4), dtype=torch.uint8))  # fmt: skip
+    raw = quantize(w.numpy(), GGMLQuantizationType.MXFP4)
+    ours = from_gguf(torch.from_numpy(raw), (2, 8, 128))
+    oracle = dequantize(raw, GGMLQuantizationType.MXFP4).reshape(2, 8, 128)
+    assert torch.equal(ours.dequantize(), torch.from_numpy(np.ascontiguousarray(oracle)))
+    assert torch.equal(ours.dequantize(), w)
