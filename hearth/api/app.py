@@ -1,0 +1,130 @@
+"""The OpenAI-compatible HTTP app: `create_app(engine, tokenizer, chat_template, served_model_name)`.
+
+Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: metrics and the
+request log, then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts it down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, APIError, BodyLimitMiddleware, install_error_handlers
+from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from hearth.engine.protocol import EngineClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What every route needs: the engine, the tokenizer and template, the served name, the metrics."""
+
+    engine: EngineClient
+    tokenizer: Any
+    chat_template: Any
+    served_model_name: str
+    metrics: Metrics
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    def check_ready(self) -> None:
+        if self.engine.state != "ready":
+            raise APIError(f"the model is {self.engine.state}, not ready yet; retry shortly", 503)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {self.served_model_name!r}", 404,
+                           "model", "model_not_found")  # fmt: skip
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """400 when the prompt (plus max_tokens, when given) does not fit the context; states both counts."""
+        max_len = self.engine.model_info.max_model_len
+        if num_prompt_tokens >= max_len:
+            raise APIError(f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                           f"{num_prompt_tokens} tokens; shorten the prompt", 400, param,
+                           "context_length_exceeded")  # fmt: skip
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+            total = num_prompt_tokens + max_tokens
+            raise APIError(f"This model's maximum context length is {max_len} tokens, but {total} tokens were "
+                           f"requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion); shorten "
+                           "the prompt or lower max_tokens", 400, "max_tokens", "context_length_exceeded")  # fmt: skip
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text for logprobs (special tokens included)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def model_card(self) -> ModelCard:
+        max_len = self.engine.model_info.max_model_len if self.engine.state == "ready" else None
+        return ModelCard(id=self.served_model_name, max_model_len=max_len)
+
+
+def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> FastAPI:  # fmt: skip
+    """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
+    lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
+    """
+    from hearth.api.chat import create_chat_completion
+    from hearth.api.completions import create_completion
+
+    if chat_template is None:
+        from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate
+
+        chat_template = ChatTemplate(CHATML_TEMPLATE, getattr(tokenizer, "bos_token", None) or "",
+                                     getattr(tokenizer, "eos_token", None) or "")  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine and hasattr(engine, "start"):
+            await engine.start()
+        logger.info("serving %s", served_model_name)
+        yield
+        if manage_engine and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+    metrics = Metrics()
+    state = ServerState(engine, tokenizer, chat_template, served_model_name, metrics)
+    app = FastAPI(title="Hearth", summary="OpenAI-compatible API of a local model", lifespan=lifespan)
+    app.state.hearth = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/health")
+    async def get_health() -> JSONResponse:
+        status = engine.state
+        code = 200 if status == "ready" else 503
+        return JSONResponse({"status": status, "model": served_model_name}, status_code=code)
+
+    @app.get("/v1/models")
+    async def get_models() -> ModelList:
+        return ModelList(data=[state.model_card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> ModelCard:
+        state.check_model(model_id)
+        return state.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def post_chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/completions")
+    async def post_completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        metrics.update_engine(engine.stats)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

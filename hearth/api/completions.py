@@ -1,0 +1,358 @@
+"""POST /v1/completions, and the fan-out both endpoints share: one API request becomes (prompts × n) engine requests
+whose Deltas are merged into one stream, aborted together when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hearth.api import sse
+from hearth.api.errors import APIError, error_body, from_engine_error
+from hearth.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    SamplingFields,
+    Usage,
+)
+from hearth.engine.protocol import Delta, EngineClient, EngineError
+from hearth.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from hearth.api.app import ServerState
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class SubRequest:
+    index: int  # the choice index in the response
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def sampling_params(body: SamplingFields, logprobs: int | None, choice: int) -> SamplingParams:
+    """The engine's parameters for one choice; with a seed, choice i samples with seed + i so choices differ."""
+    seed = None if body.seed is None else body.seed + choice
+    try:
+        return SamplingParams(
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            max_tokens=body.max_new_tokens, stop=body.stop_list, seed=seed, logprobs=logprobs,
+            ignore_eos=body.ignore_eos, repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        )  # fmt: skip
+    except ValueError as e:
+        raise APIError(str(e), 400) from e
+
+
+class Fanout:
+    """The engine requests behind one API request, merged into one stream of (choice index, Delta).
+
+    `prime()` waits for every request's first Delta, so refusals (context too long, queue full) become HTTP errors
+    before a stream starts. `abort()` cancels and aborts whatever has not finished; it is safe to call twice.
+    """
+
+    def __init__(self, state: ServerState, subs: list[SubRequest]) -> None:
+        self.engine: EngineClient = state.engine
+        self.metrics = state.metrics
+        self.subs = subs
+        self.queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
+        self.unfinished = {s.index for s in subs}
+        self.buffer: list[tuple[int, Delta]] = []
+        self.start = time.perf_counter()
+        self.last_token_time: dict[int, float] = {}
+        self.tasks = [asyncio.create_task(self._pump(s)) for s in subs]
+
+    async def _pump(self, sub: SubRequest) -> None:
+        try:
+            async for delta in self.engine.generate(sub.prompt_ids, sub.params, sub.request_id):
+                self.queue.put_nowait((sub.index, delta))
+                if delta.finished:
+                    return
+            self.queue.put_nowait((sub.index, Delta(sub.request_id, [], "", finished=True, finish_reason="abort")))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, which turns it into an error response
+            self.queue.put_nowait((sub.index, e))
+
+    def _observe(self, index: int, delta: Delta) -> None:
+        if not delta.token_ids:
+            return
+        now = time.perf_counter()
+        last = self.last_token_time.get(index)
+        if last is None:
+            self.metrics.time_to_first_token.observe(now - self.start)
+        else:
+            self.metrics.time_per_output_token.observe((now - last) / len(delta.token_ids))
+        self.last_token_time[index] = now
+
+    async def _next(self) -> tuple[int, Delta]:
+        index, item = await self.queue.get()
+        if isinstance(item, BaseException):
+            await self.abort()
+            if isinstance(item, EngineError):
+                raise from_engine_error(item)
+            raise item
+        self._observe(index, item)
+        if item.finished:
+            self.unfinished.discard(index)
+        return index, item
+
+    async def prime(self) -> None:
+        waiting = {s.index for s in self.subs}
+        while waiting:
+            index, delta = await self._next()
+            self.buffer.append((index, delta))
+            waiting.discard(index)
+
+    async def deltas(self, keep_alive: float | None = None) -> AsyncIterator[tuple[int, Delta] | None]:
+        """Every Delta until all requests finish; None after `keep_alive` seconds without one."""
+        while self.buffer:
+            yield self.buffer.pop(0)
+        while self.unfinished:
+            try:
+                item = await asyncio.wait_for(self._next(), keep_alive) if keep_alive else await self._next()
+            except TimeoutError:
+                yield None
+                continue
+            yield item
+
+    async def abort(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for sub in self.subs:
+            if sub.index in self.unfinished:
+                await self.engine.abort(sub.request_id)
+        self.unfinished.clear()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], on_disconnect: Callable[[], Awaitable[None]]) -> T:
+    """Await `work`, unless the client goes away first: then cancel it, call `on_disconnect` and raise."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await on_disconnect()
+    if not work_task.cancelled() and work_task.done():
+        return work_task.result()
+    raise ClientDisconnected()
+
+
+async def run_fanout(state: ServerState, request: Request, subs: list[SubRequest],
+                     respond: Callable[[Fanout], Awaitable[Response]]) -> Response:  # fmt: skip
+    """Start the engine requests, wait for each one's first Delta (or a refusal), then build the response."""
+    fanout = Fanout(state, subs)
+    try:
+        await until_disconnected(request, fanout.prime(), fanout.abort)
+        return await respond(fanout)
+    except ClientDisconnected:
+        logger.info("%s: client disconnected; aborted", subs[0].request_id.rsplit("-", 1)[0])
+        return JSONResponse(error_body("client disconnected", CLIENT_CLOSED), status_code=CLIENT_CLOSED)
+    except BaseException:
+        await fanout.abort()
+        raise
+
+
+async def stream_with_cleanup(fanout: Fanout, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """SSE body: the chunks, an in-stream error event if the engine fails, and abort on disconnect (cancellation)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        yield sse.event(error_body(e.message, e.status, e.param, e.code))
+        yield sse.DONE
+    finally:
+        with anyio.CancelScope(shield=True):  # starlette cancels the body task when the client disconnects
+            await fanout.abort()
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))  # fmt: skip
+
+
+class UsageCounter:
+    """Token counts over a request's choices: each prompt counted once (as OpenAI does for n > 1)."""
+
+    def __init__(self, subs: list[SubRequest], n: int) -> None:
+        self.n = n
+        self.prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
+        self.completion_tokens = 0
+        self.cached: dict[int, int] = {}
+
+    def add(self, index: int, delta: Delta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        if index % self.n == 0 and delta.num_cached_tokens:
+            self.cached[index] = delta.num_cached_tokens
+
+    def usage(self) -> Usage:
+        return make_usage(self.prompt_tokens, self.completion_tokens, sum(self.cached.values()))
+
+    def record(self, metrics: Any) -> None:
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+        metrics.generation_tokens.inc(self.completion_tokens)
+
+
+# --- /v1/completions ------------------------------------------------------------------------------------------------
+
+
+def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[list[int], str | None]]:
+    """(token ids, text or None) per prompt."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif not prompt:
+        raise APIError("prompt must not be empty", 400, "prompt")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append((state.tokenizer.encode(item, add_special_tokens=True), item))
+        elif not item:
+            raise APIError(f"prompt {i} is empty", 400, "prompt")
+        else:
+            out.append((list(item), None))
+    return out
+
+
+class CompletionLogprobBuilder:
+    """The legacy completions `logprobs` object, built token by token; text_offset counts characters of the text."""
+
+    def __init__(self, state: ServerState, offset: int) -> None:
+        self.state = state
+        self.offset = offset
+
+    def build(self, delta: Delta) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in delta.logprobs or []:
+            token = self.state.token_text(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.state.token_text(t): v for t, v in lp.top})
+            out.text_offset.append(self.offset)
+            self.offset += len(token)
+        return out
+
+
+def _merge_logprobs(into: CompletionLogprobs, more: CompletionLogprobs) -> None:
+    into.tokens += more.tokens
+    into.token_logprobs += more.token_logprobs
+    into.top_logprobs += more.top_logprobs
+    into.text_offset += more.text_offset
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    state.check_ready()
+    state.check_model(body.model)
+    if body.suffix:
+        raise APIError("suffix is not supported", 400, "suffix")
+    if body.echo and body.logprobs is not None:
+        raise APIError("echo together with logprobs is not supported (prompt logprobs are not computed)", 400, "echo")
+    prompts = _prompts(state, body)
+    for ids, _ in prompts:
+        state.check_length(len(ids), body.max_new_tokens, "prompt")
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    subs = []
+    for p, (ids, _) in enumerate(prompts):
+        for j in range(body.n):
+            index = p * body.n + j
+            subs.append(SubRequest(index, f"{request_id}-{index}", ids, sampling_params(body, body.logprobs, j)))
+    echoes = []
+    for ids, text in prompts:
+        echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
+        echoes += [echo] * body.n
+    model = state.served_model_name
+
+    async def respond(fanout: Fanout) -> Response:
+        counter = UsageCounter(subs, body.n)
+        builders = [CompletionLogprobBuilder(state, len(echo)) for echo in echoes]
+        if body.stream:
+            return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter, builders)),
+                                     media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)  # fmt: skip
+        texts = list(echoes)
+        logprobs = [CompletionLogprobs() if body.logprobs is not None else None for _ in subs]
+        finish: list[str | None] = [None] * len(subs)
+
+        async def collect() -> None:
+            async for item in fanout.deltas():
+                assert item is not None
+                i, delta = item
+                counter.add(i, delta)
+                texts[i] += delta.text
+                if logprobs[i] is not None:
+                    _merge_logprobs(logprobs[i], builders[i].build(delta))
+                if delta.finished:
+                    finish[i] = delta.finish_reason
+
+        await until_disconnected(request, collect(), fanout.abort)
+        counter.record(state.metrics)
+        choices = [CompletionChoice(index=i, text=texts[i], logprobs=logprobs[i], finish_reason=finish[i])
+                   for i in range(len(subs))]  # fmt: skip
+        usage = counter.usage()
+        logger.info("%s: %d prompt tokens, %d completion tokens", request_id, usage.prompt_tokens,
+                    usage.completion_tokens)  # fmt: skip
+        response = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+        return JSONResponse(response.model_dump())
+
+    async def _stream(fanout: Fanout, counter: UsageCounter, builders: list) -> AsyncIterator[bytes]:
+        exclude = None if body.include_usage else {"usage"}
+        created = int(time.time())
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+            resp = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+            return sse.event(resp, exclude)
+
+        if body.echo:
+            for i, echo in enumerate(echoes):
+                yield chunk([CompletionChoice(index=i, text=echo)])
+        async for item in fanout.deltas(keep_alive=sse.KEEP_ALIVE_SECONDS):
+            if item is None:
+                yield sse.KEEP_ALIVE
+                continue
+            i, delta = item
+            counter.add(i, delta)
+            lp = builders[i].build(delta) if body.logprobs is not None else None
+            if delta.text or delta.logprobs:
+                yield chunk([CompletionChoice(index=i, text=delta.text, logprobs=lp)])
+            if delta.finished:
+                yield chunk([CompletionChoice(index=i, text="", finish_reason=delta.finish_reason)])
+        counter.record(state.metrics)
+        if body.include_usage:
+            yield chunk([], counter.usage())
+        yield sse.DONE
+
+    return await run_fanout(state, request, subs, respond)

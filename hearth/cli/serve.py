@@ -1,0 +1,181 @@
+"""`hearth serve [MODEL]`: the OpenAI-compatible server (uvicorn) over an AsyncEngine.
+
+The server listens at once and loads the model in the background, so /health answers 503 "loading" until it is
+ready. It binds 127.0.0.1; any other address needs --insecure-no-auth until API keys exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import shlex
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+
+
+def register(sub) -> None:
+    from hearth.cli.main import env_epilog
+
+    p = sub.add_parser(
+        "serve", help="Start the OpenAI-compatible server", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health, /metrics). Listens on 127.0.0.1 only unless told otherwise.",
+        epilog="examples:\n  hearth serve\n  hearth serve ./model.gguf --port 8080 --served-model-name my-model\n\n"
+        + env_epilog(["HEARTH_HOME", "HEARTH_NUM_THREADS", "HEARTH_LOG_LEVEL"]),
+    )  # fmt: skip
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"smollm2, a .gguf file, an HF folder (default "
+                   f"{DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="model id clients use (default: the model reference)")
+    p.add_argument("--max-model-len", type=int, help="context length to allocate (default: the model's, capped)")
+    p.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 512)")
+    p.add_argument("--kv-cache-memory", type=float, help="KV cache: GiB (>= 1) or a fraction of free memory (< 1)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available; default auto)")
+    p.add_argument("--max-request-bytes", type=int, help="largest request body accepted (default 4 MiB)")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host with no authentication: anyone who can reach it may use it",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere
+
+
+def base_url(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def curl_example(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+
+
+class LoadingEngine:
+    """Stands in for the engine while it loads (in a thread), so the server answers 503 "loading" meanwhile."""
+
+    def __init__(self, load: Callable[[], Any], on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._load = load
+        self._on_failure = on_failure
+        self._engine: Any = None
+        self._failed = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def state(self) -> str:
+        if self._engine is not None:
+            return self._engine.state
+        return "failed" if self._failed else "loading"
+
+    @property
+    def model_info(self):
+        return self._engine.model_info
+
+    @property
+    def stats(self):
+        from hearth.engine.protocol import EngineStats
+
+        return self._engine.stats if self._engine is not None else EngineStats()
+
+    def generate(self, prompt_ids: list[int], params, request_id: str) -> AsyncIterator:
+        return self._engine.generate(prompt_ids, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._load_in_background())
+
+    async def _load_in_background(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self._load)
+            await engine.start()
+            self._engine = engine
+            logger.info("model loaded; ready")
+        except Exception as e:
+            self._failed = True
+            logger.error("loading the model failed: %s", e)
+            if self._on_failure is not None:
+                self._on_failure(e)
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+
+def cmd_serve(args) -> int:
+    from hearth.cli.main import CliError
+
+    if not is_loopback(args.host) and not args.insecure_no_auth:
+        raise CliError(f"refusing to listen on {args.host} without API keys (not available yet); use --host "
+                       "127.0.0.1, or pass --insecure-no-auth to let anyone who can reach it use it")  # fmt: skip
+    import uvicorn
+
+    from hearth.api.app import create_app
+    from hearth.api.errors import DEFAULT_MAX_BODY_BYTES
+    from hearth.chat.template import load_chat_template
+    from hearth.config import EngineConfig
+    from hearth.loader.resolve import resolve_model
+    from hearth.tokenizer import load_tokenizer
+
+    ref = resolve_model(args.model)
+    names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    engine_config = EngineConfig(**overrides)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(ref.path)
+    template = load_chat_template(tokenizer)
+    name = args.served_model_name or ref.name
+    server: uvicorn.Server | None = None
+
+    def load():
+        from hearth.engine.async_engine import AsyncEngine
+
+        return AsyncEngine.from_model(ref, engine_config, device=device)
+
+    def on_failure(e: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    engine = LoadingEngine(load, on_failure)
+    app = create_app(engine, tokenizer, template, name, max_body_bytes=args.max_request_bytes or DEFAULT_MAX_BODY_BYTES)
+    if not is_loopback(args.host):
+        logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
+                       "address can use the model", args.host)  # fmt: skip
+    url = base_url(args.host, args.port)
+    print(f"Hearth is serving {name} at {url} (OpenAI API at {url}/v1; loading the model, /health says when ready)")
+    print("Try:")
+    print(f"  {curl_example(url, name)}")
+    sys.stdout.flush()
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(config)
+    server.run()
+    if engine.state == "failed":
+        raise CliError(f"could not load {args.model}; see the log above")
+    return 0
