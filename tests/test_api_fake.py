@@ -487,6 +487,27 @@ def test_template_error_is_400(engine):
         assert "roles must alternate" in err["message"] and err["param"] == "messages"
 
 
+def test_logs_never_contain_prompt_or_completion_text(client, caplog):
+    secret = "xyzzy-secret-prompt"
+    with caplog.at_level("DEBUG"):
+        chat(client, messages=[{"role": "user", "content": secret}])
+        client.post("/v1/completions", json={"prompt": secret, "max_tokens": 3, "stream": True})
+        chat(client, messages=[{"role": "user", "content": secret}], temperature="bad")
+    assert "/v1/chat/completions 200" in caplog.text and "completion tokens" in caplog.text
+    assert secret not in caplog.text and "Hello" not in caplog.text
+
+
+def test_keep_alive_while_waiting(engine, monkeypatch):
+    from hearth.api import sse
+
+    monkeypatch.setattr(sse, "KEEP_ALIVE_SECONDS", 0.01)
+    engine.delay = 0.05
+    with TestClient(make_app(engine)) as c:
+        raw = chat(c, stream=True, max_tokens=2).content
+    assert sse.KEEP_ALIVE in raw
+    assert [e for e in sse_events(raw.replace(sse.KEEP_ALIVE, b""))][-1] == "[DONE]"
+
+
 def test_server_survives_bad_requests(client):
     for _ in range(3):
         client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})

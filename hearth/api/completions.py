@@ -105,8 +105,9 @@ class Fanout:
             self.metrics.time_per_output_token.observe((now - last) / len(delta.token_ids))
         self.last_token_time[index] = now
 
-    async def _next(self) -> tuple[int, Delta]:
-        index, item = await self.queue.get()
+    async def _next(self, timeout: float | None = None) -> tuple[int, Delta]:
+        """The next Delta; raises asyncio.TimeoutError after `timeout` seconds without one (nothing is lost)."""
+        index, item = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
         if isinstance(item, BaseException):
             await self.abort()
             if isinstance(item, EngineError):
@@ -130,8 +131,8 @@ class Fanout:
             yield self.buffer.pop(0)
         while self.unfinished:
             try:
-                item = await asyncio.wait_for(self._next(), keep_alive) if keep_alive else await self._next()
-            except TimeoutError:
+                item = await self._next(keep_alive)
+            except asyncio.TimeoutError:  # noqa: UP041 (not the builtin before Python 3.11)
                 yield None
                 continue
             yield item

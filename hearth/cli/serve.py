@@ -124,6 +124,37 @@ class LoadingEngine:
             self._engine.shutdown()
 
 
+def build_app(
+    ref,
+    engine_config,
+    *,
+    device: str = "cpu",
+    served_model_name: str | None = None,
+    max_body_bytes: int | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+):
+    """The app `hearth serve` runs: tokenizer and template now, the engine loading in the background once the app
+    starts. Returns (app, engine).
+    """
+    from hearth.api.app import create_app
+    from hearth.api.errors import DEFAULT_MAX_BODY_BYTES
+    from hearth.chat.template import load_chat_template
+    from hearth.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ref.path)
+    template = load_chat_template(tokenizer)
+
+    def load():
+        from hearth.engine.async_engine import AsyncEngine
+
+        return AsyncEngine.from_model(ref, engine_config, device=device)
+
+    engine = LoadingEngine(load, on_failure)
+    app = create_app(engine, tokenizer, template, served_model_name or ref.name,
+                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)  # fmt: skip
+    return app, engine
+
+
 def cmd_serve(args) -> int:
     from hearth.cli.main import CliError
 
@@ -132,38 +163,26 @@ def cmd_serve(args) -> int:
                        "127.0.0.1, or pass --insecure-no-auth to let anyone who can reach it use it")  # fmt: skip
     import uvicorn
 
-    from hearth.api.app import create_app
-    from hearth.api.errors import DEFAULT_MAX_BODY_BYTES
-    from hearth.chat.template import load_chat_template
     from hearth.config import EngineConfig
     from hearth.loader.resolve import resolve_model
-    from hearth.tokenizer import load_tokenizer
 
     ref = resolve_model(args.model)
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    engine_config = EngineConfig(**overrides)
+    engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(ref.path)
-    template = load_chat_template(tokenizer)
     name = args.served_model_name or ref.name
     server: uvicorn.Server | None = None
-
-    def load():
-        from hearth.engine.async_engine import AsyncEngine
-
-        return AsyncEngine.from_model(ref, engine_config, device=device)
 
     def on_failure(e: BaseException) -> None:
         if server is not None:
             server.should_exit = True
 
-    engine = LoadingEngine(load, on_failure)
-    app = create_app(engine, tokenizer, template, name, max_body_bytes=args.max_request_bytes or DEFAULT_MAX_BODY_BYTES)
+    app, engine = build_app(ref, engine_config, device=device, served_model_name=name,
+                            max_body_bytes=args.max_request_bytes, on_failure=on_failure)  # fmt: skip
     if not is_loopback(args.host):
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
                        "address can use the model", args.host)  # fmt: skip
