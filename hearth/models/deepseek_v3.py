@@ -1,0 +1,481 @@
+"""DeepSeek-V3 / R1 (and V2-style MLA models): multi-head latent attention over a latent paged KV cache, YaRN rope with
+the mscale² softmax correction, the first dense layers, and MoE with shared experts and noaux_tc grouped routing.
+
+Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/model.py; facts in MODELS.md §2.
+The cache holds one vector per token per layer, [c_kv (kv_lora_rank, after kv_a_layernorm) | k_pe (rope dims, after
+rope)]. Prefill attends in the naive form (keys and values expanded through kv_b_proj); decode in the absorbed form
+(W_UK folded into the query, W_UV applied after attending over the latents), which never expands the cache.
+Weights: HF bf16/fp32, DeepSeek's FP8 128×128 blocks (`weight_scale_inv`, quant/fp8.py) and GGUF `deepseek2`.
+
+NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj / q_proj / kv_a_proj_with_mqa are
+reordered once at load to [even | odd] so the shared rotate_half rope applies (HF `rope_interleave=True` does the
+same de-interleave at run time). The MTP layer (`model.layers.{num_hidden_layers}`) has no module here, so the loader
+skips its tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hearth.config import ModelConfig
+from hearth.layers.activation import SiluAndMul
+from hearth.layers.context import get_context
+from hearth.layers.linear import Embedding, Linear
+from hearth.layers.norm import RMSNorm
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
+from hearth.quant.gguf_types import QuantizedTensor
+
+logger = logging.getLogger(__name__)
+
+MLA_MODES = ("auto", "naive", "absorbed")  # auto: naive for prefill, absorbed for decode
+
+
+class Fp8Linear(Linear):
+    """Linear that also loads FP8 block weights (`weight` in float8_e4m3fn plus `weight_scale_inv`) and can reorder
+    its output rows at load (`row_perm`: new row j = checkpoint row row_perm[j]).
+
+    With `keep_fp8` (a CUDA device with FP8, see quant/fp8.py) the weight stays FP8 in memory; otherwise it is
+    dequantized in `finalize`, then held like any other weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None,
+                 row_perm: torch.Tensor | None = None):  # fmt: skip
+        super().__init__(in_features, out_features, bias, output_sizes)
+        if row_perm is not None and len(self.output_sizes) != 1:
+            raise ValueError("row_perm needs an unfused linear")
+        self.row_perm = row_perm
+        self.keep_fp8 = fp8_runtime_mode(torch.get_default_device()) == "fp8"
+        self._scale_invs: dict[int, torch.Tensor] = {}
+        self.fp8: Fp8Weight | None = None
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if kind == "weight_scale_inv":
+            self._scale_invs[shard_id] = tensor
+            return
+        super().weight_loader(tensor, kind, shard_id)
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        fp8_ids = sorted(i for (kind, i), t in self._shards.items()
+                         if kind == "weight" and getattr(t, "dtype", None) == torch.float8_e4m3fn)  # fmt: skip
+        if fp8_ids != sorted(self._scale_invs):
+            raise ValueError(f"FP8 weight shards {fp8_ids} and weight_scale_inv shards {sorted(self._scale_invs)} "
+                             "do not pair up")  # fmt: skip
+        if fp8_ids:
+            self.quant_type = "fp8_block"
+            if keep_quantized and self.keep_fp8 and self._can_keep_fp8(fp8_ids):
+                self._keep_fp8(dtype)
+                return
+            for i in fp8_ids:
+                self._shards[("weight", i)] = dequantize_fp8_block(self._shards[("weight", i)], self._scale_invs[i])
+            self._scale_invs.clear()
+        if self.row_perm is not None:
+            for key in [k for k in self._shards]:
+                self._shards[key] = permute_rows(self._shards[key], self.row_perm)
+        super().finalize(dtype, keep_quantized)
+
+    def _can_keep_fp8(self, fp8_ids: list[int]) -> bool:
+        """All shards FP8, shard boundaries on block edges, and any row reordering inside blocks (scales stay put)."""
+        if len(fp8_ids) != len(self.output_sizes) or any(s % BLOCK for s in self.output_sizes[:-1]):
+            return False
+        if self.row_perm is None:
+            return True
+        return bool((self.row_perm // BLOCK == torch.arange(len(self.row_perm)) // BLOCK).all())
+
+    def _keep_fp8(self, dtype: torch.dtype) -> None:
+        n = len(self.output_sizes)
+        weight = torch.cat([self._shards[("weight", i)] for i in range(n)])
+        if self.row_perm is not None:
+            weight = weight[self.row_perm]
+        self.fp8 = Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)]))
+        if self.has_bias:
+            self.bias = torch.cat([self._shards[("bias", i)] for i in range(n)]).to(dtype)
+        self._shards.clear()
+        self._scale_invs.clear()
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense [out, in] tensor (for MLA's absorbed form, which needs per-head views)."""
+        if self.fp8 is not None:
+            return self.fp8.dequantize(dtype)
+        if self.weight is None:
+            raise ValueError("weight is held quantized; load this layer dense")
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return fp8_linear(x, self.fp8, self.bias)
+        return super().forward(x)
+
+
+def permute_rows(t, perm: torch.Tensor):
+    """Rows of a weight, bias or GGUF QuantizedTensor (blocks run along rows, so raw bytes move as whole rows)."""
+    if isinstance(t, QuantizedTensor):
+        return QuantizedTensor(t.data[perm].contiguous(), t.qtype, t.shape)
+    return t[perm].contiguous()
+
+
+def rope_row_permutation(num_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Row order turning the interleaved rope pairs (2i, 2i+1) in the last `rope_dim` rows of each head into
+    rotate_half halves (i, i + rope_dim/2); the other rows stay in place."""
+    idx = torch.arange(num_heads * head_dim, device="cpu").view(num_heads, head_dim)
+    rope = idx[:, head_dim - rope_dim :]
+    idx = torch.cat([idx[:, : head_dim - rope_dim], rope[:, 0::2], rope[:, 1::2]], dim=1)
+    return idx.flatten()
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """qk_head_dim^-1/2, times mscale² when YaRN sets mscale_all_dim (HF's rule; MODELS.md §2.2)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    scaling = config.rope_scaling or {}
+    mscale_all_dim = scaling.get("mscale_all_dim")
+    factor = scaling.get("factor", 1.0)
+    if scaling.get("rope_type") == "yarn" and mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class KvBProj(Fp8Linear):
+    """kv_b_proj [H·(nope+v), kv_lora_rank], always held dense (the absorbed form takes per-head views of it).
+    Also accepts newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c]."""
+
+    def __init__(self, kv_lora_rank: int, num_heads: int, nope_dim: int, v_dim: int):
+        super().__init__(kv_lora_rank, num_heads * (nope_dim + v_dim))
+        self.num_heads, self.nope_dim, self.v_dim = num_heads, nope_dim, v_dim
+        self._split: dict[str, torch.Tensor] = {}
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if kind not in ("k_b", "v_b"):
+            return super().weight_loader(tensor, kind, shard_id)
+        t = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor
+        c, heads = self.in_features, self.num_heads
+        want = (heads, c, self.nope_dim) if kind == "k_b" else (heads, self.v_dim, c)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{kind}: expected shape {want}, got {tuple(t.shape)}")
+        self._split[kind] = t
+        if len(self._split) == 2:
+            k_b, v_b = self._split.pop("k_b"), self._split.pop("v_b")
+            w = torch.cat([k_b.transpose(1, 2).to(v_b.dtype), v_b], dim=1)  # [H, nope + v, c]
+            super().weight_loader(w.reshape(-1, c), "weight", 0)
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        if self._split:
+            raise ValueError(f"GGUF split kv_b: only {sorted(self._split)} present")
+        super().finalize(dtype, keep_quantized=False)
+
+
+class DeepseekV3Attention(nn.Module):
+    """MLA. Owns its latent cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = c = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        q_head_dim = self.nope_dim + self.rope_dim
+        q_perm = rope_row_permutation(heads, q_head_dim, self.rope_dim)
+        bias = config.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = Fp8Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = Fp8Linear(self.q_lora_rank, heads * q_head_dim, row_perm=q_perm)
+        else:
+            self.q_proj = Fp8Linear(hidden, heads * q_head_dim, row_perm=q_perm)
+        self.kv_a_proj_with_mqa = Fp8Linear(hidden, c + self.rope_dim, bias=bias,
+                                            row_perm=rope_row_permutation(1, c + self.rope_dim, self.rope_dim))
+        self.kv_a_layernorm = RMSNorm(c, 1e-6)
+        self.kv_b_proj = KvBProj(c, heads, self.nope_dim, self.v_dim)
+        self.o_proj = Fp8Linear(heads * self.v_dim, hidden, bias=bias)
+        self.scale = softmax_scale(config)
+        self.mode = "auto"
+        self.kv_cache: torch.Tensor | None = None  # set by the model runner
+        self.w_uk: torch.Tensor | None = None  # [H, nope, c] views of kv_b_proj, set in finalize
+        self.w_uv: torch.Tensor | None = None  # [H, v, c]
+
+    def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
+        """Called by the model runner with this layer's (latent) LayerKV."""
+        if not layer_spec.is_latent or layer_spec.latent_size != self.kv_lora_rank + self.rope_dim:
+            raise ValueError(f"MLA needs a latent cache of {self.kv_lora_rank + self.rope_dim}, got {layer_spec}")
+        self.kv_cache = torch.zeros(num_blocks, block_size, layer_spec.latent_size, dtype=dtype, device=device)
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
+        w = self.kv_b_proj.dense_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        c, heads = self.kv_lora_rank, self.num_heads
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        else:
+            q = self.q_proj(hidden_states)
+        q_nope, q_pe = q.view(num_tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, cos, sin)  # [num_tokens, H, rope]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([c, self.rope_dim], dim=-1)
+        k_pe = apply_rotary_emb(k_pe[:, None], cos, sin)[:, 0]
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [num_tokens, c + rope]: what the cache holds
+
+        ctx = get_context()
+        cache = self.kv_cache if ctx.slot_mapping is not None else None
+        if cache is not None:
+            cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, latent.to(cache.dtype))
+        out = hidden_states.new_empty(num_tokens, heads, self.v_dim)
+        for i in ctx.prefill_seq_idx:
+            start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
+            length, num_new = ctx.context_lens[i], end - start
+            if cache is None or length == num_new:
+                seq_latent = latent[start:end]
+            else:
+                seq_latent = gather_latent(cache, ctx.block_tables[i], length).to(latent.dtype)
+            k_pos = torch.arange(length, device=q.device)
+            mask = k_pos[None, :] <= k_pos[length - num_new :, None]  # [num_new, length], causal after the cached part
+            if self.mode == "absorbed":
+                out[start:end] = self.absorbed(q_nope[None, start:end], q_pe[None, start:end], seq_latent[None],
+                                               mask[None, None])[0]  # fmt: skip
+            else:
+                out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask)
+        if ctx.decode_seq_idx:
+            rows = ctx.decode_rows
+            keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
+            if self.mode == "naive":
+                for b, row in enumerate(rows.tolist()):
+                    length = int(ctx.decode_context_lens[b])
+                    out[row] = self.naive(q_nope[row : row + 1], q_pe[row : row + 1], keys[b, :length], None)[0]
+            else:
+                out[rows] = self.absorbed(q_nope[rows, None], q_pe[rows, None], keys, ctx.decode_mask)[:, 0]
+        return self.o_proj(out.flatten(1))
+
+    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None):
+        """HF's form: expand the latents to per-head keys and values. q_*: [n, H, d]; latent: [L, c + rope];
+        mask: [n, L] bool or None (attend to all). Returns [n, H, v]."""
+        length = latent.shape[0]
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(length, self.num_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                           scale=self.scale)  # fmt: skip
+        return o.transpose(0, 1)
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor):
+        """Attention in latent space: q̃ = W_UK^T q_nope per head scores against c_kv, q_pe against k_pe, the context
+        is a mix of latents, and W_UV maps it to each head's values. q_*: [B, n, H, d]; latent: [B, L, c + rope];
+        mask: bool broadcastable to [B, H, n, L]. Returns [B, n, H, v]."""
+        b, n, heads, _ = q_nope.shape
+        length = latent.shape[1]
+        q_lat = torch.einsum("bnhd,hdc->bhnc", q_nope, self.w_uk.to(q_nope.dtype))
+        q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(b, heads * n, -1)  # [B, H·n, c + rope]
+        scores = torch.bmm(q_full, latent.transpose(1, 2)).view(b, heads, n, length) * self.scale
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(latent.dtype).view(b, heads * n, length)
+        ctx_lat = torch.bmm(p, latent[..., : self.kv_lora_rank]).view(b, heads, n, -1)  # [B, H, n, c]
+        return torch.einsum("bhnc,hvc->bnhv", ctx_lat, self.w_uv.to(ctx_lat.dtype))
+
+
+def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # cache: [num_blocks, block_size, latent] -> [length, latent]
+    num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                 topk_group: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):  # fmt: skip
+    """DeepSeek-V3 noaux_tc routing (MODELS.md §2.3), in float32. Returns (weights, expert ids), both [T, top_k].
+
+    Sigmoid scores; the correction bias only ranks (groups by the sum of their top-2 biased scores, then experts
+    inside the best `topk_group` groups); the weights are the unbiased scores, normalised, times the scaling factor.
+    """
+    scores = router_logits.float().sigmoid()  # [T, E]
+    num_tokens, num_experts = scores.shape
+    choice = scores + correction_bias.float()
+    group_scores = choice.view(num_tokens, num_groups, -1).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    groups = group_scores.topk(topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
+
+
+class DeepseekV3MLP(nn.Module):
+    """SwiGLU: dense layers, each routed expert and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = Fp8Linear(hidden_size, 2 * intermediate_size, output_sizes=[intermediate_size] * 2)
+        self.down_proj = Fp8Linear(intermediate_size, hidden_size)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(hidden_states)))
+
+
+class DeepseekV3Experts(nn.ModuleList):
+    """Routed experts, one DeepseekV3MLP each (HF names `experts.{e}.gate_proj`); GGUF stores them stacked
+    ([E, out, in], kinds `gate_proj_weight` / `up_proj_weight` / `down_proj_weight`) and they are split here."""
+
+    STACKED = {"gate_proj_weight": ("gate_up_proj", 0), "up_proj_weight": ("gate_up_proj", 1),
+               "down_proj_weight": ("down_proj", 0)}  # fmt: skip
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if kind not in self.STACKED or tensor.shape[0] != len(self):
+            raise ValueError(f"expected stacked experts ({len(self)}, out, in) as {sorted(self.STACKED)}")
+        proj, shard = self.STACKED[kind]
+        rows = tensor.shape[1]
+        for e, expert in enumerate(self):
+            if isinstance(tensor, QuantizedTensor):
+                part = QuantizedTensor(tensor.data[e * rows : (e + 1) * rows], tensor.qtype, tuple(tensor.shape[1:]))
+            else:
+                part = tensor[e]
+            getattr(expert, proj).weight_loader(part, "weight", shard)
+
+
+class MoEGate(nn.Module):
+    """Router weight [E, hidden] and e_score_correction_bias [E], both kept in float32 whatever the model dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight: torch.Tensor | None = None
+        self.e_score_correction_bias: torch.Tensor | None = None
+        self.shape = (num_experts, hidden_size)
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        want = self.shape if kind == "weight" else self.shape[:1]
+        if kind not in ("weight", "e_score_correction_bias") or tuple(tensor.shape) != want:
+            raise ValueError(f"router {kind}: expected shape {want}, got {tuple(tensor.shape)}")
+        t = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor
+        setattr(self, kind, t.float().contiguous())
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        if self.weight is None:
+            raise ValueError("missing router weight")
+        if self.e_score_correction_bias is None:  # older (V2-style) checkpoints have none
+            self.e_score_correction_bias = torch.zeros(self.shape[0], device=self.weight.device)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.float(), self.weight)
+
+
+class DeepseekV3MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        extra = config.extra
+        self.top_k = config.num_experts_per_tok
+        self.num_groups = extra.get("n_group") or 1
+        self.topk_group = extra.get("topk_group") or 1
+        self.norm_topk_prob = bool(extra.get("norm_topk_prob", True))
+        self.routed_scaling_factor = float(extra.get("routed_scaling_factor", 1.0))
+        num_experts, inter = config.num_local_experts, config.moe_intermediate_size
+        if num_experts % self.num_groups or num_experts // self.num_groups < 2:
+            raise ValueError(f"{num_experts} experts do not split into {self.num_groups} groups of at least 2")
+        self.gate = MoEGate(config.hidden_size, num_experts)
+        self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
+        num_shared = extra.get("n_shared_experts") or 0
+        self.shared_experts = DeepseekV3MLP(config.hidden_size, inter * num_shared) if num_shared else None
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grouped_topk(self.gate(hidden_states), self.gate.e_score_correction_bias, self.top_k, self.num_groups,
+                            self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)  # fmt: skip
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(hidden_states)
+        out = torch.zeros_like(hidden_states)
+        for expert_id in torch.unique(ids).tolist():  # ascending, like HF's loop: the same sum order
+            token_idx, slot = torch.where(ids == expert_id)
+            y = self.experts[expert_id](hidden_states[token_idx])
+            out.index_add_(0, token_idx, y * weights[token_idx, slot, None].to(y.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(config, layer_idx)
+        if layer_idx < (config.extra.get("first_k_dense_replace") or 0) or not config.num_local_experts:
+            self.mlp = DeepseekV3MLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = DeepseekV3MoE(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, residual, cos, sin):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, cos, sin)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
+                                          config.rope_scaling)  # fmt: skip
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(hidden_states, residual, cos, sin)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    # HF checkpoint module name -> (fused module name, shard id)
+    packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.kv_lora_rank:
+            raise ValueError("DeepSeek-V3 needs kv_lora_rank (MLA) in its config")
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.fp8_mode = fp8_runtime_mode(torch.get_default_device())
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        if self.lm_head is None:
+            self.model.embed_tokens.tie_lm_head()
+        num_fp8 = sum(1 for m in self.modules() if getattr(m, "quant_type", None) == "fp8_block")
+        if num_fp8:
+            kept = sum(1 for m in self.modules() if getattr(m, "fp8", None) is not None)
+            self.fp8_mode = "fp8" if kept == num_fp8 else "dequantized" if not kept else "mixed"
+            logger.info("FP8 block weights: %d linears, %s", num_fp8,
+                        "kept FP8 in memory" if kept else f"dequantized to {dtype} at load")  # fmt: skip
+        else:
+            self.fp8_mode = None
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return self.model.embed_tokens.as_lm_head(hidden_states)
+        return self.lm_head(hidden_states)
+
+    def set_mla_mode(self, mode: str) -> None:
+        """"auto" (naive prefill, absorbed decode), "naive" or "absorbed" everywhere; for tests and comparisons."""
+        if mode not in MLA_MODES:
+            raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {mode!r}")
+        for layer in self.model.layers:
+            layer.self_attn.mode = mode
