@@ -33,7 +33,32 @@ GPT_OSS_BLOCK_NAMES = {
     "ffn_gate_inp": "mlp.router",
 }
 GPT_OSS_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-NAMED_ARCHS = ("llama", "qwen2", "gpt-oss")
+# DeepSeek-V2/V3 (`deepseek2`, MODELS.md §2): MLA projections, shared experts and the router's correction bias. Newer
+# converters store kv_b split as attn_k_b [H, c, nope] (transposed) and attn_v_b [H, v, c]; they map to kinds `k_b` /
+# `v_b` of kv_b_proj, which joins them. Stacked experts map to kinds of `mlp.experts`, which splits them per expert.
+# MTP tensors (`blk.N.nextn.*`) are not mapped, so they are skipped.
+DEEPSEEK2_BLOCK_NAMES = {
+    **{k: v for k, v in BLOCK_NAMES.items() if k not in ("attn_k", "attn_v")},
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+DEEPSEEK2_SPECIAL_NAMES = {
+    "attn_k_b.weight": "self_attn.kv_b_proj.k_b",
+    "attn_v_b.weight": "self_attn.kv_b_proj.v_b",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj_weight",
+    "ffn_up_exps.weight": "mlp.experts.up_proj_weight",
+    "ffn_down_exps.weight": "mlp.experts.down_proj_weight",
+}
+NAMED_ARCHS = ("llama", "qwen2", "gpt-oss", "deepseek2")
 PERMUTED_ARCHS = ("llama",)  # NOTE: llama.cpp permutes q/k rows only for arch llama; qwen2 stays in HF layout
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -45,6 +70,8 @@ def gguf_to_hf_name(arch: str, name: str) -> str | None:
         return None
     if arch == "gpt-oss":
         return _gpt_oss_name(name)
+    if arch == "deepseek2":
+        return _deepseek2_name(name)
     if m := _BLOCK_RE.fullmatch(name):
         layer, part, suffix = m.groups()
         hf = BLOCK_NAMES.get(part)
@@ -63,6 +90,21 @@ def _gpt_oss_name(name: str) -> str | None:
         if part in GPT_OSS_EXPERT_NAMES:
             return f"model.layers.{layer}.mlp.experts.{GPT_OSS_EXPERT_NAMES[part]}_{suffix}"
         hf = GPT_OSS_BLOCK_NAMES.get(part)
+        return None if hf is None else f"model.layers.{layer}.{hf}.{suffix}"
+    if m := _GLOBAL_RE.fullmatch(name):
+        hf = GLOBAL_NAMES.get(m.group(1))
+        return None if hf is None else f"{hf}.{m.group(2)}"
+    return None
+
+
+def _deepseek2_name(name: str) -> str | None:
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+\.(?:weight|bias))", name):
+        layer, rest = m.groups()
+        if rest in DEEPSEEK2_SPECIAL_NAMES:
+            return f"model.layers.{layer}.{DEEPSEEK2_SPECIAL_NAMES[rest]}"
+    if m := _BLOCK_RE.fullmatch(name):
+        layer, part, suffix = m.groups()
+        hf = DEEPSEEK2_BLOCK_NAMES.get(part)
         return None if hf is None else f"model.layers.{layer}.{hf}.{suffix}"
     if m := _GLOBAL_RE.fullmatch(name):
         hf = GLOBAL_NAMES.get(m.group(1))
