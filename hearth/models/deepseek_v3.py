@@ -140,6 +140,15 @@ def softmax_scale(config: ModelConfig) -> float:
     return scale
 
 
+def rope_scaling(config: ModelConfig) -> dict | None:
+    """DeepSeek's YaRN leaves cos/sin unscaled: HF gets that from mscale / mscale_all_dim (both 1 in V3), but GGUF
+    metadata carries only mscale_all_dim (yarn_log_multiplier), which alone would scale cos/sin by mscale(factor)."""
+    scaling = config.rope_scaling
+    if scaling and scaling.get("rope_type") == "yarn" and not scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return {**scaling, "attention_factor": scaling.get("attention_factor") or 1.0}
+    return scaling
+
+
 class KvBProj(Fp8Linear):
     """kv_b_proj [H·(nope+v), kv_lora_rank], always held dense (the absorbed form takes per-head views of it).
     Also accepts newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c]."""
@@ -428,7 +437,7 @@ class DeepseekV3Model(nn.Module):
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling)  # fmt: skip
+                                          rope_scaling(config))  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
