@@ -193,7 +193,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length, capped at 8192 by default
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step: chunked prefill token budget
-    kv_cache_memory: float | None = None  # GiB (>= 1) or a fraction of free memory (< 1); None: enough for max_num_seqs
+    # GiB (a number >= 1), a fraction of free memory (< 1), or a size with a unit ("512MiB", "2GiB");
+    # None: enough for max_num_seqs full-length sequences, at most a quarter of free memory
+    kv_cache_memory: float | str | None = None
     block_size: int = 16
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16
     max_waiting: int = 256  # queue depth before new requests are refused (HTTP 429)
@@ -206,10 +208,31 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.kv_cache_memory is not None:
+            kv_budget_bytes(self.kv_cache_memory, 1 << 30)  # validates
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+_UNITS = {"": 1 << 30, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}  # fmt: skip
+
+
+def kv_budget_bytes(value: float | str, available_bytes: int) -> int:
+    """--kv-cache-memory in bytes: a bare number >= 1 is GiB, below 1 a fraction of `available_bytes`; strings may
+    carry a unit ("512MiB", "2GiB", "1.5G")."""
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"kv_cache_memory: cannot read {value!r} (try 4, 0.5, 512MiB or 2GiB)") from None
+    if amount <= 0 or unit not in _UNITS:
+        raise ValueError(f"kv_cache_memory: {value!r} must be positive, with a unit among MiB, GiB, MB, GB")
+    if not unit and amount < 1:
+        return int(amount * available_bytes)
+    return int(amount * _UNITS[unit])
 
 
 def hearth_home() -> str:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from hearth.config import EngineConfig, ModelConfig, kv_bytes_per_token, kv_spec
+from hearth.config import EngineConfig, ModelConfig, kv_budget_bytes, kv_bytes_per_token, kv_spec
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.layers.sampler import Sampler
@@ -74,10 +74,8 @@ class ModelRunner:
         if budget is None:
             wanted = self.engine_config.max_num_seqs * self.max_model_len * block_bytes // self.block_size
             budget_bytes = min(wanted, available_memory(self.device) // 4)
-        elif budget >= 1:
-            budget_bytes = int(budget * GIB)
         else:
-            budget_bytes = int(budget * available_memory(self.device))
+            budget_bytes = kv_budget_bytes(budget, available_memory(self.device))
         num_blocks = max(budget_bytes // block_bytes, 1)
         if num_blocks * self.block_size < self.max_model_len:
             raise ValueError(

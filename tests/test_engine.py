@@ -1,0 +1,144 @@
+"""The engine on the embedded model: batching changes nothing, prefix hits change nothing, aborts free everything."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from hearth.config import EngineConfig
+from hearth.engine.async_engine import AsyncEngine
+from hearth.engine.llm_engine import LLMEngine
+from hearth.loader.resolve import resolve_model
+from hearth.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    # float32: the reference path, so that batch shape cannot change a greedy choice through rounding
+    return LLMEngine(resolve_model("smollm2"), EngineConfig(max_model_len=1024, max_num_seqs=16,
+                                                            max_num_batched_tokens=96, dtype="float32"))  # fmt: skip
+
+
+def drain(engine: LLMEngine, outputs: dict) -> None:
+    for delta in engine.step():
+        outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+
+
+def prompts(engine, n=16, seed=0):
+    rng = random.Random(seed)
+    words = "the a river mountain city light old new song river cloud stone quick idea paper".split()
+    return [engine.tokenizer.encode(" ".join(rng.choice(words) for _ in range(rng.randint(3, 120)))) for _ in range(n)]
+
+
+def test_batched_equals_unbatched(engine):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ps = prompts(engine)
+    alone = {}
+    for i, p in enumerate(ps):
+        engine.add_request(p, params, f"alone-{i}")
+        while engine.has_unfinished():
+            drain(engine, alone)
+    together: dict = {}
+    pending = list(enumerate(ps))
+    while pending or engine.has_unfinished():
+        for _ in range(min(len(pending), 3)):  # arrivals at different times, mixed with running decodes
+            i, p = pending.pop(0)
+            engine.add_request(p, params, f"together-{i}")
+        drain(engine, together)
+    for i in range(len(ps)):
+        assert together[f"together-{i}"] == alone[f"alone-{i}"], i
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefix_cache_hit_gives_the_same_output(engine):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    system = engine.tokenizer.encode("You are a careful assistant who answers in one sentence. " * 6)
+    first = system + engine.tokenizer.encode(" Tell me about rivers.")
+    engine.add_request(first, params, "miss")
+    out: dict = {}
+    while engine.has_unfinished():
+        drain(engine, out)
+    seq_params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    seq = engine.add_request(first, seq_params, "hit")
+    while engine.has_unfinished():
+        drain(engine, out)
+    assert seq.num_cached_tokens >= engine.engine_config.block_size * (len(first) // engine.engine_config.block_size - 1)
+    assert out["hit"] == out["miss"]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    ps = prompts(engine, n=2, seed=3)
+    runs = []
+    for r in range(2):
+        out: dict = {}
+        for i, p in enumerate(ps):
+            engine.add_request(p, params, f"seed-{r}-{i}")
+        while engine.has_unfinished():
+            drain(engine, out)
+        runs.append([out[f"seed-{r}-{i}"] for i in range(len(ps))])
+    assert runs[0] == runs[1]
+
+
+def test_prompt_too_long_is_refused(engine):
+    from hearth.engine.protocol import EngineError
+
+    with pytest.raises(EngineError) as e:
+        engine.add_request([5] * 1024, SamplingParams(), "long")
+    assert e.value.status == 400 and "1024" in str(e.value)
+
+
+def test_async_engine_streams_and_aborts_free_blocks(engine):
+    async_engine = AsyncEngine(engine)
+
+    async def consume(request_id, max_tokens, stop_after=None):
+        chunks = []
+        gen = async_engine.generate(prompts(engine, 1, seed=7)[0], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                                ignore_eos=True), request_id)  # fmt: skip
+        async for delta in gen:
+            chunks.append(delta)
+            if stop_after is not None and len(chunks) >= stop_after:
+                await gen.aclose()  # the client goes away
+                break
+        return chunks
+
+    async def scenario():
+        results = await asyncio.gather(consume("full", 6), *(consume(f"gone-{i}", 50, stop_after=2) for i in range(5)))
+        for _ in range(100):  # the engine thread processes the aborts
+            if engine.stats.num_running == 0 and not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.05)
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        async_engine.shutdown()
+    full = results[0]
+    assert full[-1].finished and full[-1].finish_reason == "length" and sum(len(d.token_ids) for d in full) == 6
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_preemption_by_recompute_keeps_outputs(engine):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ps = [sum(prompts(engine, n=6, seed=11 + i), [])[:120] for i in range(4)]  # 8 blocks each, 9 once decoding
+    expected: dict = {}
+    for i, p in enumerate(ps):
+        engine.add_request(p, params, f"roomy-{i}")
+    while engine.has_unfinished():
+        drain(engine, expected)
+    # a pool of 16 blocks holds two 120-token prompts, not their continuations: one is preempted and recomputed
+    small = LLMEngine(resolve_model("smollm2"), EngineConfig(max_model_len=256, max_num_seqs=4, dtype="float32",
+                                                             kv_cache_memory=f"{256 * 23040 * 2}b"))  # fmt: skip
+    assert small.block_manager.num_blocks * small.engine_config.block_size == 256
+    seqs = [small.add_request(p, params, f"tight-{i}") for i, p in enumerate(ps)]
+    got: dict = {}
+    while small.has_unfinished():
+        drain(small, got)
+    assert sum(s.num_preemptions for s in seqs) > 0
+    for i in range(len(ps)):
+        assert got[f"tight-{i}"] == expected[f"roomy-{i}"]
+    assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
