@@ -91,6 +91,12 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    async def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.started = False
+
 
 def make_app(engine: FakeEngine, **kwargs):
     template = ChatTemplate(CHATML_TEMPLATE, "<s>", "</s>")
@@ -581,15 +587,46 @@ def test_non_stream_disconnect_aborts(live_server):
 # --- hearth serve ---------------------------------------------------------------------------------------------------
 
 
-def test_serve_refuses_non_loopback_host(capsys):
+def test_serve_refuses_non_loopback_host(capsys, monkeypatch):
     from hearth.cli.main import main
     from hearth.cli.serve import is_loopback
+
+    monkeypatch.setattr("hearth.log.setup_logging", lambda *args, **kwargs: None)  # keep pytest's log capture
 
     assert main(["serve", "smollm2", "--host", "0.0.0.0"]) == 1
     err = capsys.readouterr().err.strip()
     assert "--insecure-no-auth" in err and len(err.splitlines()) == 1
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com") and not is_loopback("192.168.1.5")
+
+
+def test_serve_loading_engine_states():
+    from hearth.cli.serve import LoadingEngine
+
+    gate = threading.Event()
+    fake = FakeEngine()
+
+    def load():
+        gate.wait(5)
+        return fake
+
+    engine = LoadingEngine(load)
+    with TestClient(make_app(engine)) as c:
+        assert c.get("/health").json()["status"] == "loading" and chat(c).status_code == 503
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] is None
+        gate.set()
+        wait_for(lambda: engine.state == "ready")
+        assert fake.started is True and chat(c).json()["choices"][0]["message"]["content"] == REPLY
+
+    failures = []
+
+    def broken():
+        raise OSError("weights missing")
+
+    engine = LoadingEngine(broken, failures.append)
+    with TestClient(make_app(engine)) as c:
+        wait_for(lambda: engine.state == "failed")
+        assert c.get("/health").status_code == 503 and isinstance(failures[0], OSError)
 
 
 def test_serve_help_and_curl_example():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import shlex
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -71,6 +73,15 @@ def curl_example(url: str, model: str) -> str:
     return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
 
 
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class LoadingEngine:
     """Stands in for the engine while it loads (in a thread), so the server answers 503 "loading" meanwhile."""
 
@@ -108,8 +119,20 @@ class LoadingEngine:
         self._task = asyncio.create_task(self._load_in_background())
 
     async def _load_in_background(self) -> None:
+        loop = asyncio.get_running_loop()
+        loaded: asyncio.Future = loop.create_future()
+
+        def load() -> None:  # a daemon thread, so Ctrl-C during a long load does not wait for it
+            try:
+                result, error = self._load(), None
+            except BaseException as e:
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the server stopped meanwhile
+                loop.call_soon_threadsafe(_settle, loaded, result, error)
+
+        threading.Thread(target=load, name="hearth-load", daemon=True).start()
         try:
-            engine = await asyncio.to_thread(self._load)
+            engine = await loaded
             await engine.start()
             self._engine = engine
             logger.info("model loaded; ready")
@@ -120,6 +143,8 @@ class LoadingEngine:
                 self._on_failure(e)
 
     def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         if self._engine is not None:
             self._engine.shutdown()
 
