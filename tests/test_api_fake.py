@@ -402,6 +402,8 @@ def test_malformed_json_is_400(client):
 @pytest.mark.parametrize("body, param", [
     ({"temperature": "hot"}, "temperature"),
     ({"temperature": 3}, "temperature"),
+    ({"temperature": "0.5"}, "temperature"),  # no coercion from strings, as OpenAI
+    ({"max_tokens": "5"}, "max_tokens"),
     ({"top_p": 0}, "top_p"),
     ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"),

@@ -205,7 +205,7 @@ def test_queue_full_is_429(server):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(40)))
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(64)))
 
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]

@@ -22,7 +22,7 @@ def _omit_none(value: Any) -> bool:
 class OpenAIModel(BaseModel):
     # unknown request fields (logit_bias, store, metadata, ...) are accepted and ignored, as most OpenAI-compatible
     # servers do, so clients written for OpenAI keep working
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # --- requests -------------------------------------------------------------------------------------------------------
