@@ -1,0 +1,173 @@
+"""`plan()`: will a model fit on some hardware, at what context and concurrency, and how fast — pure arithmetic on the
+config (params.py for weights, hearth.config.kv_spec / kv_bytes for the KV cache, the same numbers the engine uses)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hearth.config import ModelConfig, kv_bytes, kv_bytes_per_token, kv_spec
+from hearth.planner.hardware import Hardware
+from hearth.planner.params import ParamCount, allowed_formats, count_params, native_format, touched_bytes, weight_bytes
+
+# Headroom rule: plan against 90% of memory, less 1 GiB per device for the runtime (CUDA context / allocator slack,
+# activations, sampler buffers). Weights + KV cache must fit in what is left.
+HEADROOM_FRACTION = 0.10
+RUNTIME_OVERHEAD_BYTES = 1 << 30
+# Decode roofline: a step reads the touched weights once plus every sequence's KV cache; achieved bandwidth is taken as
+# 70% of the catalogue (or probed) figure. Plus a per-layer dispatch cost of eager execution, per step.
+DECODE_EFFICIENCY = 0.70
+LAYER_OVERHEAD_S = {"cpu": 2e-4, "gpu": 2e-5, "apple": 5e-5, "npu": 5e-5}
+# Prefill: 2 FLOPs per active parameter per token (attention's context-dependent FLOPs left out, so long prompts
+# come out optimistic) at 50% of the device's dense throughput for the format's compute type.
+PREFILL_EFFICIENCY = 0.50
+COMPUTE_TYPE = {"fp8": "fp8", "mxfp4": "fp4"}  # others compute in bf16 (GGUF blocks are dequantized into bf16)
+
+KV_DTYPE = "bfloat16"
+DEFAULT_CONTEXT = 8192  # as the engine: the model's context length capped at 8192
+
+
+def compute_type(fmt: str, hw: Hardware) -> str:
+    """The tensor-core type a format runs its matmuls in on `hw`: fp8 / fp4 where the device has them, else bf16."""
+    kind = COMPUTE_TYPE.get(fmt, "bf16")
+    return kind if kind in hw.flops else "bf16"
+
+
+@dataclass(slots=True)
+class Plan:
+    model: str
+    architecture: str
+    params_total: int
+    params_active: int
+    format: str
+    weights_bytes: int
+    kv_bytes_per_token: int  # every layer in full; sliding-window layers cap what a sequence holds (kv_bytes_per_seq)
+    kv_bytes_per_seq: int  # one sequence at `context`
+    context: int
+    concurrency: int
+    memory_bytes: int  # weights + concurrency × kv_bytes_per_seq
+    usable_bytes: int  # hardware memory after headroom
+    hardware: str
+    hardware_memory_bytes: int
+    devices: int
+    fits: bool
+    max_context: int  # longest context (≤ the model's) that fits at this concurrency; 0 if the weights alone do not
+    max_concurrency: int  # sequences of `context` tokens that fit
+    decode_tok_s: float  # per sequence, at `context` tokens and `concurrency` sequences
+    decode_tok_s_total: float
+    prefill_tok_s: float | None  # None when the device's FLOP/s are unknown
+    advice: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def usable_bytes(hw: Hardware) -> int:
+    return max(0, int(hw.memory_bytes * (1 - HEADROOM_FRACTION)) - hw.devices * RUNTIME_OVERHEAD_BYTES)
+
+
+def _max_context(cfg: ModelConfig, budget: int, concurrency: int) -> int:
+    """Largest n ≤ the model's context with concurrency × kv_bytes(n) ≤ budget (kv_bytes grows with n)."""
+    spec, lo, hi = kv_spec(cfg), 0, cfg.max_position_embeddings
+    if budget < 0:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if concurrency * kv_bytes(spec, mid, KV_DTYPE) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def decode_tok_s(cfg: ModelConfig, params: ParamCount, fmt: str, hw: Hardware, context: int, concurrency: int,
+                 scale: float = 1.0) -> float:  # fmt: skip
+    """Per-sequence decode tokens/s: one step reads the weights touched by `concurrency` tokens plus each sequence's
+    KV cache at `context`, at DECODE_EFFICIENCY × bandwidth, capped by compute; `scale` rescales weight bytes."""
+    step_bytes = touched_bytes(params, fmt, concurrency) * scale + concurrency * kv_bytes(kv_spec(cfg), context)
+    step_s = step_bytes / (hw.bandwidth * DECODE_EFFICIENCY)
+    step_s += cfg.num_hidden_layers * LAYER_OVERHEAD_S.get(hw.kind, 2e-5)
+    flops = hw.flops.get(compute_type(fmt, hw))
+    if flops:
+        step_s = max(step_s, 2 * params.active * concurrency / (flops * PREFILL_EFFICIENCY))
+    return 1.0 / step_s
+
+
+def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, concurrency: int = 1,
+         format: str | None = None, model: str = "", weights_bytes_override: int | None = None) -> Plan:  # fmt: skip
+    """Memory, fit and speed of `config` in `format` on `hardware`. `weights_bytes_override`: the real size of a
+    local file (GGUF), used instead of the format's estimate."""
+    params = count_params(config)
+    fmt = format or native_format(config)
+    if fmt not in allowed_formats(config) and weights_bytes_override is None:
+        raise ValueError(f"format {fmt!r} not available for {config.model_type} "
+                         f"(choose from: {', '.join(allowed_formats(config))})")  # fmt: skip
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    context = min(config.max_position_embeddings, DEFAULT_CONTEXT) if context is None else context
+    if context < 1:
+        raise ValueError(f"--context must be at least 1, got {context}")
+    estimate = weight_bytes(params, fmt if fmt in allowed_formats(config) else "bf16")
+    weights = weights_bytes_override or estimate
+    scale = weights / estimate  # a real file: touched bytes scale with its size
+    spec = kv_spec(config)
+    per_seq = kv_bytes(spec, context, KV_DTYPE)
+    memory = weights + concurrency * per_seq
+    usable = usable_bytes(hardware)
+    fits = memory <= usable and context <= config.max_position_embeddings
+    decode = decode_tok_s(config, params, fmt, hardware, context, concurrency, scale)
+    compute = compute_type(fmt, hardware)
+    flops = hardware.flops.get(compute)
+    result = Plan(
+        model=model or config.architecture, architecture=config.architecture, params_total=params.total,
+        params_active=params.active, format=fmt, weights_bytes=weights,
+        kv_bytes_per_token=kv_bytes_per_token(spec, KV_DTYPE), kv_bytes_per_seq=per_seq, context=context,
+        concurrency=concurrency, memory_bytes=memory, usable_bytes=usable, hardware=hardware.label,
+        hardware_memory_bytes=hardware.memory_bytes, devices=hardware.devices, fits=fits,
+        max_context=_max_context(config, usable - weights, concurrency),
+        max_concurrency=max(0, (usable - weights) // per_seq) if per_seq else 0,
+        decode_tok_s=decode, decode_tok_s_total=decode * concurrency,
+        prefill_tok_s=flops * PREFILL_EFFICIENCY / (2 * params.active) if flops else None,
+        assumptions=[
+            f"usable memory = {1 - HEADROOM_FRACTION:.0%} of memory − {RUNTIME_OVERHEAD_BYTES >> 30} GiB per device",
+            f"KV cache {KV_DTYPE}; memory = weights + concurrency × KV at the full context",
+            f"decode = {DECODE_EFFICIENCY:.0%} of bandwidth / (weights touched + KV read per step) "
+            f"+ {LAYER_OVERHEAD_S.get(hardware.kind, 2e-5) * 1e6:.0f} µs per layer dispatch",
+            f"prefill = {PREFILL_EFFICIENCY:.0%} of dense {compute} FLOP/s / (2 × active params)",
+        ],
+    )  # fmt: skip
+    result.advice = _advice(config, params, hardware, result)
+    return result
+
+
+def _advice(cfg: ModelConfig, params: ParamCount, hw: Hardware, p: Plan) -> list[str]:
+    gb = 1e9
+    advice: list[str] = []
+    if hw.note:
+        advice.append(hw.note)
+    if p.fits:
+        if p.max_context < cfg.max_position_embeddings:
+            advice.append(f"fits up to {p.max_context} tokens of context at concurrency {p.concurrency} "
+                          f"(the model allows {cfg.max_position_embeddings})")  # fmt: skip
+        return advice
+    if p.context > cfg.max_position_embeddings:
+        advice.append(f"the model's context is at most {cfg.max_position_embeddings} tokens")
+    over = p.memory_bytes - p.usable_bytes
+    for fmt in allowed_formats(cfg):
+        size = weight_bytes(params, fmt)
+        if size < p.weights_bytes and size + p.memory_bytes - p.weights_bytes <= p.usable_bytes:
+            speed = decode_tok_s(cfg, params, fmt, hw, p.context, p.concurrency)
+            advice.append(f"use --format {fmt}: weights {size / gb:.1f} GB, fits, ~{speed:.0f} tok/s decode")
+    if p.max_context > 0:
+        advice.append(f"shorten the context to {p.max_context} tokens (--context {p.max_context})")
+    if p.concurrency > 1 and p.max_concurrency >= 1:
+        advice.append(f"lower --concurrency to {p.max_concurrency}")
+    for n in (2, 4, 8, 16, 32, 64):
+        if n > hw.devices and p.memory_bytes <= usable_bytes(hw.scaled(n)):
+            advice.append(f"use {n}× {hw.name} (--devices {n})")
+            break
+    if over > 0:
+        host = f" (this machine has {hw.host_memory_bytes / gb:.0f} GB RAM)" if hw.host_memory_bytes else ""
+        advice.append(f"offload {over / gb:.1f} GB of weights to CPU RAM{host}; decode is then bound by the host's "
+                      "memory bandwidth for that share")  # fmt: skip
+    return advice
