@@ -165,10 +165,10 @@ OUTPUTS = {
                ParsedDelta("User asks 2+2. Simple: 4.", "2 + 2 = **4** ✓")),
     "tool": ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
              'to=functions.get_weather <|constrain|>json<|message|>{"location": "San Francisco, CA"}<|call|>',
-             ParsedDelta("Need weather.", "", [ToolCall("call_0", "get_weather", '{"location": "San Francisco, CA"}')])),
+             ParsedDelta("Need weather.", "", [ToolCall("get_weather", '{"location": "San Francisco, CA"}', id="call_0")])),
     "recipient_first": ("<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.lookup<|channel|>"
                         'commentary <|constrain|>json<|message|>{"q": "<|"}<|call|>ignored',
-                        ParsedDelta("x", "", [ToolCall("call_0", "lookup", '{"q": "<|"}')])),
+                        ParsedDelta("x", "", [ToolCall("lookup", '{"q": "<|"}', id="call_0")])),
     "preamble": ("<|channel|>commentary<|message|>Checking…<|end|><|start|>assistant<|channel|>final<|message|>Done"
                  "<|return|>", ParsedDelta("", "Checking…Done")),
     "no_return": ("<|channel|>analysis<|message|>a < b, <|x| not special<|end|><|start|>assistant<|channel|>final"
@@ -189,9 +189,9 @@ def test_parse_whole_and_random_chunkings(name):
         parser, result, pos = HarmonyParser(), ParsedDelta(), 0
         while pos < len(text):
             size = rng.randint(1, 3 if trial % 2 else 12)
-            result += parser.feed(text[pos : pos + size])
+            result.extend(parser.feed(text[pos : pos + size]))
             pos += size
-        result += parser.finish()
+        result.extend(parser.finish())
         assert result == expected
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+from hearth.chat.reasoning import ParsedDelta
+from hearth.chat.tool_calls import ToolCall
 
 SPECIAL_TOKENS = {
     "<|startoftext|>": 199998,
@@ -247,26 +249,6 @@ def render_ids(messages: list[dict[str, Any]], encode: Callable[[str], list[int]
 # ---------------------------------------------------------------------------------------------------- parsing
 
 
-@dataclass(slots=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text as the model wrote it
-
-
-@dataclass(slots=True)
-class ParsedDelta:
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-
-    def __iadd__(self, other: ParsedDelta) -> ParsedDelta:
-        self.reasoning += other.reasoning
-        self.content += other.content
-        self.tool_calls.extend(other.tool_calls)
-        return self
-
-
 _STOPS = ("<|end|>", "<|return|>", "<|call|>")
 MAX_HEADER_CHARS = 256  # a header longer than this is treated as malformed
 
@@ -333,7 +315,7 @@ class HarmonyParser:
     def _end_message(self, delta: ParsedDelta) -> None:
         if self._kind == "tool":
             name = self._recipient.removeprefix("functions.")
-            delta.tool_calls.append(ToolCall(f"{self._call_id_prefix}{self._num_calls}", name, "".join(self._tool_args)))
+            delta.tool_calls.append(ToolCall(name, "".join(self._tool_args), id=f"{self._call_id_prefix}{self._num_calls}"))
             self._num_calls += 1
         self._tool_args = []
         self._kind, self._recipient = "content", ""
@@ -433,5 +415,5 @@ def parse(text: str) -> ParsedDelta:
     """Whole-output parse: `feed(text)` then `finish()`, the one code path shared with streaming."""
     parser = HarmonyParser()
     result = parser.feed(text)
-    result += parser.finish()
+    result.extend(parser.finish())
     return result

@@ -112,4 +112,10 @@ class ThinkParser:
             return out
 
 
-PARSERS: dict[str, type] = {"think": ThinkParser}
+def _harmony_parser(**_):
+    from hearth.chat.harmony import HarmonyParser  # harmony parses reasoning and tool calls in one pass
+
+    return HarmonyParser()
+
+
+PARSERS: dict[str, Any] = {"think": ThinkParser, "harmony": _harmony_parser}
