@@ -10,10 +10,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, APIError, BodyLimitMiddleware, install_error_handlers
 from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
@@ -21,6 +23,8 @@ from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelC
 from hearth.engine.protocol import EngineClient
 
 logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"  # the web chat page
 
 
 @dataclass
@@ -126,5 +130,12 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     async def get_metrics() -> Response:
         metrics.update_engine(engine.stats)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # the web chat page and its assets: public (no key), so the page can load and then ask for one
+    @app.get("/", include_in_schema=False)
+    async def get_index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     return app
