@@ -22,6 +22,8 @@ run: setup
 	.venv/bin/hearth serve $(MODEL)
 
 test: setup
+	# the web page tests drive Debian's chromium (CI runs as root); playwright never downloads a browser
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(PY) -m pytest -q -x --durations=15
 
 lint: setup
