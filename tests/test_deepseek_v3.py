@@ -1,5 +1,6 @@
-"""DeepSeek-V3 against transformers on tiny random checkpoints: MLA (naive and absorbed), the latent paged cache, grouped
-noaux_tc routing, FP8 128×128 block weights with partial edge blocks, the skipped MTP layer, and GGUF `deepseek2`.
+"""DeepSeek-V3 against transformers on tiny random checkpoints: MLA (naive and absorbed), the latent paged cache,
+grouped noaux_tc routing, FP8 128×128 block weights with partial edge blocks, the skipped MTP layer and GGUF
+`deepseek2`.
 
 Measured in float32 (seed 0): prefill logits differ from HF by ~2e-7 in both MLA forms, and the absorbed form differs
 from the naive one by ~2e-7; the assertions use 1e-4 (MODELS.md §5.2 allows 2e-4 for the absorbed form).
@@ -15,11 +16,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny, write_byte_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_models_vs_hf import prefill_logits
 
-from conftest import save_tiny, write_byte_tokenizer
 from hearth.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
 from hearth.sampling_params import SamplingParams
 
@@ -166,7 +167,7 @@ def write_fp8_checkpoint(hf, folder: str, ref_folder: str, with_mtp: bool = True
     save_tiny(hf, ref_folder)
     path = os.path.join(ref_folder, "model.safetensors")
     with safe_open(path, "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     num_layers = hf.config.num_hidden_layers
     if with_mtp:
         last = f"model.layers.{num_layers - 1}."
@@ -174,9 +175,16 @@ def write_fp8_checkpoint(hf, folder: str, ref_folder: str, with_mtp: bool = True
         gen = torch.Generator().manual_seed(5)
         mtp = {name.replace(last, f"model.layers.{num_layers}."): t.clone()
                for name, t in tensors.items() if name.startswith(last)}  # fmt: skip
-        mtp |= {f"model.layers.{num_layers}.{name}": torch.randn(shape, generator=gen) * 0.02 for name, shape in {
-            "enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-            "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (hf.config.vocab_size, hidden)}.items()}
+        mtp |= {
+            f"model.layers.{num_layers}.{name}": torch.randn(shape, generator=gen) * 0.02
+            for name, shape in {
+                "enorm.weight": (hidden,),
+                "hnorm.weight": (hidden,),
+                "eh_proj.weight": (hidden, 2 * hidden),
+                "shared_head.norm.weight": (hidden,),
+                "shared_head.head.weight": (hf.config.vocab_size, hidden),
+            }.items()
+        }
     else:
         mtp = {}
     stored, dequantized = {}, {}
@@ -221,7 +229,7 @@ def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepsee
 
     folder, reference = fp8_deepseek
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
-        assert any(name.startswith("model.layers.3.") for name in f.keys())  # the MTP layer is in the file
+        assert any(name.startswith("model.layers.3.") for name in f.keys())  # noqa: SIM118  # the MTP layer is in the file
         assert f.get_slice("model.layers.1.self_attn.q_b_proj.weight").get_dtype() == "F8_E4M3"
     llm = LLM(folder, dtype="float32", block_size=4, max_model_len=64)
     model = llm.engine.runner.model
@@ -269,7 +277,7 @@ def test_unexpected_tensor_outside_the_mtp_layer_is_an_error(fp8_deepseek, tmp_p
     shutil.copytree(folder, tmp_path / "bad")
     path = tmp_path / "bad" / "model.safetensors"
     with safe_open(str(path), "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     tensors["model.layers.1.self_attn.bogus.weight"] = torch.zeros(2)
     save_file(tensors, str(path))
     with pytest.raises(ModelLoadError, match="bogus"):
@@ -334,7 +342,8 @@ def write_deepseek2_gguf(hf, path) -> None:
              "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
-             "mlp.shared_experts.up_proj": "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp"}  # fmt: skip
+             "mlp.shared_experts.up_proj": "ffn_up_shexp",
+             "mlp.shared_experts.down_proj": "ffn_down_shexp"}  # fmt: skip
     inter = cfg.moe_intermediate_size
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."

@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_biases, save_tiny
 from test_models_vs_hf import prefill_logits
 
-from conftest import randomize_biases, save_tiny
 from hearth.chat.reasoning import ParsedDelta, ThinkParser
 from hearth.chat.template import ChatTemplate
 from hearth.chat.tool_calls import DeepSeekV3ToolParser

@@ -98,4 +98,4 @@ def test_r1_output_through_reasoning_then_tools():
 
 
 def test_registry():
-    assert TOOL_PARSERS == {"deepseek_v3": DeepSeekV3ToolParser, "hermes": HermesToolParser}
+    assert {"deepseek_v3": DeepSeekV3ToolParser, "hermes": HermesToolParser} == TOOL_PARSERS

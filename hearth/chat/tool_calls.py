@@ -6,8 +6,9 @@ cannot be parsed (bad JSON, an unterminated call at the end) goes back into `con
 `TOOL_PARSERS`, chosen by model family or `--tool-call-parser`.
 
 Formats (MODELS.md §2.6):
-- `deepseek_v3`: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
-  …<｜tool▁calls▁end｜>`; the later `NAME<｜tool▁sep｜>ARGS` form (V3.1) is accepted too.
+- `deepseek_v3`: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`, a newline
+  and ARGS in a ```json fence, `<｜tool▁call▁end｜>`; finally `<｜tool▁calls▁end｜>`. The later
+  `NAME<｜tool▁sep｜>ARGS` call form (V3.1) is accepted too.
 - `hermes` (Qwen2.5, Hermes): `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>`, possibly several.
 """
 
@@ -182,7 +183,9 @@ class ChainedParser:
         self.reasoning, self.tools = reasoning, tools
 
     def feed(self, delta_text: str) -> ParsedDelta:
-        return self._through_tools(self.reasoning.feed(delta_text) if self.reasoning else ParsedDelta(content=delta_text))
+        return self._through_tools(
+            self.reasoning.feed(delta_text) if self.reasoning else ParsedDelta(content=delta_text)
+        )
 
     def finish(self) -> ParsedDelta:
         out = self._through_tools(self.reasoning.finish() if self.reasoning else ParsedDelta())

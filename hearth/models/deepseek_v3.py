@@ -197,8 +197,9 @@ class DeepseekV3Attention(nn.Module):
             self.q_b_proj = Fp8Linear(self.q_lora_rank, heads * q_head_dim, row_perm=q_perm)
         else:
             self.q_proj = Fp8Linear(hidden, heads * q_head_dim, row_perm=q_perm)
-        self.kv_a_proj_with_mqa = Fp8Linear(hidden, c + self.rope_dim, bias=bias,
-                                            row_perm=rope_row_permutation(1, c + self.rope_dim, self.rope_dim))
+        self.kv_a_proj_with_mqa = Fp8Linear(
+            hidden, c + self.rope_dim, bias=bias, row_perm=rope_row_permutation(1, c + self.rope_dim, self.rope_dim)
+        )
         self.kv_a_layernorm = RMSNorm(c, 1e-6)
         self.kv_b_proj = KvBProj(c, heads, self.nope_dim, self.v_dim)
         self.o_proj = Fp8Linear(heads * self.v_dim, hidden, bias=bias)
@@ -483,7 +484,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def set_mla_mode(self, mode: str) -> None:
-        """"auto" (naive prefill, absorbed decode), "naive" or "absorbed" everywhere; for tests and comparisons."""
+        """ "auto" (naive prefill, absorbed decode), "naive" or "absorbed" everywhere; for tests and comparisons."""
         if mode not in MLA_MODES:
             raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {mode!r}")
         for layer in self.model.layers:

@@ -54,7 +54,7 @@ def fp8_matmul_supported(device: torch.device | str | None = None) -> bool:
 
 
 def fp8_runtime_mode(device: torch.device | str | None = None) -> str:
-    """"fp8" (kept FP8 in memory) or "dequantized" (expanded at load), for `hearth show` and the load log."""
+    """ "fp8" (kept FP8 in memory) or "dequantized" (expanded at load), for `hearth show` and the load log."""
     return "fp8" if fp8_matmul_supported(device) else "dequantized"
 
 
