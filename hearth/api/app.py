@@ -36,7 +36,20 @@ class ServerState:
     chat_template: Any
     served_model_name: str
     metrics: Metrics
+    reasoning_parser: str | None = None
+    tool_parser: str | None = None
     _token_text: dict[int, str] = field(default_factory=dict)
+    _chat_format: Any = None
+
+    @property
+    def chat_format(self) -> Any:
+        """How chats are rendered and outputs parsed for this model (decided once the model is loaded)."""
+        if self._chat_format is None:
+            from hearth.chat.format import chat_format
+
+            self._chat_format = chat_format(self.tokenizer, self.chat_template, self.engine.model_info.architecture,
+                                            self.reasoning_parser, self.tool_parser)  # fmt: skip
+        return self._chat_format
 
     def check_ready(self) -> None:
         if self.engine.state != "ready":
@@ -73,7 +86,8 @@ class ServerState:
 
 
 def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
+               reasoning_parser: str | None = None, tool_parser: str | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
     lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
     """
@@ -96,7 +110,7 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
             engine.shutdown()
 
     metrics = Metrics()
-    state = ServerState(engine, tokenizer, chat_template, served_model_name, metrics)
+    state = ServerState(engine, tokenizer, chat_template, served_model_name, metrics, reasoning_parser, tool_parser)
     app = FastAPI(title="Hearth", summary="OpenAI-compatible API of a local model", lifespan=lifespan)
     app.state.hearth = state
     install_error_handlers(app)

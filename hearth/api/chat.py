@@ -62,21 +62,67 @@ def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
+def request_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools offered to the model: none with tool_choice "none"; only the named one for a named choice."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        tools = [t for t in tools if (t.get("function") or {}).get("name") == name]
+        if not tools:
+            raise APIError(f"tool_choice names a function {name!r} that is not in tools", 400, "tool_choice")
+    return tools
+
+
 def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     from hearth.chat.template import TemplateError
 
     messages = [message_dict(m, i) for i, m in enumerate(body.messages)]
-    tools = None
-    if body.tools and body.tool_choice != "none":
-        tools = [t.model_dump(exclude_none=True) for t in body.tools]
     kwargs = dict(body.chat_template_kwargs or {})
-    if body.reasoning_effort is not None:
-        kwargs["reasoning_effort"] = body.reasoning_effort
     try:
-        prompt = state.chat_template.render(messages, add_generation_prompt=True, tools=tools, **kwargs)
+        return state.chat_format.render(state.tokenizer, messages, request_tools(body), body.reasoning_effort,
+                                        **kwargs)  # fmt: skip
     except TemplateError as e:
         raise APIError(str(e), 400, "messages") from e
-    return state.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def tool_call_dicts(calls: list, start: int = 0, streaming: bool = False) -> list[dict[str, Any]] | None:
+    if not calls:
+        return None
+    out = []
+    for k, call in enumerate(calls):
+        item = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        out.append({"index": start + k, **item} if streaming else item)
+    return out
+
+
+class ChoiceParser:
+    """One choice's output parser (reasoning / tool calls), or a pass-through; counts reasoning tokens."""
+
+    def __init__(self, state: ServerState, with_tools: bool):
+        self.parser = state.chat_format.parser(with_tools)
+        self.tokenizer = state.tokenizer
+        self.num_tool_calls = 0
+        self.reasoning_chars: list[str] = []
+
+    def feed(self, delta: Delta):
+        from hearth.chat.reasoning import ParsedDelta
+
+        parsed = ParsedDelta(content=delta.text) if self.parser is None else self.parser.feed(delta.text)
+        if delta.finished and self.parser is not None:
+            parsed.extend(self.parser.finish())
+        self.reasoning_chars.append(parsed.reasoning)
+        return parsed
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.num_tool_calls and reason == "stop" else reason
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        text = "".join(self.reasoning_chars)
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
 
 def chat_logprobs(state: ServerState, delta: Delta) -> list[ChatLogprob]:
@@ -98,17 +144,31 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_length(len(prompt_ids), body.max_new_tokens, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     n = body.n
+    fmt = state.chat_format
     subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i))
             for i in range(n)]  # fmt: skip
+    for sub in subs:
+        sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids
+        sub.params.skip_special_tokens = fmt.skip_special_tokens
     model = state.served_model_name
     want_logprobs = body.logprobs
+    with_tools = request_tools(body) is not None
+    parsers = [ChoiceParser(state, with_tools) for _ in range(n)]
+
+    def usage_with_reasoning(counter: UsageCounter) -> Usage:
+        usage = counter.usage()
+        if fmt.has_reasoning:
+            usage.completion_tokens_details.reasoning_tokens = sum(p.num_reasoning_tokens for p in parsers)
+        return usage
 
     async def respond(fanout: Fanout) -> Response:
         counter = UsageCounter(subs, n)
         if body.stream:
             return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter)), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)  # fmt: skip
-        texts = [""] * n
+        from hearth.chat.reasoning import ParsedDelta
+
+        parsed = [ParsedDelta() for _ in range(n)]
         logprobs: list[list[ChatLogprob]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
 
@@ -117,20 +177,24 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                 assert item is not None
                 i, delta = item
                 counter.add(i, delta)
-                texts[i] += delta.text
+                parsed[i].extend(parsers[i].feed(delta))
                 if want_logprobs:
                     logprobs[i] += chat_logprobs(state, delta)
                 if delta.finished:
-                    finish[i] = delta.finish_reason
+                    parsers[i].num_tool_calls = len(parsed[i].tool_calls)
+                    finish[i] = parsers[i].finish_reason(delta.finish_reason)
 
         await until_disconnected(request, collect(), fanout.abort)
         counter.record(state.metrics)
         choices = [
-            ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]), finish_reason=finish[i],
+            ChatChoice(index=i, finish_reason=finish[i],
+                       message=ChatResponseMessage(content=p.content if p.content or not p.tool_calls else None,
+                                                   reasoning_content=p.reasoning if fmt.has_reasoning else None,
+                                                   tool_calls=tool_call_dicts(p.tool_calls)),
                        logprobs=ChatChoiceLogprobs(content=logprobs[i]) if want_logprobs else None)
-            for i in range(n)
+            for i, p in enumerate(parsed)
         ]  # fmt: skip
-        usage = counter.usage()
+        usage = usage_with_reasoning(counter)
         logger.info("%s: %d prompt tokens, %d completion tokens", request_id, usage.prompt_tokens,
                     usage.completion_tokens)  # fmt: skip
         response = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
@@ -153,13 +217,20 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             i, delta = item
             counter.add(i, delta)
             lp = ChatChoiceLogprobs(content=chat_logprobs(state, delta)) if want_logprobs and delta.logprobs else None
-            if delta.text or lp is not None:
-                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=delta.text), logprobs=lp)])
+            p = parsers[i].feed(delta)
+            if p.reasoning or p.tool_calls:
+                calls = tool_call_dicts(p.tool_calls, parsers[i].num_tool_calls, streaming=True)
+                parsers[i].num_tool_calls += len(p.tool_calls)
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(reasoning_content=p.reasoning or None,
+                                                                      tool_calls=calls))])  # fmt: skip
+            if p.content or lp is not None:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=p.content), logprobs=lp)])
             if delta.finished:
-                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=delta.finish_reason)])
+                reason = parsers[i].finish_reason(delta.finish_reason)
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=reason)])
         counter.record(state.metrics)
         if body.include_usage:
-            yield chunk([], counter.usage())
+            yield chunk([], usage_with_reasoning(counter))
         yield sse.DONE
 
     return await run_fanout(state, request, subs, respond)

@@ -41,7 +41,12 @@ def register(sub) -> None:
     p.add_argument("--max-model-len", type=int, help="context length to allocate (default: the model's, capped)")
     p.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 512)")
-    p.add_argument("--kv-cache-memory", type=float, help="KV cache: GiB (>= 1) or a fraction of free memory (< 1)")
+    p.add_argument("--kv-cache-memory", help="KV cache: GiB (a number >= 1), a fraction of free memory (< 1), or a "
+                   "size such as 512MiB")
+    p.add_argument("--reasoning-parser", choices=["think", "harmony"],
+                   help="how to split reasoning from the answer (default: chosen from the model)")
+    p.add_argument("--tool-call-parser", choices=["deepseek_v3", "hermes"],
+                   help="how to read tool calls from the output (default: chosen from the chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available; default auto)")
     p.add_argument("--max-request-bytes", type=int, help="largest request body accepted (default 4 MiB)")
@@ -156,6 +161,8 @@ def build_app(
     device: str = "cpu",
     served_model_name: str | None = None,
     max_body_bytes: int | None = None,
+    reasoning_parser: str | None = None,
+    tool_parser: str | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
 ):
     """The app `hearth serve` runs: tokenizer and template now, the engine loading in the background once the app
@@ -176,7 +183,8 @@ def build_app(
 
     engine = LoadingEngine(load, on_failure)
     app = create_app(engine, tokenizer, template, served_model_name or ref.name,
-                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)  # fmt: skip
+                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
+                     tool_parser=tool_parser)  # fmt: skip
     return app, engine
 
 
@@ -207,7 +215,8 @@ def cmd_serve(args) -> int:
             server.should_exit = True
 
     app, engine = build_app(ref, engine_config, device=device, served_model_name=name,
-                            max_body_bytes=args.max_request_bytes, on_failure=on_failure)  # fmt: skip
+                            max_body_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser,
+                            tool_parser=args.tool_call_parser, on_failure=on_failure)  # fmt: skip
     if not is_loopback(args.host):
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
                        "address can use the model", args.host)  # fmt: skip
