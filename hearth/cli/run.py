@@ -28,28 +28,56 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def stream_answer(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
-    """Generate one answer, printing text as it comes; Ctrl-C aborts it. Returns the text."""
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=sys.stdout) -> str:
+    """Generate one answer, printing text as it comes (reasoning dimmed, apart from the answer); Ctrl-C aborts it.
+    Returns the answer text."""
     request_id = "cli"
     engine.add_request(prompt_ids, params, request_id)
-    text = ""
+    color = out.isatty()
+    answer, in_reasoning = "", False
+
+    def show(parsed) -> None:
+        nonlocal answer, in_reasoning
+        if parsed.reasoning:
+            if not in_reasoning:
+                out.write((DIM if color else "") + "Thinking: ")
+                in_reasoning = True
+            out.write(parsed.reasoning)
+        text = parsed.content + "".join(f"\n[tool call] {c.name}({c.arguments})" for c in parsed.tool_calls)
+        if text:
+            if in_reasoning:
+                out.write((RESET if color else "") + "\n\n")
+                in_reasoning = False
+            out.write(text)
+            answer += parsed.content
+        out.flush()
+
     try:
         while engine.has_unfinished():
             for delta in engine.step():
-                out.write(delta.text)
-                out.flush()
-                text += delta.text
+                if parser is None:
+                    out.write(delta.text)
+                    out.flush()
+                    answer += delta.text
+                    continue
+                show(parser.feed(delta.text))
+                if delta.finished:
+                    show(parser.finish())
     except KeyboardInterrupt:
         engine.abort(request_id)
         out.write("\n[stopped]")
-    out.write("\n")
+    out.write((RESET if color and in_reasoning else "") + "\n")
     out.flush()
-    return text
+    return answer
 
 
 def cmd_run(args) -> int:
     import time
 
+    from hearth.chat.format import chat_format
     from hearth.chat.template import load_chat_template
     from hearth.config import EngineConfig
     from hearth.engine.llm_engine import LLMEngine
@@ -59,16 +87,16 @@ def cmd_run(args) -> int:
     ref = resolve_model(args.model)
     engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1))
     tokenizer = engine.tokenizer
-    template = load_chat_template(tokenizer)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    fmt = chat_format(tokenizer, load_chat_template(tokenizer), engine.model_config.architecture)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                            stop_token_ids=fmt.stop_token_ids, skip_special_tokens=fmt.skip_special_tokens)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(user_text: str) -> None:
         messages.append({"role": "user", "content": user_text})
-        prompt = template.render(messages, add_generation_prompt=True)
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = fmt.render(tokenizer, messages)
         start = time.perf_counter()
-        text = stream_answer(engine, ids, params)
+        text = stream_answer(engine, ids, params, fmt.parser(with_tools=False))
         if args.verbose:
             n = len(tokenizer.encode(text, add_special_tokens=False))
             print(f"[{n} tokens in {time.perf_counter() - start:.2f}s]", file=sys.stderr)
