@@ -134,15 +134,18 @@ def _cpu_info() -> tuple[str, float, int]:
     return model, ghz, per_cycle
 
 
-def measure_copy_bandwidth(seconds: float = 0.5, threads: int = 2, size: int = 64 << 20) -> float:
-    """Best bytes/s (read + write) of `threads` numpy copies over `size` bytes, repeated for `seconds`."""
+def measure_copy_bandwidth(seconds: float = 0.5, threads: int = 2, size: int = 256 << 20) -> float:
+    """Best bytes/s (read + write) of `threads` numpy copies over `size` bytes (well past the caches), repeated for
+    `seconds` and at least 3 times."""
     import numpy as np
 
     src = np.ones(size // 8)
-    dst = np.empty_like(src)
+    dst = np.zeros_like(src)
+    dst.fill(1.0)  # fault the pages in before timing
     parts = [(d, s) for d, s in zip(np.array_split(dst, threads), np.array_split(src, threads))]
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
+    while runs < 3 or time.perf_counter() < deadline:
+        runs += 1
         start = time.perf_counter()
         workers = [threading.Thread(target=np.copyto, args=p) for p in parts]  # copyto releases the GIL
         for w in workers:
