@@ -199,3 +199,10 @@ def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
     if "EPYC" not in out["hardware"]:
         pytest.skip("calibrated for the project's CPU machine")
     assert 52 / 2 <= out["decode_tok_s"] <= 52 * 2
+
+
+def test_headroom_rule():
+    # 90% of memory − 1 GiB per device; Apple silicon: the GPU's default 75% share of unified memory − 1 GiB
+    assert usable_bytes(CATALOGUE["rtx-4090"]) == int(24 * 2**30 * 0.9) - 2**30
+    assert usable_bytes(CATALOGUE["m3-max"]) == int(128 * 2**30 * 0.75) - 2**30
+    assert usable_bytes(get_hardware("a100-80gb", devices=4)) == int(4 * 80 * 2**30 * 0.9) - 4 * 2**30

@@ -13,6 +13,7 @@ from hearth.planner.params import ParamCount, allowed_formats, count_params, nat
 # activations, sampler buffers). Weights + KV cache must fit in what is left.
 HEADROOM_FRACTION = 0.10
 RUNTIME_OVERHEAD_BYTES = 1 << 30
+APPLE_GPU_FRACTION = 0.75  # Apple silicon: macOS lets the GPU wire ~75% of unified memory by default
 # Decode roofline: a step reads the touched weights once plus every sequence's KV cache; achieved bandwidth is taken as
 # 70% of the catalogue (or probed) figure. Plus a per-layer dispatch cost of eager execution, per step: on CPU
 # 0.4 ms, calibrated on SmolLM2 (30 layers) on this project's 2-core machine, where Hearth decodes ~52 tok/s against
@@ -65,7 +66,8 @@ class Plan:
 
 
 def usable_bytes(hw: Hardware) -> int:
-    return max(0, int(hw.memory_bytes * (1 - HEADROOM_FRACTION)) - hw.devices * RUNTIME_OVERHEAD_BYTES)
+    fraction = APPLE_GPU_FRACTION if hw.kind == "apple" else 1 - HEADROOM_FRACTION
+    return max(0, int(hw.memory_bytes * fraction) - hw.devices * RUNTIME_OVERHEAD_BYTES)
 
 
 def _max_context(cfg: ModelConfig, budget: int, concurrency: int) -> int:
@@ -131,7 +133,9 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
         decode_tok_s=decode, decode_tok_s_total=decode * concurrency,
         prefill_tok_s=flops * PREFILL_EFFICIENCY / (2 * params.active) if flops else None,
         assumptions=[
-            f"usable memory = {1 - HEADROOM_FRACTION:.0%} of memory − {RUNTIME_OVERHEAD_BYTES >> 30} GiB per device",
+            f"usable memory = {usable_bytes(hardware) / hardware.memory_bytes:.0%} of memory "
+            f"({APPLE_GPU_FRACTION if hardware.kind == 'apple' else 1 - HEADROOM_FRACTION:.0%} − "
+            f"{RUNTIME_OVERHEAD_BYTES >> 30} GiB per device)",
             f"KV cache {KV_DTYPE}; memory = weights + concurrency × KV at the full context",
             f"decode = {DECODE_EFFICIENCY:.0%} of bandwidth / (weights touched + KV read per step) "
             f"+ {LAYER_OVERHEAD_S.get(hardware.kind, 2e-5) * 1e6:.0f} µs per layer dispatch",
