@@ -1,0 +1,69 @@
+"""`hearth bench MODEL [--vs llama.cpp]`: single-request prefill and decode speed, beside peers on the same GGUF."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    from hearth.cli.main import env_epilog
+
+    p = sub.add_parser(
+        "bench", help="Benchmark a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure prefill and decode tok/s at batch 1 through the engine. With --vs, run the peers on the "
+        "same GGUF in the same run, alternating with Hearth, and report medians, spreads and ratios, the memory "
+        "bandwidth and decode roofline, and each runtime's peak resident memory.",
+        epilog="examples:\n  hearth bench smollm2 --vs llama.cpp --json\n  hearth bench smollm2 --vs all\n\n"
+        "llama.cpp needs the optional extra: pip install 'hearth[bench]' (see BENCHMARKS.md for the build flags)\n\n"
+        + env_epilog(["HEARTH_NUM_THREADS"]),
+    )  # fmt: skip
+    p.add_argument("model", help="smollm2, a .gguf file, an HF folder")
+    p.add_argument("--vs", action="append", default=[], metavar="PEER",
+                   help="also run a peer: llama.cpp, transformers, or all (repeatable)")  # fmt: skip
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for prefill (default 512)")
+    p.add_argument("--decode-len", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up (default 3)")
+    p.add_argument("--dtype", default="auto", help="Hearth compute dtype (default auto)")
+    p.add_argument("--threads", type=int, help="threads for every runtime (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print the JSON record")
+    p.add_argument("--out", help="append the JSON line to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def peers(values: list[str]) -> list[str]:
+    from hearth.bench import PEERS
+
+    out: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            for peer in PEERS if name == "all" else [name]:
+                if peer not in out:
+                    out.append(peer)
+    return out
+
+
+def cmd_bench(args) -> int:
+    from hearth.bench import run_bench
+
+    record = run_bench(args.model, peers(args.vs), args.prompt_len, args.decode_len, args.repeat, args.dtype,
+                       args.threads)  # fmt: skip
+    line = json.dumps(record)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    if args.json:
+        print(line)
+        return 0
+    print(f"{record['model']}  ({record['device']}, {record['threads']} threads, {record['date']})")
+    print(f"  {'runtime':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    for name in ["hearth", *peers(args.vs)]:
+        r = record[name]
+        print(f"  {name:<14}{r.get('prefill_tok_s', '-')!s:>15}{r.get('decode_tok_s', '-')!s:>14}"
+              f"{r['peak_rss_mb']!s:>13}")  # fmt: skip
+    print(f"  bandwidth {record['bandwidth_probe_gb_s']} GB/s, decode roofline {record['roofline_decode_tok_s']} "
+          f"tok/s, Hearth at {record['decode_vs_roofline']:.0%} ({record['achieved_gb_s']} GB/s)")  # fmt: skip
+    ratios = {k: v for k, v in record.items() if "_vs_" in k and k != "decode_vs_roofline"}
+    if ratios:
+        print("  " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    return 0
