@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, tokenizer, chat_template, served_model_name)`.
 
-Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: metrics and the
-request log, then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts it down.
+Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: CORS (only when
+origins are given), metrics and the request log, keys + rate limits + audit log (hearth/governance/middleware.py;
+its PUBLIC_PATHS need no key), then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts
+it down.
 """
 
 from __future__ import annotations
@@ -87,9 +89,13 @@ class ServerState:
 
 def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
-               reasoning_parser: str | None = None, tool_parser: str | None = None) -> FastAPI:  # fmt: skip
+               reasoning_parser: str | None = None, tool_parser: str | None = None, keys: Any = None,
+               audit: Any = None, require_key: bool = False,
+               cors_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
     lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
+    `keys` (a governance KeyStore): once it holds a key (or with `require_key`), routes other than the public ones need
+    one. `audit` (an AuditLog): one record per request. `cors_origins`: browser origins allowed (none by default).
     """
     from hearth.api.chat import create_chat_completion
     from hearth.api.completions import create_completion
@@ -115,7 +121,17 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     app.state.hearth = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    if keys is not None or audit is not None or require_key:
+        from hearth.governance.middleware import GovernanceMiddleware
+
+        app.add_middleware(GovernanceMiddleware, keys=keys, audit=audit, require_key=require_key,
+                           served_model_name=served_model_name)  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
 
     @app.get("/health")
     async def get_health() -> JSONResponse:

@@ -162,7 +162,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         return usage
 
     async def respond(fanout: Fanout) -> Response:
-        counter = UsageCounter(subs, n)
+        counter = UsageCounter(subs, n, request)
         if body.stream:
             return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter)), media_type=sse.MEDIA_TYPE,
                                      headers=sse.HEADERS)  # fmt: skip

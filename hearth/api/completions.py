@@ -204,18 +204,28 @@ def make_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 
 class UsageCounter:
-    """Token counts over a request's choices: each prompt counted once (as OpenAI does for n > 1)."""
+    """Token counts over a request's choices: each prompt counted once (as OpenAI does for n > 1).
 
-    def __init__(self, subs: list[SubRequest], n: int) -> None:
+    With `request`, it is left in the request's state (`request.state.usage`), where the audit log reads the counts
+    and finish reasons once the response is done.
+    """
+
+    def __init__(self, subs: list[SubRequest], n: int, request: Request | None = None) -> None:
         self.n = n
+        self.request_id = subs[0].request_id.rsplit("-", 1)[0] if subs else None
         self.prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
         self.completion_tokens = 0
         self.cached: dict[int, int] = {}
+        self.finish_reasons: dict[int, str | None] = {}
+        if request is not None:
+            request.state.usage = self
 
     def add(self, index: int, delta: Delta) -> None:
         self.completion_tokens += len(delta.token_ids)
         if index % self.n == 0 and delta.num_cached_tokens:
             self.cached[index] = delta.num_cached_tokens
+        if delta.finished:
+            self.finish_reasons[index] = delta.finish_reason
 
     def usage(self) -> Usage:
         return make_usage(self.prompt_tokens, self.completion_tokens, sum(self.cached.values()))
@@ -299,7 +309,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     model = state.served_model_name
 
     async def respond(fanout: Fanout) -> Response:
-        counter = UsageCounter(subs, body.n)
+        counter = UsageCounter(subs, body.n, request)
         builders = [CompletionLogprobBuilder(state, len(echo)) for echo in echoes]
         if body.stream:
             return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter, builders)),
