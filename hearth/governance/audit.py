@@ -45,7 +45,7 @@ FIELDS = ("seq", "time", "request_id", "key_id", "client", "method", "endpoint",
           "hash")  # fmt: skip
 
 
-class AuditError(Exception):
+class AuditError(ValueError):
     pass
 
 

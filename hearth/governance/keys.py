@@ -35,7 +35,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 FILE_MODE = 0o600
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(ValueError):
     """A user-facing key-management failure (unknown key, bad expiry, ...)."""
 
 
@@ -195,7 +195,7 @@ def create_key(name: str, scope: str = "chat", rpm: int | None = None, tpm: int 
         record = KeyRecord(id=key_id, name=name, scope=scope, salt=salt.hex(), hash=digest.hex(), kdf=kdf,
                            created=format_time(utcnow()), expires=expires_at, rpm=rpm, tpm=tpm)  # fmt: skip
         _write_records(path, records + [record])
-    logger.info("created key %s (%s, scope %s)", key_id, name, scope)
+    logger.debug("created key %s (%s, scope %s)", key_id, name, scope)
     return f"{KEY_PREFIX}_{key_id}_{secret}", record
 
 
