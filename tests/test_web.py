@@ -1,0 +1,367 @@
+"""The web chat page in a real browser: headless Debian chromium driven by Playwright, against `hearth serve`'s app on
+SmolLM2 under uvicorn (one torch thread), and against a scripted server for reasoning output and API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from hearth.api.app import STATIC_DIR
+from hearth.config import EngineConfig
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+MODEL = "smollm2"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TIMEOUT_MS = 30_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make test installs it)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(app) -> tuple[str, object, threading.Thread]:
+    """Run `app` under uvicorn on a free loopback port in a daemon thread; returns (url, server, thread)."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{port}", uv, thread
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server():
+    from hearth.cli.serve import build_app
+    from hearth.loader.resolve import resolve_model
+
+    num_threads = torch.get_num_threads()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("HEARTH_NUM_THREADS", os.environ.get("HEARTH_NUM_THREADS", "1"))
+    app, engine = build_app(resolve_model(MODEL), EngineConfig(max_model_len=1024, max_num_seqs=4))
+    url, uv, thread = serve(app)
+
+    def ready() -> bool:
+        assert thread.is_alive(), "server died"
+        try:
+            return httpx.get(url + "/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, 240, "the server to load SmolLM2")
+    yield url, engine
+    uv.should_exit = True
+    thread.join(timeout=15)
+    monkeypatch.undo()
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context per test: its own, empty localStorage."""
+    context = browser.new_context(viewport={"width": 1100, "height": 720})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def open_page(page, url: str, max_tokens: int) -> None:
+    page.goto(url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+    page.click("#settings-toggle")
+
+
+def send(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def last_answer(page):
+    return page.locator(".message.assistant").last
+
+
+def wait_idle(engine, timeout: float):
+    def idle():
+        stats = engine.stats
+        return stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+
+    wait_until(idle, timeout, "the engine to free the request")
+
+
+def test_page_streams_an_answer(server, page):
+    url, engine = server
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    open_page(page, url, max_tokens=24)
+    assert page.locator("#model").input_value() == MODEL
+    # Shift+Enter is a new line, not a send
+    page.fill("#prompt", "one")
+    page.press("#prompt", "Shift+Enter")
+    page.type("#prompt", "two")
+    assert page.input_value("#prompt") == "one\ntwo" and page.locator(".message").count() == 0
+    # record every length the answer takes on its way, to see it stream in rather than arrive at once
+    page.evaluate("""() => {
+        window.answerLengths = new Set();
+        new MutationObserver(() => {
+            const body = [...document.querySelectorAll('.message.assistant .body')].pop();
+            if (body) window.answerLengths.add(body.textContent.length);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    send(page, "What is the capital of France?")
+    answer = last_answer(page)
+    page.wait_for_function("document.querySelector('.message.assistant .stats')?.textContent.includes('tokens/s')")
+    text = answer.locator(".body").inner_text()
+    assert text.strip()
+    assert len(page.evaluate("[...window.answerLengths].filter(n => n > 0)")) >= 3, "the answer did not stream"
+    stats = answer.locator(".stats").inner_text()
+    assert re.search(r"^\d+ tokens · [\d.]+ tokens/s · first token \d+ ms · (stop|length)$", stats), stats
+    assert page.locator(".message.user .body").inner_text() == "What is the capital of France?"
+    assert page.locator("#chat-title").inner_text() == "What is the capital of France?"
+    assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    # a second turn sends the first one as history
+    send(page, "And of Italy?")
+    page.wait_for_function("document.querySelectorAll('.message.assistant .stats:not(:empty)').length === 2")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-chat.png"))
+    # every request the page made went to Hearth itself
+    outside = [r for r in requests if not (r.startswith(url + "/") or r.startswith("data:"))]
+    assert not outside and any(r.endswith("/v1/chat/completions") for r in requests), requests
+
+
+def test_stop_frees_the_request(server, page):
+    url, engine = server
+    open_page(page, url, max_tokens=900)
+    send(page, "Write a long story about a dragon who learns to bake bread. Make it very long and detailed.")
+    page.wait_for_function("document.querySelector('.message.assistant .body')?.textContent.length > 0")
+    assert page.locator("#stop").is_visible() and not page.locator("#send").is_visible()
+    assert engine.stats.num_running == 1  # still generating: 900 tokens take far longer than this
+    page.click("#stop")
+    wait_idle(engine, timeout=5)
+    stats = last_answer(page).locator(".stats")
+    stats.filter(has_text="stopped").wait_for()
+    assert re.search(r"tokens · .* · stopped$", stats.inner_text())
+    assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+    partial = last_answer(page).locator(".body").inner_text()
+    time.sleep(0.3)
+    assert last_answer(page).locator(".body").inner_text() == partial
+    assert "hearth_num_requests_running 0.0" in httpx.get(url + "/metrics").text
+
+
+def test_conversations_kept_renamed_deleted(server, page):
+    url, engine = server
+    open_page(page, url, max_tokens=4)
+    send(page, "Hello there")
+    page.wait_for_selector(".message.assistant .stats:not(:empty)")
+    page.click("#new-chat")
+    send(page, "Name a color")
+    page.wait_for_selector(".message.assistant .stats:not(:empty)")
+    page.reload()
+    titles = page.locator("#conversations .open")
+    titles.first.wait_for()
+    assert titles.all_inner_texts() == ["Name a color", "Hello there"]
+    assert page.locator(".message.user .body").inner_text() == "Name a color"  # the current one is reopened
+    # the settings were kept too
+    assert page.input_value("#max-tokens") == "4" and page.input_value("#temperature") == "0"
+    page.click("#conversations .open >> text=Hello there")
+    assert page.locator(".message.user .body").inner_text() == "Hello there"
+    assert page.locator(".message.assistant .body").inner_text().strip()
+    page.click("[aria-label='Rename \"Hello there\"']")
+    page.fill("#conversations input.rename", "Greetings")
+    page.press("#conversations input.rename", "Enter")
+    assert page.locator("#chat-title").inner_text() == "Greetings"
+    page.once("dialog", lambda d: d.accept())
+    page.click("[aria-label='Delete \"Name a color\"']")
+    page.reload()
+    page.locator("#conversations .open").first.wait_for()
+    assert page.locator("#conversations .open").all_inner_texts() == ["Greetings"]
+
+
+# --- a scripted server: reasoning_content deltas and an API key --------------------------------------------------
+
+KEY = "sk-web-test"
+REASONING = ["The user asks ", "for a haiku. ", "Count five, seven, five."]
+ANSWER = ["# Haiku\n\n", "Embers **glow** softly\n\n", "```python\nprint('warm')  # hearth\n```\n"]
+
+
+def scripted_app(received: list[dict]):
+    """The page and its assets as Hearth serves them, /v1/models with one reasoning model, and a chat route that
+    streams REASONING as `reasoning_content` and then ANSWER as `content`, all behind a bearer key.
+    """
+    app = FastAPI()
+    app.mount("/static", StaticFiles(directory=STATIC_DIR))
+
+    def unauthorized(request: Request) -> JSONResponse | None:
+        if request.headers.get("authorization") == f"Bearer {KEY}":
+            return None
+        error = {"message": "a valid API key is required", "type": "authentication_error", "param": None,
+                 "code": "invalid_api_key"}  # fmt: skip
+        return JSONResponse({"error": error}, status_code=401)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        card = {"id": "scripted-r1", "object": "model", "owned_by": "test", "capabilities": ["reasoning_effort"]}
+        return unauthorized(request) or {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        if refused := unauthorized(request):
+            return refused
+        received.append(await request.json())
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+            choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "scripted-r1",
+                    "choices": choices, "usage": usage}  # fmt: skip
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in REASONING:
+                await asyncio.sleep(0.15)
+                yield chunk({"reasoning_content": piece})
+            for piece in ANSWER:
+                await asyncio.sleep(0.15)
+                yield chunk({"content": piece})
+            yield chunk({}, "stop")
+            yield chunk({}, usage={"prompt_tokens": 9, "completion_tokens": 21, "total_tokens": 30})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    received: list[dict] = []
+    url, uv, thread = serve(scripted_app(received))
+    wait_until(lambda: _answers(url), 30, "the scripted server")
+    yield url, received
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_api_key_then_reasoning_block(scripted, page):
+    url, received = scripted
+    page.goto(url + "/")
+    # no key yet: /v1/models answers 401, so the settings open on the key field
+    page.locator("#key-note").wait_for()
+    assert page.locator("#settings").is_visible() and page.evaluate("document.activeElement.id") == "api-key"
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Tab")  # `change`: the page retries /v1/models with the key
+    page.wait_for_selector("#model option[value='scripted-r1']", state="attached")
+    assert page.locator("#effort-field").is_visible()  # the card says the model takes reasoning_effort
+    page.select_option("#effort", "high")
+    page.fill("#system", "Answer in verse.")
+    send(page, "A haiku about a hearth, please")
+    thinking = page.locator(".message.assistant details.reasoning")
+    thinking.locator("summary", has_text="Thinking…").wait_for()
+    assert thinking.get_attribute("open") is not None  # open while the thought streams
+    page.locator(".message.assistant .stats", has_text="tokens/s").wait_for()
+    assert thinking.locator(".thought").text_content() == "".join(REASONING)
+    assert thinking.locator("summary").inner_text() == "Reasoning"
+    assert thinking.get_attribute("open") is None  # folded away once the answer began
+    body = page.locator(".message.assistant .body")
+    assert "Count five" not in body.inner_text()  # the thought is apart from the answer
+    assert body.locator("h1").inner_text() == "Haiku" and body.locator("strong").inner_text() == "glow"
+    assert body.locator("pre.code .tok-string").inner_text() == "'warm'"
+    assert body.locator("pre.code .tok-comment").inner_text() == "# hearth"
+    assert page.locator(".message.assistant .stats").inner_text().startswith("21 tokens · ")
+    thinking.locator("summary").click()
+    assert thinking.locator(".thought").is_visible()
+    (request,) = received
+    assert request["reasoning_effort"] == "high" and request["stream"] is True
+    assert request["stream_options"] == {"include_usage": True} and request["temperature"] == 0.7
+    assert request["messages"] == [{"role": "system", "content": "Answer in verse."},
+                                   {"role": "user", "content": "A haiku about a hearth, please"}]  # fmt: skip
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-chat-reasoning.png"))
+
+
+def test_markdown_escapes_html(scripted, page):
+    url, _ = scripted
+    page.goto(url + "/")
+    html = page.evaluate("""() => Markdown.render([
+        '<img src=x onerror=alert(1)> *it* `<b>code</b>`',
+        '[bad](javascript:alert(1)) [good](/docs)',
+        '- one', '  - nested', '2. two',
+    ].join('\\n'))""")
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<em>it</em>" in html and "<code>&lt;b&gt;code&lt;/b&gt;</code>" in html
+    assert "javascript:" not in html.replace("[bad](javascript:alert(1))", "") and 'href="/docs"' in html
+    assert "<ul><li>one<ul><li>nested</li></ul></li></ul>" in html and '<ol start="2"><li>two</li></ol>' in html
+
+
+def test_assets_reference_no_outside_host(scripted):
+    url, _ = scripted
+    index = httpx.get(url + "/").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', index)
+    assert sorted(assets) == ["#prompt", "/static/app.js", "/static/markdown.js", "/static/style.css", "data:,"]
+    served = {name: httpx.get(url + name).text for name in assets if name.startswith("/static/")}
+    assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html"} | {n.rsplit("/", 1)[1] for n in served}
+    for name, text in {"/": index, **served}.items():
+        assert not re.search(r"[a-z]+://", text, re.IGNORECASE), name  # no absolute URL of any scheme
+        assert not re.search(r"""(?:src|href|action)=["']?//|url\(\s*["']?//|@import""", text), name
