@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length to allocate (default 4096)")
     p.add_argument("--verbose", action="store_true", help="print timings after each answer (stderr)")
+    p.add_argument("--allow-network", action="store_true",
+                   help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
     p.set_defaults(func=cmd_run)
 
 
@@ -75,6 +77,18 @@ def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=sys.st
 
 
 def cmd_run(args) -> int:
+    from hearth.governance.offline import current_guard, install_offline_guard
+
+    installed_guard = current_guard() is None
+    guard = install_offline_guard(allow_network=args.allow_network)
+    try:
+        return _run(args)
+    finally:
+        if installed_guard:
+            guard.uninstall()
+
+
+def _run(args) -> int:
     import time
 
     from hearth.chat.format import chat_format

@@ -1,7 +1,8 @@
 """`hearth serve [MODEL]`: the OpenAI-compatible server (uvicorn) over an AsyncEngine.
 
 The server listens at once and loads the model in the background, so /health answers 503 "loading" until it is
-ready. It binds 127.0.0.1; any other address needs --insecure-no-auth until API keys exist.
+ready. It binds 127.0.0.1; any other address needs API keys (`hearth keys create`) or --insecure-no-auth. At start it
+installs the offline guard (no outbound connections; --allow-network lifts it) and opens the audit log.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def register(sub) -> None:
         description="Serve a model under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, "
         "/health, /metrics). Listens on 127.0.0.1 only unless told otherwise.",
         epilog="examples:\n  hearth serve\n  hearth serve ./model.gguf --port 8080 --served-model-name my-model\n\n"
+        "  hearth serve --host 0.0.0.0   (after `hearth keys create --name NAME`)\n\n"
         + env_epilog(["HEARTH_HOME", "HEARTH_NUM_THREADS", "HEARTH_LOG_LEVEL"]),
     )  # fmt: skip
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"smollm2, a .gguf file, an HF folder (default "
@@ -55,6 +57,14 @@ def register(sub) -> None:
         action="store_true",
         help="allow a non-loopback --host with no authentication: anyone who can reach it may use it",
     )
+    p.add_argument("--require-key", action="store_true",
+                   help="require an API key even on 127.0.0.1 (on by itself once any key exists)")  # fmt: skip
+    p.add_argument("--allow-network", action="store_true",
+                   help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
+    p.add_argument("--transcripts", action="store_true", help="keep request and response bodies, encrypted, beside "
+                   "the audit log (off by default: the log holds counts only)")  # fmt: skip
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
+                   help="let web pages from ORIGIN call the API (repeatable; default: none)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
 
@@ -73,9 +83,10 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def curl_example(url: str, model: str) -> str:
+def curl_example(url: str, model: str, with_key: bool = False) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    auth = ' -H "Authorization: Bearer $HEARTH_API_KEY"' if with_key else ""
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -164,6 +175,10 @@ def build_app(
     reasoning_parser: str | None = None,
     tool_parser: str | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    keys=None,
+    audit=None,
+    require_key: bool = False,
+    cors_origins: list[str] | None = None,
 ):
     """The app `hearth serve` runs: tokenizer and template now, the engine loading in the background once the app
     starts. Returns (app, engine).
@@ -184,19 +199,40 @@ def build_app(
     engine = LoadingEngine(load, on_failure)
     app = create_app(engine, tokenizer, template, served_model_name or ref.name,
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
-                     tool_parser=tool_parser)  # fmt: skip
+                     tool_parser=tool_parser, keys=keys, audit=audit, require_key=require_key,
+                     cors_origins=cors_origins)  # fmt: skip
     return app, engine
 
 
 def cmd_serve(args) -> int:
     from hearth.cli.main import CliError
+    from hearth.governance.keys import KeyStore, keys_path
+    from hearth.governance.offline import current_guard, install_offline_guard
 
-    if not is_loopback(args.host) and not args.insecure_no_auth:
-        raise CliError(f"refusing to listen on {args.host} without API keys (not available yet); use --host "
-                       "127.0.0.1, or pass --insecure-no-auth to let anyone who can reach it use it")  # fmt: skip
+    keys = KeyStore()
+    has_keys = keys.has_keys()  # then every route but the public ones needs a key
+    if not is_loopback(args.host) and not has_keys and not args.insecure_no_auth:
+        raise CliError(f"refusing to listen on {args.host} without API keys: create one with `hearth keys create "
+                       "--name NAME`, use --host 127.0.0.1, or pass --insecure-no-auth to let anyone who can reach "
+                       "it use it")  # fmt: skip
+    if args.require_key and not keys.has_active_keys():
+        raise CliError(f"--require-key, but {keys_path()} holds no active key: create one with `hearth keys create "
+                       "--name NAME`")  # fmt: skip
+    installed_guard = current_guard() is None
+    guard = install_offline_guard(allow_network=args.allow_network)
+    try:
+        return _serve(args, keys, has_keys)
+    finally:
+        if installed_guard:
+            guard.uninstall()
+
+
+def _serve(args, keys, has_keys: bool) -> int:
     import uvicorn
 
+    from hearth.cli.main import CliError
     from hearth.config import EngineConfig
+    from hearth.governance.audit import AuditLog
     from hearth.loader.resolve import resolve_model
 
     ref = resolve_model(args.model)
@@ -214,16 +250,24 @@ def cmd_serve(args) -> int:
         if server is not None:
             server.should_exit = True
 
+    audit = AuditLog(transcripts=args.transcripts)
     app, engine = build_app(ref, engine_config, device=device, served_model_name=name,
                             max_body_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser,
-                            tool_parser=args.tool_call_parser, on_failure=on_failure)  # fmt: skip
-    if not is_loopback(args.host):
+                            tool_parser=args.tool_call_parser, on_failure=on_failure, keys=keys, audit=audit,
+                            require_key=args.require_key, cors_origins=args.cors_origins)  # fmt: skip
+    if not is_loopback(args.host) and not has_keys:
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
                        "address can use the model", args.host)  # fmt: skip
     url = base_url(args.host, args.port)
     print(f"Hearth is serving {name} at {url} (OpenAI API at {url}/v1; loading the model, /health says when ready)")
+    if args.allow_network:
+        print("Network: outbound connections allowed (--allow-network)")
+    else:
+        print("Offline: outbound connections are refused in-process (--allow-network lifts this)")
+    auth = "required" if has_keys or args.require_key else "not required (no keys; `hearth keys create` adds one)"
+    print(f"API keys: {auth}; audit log: {audit.path}" + (" (with encrypted transcripts)" if args.transcripts else ""))
     print("Try:")
-    print(f"  {curl_example(url, name)}")
+    print(f"  {curl_example(url, name, has_keys or args.require_key)}")
     sys.stdout.flush()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)  # fmt: skip
