@@ -5,7 +5,6 @@ SmolLM2 under uvicorn (one torch thread), and against a scripted server for reas
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import socket
@@ -16,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
 
-from hearth.api.app import STATIC_DIR
+from hearth.api.app import STATIC_DIR, create_app
+from hearth.chat.template import ChatTemplate
 from hearth.config import EngineConfig
+from hearth.engine.protocol import Delta, EngineStats, ModelInfo
+from hearth.sampling_params import SamplingParams
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -228,92 +227,83 @@ def test_conversations_kept_renamed_deleted(server, page):
     assert page.locator("#conversations .open").all_inner_texts() == ["Greetings"]
 
 
-# --- a scripted server: reasoning_content deltas and an API key --------------------------------------------------
+# --- the app over a scripted engine: R1-style reasoning output, API keys required -----------------------------------
 
-KEY = "sk-web-test"
-REASONING = ["The user asks ", "for a haiku. ", "Count five, seven, five."]
-ANSWER = ["# Haiku\n\n", "Embers **glow** softly\n\n", "```python\nprint('warm')  # hearth\n```\n"]
+REASONING = "The user asks for a haiku. Count five, seven, five."
+ANSWER = "# Haiku\n\nEmbers **glow** softly\n\n```python\nprint('warm')  # hearth\n```\n"
+# R1-style: the generation prompt opens the thought, so the output starts inside it; the effort is rendered to be seen
+TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>effort={{ reasoning_effort | default('none') }}<think>\n"
+            "{% endif %}")  # fmt: skip
 
 
-def scripted_app(received: list[dict]):
-    """The page and its assets as Hearth serves them, /v1/models with one reasoning model, and a chat route that
-    streams REASONING as `reasoning_content` and then ANSWER as `content`, all behind a bearer key.
-    """
-    app = FastAPI()
-    app.mount("/static", StaticFiles(directory=STATIC_DIR))
+class CharTokenizer:
+    bos_token, eos_token, eos_token_ids, chat_template = "", "", [2], None
 
-    def unauthorized(request: Request) -> JSONResponse | None:
-        if request.headers.get("authorization") == f"Bearer {KEY}":
-            return None
-        error = {"message": "a valid API key is required", "type": "authentication_error", "param": None,
-                 "code": "invalid_api_key"}  # fmt: skip
-        return JSONResponse({"error": error}, status_code=401)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
 
-    @app.get("/")
-    async def index():
-        return FileResponse(STATIC_DIR / "index.html")
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        card = {"id": "scripted-r1", "object": "model", "owned_by": "test", "capabilities": ["reasoning_effort"]}
-        return unauthorized(request) or {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        if refused := unauthorized(request):
-            return refused
-        received.append(await request.json())
+class ScriptedEngine:
+    """Replies REASONING</think>ANSWER a few characters per token, slowly enough to be seen streaming."""
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
-            choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
-            body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "scripted-r1",
-                    "choices": choices, "usage": usage}  # fmt: skip
-            return f"data: {json.dumps(body)}\n\n".encode()
+    def __init__(self) -> None:
+        self.state = "ready"
+        self.model_info = ModelInfo("scripted", 4096, "Qwen2ForCausalLM")
+        self.stats = EngineStats()
+        self.calls: list[tuple[str, SamplingParams]] = []
 
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in REASONING:
-                await asyncio.sleep(0.15)
-                yield chunk({"reasoning_content": piece})
-            for piece in ANSWER:
-                await asyncio.sleep(0.15)
-                yield chunk({"content": piece})
-            yield chunk({}, "stop")
-            yield chunk({}, usage={"prompt_tokens": 9, "completion_tokens": 21, "total_tokens": 30})
-            yield b"data: [DONE]\n\n"
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        self.calls.append(("".join(map(chr, prompt_ids)), params))
+        text = f"{REASONING}</think>\n\n{ANSWER}"
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+        for k, piece in enumerate(pieces):
+            await asyncio.sleep(0.02)
+            last = k + 1 == len(pieces)
+            yield Delta(request_id, [ord(piece[0])], piece, None, last, "stop" if last else None, len(prompt_ids),
+                        0, k + 1)  # fmt: skip
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
+    async def abort(self, request_id: str) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
-def scripted():
-    received: list[dict] = []
-    url, uv, thread = serve(scripted_app(received))
+def scripted(tmp_path_factory):
+    from hearth.governance.keys import KeyStore, create_key
+
+    home = str(tmp_path_factory.mktemp("hearth-home"))
+    key, _ = create_key("web-test", home=home)
+    engine = ScriptedEngine()
+    # named like gpt-oss so the page offers reasoning effort (its cue when /v1/models cards carry no capabilities)
+    app = create_app(engine, CharTokenizer(), ChatTemplate(TEMPLATE), "gpt-oss-scripted", keys=KeyStore(home),
+                     require_key=True)  # fmt: skip
+    url, uv, thread = serve(app)
     wait_until(lambda: _answers(url), 30, "the scripted server")
-    yield url, received
+    yield url, key, engine
     uv.should_exit = True
     thread.join(timeout=15)
 
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url + "/", timeout=5).status_code == 200
+        return httpx.get(url + "/health", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
 
 
 def test_api_key_then_reasoning_block(scripted, page):
-    url, received = scripted
+    url, key, engine = scripted
     page.goto(url + "/")
     # no key yet: /v1/models answers 401, so the settings open on the key field
     page.locator("#key-note").wait_for()
     assert page.locator("#settings").is_visible() and page.evaluate("document.activeElement.id") == "api-key"
-    page.fill("#api-key", KEY)
+    page.fill("#api-key", key)
     page.press("#api-key", "Tab")  # `change`: the page retries /v1/models with the key
-    page.wait_for_selector("#model option[value='scripted-r1']", state="attached")
-    assert page.locator("#effort-field").is_visible()  # the card says the model takes reasoning_effort
+    page.wait_for_selector("#model option[value='gpt-oss-scripted']", state="attached")
+    assert page.locator("#effort-field").is_visible()
     page.select_option("#effort", "high")
     page.fill("#system", "Answer in verse.")
     send(page, "A haiku about a hearth, please")
@@ -321,7 +311,7 @@ def test_api_key_then_reasoning_block(scripted, page):
     thinking.locator("summary", has_text="Thinking…").wait_for()
     assert thinking.get_attribute("open") is not None  # open while the thought streams
     page.locator(".message.assistant .stats", has_text="tokens/s").wait_for()
-    assert thinking.locator(".thought").text_content() == "".join(REASONING)
+    assert thinking.locator(".thought").text_content() == REASONING
     assert thinking.locator("summary").inner_text() == "Reasoning"
     assert thinking.get_attribute("open") is None  # folded away once the answer began
     body = page.locator(".message.assistant .body")
@@ -329,20 +319,20 @@ def test_api_key_then_reasoning_block(scripted, page):
     assert body.locator("h1").inner_text() == "Haiku" and body.locator("strong").inner_text() == "glow"
     assert body.locator("pre.code .tok-string").inner_text() == "'warm'"
     assert body.locator("pre.code .tok-comment").inner_text() == "# hearth"
-    assert page.locator(".message.assistant .stats").inner_text().startswith("21 tokens · ")
+    stats = page.locator(".message.assistant .stats").inner_text()
+    assert re.search(r"^\d+ tokens · [\d.]+ tokens/s · first token \d+ ms · stop$", stats), stats
     thinking.locator("summary").click()
     assert thinking.locator(".thought").is_visible()
-    (request,) = received
-    assert request["reasoning_effort"] == "high" and request["stream"] is True
-    assert request["stream_options"] == {"include_usage": True} and request["temperature"] == 0.7
-    assert request["messages"] == [{"role": "system", "content": "Answer in verse."},
-                                   {"role": "user", "content": "A haiku about a hearth, please"}]  # fmt: skip
+    ((prompt, params),) = engine.calls
+    assert prompt == ("<|system|>Answer in verse.\n<|user|>A haiku about a hearth, please\n"
+                      "<|assistant|>effort=high<think>\n")  # fmt: skip
+    assert params.temperature == 0.7 and params.max_tokens == 512
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-chat-reasoning.png"))
 
 
 def test_markdown_escapes_html(scripted, page):
-    url, _ = scripted
+    url, _, _ = scripted
     page.goto(url + "/")
     html = page.evaluate("""() => Markdown.render([
         '<img src=x onerror=alert(1)> *it* `<b>code</b>`',
@@ -355,12 +345,18 @@ def test_markdown_escapes_html(scripted, page):
     assert "<ul><li>one<ul><li>nested</li></ul></li></ul>" in html and '<ol start="2"><li>two</li></ol>' in html
 
 
-def test_assets_reference_no_outside_host(scripted):
-    url, _ = scripted
+def test_assets_need_no_key_and_reference_no_outside_host(scripted):
+    url, _, _ = scripted
+    assert httpx.get(url + "/v1/models").status_code == 401
     index = httpx.get(url + "/").text
     assets = re.findall(r'(?:src|href)="([^"]+)"', index)
     assert sorted(assets) == ["#prompt", "/static/app.js", "/static/markdown.js", "/static/style.css", "data:,"]
-    served = {name: httpx.get(url + name).text for name in assets if name.startswith("/static/")}
+    served = {}
+    for name in assets:
+        if name.startswith("/static/"):
+            r = httpx.get(url + name)  # no key: the page must load before it can ask for one
+            assert r.status_code == 200, name
+            served[name] = r.text
     assert {p.name for p in STATIC_DIR.iterdir()} == {"index.html"} | {n.rsplit("/", 1)[1] for n in served}
     for name, text in {"/": index, **served}.items():
         assert not re.search(r"[a-z]+://", text, re.IGNORECASE), name  # no absolute URL of any scheme
