@@ -1,0 +1,242 @@
+"""Serving benchmark: N concurrent streaming clients over HTTP against Hearth and its CPU peers, in the same run.
+
+Each client sends --requests-per-client completions one after another: fixed-seed prompts of 64–512 tokens, 128
+tokens out. Reports aggregate output tok/s, time to first token p50/p99 and inter-token latency p50 per server and
+concurrency, as JSON lines (and a PNG plot with --plot).
+
+    python benchmarks/serving.py --concurrency 1 4 16 64 --peers llama-server llama-cpp-python --plot serving.png
+
+Peers (optional, never installed by the tests): `llama-cpp-python` needs the `bench` extra; `llama-server` needs a
+binary (--llama-server PATH, default .bench/llama-server, built by benchmarks/build_llama_server.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    model: str
+    proc: subprocess.Popen | None = None
+    log: str = ""
+
+    def start(self, timeout: float = 600) -> None:
+        self.log = os.path.join(ROOT, ".bench", f"{self.name}.log")
+        os.makedirs(os.path.dirname(self.log), exist_ok=True)
+        self.proc = subprocess.Popen(self.argv, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log}")
+            try:  # ready: /health answers 200 (Hearth, llama-server), or /v1/models where there is no /health
+                r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                if r.status_code == 404:
+                    r = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def make_servers(args, model_path: str, concurrency: int) -> dict[str, Server]:
+    ctx = 1024
+    servers = {}
+    port = free_port()
+    servers["hearth"] = Server("hearth", [os.path.join(os.path.dirname(sys.executable), "hearth"), "serve",
+                                          args.model, "--port", str(port), "--max-num-seqs", str(max(concurrency, 1)),
+                                          "--max-model-len", str(ctx), "--served-model-name", "hearth"], port,
+                               "hearth")  # fmt: skip
+    if "llama-cpp-python" in args.peers:
+        port = free_port()
+        servers["llama-cpp-python"] = Server("llama-cpp-python", [
+            sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(args.threads),
+            "--n_threads_batch", str(args.threads), "--n_ctx", str(ctx), "--port", str(port),
+            "--interrupt_requests", "False"], port, model_path)  # fmt: skip
+    if "llama-server" in args.peers and os.path.isfile(args.llama_server):
+        port = free_port()
+        servers["llama-server"] = Server("llama-server", [
+            args.llama_server, "-m", model_path, "-t", str(args.threads), "-np", str(concurrency),
+            "-c", str(ctx * concurrency), "--port", str(port), "--host", "127.0.0.1"], port, "model")  # fmt: skip
+    return servers
+
+
+def make_prompts(tokenizer, n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = [w for w in (tokenizer.decode([i]) for i in range(1000, 9000)) if w.strip().isalpha()]
+    prompts = []
+    for _ in range(n):
+        target = rng.randint(64, 512)
+        ids: list[int] = []
+        while len(ids) < target:
+            ids += tokenizer.encode(" " + rng.choice(words).strip(), add_special_tokens=False)
+        prompts.append(tokenizer.decode(ids[:target]))
+    return prompts
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int, result: Result) -> None:
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    last = None
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", f"http://127.0.0.1:{server.port}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                result.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage_tokens = data["usage"].get("completion_tokens")
+                if not any(c.get("text") for c in data.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft.append(now - start)
+                else:
+                    result.itl.append(now - last)
+                last = now
+                chunks += 1
+    except httpx.HTTPError:
+        result.errors += 1
+        return
+    result.tokens += usage_tokens if usage_tokens else chunks
+
+
+async def run_load(server: Server, prompts: list[str], concurrency: int, per_client: int, max_tokens: int) -> dict:
+    result = Result()
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+
+        async def user(k: int) -> None:
+            for j in range(per_client):
+                await one_request(client, server, prompts[(k * per_client + j) % len(prompts)], max_tokens, result)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user(k) for k in range(concurrency)))
+        wall = time.perf_counter() - start
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(statistics.quantiles(xs, n=100)[int(q) - 1], 3) if len(xs) >= 2 else (round(xs[0], 3) if xs
+                                                                                           else None)  # fmt: skip
+
+    return {"server": server.name, "concurrency": concurrency, "requests": concurrency * per_client,
+            "output_tok_s": round(result.tokens / wall, 1), "ttft_p50_s": pct(result.ttft, 50),
+            "ttft_p99_s": pct(result.ttft, 99), "itl_p50_ms": round(1000 * statistics.median(result.itl), 1)
+            if result.itl else None, "errors": result.errors, "wall_s": round(wall, 1)}  # fmt: skip
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["server"] for r in rows}):
+        mine = sorted((r for r in rows if r["server"] == name), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in mine]
+        ax1.plot(xs, [r["output_tok_s"] for r in mine], marker="o", label=name)
+        ax2.plot(xs, [r["ttft_p50_s"] for r in mine], marker="o", label=name)
+    for ax, title in ((ax1, "aggregate output tok/s"), (ax2, "time to first token p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M Q4_1, 2 CPU threads, 128 tokens out")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", nargs="*", default=["llama-server", "llama-cpp-python"])
+    parser.add_argument("--llama-server", default=os.path.join(ROOT, ".bench", "llama-server"))
+    parser.add_argument("--max-serial-concurrency", type=int, default=16,
+                        help="skip llama-cpp-python (one request at a time) above this concurrency")
+    parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency")
+    args = parser.parse_args(argv)
+
+    from hearth.loader.resolve import resolve_model
+    from hearth.tokenizer import load_tokenizer
+
+    ref = resolve_model(args.model)
+    tokenizer = load_tokenizer(ref.path)
+    prompts = make_prompts(tokenizer, 256, seed=0)
+    rows = []
+    for concurrency in args.concurrency:
+        servers = make_servers(args, ref.path, concurrency)
+        for name, server in servers.items():
+            if name == "llama-cpp-python" and concurrency > args.max_serial_concurrency:
+                continue
+            try:
+                server.start()
+                asyncio.run(run_load(server, prompts[:4], 1, 1, 8))  # warm-up
+                row = asyncio.run(run_load(server, prompts, concurrency, args.requests_per_client, args.max_tokens))
+            finally:
+                server.stop()
+            rows.append(row)
+            line = json.dumps({"bench": "serving", "model": args.model, "threads": args.threads, **row})
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
