@@ -196,6 +196,12 @@ def test_stop_frees_the_request(server, page):
     time.sleep(0.3)
     assert last_answer(page).locator(".body").inner_text() == partial
     assert "hearth_num_requests_running 0.0" in httpx.get(url + "/metrics").text
+    # Escape stops too
+    send(page, "Now write another long story, about a cat who learns to sail.")
+    page.wait_for_function("document.querySelectorAll('.message.assistant .body')[1]?.textContent.length > 0")
+    page.keyboard.press("Escape")
+    wait_idle(engine, timeout=5)
+    last_answer(page).locator(".stats", has_text="stopped").wait_for()
 
 
 def test_conversations_kept_renamed_deleted(server, page):

@@ -431,5 +431,8 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("stop").addEventListener("click", () => state.controller?.abort());
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && state.controller) state.controller.abort();
+  });
   $("prompt").focus();
 });
