@@ -39,6 +39,11 @@ def test_show_and_list(capsys, smollm2_path):
     info = json.loads(out)
     assert code == 0 and info["architecture"] == "llama" and info["context_length"] == 8192
     assert info["quantization"]["Q4_1"] == 210 and info["file_size"] > 50_000_000
+    code, out, _ = run_cli(capsys, "show", "smollm2", "--load", "--json")
+    loaded = json.loads(out)
+    # weights stay quantized: packed int4 + the Q8_0 table (and its int8 LM-head form), well under 2x the file
+    assert code == 0 and loaded["compute_dtype"] == "bfloat16"
+    assert loaded["file_size"] < loaded["memory_used"] < 2 * loaded["file_size"]
     code, out, _ = run_cli(capsys, "list", "--json")
     assert code == 0 and json.loads(out)["local"][0]["name"] == "smollm2"
 

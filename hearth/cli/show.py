@@ -9,7 +9,29 @@ def register(sub) -> None:
     p = sub.add_parser("show", help="Show model details", description="Show what a model is, without loading it.")
     p.add_argument("model", help="smollm2, a .gguf file, an HF folder, or a model-card name")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--load", action="store_true", help="also load the weights and report the memory they take")
     p.set_defaults(func=cmd_show)
+
+
+def loaded_memory(ref) -> dict:
+    """Load the weights as `serve` would (default dtype, quantized forms kept) and measure them."""
+    import torch
+
+    from hearth.config import EngineConfig
+    from hearth.engine.model_runner import resolve_dtype
+    from hearth.loader.inspect import read_gguf_config, read_hf_config
+    from hearth.loader.load import load_model, model_nbytes
+    from hearth.models.registry import model_class
+
+    config = read_gguf_config(ref.path) if ref.format == "gguf" else read_hf_config(ref.path)
+    dtype = resolve_dtype(EngineConfig().dtype, ref, config)
+    model = model_class(config)(config)
+    load_model(model, ref, dtype, keep_quantized=dtype != torch.float32)
+    info = {"compute_dtype": str(dtype).removeprefix("torch."), "memory_used": model_nbytes(model)}
+    fp8_mode = getattr(model, "fp8_mode", None)
+    if fp8_mode:
+        info["fp8_weights"] = fp8_mode
+    return info
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -36,6 +58,8 @@ def cmd_show(args) -> int:
                 "license": card.license}  # fmt: skip
     else:
         info = {"model": ref.name, "path": ref.path, **describe(ref.path)}
+        if args.load:
+            info.update(loaded_memory(ref))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -43,7 +67,7 @@ def cmd_show(args) -> int:
     for key, value in info.items():
         if key == "num_parameters":
             value = _human(value)
-        elif key == "file_size":
+        elif key in ("file_size", "memory_used"):
             value = _human(value, "B")
         elif isinstance(value, dict):
             value = ", ".join(f"{k}×{v}" for k, v in value.items())

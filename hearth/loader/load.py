@@ -6,6 +6,7 @@ undone here; fused projections are resolved through the model's `packed_modules_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -93,3 +94,30 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             if (mod_name, "weight") not in loaded:
                 raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
     logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # QuantizedTensor, Mxfp4Weight, ...
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes the loaded weights hold in memory, in whatever form they are kept (packed int4, int8, MXFP4, FP8, dense),
+    counting shared storage once; KV caches are not weights and are left out."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name == "_modules" or "cache" in name:
+                continue
+            for t in _tensors(value):
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                if t.device.type != "meta" and key not in seen:
+                    seen.add(key)
+                    total += key[1]
+    return total
