@@ -138,7 +138,7 @@ class AuditLog:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 seq, prev = self._read_tail()
-                record = {"seq": seq + 1, **entry, "prev": prev}
+                record = {"seq": seq + 1, "time": utc_timestamp(), **entry, "prev": prev}
                 record["hash"] = record_hash(record)
                 os.write(self._fd, canonical(record) + b"\n")
                 os.fsync(self._fd)
@@ -271,7 +271,7 @@ def verify_log(home: str | None = None) -> VerifyResult:
         lines.pop()
     elif data:
         return VerifyResult(False, len(lines) - 1, line=len(lines),
-                            problem="the last line is incomplete (cut short or appended to)")  # fmt: skip
+                            problem=f"line {len(lines)} is incomplete (cut short, or text appended)")  # fmt: skip
     prev, hashes = GENESIS, {}  # hash → line of each record, to name the line a broken link points back to
     seqs: dict[int, int] = {}
     for n, raw in enumerate(lines, start=1):
@@ -314,9 +314,10 @@ def verify_log(home: str | None = None) -> VerifyResult:
     if head_seq < 0:
         return VerifyResult(False, num, problem="the head file audit/head is not readable")
     if head_seq > num:
+        removed = f"record {head_seq} was" if head_seq == num + 1 else f"records {num + 1} to {head_seq} were"
         return VerifyResult(False, num, line=num + 1,
-                            problem=f"the log ends at record {num} but the head says {head_seq}: records "
-                            f"{num + 1}..{head_seq} were removed from the end")  # fmt: skip
+                            problem=f"line {num + 1} is missing: the log ends at record {num} but the head says "
+                            f"{head_seq}: {removed} removed from the end")  # fmt: skip
     if head_seq >= 1:
         record_at_head = json.loads(lines[head_seq - 1])
         if record_at_head["hash"] != head_hash:

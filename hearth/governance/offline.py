@@ -37,6 +37,7 @@ NO_TELEMETRY_ENV = {
     "VLLM_DO_NOT_TRACK": "1",
     "ANONYMIZED_TELEMETRY": "False",
     "GRADIO_ANALYTICS_ENABLED": "False",
+    "OTEL_SDK_DISABLED": "true",  # OpenTelemetry (FastAPI carries its API): no exporters
 }
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)

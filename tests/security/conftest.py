@@ -1,0 +1,20 @@
+"""Security tests: every one runs in its own $HEARTH_HOME and never sends a packet off the machine."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> str:
+    path = tmp_path / "hearth-home"
+    monkeypatch.setenv("HEARTH_HOME", str(path))
+    return str(path)
+
+
+@pytest.fixture
+def fast_kdf(monkeypatch) -> None:
+    """Cheaper scrypt for tests that make many keys; test_keys.py checks the real parameters."""
+    from hearth.governance import keys
+
+    monkeypatch.setattr(keys, "SCRYPT_N", 2**10)
