@@ -145,7 +145,7 @@ def test_health_models_and_model(client, engine):
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
     assert models["data"][0] | {"created": 0} == {"id": "fake-model", "object": "model", "created": 0,
-                                                  "owned_by": "hearth", "max_model_len": 512}  # fmt: skip
+                                                  "owned_by": "hearth", "max_model_len": 512, "capabilities": []}  # fmt: skip
     assert client.get("/v1/models/fake-model").json()["id"] == "fake-model"
     r = client.get("/v1/models/other")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

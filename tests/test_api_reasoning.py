@@ -172,3 +172,13 @@ def test_hermes_tool_calls_and_tool_choice_none():
         plain = oai.chat.completions.create(tool_choice="none", **kwargs).choices[0]
         assert plain.message.tool_calls is None and plain.message.content == output
         assert "<tools>" not in CharTokenizer().decode(engine.calls[1][0])
+
+
+def test_model_card_lists_capabilities():
+    test_client, oai = client_for(ScriptedEngine("GptOssForCausalLM", []))
+    with test_client:
+        card = test_client.get("/v1/models").json()["data"][0]
+    assert card["capabilities"] == ["reasoning", "reasoning_effort", "tools"]
+    test_client, oai = client_for(ScriptedEngine("LlamaForCausalLM", []), ChatTemplate(R1_TEMPLATE))
+    with test_client:
+        assert test_client.get("/v1/models").json()["data"][0]["capabilities"] == ["reasoning"]

@@ -83,8 +83,14 @@ class ServerState:
         return text
 
     def model_card(self) -> ModelCard:
-        max_len = self.engine.model_info.max_model_len if self.engine.state == "ready" else None
-        return ModelCard(id=self.served_model_name, max_model_len=max_len)
+        if self.engine.state != "ready":
+            return ModelCard(id=self.served_model_name)
+        fmt = self.chat_format
+        capabilities = (["reasoning"] if fmt.has_reasoning else []) + (["reasoning_effort"] if fmt.harmony else [])
+        if fmt.harmony or fmt.tool_parser:
+            capabilities.append("tools")
+        return ModelCard(id=self.served_model_name, max_model_len=self.engine.model_info.max_model_len,
+                         capabilities=capabilities)  # fmt: skip
 
 
 def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,

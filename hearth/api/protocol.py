@@ -267,6 +267,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "hearth"
     max_model_len: int | None = None
+    capabilities: list[str] = Field(default_factory=list)  # "reasoning", "reasoning_effort", "tools"
 
 
 class ModelList(BaseModel):
