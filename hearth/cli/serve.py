@@ -260,6 +260,7 @@ def _serve(args, keys, has_keys: bool) -> int:
                        "address can use the model", args.host)  # fmt: skip
     url = base_url(args.host, args.port)
     print(f"Hearth is serving {name} at {url} (OpenAI API at {url}/v1; loading the model, /health says when ready)")
+    print(f"Chat in your browser: {url}/")
     if args.allow_network:
         print("Network: outbound connections allowed (--allow-network)")
     else:
