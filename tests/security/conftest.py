@@ -18,3 +18,14 @@ def fast_kdf(monkeypatch) -> None:
     from hearth.governance import keys
 
     monkeypatch.setattr(keys, "SCRYPT_N", 2**10)
+
+
+@pytest.fixture(autouse=True)
+def restore_hearth_logging():
+    """`main()` sets up the `hearth` logger (its own stderr handler, no propagation); undo it after each test."""
+    import logging
+
+    logger = logging.getLogger("hearth")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

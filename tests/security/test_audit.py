@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -100,13 +101,13 @@ def test_200_concurrent_requests_then_verify(home, fast_kdf, capsys):
                 body["usage"]["prompt_tokens_details"]["cached_tokens"])  # fmt: skip
             assert rec["key_id"] == record.id and rec["status"] == 200 and rec["model"] == "fake-model"
             assert rec["finish_reason"] in ("stop", "length") and rec["latency_ms"] > 0
-    streamed = [r for r in records if r["endpoint"] == "/v1/chat/completions" and r["request_id"].startswith("chatcmpl")]
-    assert all(r["completion_tokens"] > 0 and r["finish_reason"] == "stop" for r in streamed)
+    chat = [r for r in records if r["endpoint"] == "/v1/chat/completions" and r["status"] == 200]
+    assert all(r["completion_tokens"] > 0 and r["finish_reason"] == "stop" for r in chat)
     refused = [r for r in records if r["status"] == 401]
     assert len(refused) == NUM_CONCURRENT // 10 and all(r["key_id"] is None for r in refused)
     # no prompt or completion text by default
     for name in os.listdir(os.path.join(home, "audit")):
-        text = open(os.path.join(home, "audit", name), errors="replace").read()
+        text = Path(home, "audit", name).read_text(errors="replace")
         assert "hunter2" not in text and "Hello world" not in text
 
 
@@ -181,7 +182,7 @@ def test_verify_json_and_an_empty_log(home, capsys):
 def test_concurrent_writers_across_threads_and_processes(home):
     """Two other processes and four threads append at once (flock + thread lock): the chain stays whole."""
     script = ("import sys\nfrom hearth.governance.audit import AuditLog\nlog = AuditLog(sys.argv[1])\n"
-              "for i in range(40):\n    log.append({'request_id': f'p{sys.argv[2]}-{i}', 'status': 200})\n")  # fmt: skip
+              "for i in range(40):\n    log.append({'request_id': f'p{sys.argv[2]}-{i}'})\n")  # fmt: skip
     procs = [subprocess.Popen([sys.executable, "-c", script, home, str(n)]) for n in range(2)]
     audit = AuditLog()
 
@@ -226,7 +227,7 @@ def test_transcripts_are_encrypted_at_rest(home, capsys):
     request_id = r.json()["id"]
     folder = os.path.join(home, "audit")
     for name in os.listdir(folder):
-        text = open(os.path.join(folder, name), "rb").read()
+        text = Path(folder, name).read_bytes()
         assert b"hunter2" not in text and b"Hello world" not in text
     key_file = os.path.join(folder, "transcripts.key")
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600

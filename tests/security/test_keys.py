@@ -8,6 +8,7 @@ import os
 import stat
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -56,7 +57,7 @@ def test_create_prints_the_key_once_and_stores_only_a_salted_hash(home, capsys):
     assert "shown only this once" in err
     path = keys_path()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    text = open(path).read()
+    text = Path(path).read_text()
     secret = key.split("_", 2)[2]
     assert secret not in text and key not in text
     (record,) = json.loads(text)["keys"]
@@ -227,8 +228,8 @@ def test_the_key_never_reaches_logs_or_the_audit_log(home, fast_kdf, caplog):
     secret = key.split("_", 2)[2]
     assert secret not in caplog.text
     for name in os.listdir(os.path.join(home, "audit")):
-        assert secret not in open(os.path.join(home, "audit", name), errors="replace").read()
-    assert record.id in open(os.path.join(home, "audit", "audit.jsonl")).read()
+        assert secret not in Path(home, "audit", name).read_text(errors="replace")
+    assert record.id in Path(home, "audit", "audit.jsonl").read_text()
 
 
 def test_keys_file_mode_survives_a_wide_umask(home, fast_kdf):
@@ -249,5 +250,3 @@ def test_keys_list_does_not_import_torch():
     code = "import sys; from hearth.cli.main import main; main(['keys', 'list']); assert 'torch' not in sys.modules"
     env = {**os.environ, "HEARTH_HOME": "/nonexistent-hearth-home"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
-
-
