@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # tests never read or write the user's ~/.hearth (keys, audit log, usage ledger)
+    os.environ["HEARTH_HOME"] = tempfile.mkdtemp(prefix="hearth-test-home-")
 
 
 @pytest.fixture(scope="session")

@@ -589,10 +589,11 @@ def test_non_stream_disconnect_aborts(live_server):
 # --- hearth serve ---------------------------------------------------------------------------------------------------
 
 
-def test_serve_refuses_non_loopback_host(capsys, monkeypatch):
+def test_serve_refuses_non_loopback_host(capsys, monkeypatch, tmp_path):
     from hearth.cli.main import main
     from hearth.cli.serve import is_loopback
 
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path))  # no keys on file
     monkeypatch.setattr("hearth.log.setup_logging", lambda *args, **kwargs: None)  # keep pytest's log capture
 
     assert main(["serve", "smollm2", "--host", "0.0.0.0"]) == 1

@@ -52,6 +52,9 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+MAX_ARRAY_NESTING = 8  # real files nest at most once (arrays of arrays); deeper is corruption
+
+
 class _HeaderScan:
     """Walks the GGUF header with bounds checks; reads only keys, `general.alignment` and tensor infos."""
 
@@ -79,7 +82,9 @@ class _HeaderScan:
         self.pos += length
         return self.buf[self.pos - length : self.pos]
 
-    def skip_value(self, vtype: int, key: str) -> None:
+    def skip_value(self, vtype: int, key: str, depth: int = 0) -> None:
+        if depth > MAX_ARRAY_NESTING:
+            raise self.fail(f"metadata key {key!r} nests arrays more than {MAX_ARRAY_NESTING} deep")
         if vtype in SCALAR_SIZES:
             self.need(SCALAR_SIZES[vtype], f"value of {key!r}")
             self.pos += SCALAR_SIZES[vtype]
@@ -93,7 +98,7 @@ class _HeaderScan:
                 self.pos += count * min_size
             else:
                 for _ in range(count):
-                    self.skip_value(elem_type, key)
+                    self.skip_value(elem_type, key, depth + 1)
         else:
             raise self.fail(f"metadata key {key!r} has unknown value type {vtype}")
 
