@@ -182,3 +182,20 @@ def test_model_card_lists_capabilities():
     test_client, oai = client_for(ScriptedEngine("LlamaForCausalLM", []), ChatTemplate(R1_TEMPLATE))
     with test_client:
         assert test_client.get("/v1/models").json()["data"][0]["capabilities"] == ["reasoning"]
+
+
+def test_requests_reach_the_usage_ledger(tmp_path):
+    from hearth.accounting.usage import UsageLedger
+
+    ledger = UsageLedger(str(tmp_path / "usage.db"))
+    engine = ScriptedEngine("GptOssForCausalLM", [GPT_OSS_FINAL, GPT_OSS_FINAL])
+    app = create_app(engine, CharTokenizer(), None, "m", ledger=ledger)
+    with TestClient(app) as test_client:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=test_client, max_retries=0)
+        for _ in range(2):
+            oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        test_client.get("/v1/models")  # not a generation: not in the ledger
+    records = ledger.records()
+    assert len(records) == 2
+    assert records[0].model == "m" and records[0].completion_tokens > 0
+    assert records[0].reasoning_tokens == len("The tool says sunny.") and records[0].duration_s > 0

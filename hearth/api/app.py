@@ -96,7 +96,7 @@ class ServerState:
 def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
                reasoning_parser: str | None = None, tool_parser: str | None = None, keys: Any = None,
-               audit: Any = None, require_key: bool = False,
+               audit: Any = None, require_key: bool = False, ledger: Any = None,
                cors_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
     lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
@@ -127,11 +127,11 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     app.state.hearth = state
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
-    if keys is not None or audit is not None or require_key:
+    if keys is not None or audit is not None or require_key or ledger is not None:
         from hearth.governance.middleware import GovernanceMiddleware
 
         app.add_middleware(GovernanceMiddleware, keys=keys, audit=audit, require_key=require_key,
-                           served_model_name=served_model_name)  # fmt: skip
+                           served_model_name=served_model_name, ledger=ledger)  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

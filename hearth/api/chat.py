@@ -158,7 +158,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     def usage_with_reasoning(counter: UsageCounter) -> Usage:
         usage = counter.usage()
         if fmt.has_reasoning:
-            usage.completion_tokens_details.reasoning_tokens = sum(p.num_reasoning_tokens for p in parsers)
+            counter.reasoning_tokens = sum(p.num_reasoning_tokens for p in parsers)
+            usage.completion_tokens_details.reasoning_tokens = counter.reasoning_tokens
         return usage
 
     async def respond(fanout: Fanout) -> Response:

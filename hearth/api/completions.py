@@ -215,6 +215,7 @@ class UsageCounter:
         self.request_id = subs[0].request_id.rsplit("-", 1)[0] if subs else None
         self.prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
         self.completion_tokens = 0
+        self.reasoning_tokens = 0  # set by chat completions for reasoning models
         self.cached: dict[int, int] = {}
         self.finish_reasons: dict[int, str | None] = {}
         if request is not None:

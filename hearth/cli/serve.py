@@ -177,6 +177,7 @@ def build_app(
     on_failure: Callable[[BaseException], None] | None = None,
     keys=None,
     audit=None,
+    ledger=None,
     require_key: bool = False,
     cors_origins: list[str] | None = None,
 ):
@@ -200,7 +201,7 @@ def build_app(
     app = create_app(engine, tokenizer, template, served_model_name or ref.name,
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
                      tool_parser=tool_parser, keys=keys, audit=audit, require_key=require_key,
-                     cors_origins=cors_origins)  # fmt: skip
+                     cors_origins=cors_origins, ledger=ledger)  # fmt: skip
     return app, engine
 
 
@@ -250,10 +251,14 @@ def _serve(args, keys, has_keys: bool) -> int:
         if server is not None:
             server.should_exit = True
 
+    from hearth.accounting.usage import UsageLedger
+
     audit = AuditLog(transcripts=args.transcripts)
+    ledger = UsageLedger()
     app, engine = build_app(ref, engine_config, device=device, served_model_name=name,
                             max_body_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser,
                             tool_parser=args.tool_call_parser, on_failure=on_failure, keys=keys, audit=audit,
+                            ledger=ledger,
                             require_key=args.require_key, cors_origins=args.cors_origins)  # fmt: skip
     if not is_loopback(args.host) and not has_keys:
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "

@@ -47,10 +47,11 @@ def bearer_token(scope: Scope) -> str | None:
 class GovernanceMiddleware:
     def __init__(self, app: ASGIApp, keys: KeyStore | None = None, audit: AuditLog | None = None,
                  limiter: RateLimiter | None = None, require_key: bool = False,
-                 served_model_name: str | None = None) -> None:  # fmt: skip
+                 served_model_name: str | None = None, ledger: Any = None) -> None:  # fmt: skip
         self.app = app
         self.keys = keys
         self.audit = audit
+        self.ledger = ledger  # accounting.usage.UsageLedger: tokens and busy time for `hearth usage`
         self.limiter = limiter or RateLimiter()
         self.require_key = require_key
         self.served_model_name = served_model_name
@@ -123,6 +124,8 @@ class GovernanceMiddleware:
                 usage = state.get("usage")
                 if record is not None and record.tpm is not None and usage is not None:
                     self.limiter.charge(record.id, usage.prompt_tokens + usage.completion_tokens)
+                if self.ledger is not None and usage is not None and status == 200:
+                    await anyio.to_thread.run_sync(self.record_usage, usage, record, start)
                 if self.audit is not None:
                     entry = self.entry(scope, state, record, status, time.perf_counter() - start, transcripts)
                     bodies = (b"".join(request_chunks), b"".join(response_chunks)) if transcripts else None
@@ -151,6 +154,15 @@ class GovernanceMiddleware:
             "finish_reason": ",".join(reasons) if reasons else None,
             "transcript": transcripts,
         }
+
+    def record_usage(self, usage: Any, record: Any, start: float) -> None:
+        duration = time.perf_counter() - start
+        try:
+            self.ledger.record(self.served_model_name, record.id if record is not None else None, usage.prompt_tokens,
+                               sum(usage.cached.values()), usage.completion_tokens, usage.reasoning_tokens,
+                               time.time() - duration, duration)  # fmt: skip
+        except Exception:
+            logger.exception("could not write the usage record")
 
     def write(self, entry: dict, bodies: tuple[bytes, bytes] | None) -> None:
         assert self.audit is not None
