@@ -25,7 +25,8 @@ from torch import nn
 from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
 from hearth.layers.context import get_context
-from hearth.layers.linear import Embedding, Linear
+from hearth.layers.decoder import DecoderLayer, DecoderModel
+from hearth.layers.linear import Linear
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
@@ -409,7 +410,7 @@ class DeepseekV3MoE(nn.Module):
         return out
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = DeepseekV3Attention(config, layer_idx)
@@ -420,34 +421,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, residual, cos, sin):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, cos, sin)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
-
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(DecoderModel):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
-                                          rope_scaling(config))  # fmt: skip
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, residual, cos, sin)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        rotary = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
+                                 rope_scaling(config))  # fmt: skip
+        super().__init__(config, DeepseekV3DecoderLayer, RMSNorm, rotary)
 
 
 class DeepseekV3ForCausalLM(nn.Module):

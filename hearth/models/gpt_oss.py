@@ -16,7 +16,8 @@ from torch import nn
 
 from hearth.config import ModelConfig
 from hearth.layers.attention import Attention
-from hearth.layers.linear import Embedding, Linear
+from hearth.layers.decoder import DecoderLayer, DecoderModel
+from hearth.layers.linear import Linear
 from hearth.layers.moe import fused_moe, moe_ref, topk_softmax
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.quant import mxfp4
@@ -191,23 +192,13 @@ class GptOssMLP(nn.Module):
         return self.experts(hidden_states, weights, ids)
 
 
-class GptOssDecoderLayer(nn.Module):
+class GptOssDecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = GptOssAttention(config, layer_idx)
         self.mlp = GptOssMLP(config)
         self.input_layernorm = GptOssRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = GptOssRMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, hidden_states, residual, cos, sin):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, cos, sin)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 def layer_types(config: ModelConfig) -> list[str]:
@@ -225,23 +216,11 @@ def rope_scaling(config: ModelConfig) -> dict | None:
     return {**scaling, "truncate": scaling.get("truncate", False)}
 
 
-class GptOssModel(nn.Module):
+class GptOssModel(DecoderModel):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GptOssDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = GptOssRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                          rope_scaling(config))  # fmt: skip
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, residual, cos, sin)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                 rope_scaling(config))  # fmt: skip
+        super().__init__(config, GptOssDecoderLayer, GptOssRMSNorm, rotary)
 
 
 class GptOssForCausalLM(nn.Module):
