@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hearth.kernels.int4_mm import int4_mm, pack_int4
+from hearth.kernels.int4_mm import can_dequantize, int4_mm, int4_mm_dense, pack_int4
 from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
 
 INT4_TYPES = ("Q4_0", "Q4_1")
+# from this many rows (tokens) on, an int4 layer dequantizes its weight to bf16 and runs a dense matmul: at prefill
+# sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads; see hearth/kernels/int4_mm.py)
+DENSE_MIN_TOKENS = 64
 
 
 def _join(parts: list):
@@ -46,6 +49,7 @@ class Linear(nn.Module):
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
+        self.can_dense = False  # the packed int4 weight can be dequantized for large-M matmuls
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
         size = self.output_sizes[shard_id]
@@ -74,6 +78,7 @@ class Linear(nn.Module):
                     nibbles, scales, mins = split_q4_blocks(weight)
                     # w = d*nib + min = (nib - 8)*d + (min + 8d)
                     self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
+                    self.can_dense = can_dequantize(self.out_features, self.in_features)
                 else:
                     q, scales = quantize_per_row(weight.dequantize())
                     self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
@@ -83,8 +88,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            out = int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros, 32)
-            out = out.reshape(*x.shape[:-1], self.out_features)
+            x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            if self.can_dense and x2d.shape[0] >= DENSE_MIN_TOKENS:
+                out = int4_mm_dense(x2d, self.packed, self.scales_and_zeros, 32)
+            else:
+                out = int4_mm(x2d, self.packed, self.scales_and_zeros, 32)
+            if x.dim() != 2:
+                out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         if self.int8_weight is not None:
             out = int8_mm(x.reshape(-1, self.in_features), self.int8_weight, self.int8_scales)
