@@ -94,8 +94,28 @@ class ModelRunner:
         )  # fmt: skip
         return num_blocks
 
+    def prepare_single_decode(self, seq) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The common CPU case, one sequence decoding one token: a handful of small tensors, no per-token lists."""
+        bs, pos = self.block_size, seq.num_computed_tokens
+        length = pos + 1
+        num_blocks = (length + bs - 1) // bs
+        table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long)
+        k_pos = torch.arange(num_blocks * bs)
+        slots = (table[:, None] * bs + k_pos[:bs]).view(-1)[:length]
+        tables = table[None]
+        # the batched-decode fields too, for attention layers without a single-decode path
+        ctx = Context(q_starts=[0, 1], context_lens=[length], slot_mapping=slots[pos:], block_tables=tables,
+                      block_size=bs, decode_seq_idx=[0], decode_rows=torch.zeros(1, dtype=torch.long),
+                      decode_context_lens=torch.tensor([length]), decode_block_tables=tables,
+                      decode_mask=(k_pos < length).view(1, 1, 1, -1), single_decode_slots=slots)  # fmt: skip
+        set_context(ctx)
+        return torch.tensor([seq.token_ids[pos]]), torch.tensor([pos]), [0]
+
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Build input ids, positions and the forward Context; return the rows whose logits are sampled."""
+        if (len(batch.seqs) == 1 and batch.num_scheduled_tokens[0] == 1 and self.device.type == "cpu"
+                and batch.seqs[0].num_computed_tokens + 1 == batch.seqs[0].num_tokens):  # fmt: skip
+            return self.prepare_single_decode(batch.seqs[0])
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

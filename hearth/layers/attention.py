@@ -67,6 +67,20 @@ class Attention(nn.Module):
             mask &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
         return mask
 
+    def _single_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """One sequence, one new token: gather exactly its context's keys (no padding, no mask) and attend."""
+        if self.sliding_window is not None:
+            slots = slots[-self.sliding_window :]
+        keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)  # [L, kv_heads, head_dim]
+        values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        o = F.scaled_dot_product_attention(q.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2),
+                                           keys.unsqueeze(0).transpose(1, 2), values.unsqueeze(0).transpose(1, 2),
+                                           scale=self.scale, enable_gqa=True)  # fmt: skip
+        return o.view(1, self.num_heads * self.head_dim)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]; sinks: [num_heads] or None
         ctx = get_context()
@@ -76,6 +90,8 @@ class Attention(nn.Module):
         if k_cache is not None:
             k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
             v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+            if ctx.single_decode_slots is not None and sinks is None:
+                return self._single_decode(q, k_cache, v_cache, ctx.single_decode_slots)
         out = torch.empty_like(q)
         for i in ctx.prefill_seq_idx:
             start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
