@@ -90,7 +90,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    out = torch.addcmul(x * cos, rotate_half(x), sin)  # x*cos + rotate_half(x)*sin in two ops
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
