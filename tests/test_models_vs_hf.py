@@ -86,3 +86,61 @@ def test_tiny_qwen2_has_bias_and_tied_embeddings(tiny_qwen2):
     model = llm.engine.runner.model
     assert model.lm_head is None  # tied
     assert model.model.layers[0].self_attn.qkv_proj.bias.abs().sum() > 0
+
+
+def test_llama3_gguf_with_rope_freqs_matches_transformers(tiny_llama3, tmp_path):
+    """Llama 3.x GGUF files carry their rope scaling as `rope_freqs.weight` (llama.cpp divides each frequency)."""
+    import gguf
+
+    from hearth.layers.rotary import default_inv_freq, llama3_inv_freq
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.load import load_model
+    from hearth.loader.names import permute_qk
+    from hearth.loader.resolve import ModelRef
+    from hearth.models.registry import model_class
+
+    _, hf = tiny_llama3
+    cfg = hf.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    path = str(tmp_path / "llama3.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+    w.add_rope_freq_base(theta)
+    w.add_vocab_size(cfg.vocab_size)
+    inv = default_inv_freq(head_dim, theta)
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    w.add_tensor("rope_freqs.weight", (inv / llama3_inv_freq(inv, scaling)).numpy().astype("float32"))
+    names = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for name, t in hf.state_dict().items():
+        t = t.float()
+        if ".q_proj." in name:
+            t = permute_qk(t, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            t = permute_qk(t, cfg.num_key_value_heads)
+        gguf_name = name.removesuffix(".weight")
+        for hf_part, gguf_part in names.items():
+            gguf_name = gguf_name.replace(hf_part, gguf_part)
+        gguf_name = gguf_name.replace("model.layers.", "blk.")
+        w.add_tensor(gguf_name + ".weight", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    config = read_gguf_config(path)
+    model = model_class(config)(config)
+    load_model(model, ModelRef(path, path, "gguf"), torch.float32, keep_quantized=False)
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3))  # past the 64 original positions
+    with torch.inference_mode():
+        theirs = hf(ids[None]).logits[0].float()
+    torch.testing.assert_close(prefill_logits(model, ids), theirs, atol=1e-4, rtol=1e-4)

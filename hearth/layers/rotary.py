@@ -99,12 +99,22 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None = None):
         super().__init__()
-        inv_freq, attention_factor = compute_inv_freq(head_dim, base, scaling, max_position)
-        t = torch.arange(max_position, dtype=torch.float32)
+        self.max_position = max_position
+        self.inv_freq, self.attention_factor = compute_inv_freq(head_dim, base, scaling, max_position)
+        self._build(self.inv_freq)
+
+    def _build(self, inv_freq: torch.Tensor) -> None:
+        t = torch.arange(self.max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * attention_factor, persistent=False)
-        self.register_buffer("sin", emb.sin() * attention_factor, persistent=False)
+        self.register_buffer("cos", emb.cos() * self.attention_factor, persistent=False)
+        self.register_buffer("sin", emb.sin() * self.attention_factor, persistent=False)
+
+    def weight_loader(self, tensor: torch.Tensor, kind: str = "freq_factors", shard_id: int = 0) -> None:
+        """GGUF `rope_freqs.weight` (Llama 3.x): per-frequency divisors that encode the rope scaling."""
+        if kind != "freq_factors" or tuple(tensor.shape) != tuple(self.inv_freq.shape):
+            raise ValueError(f"rope {kind}: expected shape {tuple(self.inv_freq.shape)}, got {tuple(tensor.shape)}")
+        self._build(self.inv_freq / tensor.float())
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for these positions ([num_tokens, head_dim]); computed once per forward, shared by all layers."""

@@ -31,6 +31,9 @@ def iter_checkpoint(ref: ModelRef, config):
         gguf_file = open_gguf(ref.path)
         arch = gguf_file.architecture
         for name, tensor in gguf_file.iter_tensors():
+            if name == "rope_freqs.weight":  # Llama 3.x rope scaling, stored as frequency divisors
+                yield "model.rotary_emb.freq_factors", tensor
+                continue
             hf_name = gguf_to_hf_name(arch, name)
             if hf_name is None:
                 continue
