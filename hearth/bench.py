@@ -218,9 +218,10 @@ RUNNERS = {"hearth": HearthRunner, "llama.cpp": LlamaCppRunner, "transformers": 
 def worker_main(name: str, model: str, opts: dict) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    import torch
+    if name != "llama.cpp":  # llama.cpp's resident memory is measured without torch loaded
+        import torch
 
-    torch.set_num_threads(opts["threads"])
+        torch.set_num_threads(opts["threads"])
     base_rss = rss_mb()[0]
     start = time.perf_counter()
     runner = RUNNERS[name](model, opts)
