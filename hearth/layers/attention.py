@@ -72,14 +72,13 @@ class Attention(nn.Module):
         """One sequence, one new token: gather exactly its context's keys (no padding, no mask) and attend."""
         if self.sliding_window is not None:
             slots = slots[-self.sliding_window :]
-        keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)  # [L, kv_heads, head_dim]
-        values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots)
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        o = F.scaled_dot_product_attention(q.view(1, 1, self.num_heads, self.head_dim).transpose(1, 2),
+        # float32: CPU SDPA on these tiny shapes is faster in float32 than in bf16, and the upcast of L keys is cheap
+        keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots).float()  # [L, kv_heads, D]
+        values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, slots).float()
+        o = F.scaled_dot_product_attention(q.float().view(1, 1, self.num_heads, self.head_dim).transpose(1, 2),
                                            keys.unsqueeze(0).transpose(1, 2), values.unsqueeze(0).transpose(1, 2),
                                            scale=self.scale, enable_gqa=True)  # fmt: skip
-        return o.view(1, self.num_heads * self.head_dim)
+        return o.view(1, self.num_heads * self.head_dim).to(q.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]; sinks: [num_heads] or None
