@@ -141,7 +141,6 @@ class HearthRunner:
             "weight_bytes": weight_bytes(runner.model), "kv_cache_mb": round(kv / 1e6, 1),
             "dtype": str(runner.dtype).removeprefix("torch."), "quant": self.engine.model_info.quantization,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "fast_path": getattr(runner, "fast_path", None),
         }  # fmt: skip
 
 
