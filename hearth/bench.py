@@ -71,7 +71,6 @@ def memory_bandwidth(num_bytes: int = 1 << 30, num_threads: int = 2, repeat: int
         for t in threads:
             t.join()
         best = max(best, 2 * num_bytes / (time.perf_counter() - start) / 1e9)
-    del src, dst
     return best
 
 
@@ -150,8 +149,9 @@ class LlamaCppRunner:
     def __init__(self, model: str, opts: dict):
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model, n_threads=opts["threads"], n_threads_batch=opts["threads"],
-                                   n_ctx=opts["max_model_len"], n_batch=max(opts["prompt_len"], 512), verbose=False)  # fmt: skip
+        threads = opts["threads"]
+        self.llm = llama_cpp.Llama(model, n_threads=threads, n_threads_batch=threads, n_ctx=opts["max_model_len"],
+                                   n_batch=max(opts["prompt_len"], 512), verbose=False)  # fmt: skip
         self.vocab_size = self.llm.n_vocab()
         self.decode_len = opts["decode_len"]
         self.version = llama_cpp.__version__

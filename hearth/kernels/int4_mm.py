@@ -63,7 +63,8 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int
     return torch.addcmul(zeros, q, scales).view(k, n).to(dtype)
 
 
-def int4_mm_dense(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_mm_dense(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                  group_size: int) -> torch.Tensor:  # fmt: skip
     """Same product as `int4_mm`, through a bf16 dense matmul on the weight dequantized now (faster for large M)."""
     n, k = scales_and_zeros.shape[1], x.shape[-1]
     w_t = dequantize_int4(packed, scales_and_zeros, n, k, group_size)
