@@ -33,9 +33,10 @@ def register(sub) -> None:
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=sys.stdout) -> str:
+def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=None) -> str:
     """Generate one answer, printing text as it comes (reasoning dimmed, apart from the answer); Ctrl-C aborts it.
     Returns the answer text."""
+    out = out or sys.stdout  # looked up now: sys.stdout may have been replaced since import
     request_id = "cli"
     engine.add_request(prompt_ids, params, request_id)
     color = out.isatty()
