@@ -44,6 +44,23 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return (p @ v.float()).view(b, num_heads, n, -1).to(q.dtype)
 
 
+def batched_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             scale: float) -> torch.Tensor:  # fmt: skip
+    """One new token per sequence against its padded context, in float32 with the query heads grouped per KV head.
+
+    q: [B, H, D]; keys, values: [B, L, KVH, D]; mask: bool [B, 1, 1, L] (True: in the context) -> [B, H, 1, D].
+    NOTE: CPU SDPA with a mask on these shapes takes the slow path (4 ms per layer at B=16 in bf16, 0.8 ms in
+    float32); two batched matmuls over [B, KVH, H/KVH, L] take 0.5 ms.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[2]
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = qg @ keys.float().permute(0, 2, 3, 1)  # [B, KVH, G, L]
+    scores = scores.mul_(scale).masked_fill_(~mask.view(batch, 1, 1, -1), float("-inf"))
+    out = scores.softmax(-1) @ values.float().transpose(1, 2)  # [B, KVH, G, D]
+    return out.view(batch, num_heads, 1, head_dim).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, sliding_window: int | None = None):
         super().__init__()
@@ -133,9 +150,6 @@ class Attention(nn.Module):
                 o = attention_with_sinks(q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), mask,
                                          sinks, self.scale)  # fmt: skip
             else:
-                o = F.scaled_dot_product_attention(
-                    q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                    attn_mask=mask, scale=self.scale, enable_gqa=True,
-                )  # fmt: skip
+                o = batched_decode_attention(q[rows], keys, values, mask, self.scale)
             out[rows] = o.squeeze(2)
         return out.flatten(1)
