@@ -47,7 +47,8 @@ class Server:
     def start(self, timeout: float = 600) -> None:
         self.log = os.path.join(ROOT, ".bench", f"{self.name}.log")
         os.makedirs(os.path.dirname(self.log), exist_ok=True)
-        self.proc = subprocess.Popen(self.argv, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        with open(self.log, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -28,7 +28,8 @@ def drain(engine: LLMEngine, outputs: dict) -> None:
 
 def prompts(engine, n=16, seed=0):
     rng = random.Random(seed)
-    words = "the a river mountain city light old new song river cloud stone quick idea paper".split()
+    words = ["the", "a", "river", "mountain", "city", "light", "old", "new", "song", "river", "cloud", "stone",
+             "quick", "idea", "paper"]  # fmt: skip
     return [engine.tokenizer.encode(" ".join(rng.choice(words) for _ in range(rng.randint(3, 120)))) for _ in range(n)]
 
 

@@ -36,9 +36,7 @@ def randomize(model) -> None:
         for name, p in model.named_parameters():
             if name.endswith("sinks"):
                 p.normal_(0, 1.0)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif name.endswith("gate_up_proj"):
+            elif name.endswith("bias") or name.endswith("gate_up_proj"):
                 p.normal_(0, 0.5)
 
 

@@ -6,6 +6,7 @@ asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -95,10 +96,8 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, out = stream
-            try:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed
                 loop.call_soon_threadsafe(out.put_nowait, item)
-            except RuntimeError:  # the event loop is closed
-                pass
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":

@@ -93,9 +93,8 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
                 module.finalize(dtype, keep_quantized)
             except ValueError as e:
                 raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
-        elif isinstance(getattr(module, "weight", None), nn.Parameter):
-            if (mod_name, "weight") not in loaded:
-                raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
+        elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
+            raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
     logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
 
 
