@@ -204,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", nargs="*", default=["llama-server", "llama-cpp-python"])
     parser.add_argument("--llama-server", default=os.path.join(ROOT, ".bench", "llama-server"))
-    parser.add_argument("--max-serial-concurrency", type=int, default=16,
-                        help="skip llama-cpp-python (one request at a time) above this concurrency")
+    parser.add_argument(
+        "--max-serial-concurrency",
+        type=int,
+        default=16,
+        help="skip llama-cpp-python (one request at a time) above this concurrency",
+    )
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency")
     args = parser.parse_args(argv)

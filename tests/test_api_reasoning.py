@@ -69,9 +69,11 @@ def client_for(engine, template=None):
                                       max_retries=0)  # fmt: skip
 
 
-GPT_OSS_CALL = ("<|channel|>analysis<|message|>User wants the weather. Call the tool.<|end|><|start|>assistant"
-                "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-                '{"location": "Paris"}')  # the engine stops on <|call|> and does not emit it
+GPT_OSS_CALL = (
+    "<|channel|>analysis<|message|>User wants the weather. Call the tool.<|end|><|start|>assistant"
+    "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+    '{"location": "Paris"}'
+)  # the engine stops on <|call|> and does not emit it
 GPT_OSS_FINAL = ("<|channel|>analysis<|message|>The tool says sunny.<|end|><|start|>assistant<|channel|>final"
                  "<|message|>It is sunny in Paris.")  # fmt: skip
 

@@ -190,9 +190,7 @@ def test_llama3_style_matches_transformers(tok: Tokenizer, hf_tok, messages, too
     assert "Today Date: " in ours and ours.startswith("<|im_start|>")
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True, "reasoning_effort": "high"}]
-)
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True, "reasoning_effort": "high"}])
 @pytest.mark.parametrize("tools", [None, [WEATHER_TOOL, TIME_TOOL]])
 @pytest.mark.parametrize("messages", [CONVERSATIONS[0], CONVERSATIONS[2], TOOL_CONVERSATION])
 def test_qwen2_style_matches_transformers(tok: Tokenizer, hf_tok, messages, tools, kwargs) -> None:

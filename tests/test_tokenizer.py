@@ -169,9 +169,7 @@ def test_sentencepiece_vocab_matches_sentencepiece(tmp_path) -> None:
     )  # fmt: skip
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    kinds = [
-        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(pieces))
-    ]
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(pieces))]
     writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)

@@ -65,9 +65,7 @@ def _ts_type(schema: dict[str, Any], indent: int) -> str:
             lines.append(f"{pad}{name}{opt}{_colon(_ts_type(prop, indent + 4))},{default}")
         lines.append(f"{pad}}}")
         return "\n".join(lines)
-    return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean", "null": "null"}.get(
-        kind, "any"
-    )
+    return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean", "null": "null"}.get(kind, "any")
 
 
 def _colon(ts_type: str) -> str:

@@ -183,9 +183,7 @@ class ChainedParser:
         self.reasoning, self.tools = reasoning, tools
 
     def feed(self, delta_text: str) -> ParsedDelta:
-        return self._through_tools(
-            self.reasoning.feed(delta_text) if self.reasoning else ParsedDelta(content=delta_text)
-        )
+        return self._through_tools(self.reasoning.feed(delta_text) if self.reasoning else ParsedDelta(content=delta_text))
 
     def finish(self) -> ParsedDelta:
         out = self._through_tools(self.reasoning.finish() if self.reasoning else ParsedDelta())

@@ -103,8 +103,14 @@ def _run(args) -> int:
     engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1))
     tokenizer = engine.tokenizer
     fmt = chat_format(tokenizer, load_chat_template(tokenizer), engine.model_config.architecture)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                            stop_token_ids=fmt.stop_token_ids, skip_special_tokens=fmt.skip_special_tokens)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop_token_ids=fmt.stop_token_ids,
+        skip_special_tokens=fmt.skip_special_tokens,
+    )
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(user_text: str) -> None:

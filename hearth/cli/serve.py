@@ -43,12 +43,19 @@ def register(sub) -> None:
     p.add_argument("--max-model-len", type=int, help="context length to allocate (default: the model's, capped)")
     p.add_argument("--max-num-seqs", type=int, help="most requests decoded together (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 512)")
-    p.add_argument("--kv-cache-memory", help="KV cache: GiB (a number >= 1), a fraction of free memory (< 1), or a "
-                   "size such as 512MiB")
-    p.add_argument("--reasoning-parser", choices=["think", "harmony"],
-                   help="how to split reasoning from the answer (default: chosen from the model)")
-    p.add_argument("--tool-call-parser", choices=["deepseek_v3", "hermes"],
-                   help="how to read tool calls from the output (default: chosen from the chat template)")
+    p.add_argument(
+        "--kv-cache-memory", help="KV cache: GiB (a number >= 1), a fraction of free memory (< 1), or a size such as 512MiB"
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=["think", "harmony"],
+        help="how to split reasoning from the answer (default: chosen from the model)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["deepseek_v3", "hermes"],
+        help="how to read tool calls from the output (default: chosen from the chat template)",
+    )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available; default auto)")
     p.add_argument("--max-request-bytes", type=int, help="largest request body accepted (default 4 MiB)")

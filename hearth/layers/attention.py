@@ -121,8 +121,14 @@ class Attention(nn.Module):
             k_pos = torch.arange(length, device=q.device)
             q_pos = k_pos[length - num_new :]
             if sinks is not None:
-                o = attention_with_sinks(q[None, start:end].transpose(1, 2), keys[None].transpose(1, 2),
-                                         values[None].transpose(1, 2), self._mask(q_pos, k_pos), sinks, self.scale)
+                o = attention_with_sinks(
+                    q[None, start:end].transpose(1, 2),
+                    keys[None].transpose(1, 2),
+                    values[None].transpose(1, 2),
+                    self._mask(q_pos, k_pos),
+                    sinks,
+                    self.scale,
+                )
                 out[start:end] = o[0].transpose(0, 1)
                 continue
             if self.sliding_window is None and length == num_new:

@@ -145,9 +145,7 @@ class Embedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             rows = self.qweight.data[input_ids]
-            return QuantizedTensor(rows, self.qweight.qtype, (len(input_ids), self.embedding_dim)).dequantize().to(
-                self.dtype
-            )
+            return QuantizedTensor(rows, self.qweight.qtype, (len(input_ids), self.embedding_dim)).dequantize().to(self.dtype)
         return F.embedding(input_ids, self.weight)
 
     def as_lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:

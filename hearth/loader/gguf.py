@@ -190,9 +190,7 @@ class GGUFFile:
         self.file_size = os.path.getsize(path)
         self._reader = reader
         try:
-            self.metadata: dict[str, Any] = {
-                k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")
-            }
+            self.metadata: dict[str, Any] = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         except UnicodeDecodeError as e:
             raise ModelLoadError(path, f"metadata string is not valid UTF-8 ({e})") from None
 
