@@ -79,3 +79,15 @@ def tiny_qwen2(tmp_path_factory):
     model = Qwen2ForCausalLM(config).eval()
     randomize_biases(model)
     return save_tiny(model, str(tmp_path_factory.mktemp("tiny-qwen2"))), model
+
+
+def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """All-position logits of one sequence through a model, without a KV cache."""
+    from hearth.layers.context import Context, reset_context, set_context
+
+    set_context(Context(q_starts=[0, len(ids)], context_lens=[len(ids)], prefill_seq_idx=[0]))
+    try:
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(len(ids)))).float()
+    finally:
+        reset_context()

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-from conftest import write_byte_tokenizer
+from conftest import prefill_logits, write_byte_tokenizer
 from safetensors.torch import save_file
 
-from hearth.layers.context import Context, reset_context, set_context
 from hearth.quant.mxfp4 import dequantize_mxfp4
 from hearth.sampling_params import SamplingParams
 
@@ -38,15 +37,6 @@ def randomize(model) -> None:
                 p.normal_(0, 1.0)
             elif name.endswith("bias") or name.endswith("gate_up_proj"):
                 p.normal_(0, 0.5)
-
-
-def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    set_context(Context(q_starts=[0, len(ids)], context_lens=[len(ids)], prefill_seq_idx=[0]))
-    try:
-        with torch.inference_mode():
-            return model.compute_logits(model(ids, torch.arange(len(ids)))).float()
-    finally:
-        reset_context()
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import prefill_logits
 
-from hearth.layers.context import Context, reset_context, set_context
 from hearth.sampling_params import SamplingParams
-
-
-def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """All-position logits of one sequence, without a KV cache."""
-    set_context(Context(q_starts=[0, len(ids)], context_lens=[len(ids)], prefill_seq_idx=[0]))
-    try:
-        with torch.inference_mode():
-            return model.compute_logits(model(ids, torch.arange(len(ids)))).float()
-    finally:
-        reset_context()
 
 
 @pytest.fixture(scope="module")
