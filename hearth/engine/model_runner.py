@@ -6,6 +6,8 @@ positions, cache slots and block tables the attention layers read from the forwa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 
@@ -38,6 +40,12 @@ def available_memory(device: torch.device) -> int:
     return 8 * GIB
 
 
+def release_freed_memory() -> None:
+    """Hand the load-time temporaries (dequantized float copies) back to the OS; glibc keeps freed heap otherwise."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def resolve_dtype(name: str, ref: ModelRef, config: ModelConfig) -> torch.dtype:
     """auto: bf16 for GGUF (the int4 kernels want bf16 activations) and bf16/fp16 checkpoints, else float32."""
     if name != "auto":
@@ -64,6 +72,7 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler(engine_config.seed)
         self.num_kvcache_blocks = self.allocate_kv_cache()
+        release_freed_memory()
 
     def allocate_kv_cache(self) -> int:
         """Size the block pool from the KV budget with the KVSpec arithmetic the planner uses, then allocate it."""

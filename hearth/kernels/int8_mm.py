@@ -9,12 +9,21 @@ from __future__ import annotations
 import torch
 
 
-def quantize_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [N, K] -> (int8 [N, K], float32 scales [N]) with w ≈ q * scale."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+def quantize_per_row(w, num_rows: int | None = None, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (int8 [N, K], float32 scales [N]) with w ≈ q * scale.
+
+    `w` may also be a function of a row range returning those rows as float (e.g. dequantizing a GGUF tensor), with
+    `num_rows` given: rows are then converted `chunk` at a time, so a large table never exists in float32 whole.
+    """
+    rows_of = w if callable(w) else (lambda a, b: w[a:b])
+    n = num_rows if callable(w) else w.shape[0]
+    qs, scales = [], []
+    for a in range(0, n, chunk):
+        part = rows_of(a, min(a + chunk, n)).float()
+        s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        qs.append(torch.round(part / s[:, None]).clamp(-127, 127).to(torch.int8))
+        scales.append(s)
+    return torch.cat(qs).contiguous(), torch.cat(scales)
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

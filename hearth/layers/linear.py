@@ -16,6 +16,11 @@ from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
 
 INT4_TYPES = ("Q4_0", "Q4_1")
+
+
+def quantized_rows(qt: QuantizedTensor):
+    """rows(a, b) of a 2-D GGUF tensor, dequantized to float32 only for that range."""
+    return lambda a, b: QuantizedTensor(qt.data[a:b], qt.qtype, (b - a, qt.shape[1])).dequantize()
 # from this many rows (tokens) on, an int4 layer dequantizes its weight to bf16 and runs a dense matmul: at prefill
 # sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads; see hearth/kernels/int4_mm.py)
 DENSE_MIN_TOKENS = 64
@@ -80,7 +85,7 @@ class Linear(nn.Module):
                     self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
                     self.can_dense = can_dequantize(self.out_features, self.in_features)
                 else:
-                    q, scales = quantize_per_row(weight.dequantize())
+                    q, scales = quantize_per_row(quantized_rows(weight), weight.shape[0])
                     self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
                 return
             weight = weight.dequantize()
@@ -139,7 +144,7 @@ class Embedding(nn.Module):
     def tie_lm_head(self) -> None:
         """Prepare the int8 logits form of a quantized table (called by models with tied embeddings)."""
         if self.qweight is not None and self.int8_weight is None:
-            q, scales = quantize_per_row(self.qweight.dequantize())
+            q, scales = quantize_per_row(quantized_rows(self.qweight), self.qweight.shape[0])
             self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
