@@ -21,6 +21,8 @@ INT4_TYPES = ("Q4_0", "Q4_1")
 def quantized_rows(qt: QuantizedTensor):
     """rows(a, b) of a 2-D GGUF tensor, dequantized to float32 only for that range."""
     return lambda a, b: QuantizedTensor(qt.data[a:b], qt.qtype, (b - a, qt.shape[1])).dequantize()
+
+
 # from this many rows (tokens) on, an int4 layer dequantizes its weight to bf16 and runs a dense matmul: at prefill
 # sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads; see hearth/kernels/int4_mm.py)
 DENSE_MIN_TOKENS = 64
