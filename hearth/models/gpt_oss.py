@@ -19,27 +19,16 @@ from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.linear import Linear
 from hearth.layers.moe import fused_moe, moe_ref, topk_softmax
+from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.quant import mxfp4
 from hearth.quant.gguf_types import QuantizedTensor
 from hearth.quant.mxfp4 import Mxfp4Weight
 
 
-class GptOssRMSNorm(nn.Module):
+def GptOssRMSNorm(hidden_size: int, eps: float = 1e-5) -> RMSNorm:
     """gpt-oss order: normalise and multiply by the gain in float32, then cast (Llama casts before the gain)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            hidden_states = hidden_states + residual
-            residual = hidden_states
-        out = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.eps)
-        out = out.to(hidden_states.dtype)
-        return out if residual is None else (out, residual)
+    return RMSNorm(hidden_size, eps, scale_in_float32=True)
 
 
 def swiglu_oss(h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
