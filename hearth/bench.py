@@ -93,7 +93,22 @@ def rss_mb() -> tuple[float, float]:
 # corrupt the protocol): {"op": "prefill"|"decode", "prompt": [...]} -> {"tok_s": x}; {"op": "stats"} -> {...}.
 
 
-class HearthRunner:
+class StreamingRunner:
+    """A runtime timed from its token stream: `_request` returns (seconds to the first token, seconds for the rest)."""
+
+    decode_len: int
+
+    def _request(self, prompt_ids: list[int], max_tokens: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def prefill(self, prompt_ids: list[int]) -> float:
+        return len(prompt_ids) / self._request(prompt_ids, 1)[0]
+
+    def decode(self, prompt_ids: list[int]) -> float:
+        return (self.decode_len - 1) / self._request(prompt_ids, self.decode_len)[1]
+
+
+class HearthRunner(StreamingRunner):
     name = "hearth"
 
     def __init__(self, model: str, opts: dict):
@@ -122,12 +137,6 @@ class HearthRunner:
                     first = time.perf_counter()
         return first - start, time.perf_counter() - first
 
-    def prefill(self, prompt_ids: list[int]) -> float:
-        return len(prompt_ids) / self._request(prompt_ids, 1)[0]
-
-    def decode(self, prompt_ids: list[int]) -> float:
-        return (self.decode_len - 1) / self._request(prompt_ids, self.decode_len)[1]
-
     def info(self) -> dict:
         runner = self.engine.runner
         spec_bytes = runner.num_kvcache_blocks * runner.block_size
@@ -143,7 +152,7 @@ class HearthRunner:
         }  # fmt: skip
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(StreamingRunner):
     name = "llama.cpp"
 
     def __init__(self, model: str, opts: dict):
@@ -166,12 +175,6 @@ class LlamaCppRunner:
             if n >= max_tokens:
                 break
         return first - start, time.perf_counter() - first
-
-    def prefill(self, prompt_ids: list[int]) -> float:
-        return len(prompt_ids) / self._request(prompt_ids, 1)[0]
-
-    def decode(self, prompt_ids: list[int]) -> float:
-        return (self.decode_len - 1) / self._request(prompt_ids, self.decode_len)[1]
 
     def info(self) -> dict:
         return {"version": self.version, "threads": self.llm.n_threads}
