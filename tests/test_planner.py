@@ -183,8 +183,8 @@ def test_plan_local_gguf(tmp_path, monkeypatch, capsys):
 
 
 def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
-    """`hearth bench` measured ~52 tok/s decode for SmolLM2 Q4_1 on this project's 2-core machine (README, 512-token
-    prompt + 128 decoded); the plan on `auto` (a real bandwidth probe) must be within 2× of that."""
+    """`hearth bench smollm2 --vs all --repeat 5` measured 68.7 tok/s decode for SmolLM2 Q4_1 on this project's 2-core
+    machine (README, 128 tokens decoded); the plan on `auto` (a real bandwidth probe) must be within 2× of that."""
     from hearth.cli.main import main
     from hearth.loader import ModelLoadError
     from hearth.loader.resolve import embedded_model_path
@@ -198,7 +198,8 @@ def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     if "EPYC" not in out["hardware"]:
         pytest.skip("calibrated for the project's CPU machine")
-    assert 52 / 2 <= out["decode_tok_s"] <= 52 * 2
+    measured = 68.7
+    assert measured / 2 <= out["decode_tok_s"] <= measured * 2
 
 
 def test_headroom_rule():
