@@ -1,68 +1,29 @@
-"""CPU MXFP4 kernels (mxfp4_cpu.c): built once with the system C compiler into a per-machine cache, called via ctypes.
+"""CPU MXFP4 kernels (mxfp4_cpu.c), built by `cbuild.load_library` and called via ctypes.
 
-`available()` is False when no compiler is found or the build fails; callers then use the plain-torch path. The
-library is tuned with -march=native, so the cache key includes the CPU flags. Set HEARTH_MXFP4_KERNEL=0 to disable.
+`available()` is False when no compiler is found or the build fails; callers then use the plain-torch path. Set
+HEARTH_MXFP4_KERNEL=0 (or HEARTH_C_KERNELS=0) to disable.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 
 import torch
 
-logger = logging.getLogger(__name__)
+from hearth.kernels.cbuild import load_library
 
 SOURCE = os.path.join(os.path.dirname(__file__), "mxfp4_cpu.c")
 MAX_M = 16  # rows of x per mxfp4_gemv call (MAX_M in the C source)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return flags
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "hearth", "kernels")
-
-
 def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: MXFP4 matmuls use the slower torch path")
+    lib = load_library(SOURCE, "MXFP4 matmuls")
+    if lib is None:
         return None
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"mxfp4_cpu-{key}.so")
-    if not os.path.isfile(path):
-        os.makedirs(_cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            logger.warning("building the MXFP4 CPU kernel failed (%s): using the torch path", detail.decode()[-300:] or e)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            return None
-    lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mxfp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_gemv.restype = None
