@@ -23,8 +23,18 @@ import time
 
 PEERS = ("llama.cpp", "transformers")
 # attributes that hold weights read on every decoded token (an Embedding's quantized lookup table is read one row
-# per token and is left out; a tied LM head is counted through its int8 form)
-WEIGHT_ATTRS = ("weight", "bias", "packed", "scales_and_zeros", "int8_weight", "int8_scales", "weight_scale_inv")
+# per token and is left out; a tied LM head is counted through its int8 form or its GGUF blocks, `lm_blocks`)
+WEIGHT_ATTRS = (
+    "weight",
+    "bias",
+    "packed",
+    "scales_and_zeros",
+    "int8_weight",
+    "int8_scales",
+    "weight_scale_inv",
+    "blocks",
+    "lm_blocks",
+)
 
 
 def git_rev() -> str:
@@ -44,6 +54,7 @@ def weight_bytes(model) -> int:
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + [getattr(module, n, None) for n in WEIGHT_ATTRS]
         for t in tensors:
+            t = t[0] if isinstance(t, tuple) else t  # (GGUF blocks, type)
             if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()

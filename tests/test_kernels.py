@@ -7,7 +7,9 @@ the float32 one by greedy agreement.
 | int4_mm_dense (dequant → bf16 mm)  | int4_mm_ref                       | 1e-2: bf16 weights and activations         |
 | dequantize_int4 (unpack)           | (q - 8) * scale + zero, float32   | exact nibbles; values within 1 bf16 ulp    |
 | int8_mm (per-row int8, bf16 act.)  | int8_mm_ref                       | 1e-2                                       |
+| gguf_cpu kernels                   | see tests/test_gguf_kernels.py    |                                            |
 | Linear on real SmolLM2 Q4_1 / Q8_0 | GGUF dequantize(), fp32 matmul    | 2e-2; 3e-2 for Q8_0 (per-row int8 requant) |
+|   (C kernels on the file's blocks) |                                   | 2e-2                                       |
 | single-sequence decode attention   | the batched decode path           | 1e-5 in float32                            |
 | bf16 engine, greedy 16 tokens      | float32 engine                    | equal, or each token in the other's top-5  |
 """
@@ -92,21 +94,32 @@ def smollm2_tensors(smollm2_path):
     return {name: t for name, t in open_gguf(smollm2_path).iter_tensors() if name in wanted}
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.5.ffn_gate.weight",
                                   "token_embd.weight"])  # fmt: skip
-def test_linear_on_real_smollm2_layers(smollm2_tensors, name):
+def test_linear_on_real_smollm2_layers(smollm2_tensors, name, c_kernels, monkeypatch):
+    """A GGUF Linear against the dequantized float32 product, with the C kernels (the file's blocks) and without
+    them (PyTorch's packed int4 / per-row int8)."""
+    from hearth.kernels import gguf_cpu
     from hearth.layers.linear import DENSE_MIN_TOKENS, Linear
 
+    if c_kernels and not gguf_cpu.available():
+        pytest.skip("no C compiler")
+    if not c_kernels:
+        monkeypatch.setattr(gguf_cpu, "available", lambda: False)
     qt = smollm2_tensors[name]
     n, k = qt.shape
     layer = Linear(k, n)
     layer.weight_loader(qt)
     layer.finalize(torch.bfloat16)
-    assert (layer.packed is not None) == (qt.type_name in ("Q4_0", "Q4_1"))
+    if c_kernels:
+        assert layer.blocks is not None and layer.block_type == qt.qtype and layer.packed is None
+    else:
+        assert layer.blocks is None and (layer.packed is not None) == (qt.type_name in ("Q4_0", "Q4_1"))
     w = qt.dequantize().float()
-    for m in (1, DENSE_MIN_TOKENS + 1):  # the int4 kernel, then (where the layout allows) the dense path
+    for m in (1, DENSE_MIN_TOKENS + 1):  # the few-rows kernel, then (where the layout allows) the dense path
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        tol = 2e-2 if layer.packed is not None else 3e-2
+        tol = 2e-2 if layer.packed is not None or c_kernels else 3e-2
         assert rel_err(layer(x.bfloat16()), x @ w.t()) <= tol, (name, m)
 
 

@@ -72,6 +72,10 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler(engine_config.seed)
         self.num_kvcache_blocks = self.allocate_kv_cache()
+        # a family's one-call decode step over the allocated cache (CPU, GGUF blocks), when it has one
+        self.fused_decode = None
+        if self.device.type == "cpu" and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
+            self.fused_decode = getattr(self.model, "fused_decode", lambda: None)()
         release_freed_memory()
 
     def allocate_kv_cache(self) -> int:
@@ -158,17 +162,33 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, torch.tensor(positions, dtype=torch.long, device=dev), sample_rows
 
+    def run_fused_decode(self, seqs: list) -> torch.Tensor:
+        """Every sequence decodes its one next token: logits [len(seqs), vocab] from the fused decode step."""
+        bs = self.block_size
+        positions = [seq.num_computed_tokens for seq in seqs]
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        input_ids = torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions)])
+        pos = torch.tensor(positions)
+        return self.fused_decode(input_ids, pos, torch.tensor(slots), tables, bs, pos + 1)
+
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
         """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
-        input_ids, positions, sample_rows = self.prepare(batch)
-        try:
-            hidden_states = self.model(input_ids, positions)
-        finally:
-            reset_context()
-        sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
-        if not sampled:
-            return [], [], []
-        logits = self.model.compute_logits(hidden_states[sample_rows])
+        all_decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
+        if self.fused_decode is not None and all_decode:
+            sampled = list(batch.seqs)
+            logits = self.run_fused_decode(sampled)
+        else:
+            input_ids, positions, sample_rows = self.prepare(batch)
+            try:
+                hidden_states = self.model(input_ids, positions)
+            finally:
+                reset_context()
+            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
+            if not sampled:
+                return [], [], []
+            logits = self.model.compute_logits(hidden_states[sample_rows])
         token_ids, logprobs = self.sampler(logits, sampled, [getattr(s, "generator", None) for s in sampled])
         return sampled, token_ids, logprobs

@@ -1,8 +1,12 @@
 """Linear layers whose weights load through `weight_loader` and may stay quantized.
 
 Fused projections (qkv, gate_up) collect their shards during loading; `finalize()` joins them and picks how the weight
-is held: dense in the compute dtype; GGUF Q4_0/Q4_1 as packed int4 (exact); other GGUF types requantized to per-row
-int8. The quantized forms need a bf16 compute dtype; with float32 everything is dequantized (the reference mode).
+is held: dense in the compute dtype, or for GGUF weights (bf16 compute dtype) one of
+- the file's own blocks for the C kernels (hearth/kernels/gguf_cpu.py): Q4_0, Q4_1 and Q8_0 as they are, other types
+  requantized once to Q8_0. Many rows (prefill) dequantize to bf16 and run a dense matmul, a few rows a C kernel with
+  the same arithmetic; a model's fused decode step reads the blocks with int8 activations (as llama.cpp does);
+- without a C compiler, PyTorch's kernels: Q4_0/Q4_1 as packed int4 (exact), other types as per-row int8.
+With float32 everything is dequantized (the reference mode).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hearth.kernels import gguf_cpu
 from hearth.kernels.int4_mm import can_dequantize, int4_mm, int4_mm_dense, pack_int4
 from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
@@ -23,9 +28,28 @@ def quantized_rows(qt: QuantizedTensor):
     return lambda a, b: QuantizedTensor(qt.data[a:b], qt.qtype, (b - a, qt.shape[1])).dequantize()
 
 
-# from this many rows (tokens) on, an int4 layer dequantizes its weight to bf16 and runs a dense matmul: at prefill
-# sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads; see hearth/kernels/int4_mm.py)
+# from this many rows (tokens) on, a packed-int4 layer dequantizes its weight to bf16 and runs a dense matmul: at
+# prefill sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads)
 DENSE_MIN_TOKENS = 64
+# the same switch for GGUF blocks: below it, a kernel with the dense path's bf16 arithmetic, so that a prompt's last
+# few tokens (after a prefix-cache hit) compute what the whole prompt would have. Decode steps do not come here: the
+# fused decode (or the LM head) use the int8-activation kernel, as llama.cpp does.
+BLOCKS_DENSE_MIN_TOKENS = 16
+
+
+def gguf_blocks(qt: QuantizedTensor) -> tuple[torch.Tensor, int]:
+    """A GGUF weight as blocks the C kernels read: its own if they can, else requantized to Q8_0."""
+    rows, cols = qt.shape
+    if gguf_cpu.supports(qt.qtype, cols):
+        return qt.data.reshape(rows, -1).contiguous(), qt.qtype
+    return gguf_cpu.quantize_q8_0(quantized_rows(qt), rows, cols), gguf_cpu.Q8_0
+
+
+def blocks_mm(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    """x [M, K] times GGUF-block rows [N, ·] -> [M, N] in x's dtype."""
+    if x.shape[0] >= BLOCKS_DENSE_MIN_TOKENS:
+        return F.linear(x.to(torch.bfloat16), gguf_cpu.dequant(blocks, qtype, n, x.shape[1])).to(x.dtype)
+    return gguf_cpu.gemm_f32(x.to(torch.bfloat16), blocks, qtype, n).to(x.dtype)
 
 
 def _join(parts: list):
@@ -56,6 +80,8 @@ class Linear(nn.Module):
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
+        self.blocks: torch.Tensor | None = None  # GGUF blocks for the C kernels, of type block_type
+        self.block_type = 0
         self.can_dense = False  # the packed int4 weight can be dequantized for large-M matmuls
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
@@ -81,7 +107,9 @@ class Linear(nn.Module):
         if isinstance(weight, QuantizedTensor):
             self.quant_type = weight.type_name
             if keep_quantized and dtype == torch.bfloat16:
-                if weight.type_name in INT4_TYPES:
+                if gguf_cpu.available() and self.in_features % 32 == 0:
+                    self.blocks, self.block_type = gguf_blocks(weight)
+                elif weight.type_name in INT4_TYPES:
                     nibbles, scales, mins = split_q4_blocks(weight)
                     # w = d*nib + min = (nib - 8)*d + (min + 8d)
                     self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
@@ -94,6 +122,10 @@ class Linear(nn.Module):
         self.weight = weight.to(dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks, self.block_type, self.out_features)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         if self.packed is not None:
             x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
             if self.can_dense and x2d.shape[0] >= DENSE_MIN_TOKENS:
@@ -111,8 +143,9 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embeddings. A GGUF-quantized table stays quantized: lookups dequantize only the rows they gather (exact),
-    and when the table doubles as the LM head (tied embeddings) it is also held as per-row int8 for the logits."""
+    """Token embeddings. A GGUF-quantized table stays quantized: lookups dequantize only the rows they gather (exact).
+    When the table doubles as the LM head (tied embeddings), the logits come from its blocks through the C kernels
+    (a Q8_0 copy for types they do not read), or without them from a per-row int8 copy."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
@@ -122,6 +155,7 @@ class Embedding(nn.Module):
         self.qweight: QuantizedTensor | None = None
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
+        self.lm_blocks: tuple[torch.Tensor, int] | None = None  # (GGUF blocks, type) for the C kernels
         self.quant_type: str | None = None
         self.dtype = torch.float32
 
@@ -144,8 +178,10 @@ class Embedding(nn.Module):
         self.weight = weight.to(dtype).contiguous()
 
     def tie_lm_head(self) -> None:
-        """Prepare the int8 logits form of a quantized table (called by models with tied embeddings)."""
-        if self.qweight is not None and self.int8_weight is None:
+        """Prepare the logits form of a quantized table (called by models with tied embeddings)."""
+        if self.qweight is not None and self.lm_blocks is None and gguf_cpu.available() and self.embedding_dim % 32 == 0:
+            self.lm_blocks = gguf_blocks(self.qweight)
+        if self.qweight is not None and self.lm_blocks is None and self.int8_weight is None:
             q, scales = quantize_per_row(quantized_rows(self.qweight), self.qweight.shape[0])
             self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
 
@@ -159,5 +195,10 @@ class Embedding(nn.Module):
         """Logits from the (tied) embedding table."""
         if self.qweight is not None:
             self.tie_lm_head()
+            if self.lm_blocks is not None:
+                # always the int8-activation kernel: a dense copy of a whole vocabulary would cost more than it saves
+                return gguf_cpu.gemm(hidden_states, self.lm_blocks[0], self.lm_blocks[1], self.num_embeddings).to(
+                    hidden_states.dtype
+                )
             return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
         return hidden_states @ self.weight.t()

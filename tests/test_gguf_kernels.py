@@ -1,0 +1,242 @@
+"""The C kernels on GGUF blocks (hearth/kernels/gguf_cpu.c) against plain-torch references.
+
+| fast path                                 | reference                                        | tolerance            |
+|-------------------------------------------|--------------------------------------------------|----------------------|
+| activation quantization (int8 per 32)     | quantize_q8_ref                                  | exact                |
+| gemm, Q4_0 / Q4_1 / Q8_0, any M, N, K     | gemm_ref: same int8 x, dequantized W, float64 mm | 1e-5 of max |ref|    |
+| gemm_f32 (float x, bf16-rounded W)       | float64 mm of the same values                    | 1e-5 of max |ref|    |
+| dequant to float32 / bf16                 | gguf_types.dequantize (/ .to(bfloat16))          | exact                |
+| quantize_q8_0 (other types -> Q8_0)       | the float rows                                   | half a step per value |
+| fused decode, M sequences at once         | the same rows one at a time                      | exact                |
+| fused decode on SmolLM2                   | float32 model (dequantized weights), same cache  | no worse than the    |
+|                                           |                                                  | bf16 torch path      |
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from hearth.kernels import gguf_cpu
+from hearth.quant.gguf_types import dequantize
+
+pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="no C compiler for the GGUF kernels")
+
+TYPES = [gguf_cpu.Q4_0, gguf_cpu.Q4_1, gguf_cpu.Q8_0]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def random_blocks(qtype: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Real GGUF blocks (written by gguf-py's quantizer) of random weights with a few outliers, [n, row bytes]."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    w[rng.random((n, k)) < 0.01] *= 20
+    return torch.from_numpy(quants.quantize(w, T(qtype)).copy()).reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 64), (130, 576), (8, 1536)])  # odd block counts, N % 4 != 0
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 17])
+def test_gemm_matches_reference(qtype, n, k, m):
+    blocks = random_blocks(qtype, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[:, 3] *= 30  # an outlier channel, as real activations have
+    ref = gguf_cpu.gemm_ref(x, blocks, qtype, n)
+    assert rel_err(gguf_cpu.gemm(x, blocks, qtype, n), ref) <= 1e-5
+    out = torch.randn(m, n)
+    expected = out.double() + ref.double()
+    assert rel_err(gguf_cpu.gemm(x, blocks, qtype, n, out=out), expected) <= 1e-5  # accumulate into `out`
+
+
+def test_gemm_zero_rows_and_blocks():
+    blocks = random_blocks(gguf_cpu.Q4_1, 16, 64)
+    x = torch.zeros(2, 64)  # all-zero activation blocks: scale 0, no division by zero
+    assert torch.equal(gguf_cpu.gemm(x, blocks, gguf_cpu.Q4_1, 16), torch.zeros(2, 16))
+
+
+def test_activation_quantization_matches_reference():
+    lib = gguf_cpu._get()
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)) * 4
+    x[1, 32:64] = 0
+    q = torch.empty(3, 128, dtype=torch.int8)
+    d, s = torch.empty(3, 4), torch.empty(3, 4)
+    lib.gguf_quantize_q8(3, 128, x.data_ptr(), q.data_ptr(), d.data_ptr(), s.data_ptr())
+    q_ref, d_ref = gguf_cpu.quantize_q8_ref(x)
+    assert torch.equal(q.float(), q_ref.reshape(3, 128)) and torch.equal(d, d_ref.reshape(3, 4))
+    torch.testing.assert_close(s, d * q.float().reshape(3, 4, 32).sum(-1))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequant_is_exact(qtype):
+    blocks = random_blocks(qtype, 70, 160, seed=2)
+    ref = dequantize(blocks.reshape(-1), qtype, (70, 160))
+    assert torch.equal(gguf_cpu.dequant(blocks, qtype, 70, 160, torch.float32), ref)
+    assert torch.equal(gguf_cpu.dequant(blocks, qtype, 70, 160, torch.bfloat16), ref.bfloat16())
+
+
+def test_quantize_q8_0_requantizes_within_half_a_step():
+    w = torch.randn(50, 96, generator=torch.Generator().manual_seed(4))
+    blocks = gguf_cpu.quantize_q8_0(lambda a, b: w[a:b], 50, 96, chunk=16)
+    back = dequantize(blocks.reshape(-1), gguf_cpu.Q8_0, (50, 96))
+    step = (w.reshape(50, 3, 32).abs().amax(-1, keepdim=True) / 127).expand(50, 3, 32).reshape(50, 96)
+    assert ((back - w).abs() <= step * (0.5 + 127 * 2**-11)).all()  # half a step, + 127 x the f16 rounding of it
+
+
+def test_unsupported_inputs_raise():
+    blocks = random_blocks(gguf_cpu.Q4_0, 4, 64)
+    with pytest.raises(ValueError):
+        gguf_cpu.gemm(torch.randn(1, 64), blocks, 12, 4)  # Q4_K: not read by the kernel
+    with pytest.raises(ValueError):
+        gguf_cpu.gemm(torch.randn(1, 64), blocks[:2], gguf_cpu.Q4_0, 4)  # fewer bytes than 4 rows
+
+
+# ---- the fused decode step on SmolLM2 ----
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from hearth import LLM
+
+    fast = LLM("smollm2", max_model_len=512, max_num_seqs=4, kv_cache_memory="64MiB")
+    ref = LLM("smollm2", dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_memory="128MiB")
+    assert fast.engine.runner.fused_decode is not None and ref.engine.runner.fused_decode is None
+    return fast, ref
+
+
+def caches(runner):
+    return [(m.k_cache, m.v_cache) for m in runner.model.modules() if getattr(m, "k_cache", None) is not None]
+
+
+TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders met to exchange salt, "
+    "grain and wool. Over the centuries the market grew into a town with walls, a cathedral and a university, and "
+    "its printers, bankers and engineers became known across the continent. "
+) * 3
+
+
+def prefilled_sequences(fast, ref, lengths: list[int], seed: int = 1):
+    """Sequences of real text whose first `length - 1` tokens are cached, in scattered blocks, and that decode their
+    last token next. The float32 model fills the cache; both engines then hold the same bf16 values."""
+    from hearth.engine.scheduler import Batch
+    from hearth.engine.sequence import Sequence
+    from hearth.layers.context import reset_context
+    from hearth.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    ids = fast.tokenizer.encode(TEXT)
+    free_blocks = torch.randperm(170, generator=g).tolist()  # scattered, none shared
+    seqs = []
+    for i, length in enumerate(lengths):
+        seq = Sequence(ids[i * 7 : i * 7 + length], SamplingParams())
+        seq.block_table = [free_blocks.pop() for _ in range((length + 15) // 16)]
+        seqs.append(seq)
+    runner = ref.engine.runner
+    with torch.inference_mode():
+        try:
+            runner.model(*runner.prepare(Batch(seqs, [len(s) - 1 for s in seqs]))[:2])
+        finally:
+            reset_context()
+    for seq in seqs:
+        seq.num_computed_tokens = len(seq) - 1
+    for (k, v), (rk, rv) in zip(caches(fast.engine.runner), caches(ref.engine.runner)):
+        k.copy_(rk)
+        v.copy_(rv)
+        rk.copy_(k.float())
+        rv.copy_(v.float())
+    return seqs
+
+
+@torch.inference_mode()
+def torch_path_logits(runner, seqs) -> torch.Tensor:
+    from hearth.engine.scheduler import Batch
+    from hearth.layers.context import reset_context
+
+    ids, positions, rows = runner.prepare(Batch(list(seqs), [1] * len(seqs)))
+    try:
+        hidden = runner.model(ids, positions)
+    finally:
+        reset_context()
+    return runner.model.compute_logits(hidden[rows]).float()
+
+
+def test_fused_decode_batched_equals_one_at_a_time(engines):
+    fast, ref = engines
+    runner = fast.engine.runner
+    seqs = prefilled_sequences(fast, ref, [5, 40, 130, 17])
+    together = runner.run_fused_decode(seqs)
+    for i, seq in enumerate(seqs):
+        assert torch.equal(runner.run_fused_decode([seq])[0], together[i])
+
+
+def test_fused_decode_is_no_less_exact_than_the_torch_path(engines):
+    """Logits of 4 decoding sequences of real text: the fused C step and the bf16 torch path, each against the float32
+    model (dequantized weights, float activations) on the same cache contents."""
+    fast, ref = engines
+    seqs = prefilled_sequences(fast, ref, [9, 33, 200, 64, 20, 50, 120, 6], seed=5)
+    exact = torch_path_logits(ref.engine.runner, seqs)
+    torch_bf16 = torch_path_logits(fast.engine.runner, seqs)
+    fused = fast.engine.runner.run_fused_decode(seqs)
+    err_fused = [rel_err(fused[i], exact[i]) for i in range(len(seqs))]
+    err_torch = [rel_err(torch_bf16[i], exact[i]) for i in range(len(seqs))]
+    # measured: both ~2.5% of the largest logit per row (int8 activations in both, bf16 residuals in the torch path)
+    assert max(err_fused) <= 0.06, err_fused
+    assert sum(err_fused) <= 1.5 * sum(err_torch), (err_fused, err_torch)
+    # the same top token wherever the exact logits have a clear winner
+    top2 = exact.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert torch.equal(fused.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+def test_fused_decode_sliding_window_matches_torch_path(engines):
+    """A sliding window (Mistral / Qwen2 layer types) in the C attention against the torch attention's mask."""
+    fast, ref = engines
+    window = 24
+    models = [fast.engine.runner.model, ref.engine.runner.model]
+    for model in models:
+        for layer in model.model.layers:
+            layer.self_attn.attn.sliding_window = window
+    try:
+        decoder = fast.engine.runner.model.fused_decode()
+        seqs = prefilled_sequences(fast, ref, [10, 100], seed=9)
+        exact = torch_path_logits(ref.engine.runner, seqs)
+        runner = fast.engine.runner
+        saved, runner.fused_decode = runner.fused_decode, decoder
+        try:
+            fused = runner.run_fused_decode(seqs)
+        finally:
+            runner.fused_decode = saved
+        assert rel_err(fused, exact) <= 0.05
+        # and the window matters: without it the long sequence's logits move
+        full = runner.run_fused_decode(seqs)
+        assert rel_err(full[1:], exact[1:]) > 2 * rel_err(fused[1:], exact[1:])
+    finally:
+        for model in models:
+            for layer in model.model.layers:
+                layer.self_attn.attn.sliding_window = None
+
+
+def test_decoder_struct_matches_c_layout():
+    # the ctypes mirror of the C structs: pointer-sized fields in order, ints padded to 8 (x86-64 / aarch64 ABI)
+    assert ctypes.sizeof(gguf_cpu.LayerWeights) == 8 * 6 + 4 * 4 + 8 * 4
+    assert gguf_cpu.decoder_supports(576, 9, 3, 64, 1536)
+    assert not gguf_cpu.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
+    assert not gguf_cpu.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gemm_f32_matches_dense_bf16_arithmetic(qtype, m):
+    blocks = random_blocks(qtype, 37, 160, seed=6)
+    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).bfloat16().float()
+    ref = gguf_cpu.gemm_f32_ref(x, blocks, qtype, 37)
+    assert rel_err(gguf_cpu.gemm_f32(x, blocks, qtype, 37), ref) <= 1e-5
+    with pytest.raises(ValueError):
+        gguf_cpu.gemm_f32(torch.randn(17, 160), blocks, qtype, 37)
