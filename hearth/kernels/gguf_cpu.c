@@ -561,11 +561,119 @@ static inline void prefetch_rows(const uint16_t *p, int64_t n, int64_t stride, i
 #endif
 }
 
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 (softmax weights): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial
+// (relative error < 2e-7); below -87 the result is ~1e-38, as good as 0 next to the row's largest weight, 1.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// attend_chunk for a head size D and JG query heads known at compile time: keys, values and outputs in registers
+static inline __attribute__((always_inline)) void attend_chunk_d(const int D, const int JG, const float *q,
+                                                                 const uint16_t *kc, const uint16_t *vc,
+                                                                 const int64_t *table, int64_t bs, int64_t t_begin,
+                                                                 int64_t t_end, int64_t stride, float scale,
+                                                                 float *scores, float *part) {
+    __m512 qv[4][8], o[4][8];
+    float mx[4], sum[4];
+    for (int j = 0; j < JG; j++) {
+        mx[j] = -INFINITY;
+        for (int i = 0; i < D / 16; i++) {
+            qv[j][i] = _mm512_mul_ps(_mm512_loadu_ps(q + j * D + 16 * i), _mm512_set1_ps(scale));
+            o[j][i] = _mm512_setzero_ps();
+        }
+    }
+    const int64_t n = t_end - t_begin;
+    for (int64_t b0 = t_begin - t_begin % bs; b0 < t_end; b0 += bs) {
+        const int64_t a = b0 > t_begin ? b0 : t_begin, e = b0 + bs < t_end ? b0 + bs : t_end;
+        const uint16_t *kb = kc + (table[b0 / bs] * bs - b0) * stride;
+        for (int64_t t = a; t < e; t++) {
+            __m512 kv[8];
+            for (int i = 0; i < D / 16; i++) kv[i] = load_bf16x16(kb + t * stride + 16 * i);
+            for (int j = 0; j < JG; j++) {
+                __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
+                for (int i = 1; i < D / 16; i++) acc = _mm512_fmadd_ps(qv[j][i], kv[i], acc);
+                const float sc = _mm512_reduce_add_ps(acc);
+                scores[j * ATT_CHUNK + t - t_begin] = sc;
+                mx[j] = sc > mx[j] ? sc : mx[j];
+            }
+        }
+    }
+    for (int j = 0; j < JG; j++) {
+        float *sj = scores + j * ATT_CHUNK;
+        const __m512 m = _mm512_set1_ps(mx[j]);
+        __m512 acc = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16) {
+            const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sj + t), m));
+            _mm512_storeu_ps(sj + t, p);
+            acc = _mm512_add_ps(acc, p);
+        }
+        if (t < n) {
+            const __mmask16 k = (__mmask16)((1u << (n - t)) - 1);
+            const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sj + t), m));
+            _mm512_mask_storeu_ps(sj + t, k, p);
+            acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, p));
+        }
+        sum[j] = _mm512_reduce_add_ps(acc);
+    }
+    for (int64_t b0 = t_begin - t_begin % bs; b0 < t_end; b0 += bs) {
+        const int64_t a = b0 > t_begin ? b0 : t_begin, e = b0 + bs < t_end ? b0 + bs : t_end;
+        const uint16_t *vb = vc + (table[b0 / bs] * bs - b0) * stride;
+        for (int64_t t = a; t < e; t++) {
+            __m512 vv[8];
+            for (int i = 0; i < D / 16; i++) vv[i] = load_bf16x16(vb + t * stride + 16 * i);
+            for (int j = 0; j < JG; j++) {
+                const __m512 p = _mm512_set1_ps(scores[j * ATT_CHUNK + t - t_begin]);
+                for (int i = 0; i < D / 16; i++) o[j][i] = _mm512_fmadd_ps(p, vv[i], o[j][i]);
+            }
+        }
+    }
+    for (int j = 0; j < JG; j++) {
+        part[j * (2 + D)] = mx[j];
+        part[j * (2 + D) + 1] = sum[j];
+        for (int i = 0; i < D / 16; i++) _mm512_storeu_ps(part + j * (2 + D) + 2 + 16 * i, o[j][i]);
+    }
+}
+#endif
+
 // part: G x (2 + d) floats: max, sum, o[d]. q: the G query heads (contiguous, d each); buf: the thread's scratch,
 // G * ATT_CHUNK + d + G * d floats (outputs accumulate there, not in `part`, which neighbours other threads' parts).
 static void attend_chunk(const float *q, int64_t G, const uint16_t *kc, const uint16_t *vc, const int64_t *table,
                          int64_t bs, int64_t t_begin, int64_t t_end, int64_t stride, int64_t d, float scale, float *buf,
                          float *part) {
+#if defined(__AVX512F__)
+    // heads in register-sized groups: 4 at a time for d = 64, 2 for d = 128 (16 output registers)
+    if (d == 64 || d == 128) {
+        const int64_t per = d == 64 ? 4 : 2;
+        for (int64_t j0 = 0; j0 < G; j0 += per) {
+            const int64_t jg = G - j0 < per ? G - j0 : per;
+            const float *qj = q + j0 * d;
+            float *pj = part + j0 * (2 + d);
+            if (d == 64) {
+                if (jg == 4) attend_chunk_d(64, 4, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+                else if (jg == 3) attend_chunk_d(64, 3, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+                else if (jg == 2) attend_chunk_d(64, 2, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+                else attend_chunk_d(64, 1, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+            } else {
+                if (jg == 2) attend_chunk_d(128, 2, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+                else attend_chunk_d(128, 1, qj, kc, vc, table, bs, t_begin, t_end, stride, scale, buf, pj);
+            }
+        }
+        return;
+    }
+#endif
     float *scores = buf, *row = buf + G * ATT_CHUNK, *acc_o = row + d;
     float mx[MAX_GROUP], sum[MAX_GROUP];
     for (int64_t j = 0; j < G; j++) mx[j] = -INFINITY;
