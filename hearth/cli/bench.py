@@ -61,8 +61,9 @@ def cmd_bench(args) -> int:
         r = record[name]
         print(f"  {name:<14}{r.get('prefill_tok_s', '-')!s:>15}{r.get('decode_tok_s', '-')!s:>14}"
               f"{r['peak_rss_mb']!s:>13}")  # fmt: skip
-    print(f"  bandwidth {record['bandwidth_probe_gb_s']} GB/s, decode roofline {record['roofline_decode_tok_s']} "
-          f"tok/s, Hearth at {record['decode_vs_roofline']:.0%} ({record['achieved_gb_s']} GB/s)")  # fmt: skip
+    print(f"  read bandwidth {record['read_bandwidth_gb_s']} GB/s (copy {record['bandwidth_probe_gb_s']}), decode roofline "
+          f"{record['roofline_decode_tok_s']} tok/s, Hearth at {record['decode_vs_roofline']:.0%} "
+          f"({record['achieved_gb_s']} GB/s)")  # fmt: skip
     ratios = {k: v for k, v in record.items() if "_vs_" in k and k != "decode_vs_roofline"}
     if ratios:
         print("  " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
