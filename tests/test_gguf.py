@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFWriter, RopeScalingType, quants
+from gguf import GGUFReader, GGUFWriter, RopeScalingType, quants
+from gguf import GGUFValueType as V
 from safetensors.torch import save_file
 
 from hearth.loader import ModelLoadError
@@ -289,6 +290,107 @@ def test_embedded_smollm2_metadata(smollm2):
     name, embed = next(smollm2.iter_tensors())  # token_embd, Q8_0: check two rows against the oracle
     ref = quants.dequantize(embed.data[:2].numpy(), T.Q8_0)
     assert name == "token_embd.weight" and torch.equal(embed.dequantize()[:2], torch.from_numpy(ref))
+
+
+def reader_metadata(reader: GGUFReader) -> dict:
+    """gguf.GGUFReader's fields as Hearth converted them when it read files through the reader (the reference)."""
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's own pseudo-keys
+            continue
+        if field.types == [V.ARRAY]:
+            metadata[key] = []  # empty array: the reader records no element type
+        else:
+            value = field.contents()
+            metadata[key] = float(str(np.float32(value))) if field.types == [V.FLOAT32] else value
+    return metadata
+
+
+def typed(value):
+    """A value with its Python types spelled out, so that True != 1 and 1.0 != 1 when compared."""
+    return [typed(v) for v in value] if isinstance(value, list) else (type(value).__name__, value)
+
+
+def assert_matches_reader(path) -> None:
+    """open_gguf's metadata (values and types, in file order) and every tensor's bytes equal gguf.GGUFReader's."""
+    reader = GGUFReader(str(path))
+    expected = reader_metadata(reader)
+    g = open_gguf(path, check_types=False)
+    assert list(g.metadata) == list(expected)
+    for key, value in expected.items():
+        assert typed(g.metadata[key]) == typed(value), key
+    assert len(g.tensor_infos) == len(reader.tensors)
+    for (name, t), info, ref in zip(g.iter_tensors(), g.tensor_infos, reader.tensors, strict=True):
+        assert name == info.name == ref.name and info.ggml_type == ref.tensor_type
+        assert info.offset == ref.data_offset and info.nbytes == ref.n_bytes == ref.data.nbytes
+        assert info.shape == tuple(reversed(ref.shape.tolist())) == tuple(t.shape)
+        data = t if isinstance(t, torch.Tensor) else t.data
+        assert data.is_contiguous() and data.untyped_storage().nbytes() == info.nbytes  # a view of just this tensor
+        assert np.array_equal(data.reshape(-1).view(torch.uint8).numpy(), ref.data.reshape(-1).view(np.uint8))
+
+
+class EmptyArrayWriter(GGUFWriter):
+    """GGUFWriter refuses empty arrays, which llama.cpp writes (an element type and count 0): pack those by hand."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype == V.ARRAY and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type or V.STRING) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+EVERY_VALUE_TYPE = [  # (key, value, value type, array element type)
+    ("u8", 255, V.UINT8, None), ("i8", -128, V.INT8, None), ("u16", 65535, V.UINT16, None),
+    ("i16", -32768, V.INT16, None), ("u32", 2**32 - 1, V.UINT32, None), ("i32", -(2**31), V.INT32, None),
+    ("u64", 2**64 - 1, V.UINT64, None), ("i64", -(2**63), V.INT64, None), ("f32", 1e-5, V.FLOAT32, None),
+    ("f32_inf", float("-inf"), V.FLOAT32, None), ("f64", 0.1, V.FLOAT64, None), ("yes", True, V.BOOL, None),
+    ("no", False, V.BOOL, None), ("str", "ünïcode ✓ <|im_start|>", V.STRING, None), ("empty_str", "", V.STRING, None),
+    ("a_u8", [0, 7, 255], V.ARRAY, V.UINT8), ("a_i8", [-128, 0, 127], V.ARRAY, V.INT8),
+    ("a_u16", [0, 65535], V.ARRAY, V.UINT16), ("a_i16", [-32768, 1], V.ARRAY, V.INT16),
+    ("a_u32", [1, 2**32 - 1], V.ARRAY, V.UINT32), ("a_i32", [1, 3, 6, -(2**31)], V.ARRAY, V.INT32),
+    ("a_u64", [2**64 - 1, 0], V.ARRAY, V.UINT64), ("a_i64", [-(2**63), 5], V.ARRAY, V.INT64),
+    ("a_f32", [0.1, -2.5, float("inf"), 1e-5], V.ARRAY, V.FLOAT32), ("a_f64", [0.1, -1e300], V.ARRAY, V.FLOAT64),
+    ("a_bool", [True, False, True], V.ARRAY, V.BOOL), ("a_str", ["a", "", "ü ✓", "Ġthe Ġcat"], V.ARRAY, V.STRING),
+    ("a_empty_i32", [], V.ARRAY, V.INT32), ("a_empty_str", [], V.ARRAY, V.STRING),
+    ("a_empty_f32", [], V.ARRAY, V.FLOAT32), ("a_nested", [[1, 2], [3], []], V.ARRAY, None),
+    ("a_nested_str", [["x", "yz"], ["ü"]], V.ARRAY, None), ("a_nested_empty_first", [[], [4, 5]], V.ARRAY, None),
+]  # fmt: skip
+
+
+def test_every_value_type_matches_gguf_reader(tmp_path):
+    path = tmp_path / "all-types.gguf"
+    writer = EmptyArrayWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    for key, value, vtype, sub_type in EVERY_VALUE_TYPE:
+        writer.add_key_value(f"test.{key}", value, vtype, sub_type=sub_type)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((2, 4, 64)).astype(np.float32)
+    tensors = {"f32.weight": (w[0], T.F32), "f16.weight": (w[0, 0].astype(np.float16), T.F16),
+               "bf16.weight": (quants.quantize(w[1], T.BF16), T.BF16), "q8.weight": (quants.quantize(w[0], T.Q8_0), T.Q8_0),
+               "experts.weight": (quants.quantize(w, T.Q4_0), T.Q4_0)}  # fmt: skip
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_matches_reader(path)
+    g = open_gguf(path)
+    for key, value, vtype, sub_type in EVERY_VALUE_TYPE:  # and the values are the ones written
+        if vtype == V.ARRAY:
+            want = [x for v in value for x in v] if sub_type is None else value  # arrays of arrays come back flat
+            want = [float(np.float32(x)) for x in want] if sub_type == V.FLOAT32 else want
+        else:
+            want = float(str(np.float32(value))) if vtype == V.FLOAT32 else value
+        assert typed(g.metadata[f"test.{key}"]) == typed(want), key
+    assert g.metadata["general.alignment"] == 64 and all(info.offset % 64 == 0 for info in g.tensor_infos)
+    got = dict(g.iter_tensors())
+    assert got["experts.weight"].shape == (2, 4, 64) and got["experts.weight"].data.shape == (8, 36)
+    assert got["bf16.weight"].dtype == torch.bfloat16 and torch.equal(got["f32.weight"], torch.from_numpy(w[0]))
+
+
+def test_embedded_smollm2_matches_gguf_reader(smollm2):
+    assert_matches_reader(smollm2.path)
 
 
 def write_hf(folder, shards: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,13 @@
-"""GGUF files → metadata and memory-mapped tensors, on top of `gguf.GGUFReader` (layout: MODELS.md §4.1).
+"""GGUF files → metadata and memory-mapped tensors (layout: MODELS.md §4.1).
 
-A bounds-checking walk of the header runs first, so a corrupt file fails with one clear line instead of an
-exception (or an unbounded allocation) deep inside the reader. Tensor data is never copied or dequantized here.
+One bounds-checked walk of the header parses everything: metadata as plain Python values and the tensor infos, so a
+corrupt file fails with one clear line instead of an exception (or an unbounded allocation) deep inside a parser.
+The file is mapped once, copy-on-write; tensors are views of that map, never copied or dequantized here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from hearth.loader import ModelLoadError
 from hearth.quant.gguf_types import FLOAT_TYPES, SUPPORTED_TYPES, QuantizedTensor, row_nbytes, type_name
@@ -31,8 +33,15 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
-SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType → bytes
-STRING, ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
+MAX_ARRAY_NESTING = 8  # real files nest at most once (arrays of arrays); deeper is corruption
+# GGUFValueType → little-endian element format (struct and numpy spell these the same way)
+SCALAR_FORMATS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+                  12: "<f8"}  # fmt: skip
+SCALAR_STRUCTS = {t: struct.Struct("<" + c) for t, c in zip(SCALAR_FORMATS, "BbHhIif?Qqd", strict=True)}
+SCALAR_SIZES = {t: s.size for t, s in SCALAR_STRUCTS.items()}
+STRING, ARRAY, FLOAT32, UINT32 = (int(t) for t in (GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.FLOAT32,
+                                                   GGUFValueType.UINT32))  # fmt: skip
+U64 = struct.Struct("<Q")
 
 
 @dataclass(slots=True)
@@ -52,22 +61,18 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-MAX_ARRAY_NESTING = 8  # real files nest at most once (arrays of arrays); deeper is corruption
-
-
-class _HeaderScan:
-    """Walks the GGUF header with bounds checks; reads only keys, `general.alignment` and tensor infos."""
+class _Parser:
+    """Parses the GGUF header with bounds checks: metadata values, `general.alignment` and tensor infos."""
 
     def __init__(self, buf: mmap.mmap, path: str):
-        self.buf, self.path, self.pos = buf, path, 0
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
 
     def fail(self, reason: str) -> ModelLoadError:
         return ModelLoadError(self.path, reason)
 
     def need(self, num_bytes: int, what: str) -> None:
-        if num_bytes < 0 or self.pos + num_bytes > len(self.buf):
-            end = len(self.buf)
-            raise self.fail(f"truncated or corrupt file: {what} at byte {self.pos} runs past the end ({end} bytes)")
+        if num_bytes < 0 or self.pos + num_bytes > self.size:
+            raise self.fail(f"truncated or corrupt file: {what} at byte {self.pos} runs past the end ({self.size} bytes)")
 
     def take(self, fmt: str, what: str) -> tuple:
         size = struct.calcsize(fmt)
@@ -76,46 +81,92 @@ class _HeaderScan:
         self.pos += size
         return values
 
-    def string(self, what: str) -> bytes:
+    def raw_string(self, what: str) -> bytes:
         (length,) = self.take("<Q", what)
         self.need(length, what)
         self.pos += length
         return self.buf[self.pos - length : self.pos]
 
-    def skip_value(self, vtype: int, key: str, depth: int = 0) -> None:
+    def text(self, what: str) -> str:
+        raw = self.raw_string(what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not valid UTF-8 ({e})") from None
+
+    def strings(self, count: int, key: str) -> list[str]:
+        """`count` strings from here: the hot loop of vocabularies (150k tokens and merges), so slices, then decode."""
+        buf, pos, size, unpack, raw = self.buf, self.pos, self.size, U64.unpack_from, []
+        append = raw.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of string {i} of array {key!r}")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if pos + length > size:
+                self.pos = pos
+                self.need(length, f"string {i} of array {key!r}")
+            append(buf[pos : pos + length])
+            pos += length
+        self.pos = pos
+        try:
+            return [s.decode("utf-8") for s in raw]
+        except UnicodeDecodeError as e:
+            raise self.fail(f"metadata string in {key!r} is not valid UTF-8 ({e})") from None
+
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
         if depth > MAX_ARRAY_NESTING:
             raise self.fail(f"metadata key {key!r} nests arrays more than {MAX_ARRAY_NESTING} deep")
-        if vtype in SCALAR_SIZES:
-            self.need(SCALAR_SIZES[vtype], f"value of {key!r}")
-            self.pos += SCALAR_SIZES[vtype]
-        elif vtype == STRING:
-            self.string(f"value of {key!r}")
-        elif vtype == ARRAY:
+        if vtype in SCALAR_STRUCTS:
+            (value,) = self.take(SCALAR_STRUCTS[vtype].format, f"value of {key!r}")
+            return value
+        if vtype == STRING:
+            raw = self.raw_string(f"value of {key!r}")
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise self.fail(f"metadata string in {key!r} is not valid UTF-8 ({e})") from None
+        if vtype == ARRAY:
             elem_type, count = self.take("<IQ", f"array header of {key!r}")
+            if count == 0:
+                return []
             min_size = SCALAR_SIZES.get(elem_type, 8 if elem_type == STRING else 12)
             self.need(count * min_size, f"array {key!r} of {count} elements")
-            if elem_type in SCALAR_SIZES:
+            if elem_type in SCALAR_FORMATS:
+                values = np.frombuffer(self.buf, SCALAR_FORMATS[elem_type], count, self.pos).tolist()
                 self.pos += count * min_size
-            else:
-                for _ in range(count):
-                    self.skip_value(elem_type, key, depth + 1)
-        else:
-            raise self.fail(f"metadata key {key!r} has unknown value type {vtype}")
+                return values
+            if elem_type == STRING:
+                return self.strings(count, key)
+            flat: list[Any] = []  # arrays of arrays come back flattened, as gguf.GGUFReader's contents() gives them
+            for _ in range(count):
+                flat += self.value(elem_type, key, depth + 1)  # an array (any other type raised)
+            return flat
+        raise self.fail(f"metadata key {key!r} has unknown value type {vtype}")
 
-    def scan(self, num_kv: int, num_tensors: int, check_types: bool) -> tuple[list[TensorInfo], int]:
+    def parse(self, num_kv: int, num_tensors: int) -> tuple[dict[str, Any], list[TensorInfo], int]:
+        metadata: dict[str, Any] = {}
         alignment = DEFAULT_ALIGNMENT
         for _ in range(num_kv):
-            key = self.string("metadata key").decode("utf-8", errors="replace")
+            key = self.text("metadata key")
+            if key in metadata:
+                raise self.fail(f"duplicate metadata key {key!r}")
             (vtype,) = self.take("<I", f"type of {key!r}")
-            value_pos = self.pos
-            self.skip_value(vtype, key)
-            if key == "general.alignment" and vtype == int(GGUFValueType.UINT32):
-                (alignment,) = struct.unpack_from("<I", self.buf, value_pos)
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise self.fail(f"general.alignment {alignment} is not a power of two")
+            value = self.value(vtype, key)
+            if vtype == FLOAT32:
+                value = float(str(np.float32(value)))  # shortest decimal that round-trips, e.g. 1e-05 not 9.99999974e-06
+            if key == "general.alignment":
+                if vtype != UINT32:
+                    raise self.fail(f"general.alignment has value type {vtype}, not UINT32")
+                if value == 0 or value & (value - 1):
+                    raise self.fail(f"general.alignment {value} is not a power of two")
+                alignment = value
+            if not key.startswith("GGUF."):  # gguf.GGUFReader's own pseudo-keys; never model metadata
+                metadata[key] = value
         raw_infos = []
         for _ in range(num_tensors):
-            name = self.string("tensor name").decode("utf-8", errors="replace")
+            name = self.text("tensor name")
             (num_dims,) = self.take("<I", f"dimensions of tensor {name!r}")
             if not 1 <= num_dims <= MAX_DIMS:
                 raise self.fail(f"tensor {name!r} has {num_dims} dimensions (1 to {MAX_DIMS} allowed)")
@@ -123,76 +174,58 @@ class _HeaderScan:
             ggml_type, offset = self.take("<IQ", f"type and offset of tensor {name!r}")
             raw_infos.append((name, dims, ggml_type, offset))
         data_start = -(-self.pos // alignment) * alignment
-        infos = []
+        infos, names = [], set()
         for name, dims, ggml_type, offset in raw_infos:
+            if name in names:
+                raise self.fail(f"duplicate tensor {name!r}")
+            names.add(name)
             try:
                 qtype = GGMLQuantizationType(ggml_type)
             except ValueError:
                 raise self.fail(f"tensor {name!r} has unknown GGML type id {ggml_type}") from None
-            if check_types and qtype not in SUPPORTED_TYPES:
-                raise self.fail(f"tensor {name!r} has unsupported type {qtype.name} (supported: "
-                                f"{', '.join(t.name for t in SUPPORTED_TYPES)})")  # fmt: skip
             shape = tuple(reversed(dims))
             try:
                 nbytes = row_nbytes(qtype, shape[-1]) * math.prod(shape[:-1])
             except ValueError as e:
                 raise self.fail(f"tensor {name!r}: {e}") from None
             end = data_start + offset + nbytes
-            if end > len(self.buf):
+            if end > self.size:
                 raise self.fail(f"tensor {name!r} data ends at byte {end}, past the end of the file "
-                                f"({len(self.buf)} bytes): truncated or corrupt")  # fmt: skip
+                                f"({self.size} bytes): truncated or corrupt")  # fmt: skip
             infos.append(TensorInfo(name, int(qtype), shape, nbytes, data_start + offset))
-        return infos, data_start
+        return metadata, infos, data_start
 
 
-def _check_header(path: str, check_types: bool) -> tuple[int, list[TensorInfo], int]:
-    """Validate the whole header without trusting any count; returns (version, tensor infos, data start)."""
-    file_size = os.path.getsize(path)
-    if file_size < 24:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        raise ModelLoadError(path, "not a GGUF file (bad magic)" if magic != GGUF_MAGIC[: len(magic)] else
-                             f"truncated file: {file_size} bytes is smaller than a GGUF header")  # fmt: skip
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, num_tensors, num_kv = struct.unpack_from("<4sIQQ", buf, 0)
-        if magic != GGUF_MAGIC:
-            raise ModelLoadError(path, f"not a GGUF file (bad magic {magic!r})")
-        if version & 0xFFFF == 0:
-            raise ModelLoadError(path, "big-endian GGUF files are not supported")
-        if version not in SUPPORTED_VERSIONS:
-            raise ModelLoadError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
-        if num_kv * MIN_KV_BYTES > file_size or num_tensors * MIN_TENSOR_INFO_BYTES > file_size:
-            claims = f"{num_tensors} tensors and {num_kv} metadata keys"
-            raise ModelLoadError(path, f"truncated or corrupt header: claims {claims}, more than a {file_size}-byte "
-                                       "file can hold")  # fmt: skip
-        scan = _HeaderScan(buf, path)
-        scan.pos = 24
-        infos, data_start = scan.scan(num_kv, num_tensors, check_types)
-    return version, infos, data_start
-
-
-def _field_value(field: Any) -> Any:
-    if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.types) == 1:
-        return []  # empty array: the reader records no element type
-    value = field.contents()
-    if field.types == [GGUFValueType.FLOAT32]:
-        value = float(str(np.float32(value)))  # shortest decimal that round-trips, e.g. 1e-05 not 9.99999974e-06
-    return value
+def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorInfo], int]:
+    """Validate and parse the whole header without trusting any count; (version, metadata, tensor infos, data start)."""
+    file_size = len(buf)
+    magic, version, num_tensors, num_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(path, f"not a GGUF file (bad magic {magic!r})")
+    if version & 0xFFFF == 0:
+        raise ModelLoadError(path, "big-endian GGUF files are not supported")
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelLoadError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    if num_kv * MIN_KV_BYTES > file_size or num_tensors * MIN_TENSOR_INFO_BYTES > file_size:
+        claims = f"{num_tensors} tensors and {num_kv} metadata keys"
+        raise ModelLoadError(path, f"truncated or corrupt header: claims {claims}, more than a {file_size}-byte "
+                                   "file can hold")  # fmt: skip
+    parser = _Parser(buf, path)
+    parser.pos = 24
+    metadata, infos, data_start = parser.parse(num_kv, num_tensors)
+    return version, metadata, infos, data_start
 
 
 class GGUFFile:
     """An open GGUF file: plain-Python `metadata`, `tensor_infos`, and `iter_tensors()` over memory-mapped data."""
 
-    def __init__(self, path: str, version: int, infos: list[TensorInfo], reader: GGUFReader):
+    def __init__(self, path: str, version: int, metadata: dict[str, Any], infos: list[TensorInfo], buf: mmap.mmap):
         self.path = path
         self.version = version
+        self.metadata = metadata
         self.tensor_infos = infos
-        self.file_size = os.path.getsize(path)
-        self._reader = reader
-        try:
-            self.metadata: dict[str, Any] = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-        except UnicodeDecodeError as e:
-            raise ModelLoadError(path, f"metadata string is not valid UTF-8 ({e})") from None
+        self.file_size = len(buf)
+        self._buf = buf  # copy-on-write: tensors are writable views, and the file is never modified
 
     @property
     def architecture(self) -> str:
@@ -203,39 +236,55 @@ class GGUFFile:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(GGUF name, tensor) in file order: F32/F16/BF16 as torch views of the file, others as QuantizedTensor."""
-        for info, rt in zip(self.tensor_infos, self._reader.tensors, strict=True):
+        for info in self.tensor_infos:
             if info.ggml_type not in SUPPORTED_TYPES:
                 raise ModelLoadError(self.path, f"tensor {info.name!r} has unsupported type {info.type_name}")
-            data = torch.from_numpy(rt.data)
-            if info.ggml_type in FLOAT_TYPES:
-                yield info.name, data.view(FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
-            else:
-                yield info.name, QuantizedTensor(data.reshape(-1, data.shape[-1]), info.ggml_type, info.shape)
+            yield info.name, self._tensor(info)
+
+    def _tensor(self, info: TensorInfo) -> torch.Tensor | QuantizedTensor:
+        if info.nbytes:  # a storage of exactly this tensor's bytes; it keeps the map alive
+            data = torch.frombuffer(self._buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        else:
+            data = torch.empty(0, dtype=torch.uint8)
+        if info.ggml_type in FLOAT_TYPES:
+            return data.view(FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
+        rows = math.prod(info.shape[:-1])
+        return QuantizedTensor(data.view(rows, row_nbytes(info.ggml_type, info.shape[-1])), info.ggml_type, info.shape)
 
 
 def open_gguf(path: str | os.PathLike[str], *, check_types: bool = True) -> GGUFFile:
     """Open and validate a GGUF file; raise ModelLoadError with a one-line reason if it cannot be used.
 
     `check_types=False` accepts tensor types Hearth cannot compute with (for `hearth show`). The config, tokenizer and
-    weights of one model all come from the same file, so the last few opened files are kept (parsing takes seconds).
+    weights of one model all come from the same file, so the last few opened files are kept.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(path, "not a file" if os.path.exists(path) else "no such file")
-    if check_types:
-        _check_header(path, check_types=True)  # a quick scan; names the first tensor of an unsupported type
     st = os.stat(path)
-    return _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size, path)
+    g = _open_cached(os.path.realpath(path), st.st_mtime_ns, st.st_size, path)
+    if check_types:
+        for info in g.tensor_infos:  # names the first tensor of an unsupported type
+            if info.ggml_type not in SUPPORTED_TYPES:
+                raise ModelLoadError(path, f"tensor {info.name!r} has unsupported type {info.type_name} (supported: "
+                                           f"{', '.join(t.name for t in SUPPORTED_TYPES)})")  # fmt: skip
+    return g
 
 
 @functools.lru_cache(maxsize=2)
 def _open_cached(realpath: str, mtime_ns: int, size: int, path: str) -> GGUFFile:
-    version, infos, data_start = _check_header(path, check_types=False)
+    if size < 24:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        raise ModelLoadError(path, "not a GGUF file (bad magic)" if magic != GGUF_MAGIC[: len(magic)] else
+                             f"truncated file: {size} bytes is smaller than a GGUF header")  # fmt: skip
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # stays open after f closes, for the tensors
     try:
-        reader = GGUFReader(path, mode="c")  # copy-on-write map: writable tensors, the file is never modified
-    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on corrupt input
-        raise ModelLoadError(path, f"corrupt GGUF file: {type(e).__name__}: {e}") from None
-    if reader.data_offset != data_start or len(reader.tensors) != len(infos):
-        raise ModelLoadError(path, "corrupt GGUF file: inconsistent header")
-    logger.debug("opened %s: GGUF v%d, %d tensors, %d keys", path, version, len(infos), len(reader.fields))
-    return GGUFFile(path, version, infos, reader)
+        version, metadata, infos, _ = _parse(path, buf)
+    except BaseException:
+        with contextlib.suppress(BufferError):
+            buf.close()  # nothing views it yet
+        raise
+    logger.debug("opened %s: GGUF v%d, %d tensors, %d keys", path, version, len(infos), len(metadata))
+    return GGUFFile(path, version, metadata, infos, buf)
