@@ -15,6 +15,19 @@ from torch import nn
 from hearth.layers.context import get_context
 
 
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero-filled cache tensor whose pages become resident only as they are written. On CPU torch.zeros writes
+    every byte (a 3 GB default cache would be resident at start); calloc'd memory (numpy's zeros) is mapped lazily."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     # cache: [num_blocks, block_size, kv_heads, head_dim] -> [length, kv_heads, head_dim]
     block_size = cache.shape[1]
@@ -73,10 +86,10 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
-        """Called by the model runner with this layer's LayerKV; zeros so pages only become resident as used."""
+        """Called by the model runner with this layer's LayerKV; zeros whose pages only become resident as used."""
         shape = (num_blocks, block_size, layer_spec.num_kv_heads, layer_spec.head_size)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape[:-1] + (layer_spec.head_size_v,), dtype=dtype, device=device)
+        self.k_cache = cache_zeros(shape, dtype, device)
+        self.v_cache = cache_zeros(shape[:-1] + (layer_spec.head_size_v,), dtype, device)
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         mask = k_pos[None, :] <= q_pos[:, None]

@@ -24,6 +24,7 @@ from torch import nn
 
 from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
+from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.linear import Linear
@@ -214,7 +215,7 @@ class DeepseekV3Attention(nn.Module):
         """Called by the model runner with this layer's (latent) LayerKV."""
         if not layer_spec.is_latent or layer_spec.latent_size != self.kv_lora_rank + self.rope_dim:
             raise ValueError(f"MLA needs a latent cache of {self.kv_lora_rank + self.rope_dim}, got {layer_spec}")
-        self.kv_cache = torch.zeros(num_blocks, block_size, layer_spec.latent_size, dtype=dtype, device=device)
+        self.kv_cache = cache_zeros((num_blocks, block_size, layer_spec.latent_size), dtype, device)
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
