@@ -24,6 +24,8 @@ run: setup
 test: setup
 	# the web page tests drive Debian's chromium (CI runs as root); playwright never downloads a browser
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	# the C kernels (hearth/kernels/*.c) build at first use with the system compiler; test them, not only the fallback
+	command -v cc >/dev/null || (apt-get update && apt-get install -y gcc)
 	$(PY) -m pytest -q -x --durations=15
 
 lint: setup
