@@ -756,11 +756,6 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = TID, nth = NTH;
-#if defined(__SSE__)
-        // flush denormals to zero in this region (tiny softmax weights otherwise take the slow path); restored below
-        const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040);
-#endif
         QX lx = qx;  // this thread's view: the buffers are shared, the row width K is set per matmul
         int64_t n0, n1;
         for (int64_t l = 0; l < mw->num_layers; l++) {
@@ -845,9 +840,6 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
             thread_range(mw->vocab, tid, nth, &n0, &n1);
             qx_gemm(&lx, M, mw->lm_head_type, mw->lm_head, n0, n1, logits, mw->vocab, 0);
         }
-#if defined(__SSE__)
-        _mm_setcsr(csr);
-#endif
     }
     free(xn);
     free(qkv);
