@@ -23,7 +23,7 @@ import time
 
 PEERS = ("llama.cpp", "transformers")
 # attributes that hold weights read on every decoded token (an Embedding's quantized lookup table is read one row
-# per token and is left out; a tied LM head is counted through its int8 form or its GGUF blocks, `lm_blocks`)
+# per token and is left out; a tied LM head is counted through its int8 form or its repacked copy, `lm_blocks`)
 WEIGHT_ATTRS = (
     "weight",
     "bias",
@@ -54,10 +54,10 @@ def weight_bytes(model) -> int:
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + [getattr(module, n, None) for n in WEIGHT_ATTRS]
         for t in tensors:
-            t = t[0] if isinstance(t, tuple) else t  # (GGUF blocks, type)
-            if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+            for part in (t.qs, t.sc) if hasattr(t, "qs") else (t,):  # a repacked GGUF weight holds two tensors
+                if isinstance(part, torch.Tensor) and part.numel() and part.data_ptr() not in seen:
+                    seen.add(part.data_ptr())
+                    total += part.numel() * part.element_size()
     return total
 
 

@@ -3,9 +3,10 @@
 | fast path                                 | reference                                        | tolerance            |
 |-------------------------------------------|--------------------------------------------------|----------------------|
 | activation quantization (int8 per 32)     | quantize_q8_ref                                  | exact                |
-| gemm, Q4_0 / Q4_1 / Q8_0, any M, N, K     | gemm_ref: same int8 x, dequantized W, float64 mm | 1e-5 of max |ref|    |
+| repack + gemm, Q4_0/Q4_1/Q8_0, any M,N,K | gemm_ref on the original blocks: same int8 x,    | 1e-5 of max |ref|    |
+|                                           | dequantized W, float64 mm                        |                      |
 | gemm_f32 (float x, bf16-rounded W)       | float64 mm of the same values                    | 1e-5 of max |ref|    |
-| dequant to float32 / bf16                 | gguf_types.dequantize (/ .to(bfloat16))          | exact                |
+| repack + dequant to float32 / bf16        | gguf_types.dequantize (/ .to(bfloat16))          | exact                |
 | quantize_q8_0 (other types -> Q8_0)       | the float rows                                   | half a step per value |
 | fused decode, M sequences at once         | the same rows one at a time                      | exact                |
 | fused decode on SmolLM2                   | float32 model (dequantized weights), same cache  | no worse than the    |
@@ -50,16 +51,17 @@ def test_gemm_matches_reference(qtype, n, k, m):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x[:, 3] *= 30  # an outlier channel, as real activations have
     ref = gguf_cpu.gemm_ref(x, blocks, qtype, n)
-    assert rel_err(gguf_cpu.gemm(x, blocks, qtype, n), ref) <= 1e-5
+    w = gguf_cpu.repack(blocks, qtype, n, k)
+    assert rel_err(gguf_cpu.gemm(x, w), ref) <= 1e-5
     out = torch.randn(m, n)
     expected = out.double() + ref.double()
-    assert rel_err(gguf_cpu.gemm(x, blocks, qtype, n, out=out), expected) <= 1e-5  # accumulate into `out`
+    assert rel_err(gguf_cpu.gemm(x, w, out=out), expected) <= 1e-5  # accumulate into `out`
 
 
 def test_gemm_zero_rows_and_blocks():
-    blocks = random_blocks(gguf_cpu.Q4_1, 16, 64)
+    w = gguf_cpu.repack(random_blocks(gguf_cpu.Q4_1, 16, 64), gguf_cpu.Q4_1, 16, 64)
     x = torch.zeros(2, 64)  # all-zero activation blocks: scale 0, no division by zero
-    assert torch.equal(gguf_cpu.gemm(x, blocks, gguf_cpu.Q4_1, 16), torch.zeros(2, 16))
+    assert torch.equal(gguf_cpu.gemm(x, w), torch.zeros(2, 16))
 
 
 def test_activation_quantization_matches_reference():
@@ -78,8 +80,9 @@ def test_activation_quantization_matches_reference():
 def test_dequant_is_exact(qtype):
     blocks = random_blocks(qtype, 70, 160, seed=2)
     ref = dequantize(blocks.reshape(-1), qtype, (70, 160))
-    assert torch.equal(gguf_cpu.dequant(blocks, qtype, 70, 160, torch.float32), ref)
-    assert torch.equal(gguf_cpu.dequant(blocks, qtype, 70, 160, torch.bfloat16), ref.bfloat16())
+    w = gguf_cpu.repack(blocks, qtype, 70, 160)
+    assert torch.equal(gguf_cpu.dequant(w, torch.float32), ref)
+    assert torch.equal(gguf_cpu.dequant(w, torch.bfloat16), ref.bfloat16())
 
 
 def test_quantize_q8_0_requantizes_within_half_a_step():
@@ -93,9 +96,9 @@ def test_quantize_q8_0_requantizes_within_half_a_step():
 def test_unsupported_inputs_raise():
     blocks = random_blocks(gguf_cpu.Q4_0, 4, 64)
     with pytest.raises(ValueError):
-        gguf_cpu.gemm(torch.randn(1, 64), blocks, 12, 4)  # Q4_K: not read by the kernel
+        gguf_cpu.repack(blocks, 12, 4, 64)  # Q4_K: not read by the kernel
     with pytest.raises(ValueError):
-        gguf_cpu.gemm(torch.randn(1, 64), blocks[:2], gguf_cpu.Q4_0, 4)  # fewer bytes than 4 rows
+        gguf_cpu.repack(blocks[:2], gguf_cpu.Q4_0, 4, 64)  # fewer bytes than 4 rows
 
 
 # ---- the fused decode step on SmolLM2 ----
@@ -224,8 +227,9 @@ def test_fused_decode_sliding_window_matches_torch_path(engines):
 
 
 def test_decoder_struct_matches_c_layout():
-    # the ctypes mirror of the C structs: pointer-sized fields in order, ints padded to 8 (x86-64 / aarch64 ABI)
-    assert ctypes.sizeof(gguf_cpu.LayerWeights) == 8 * 6 + 4 * 4 + 8 * 4
+    # the ctypes mirror of the C structs: 8-byte fields in order (x86-64 / aarch64 ABI)
+    assert ctypes.sizeof(gguf_cpu.R16) == 5 * 8
+    assert ctypes.sizeof(gguf_cpu.LayerWeights) == 8 * 2 + 4 * 40 + 8 * 4
     assert gguf_cpu.decoder_supports(576, 9, 3, 64, 1536)
     assert not gguf_cpu.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
     assert not gguf_cpu.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head
@@ -237,6 +241,7 @@ def test_gemm_f32_matches_dense_bf16_arithmetic(qtype, m):
     blocks = random_blocks(qtype, 37, 160, seed=6)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).bfloat16().float()
     ref = gguf_cpu.gemm_f32_ref(x, blocks, qtype, 37)
-    assert rel_err(gguf_cpu.gemm_f32(x, blocks, qtype, 37), ref) <= 1e-5
+    w = gguf_cpu.repack(blocks, qtype, 37, 160)
+    assert rel_err(gguf_cpu.gemm_f32(x, w), ref) <= 1e-5
     with pytest.raises(ValueError):
-        gguf_cpu.gemm_f32(torch.randn(17, 160), blocks, qtype, 37)
+        gguf_cpu.gemm_f32(torch.randn(17, 160), w)

@@ -113,7 +113,7 @@ def test_linear_on_real_smollm2_layers(smollm2_tensors, name, c_kernels, monkeyp
     layer.weight_loader(qt)
     layer.finalize(torch.bfloat16)
     if c_kernels:
-        assert layer.blocks is not None and layer.block_type == qt.qtype and layer.packed is None
+        assert layer.blocks is not None and layer.blocks.qtype == qt.qtype and layer.packed is None
     else:
         assert layer.blocks is None and (layer.packed is not None) == (qt.type_name in ("Q4_0", "Q4_1"))
     w = qt.dequantize().float()

@@ -1,13 +1,19 @@
-// GGUF block-quantized CPU kernels, called through ctypes from hearth/kernels/gguf_cpu.py.
+// GGUF-quantized CPU kernels, called through ctypes from hearth/kernels/gguf_cpu.py.
 //
-// Weights stay in their GGUF blocks (rows of K/32 blocks): Q4_0 {f16 d; u8 qs[16]}: w = d*(q-8); Q4_1 {f16 d, m;
-// u8 qs[16]}: w = d*q + m; byte j of qs holds value j in its low nibble and value j+16 in its high one. Q8_0 {f16 d;
-// i8 qs[32]}: w = d*q. As in llama.cpp, activations are quantized per 32 values to int8 (xd = amax/127,
-// xq = round(x/xd)) so that each block's dot product is an integer one (AVX-512 VNNI / AVX-VNNI dpbusd, or AVX2
-// maddubs); `xs` = xd * sum(xq) carries the Q4_1 min and the Q4_0 offset.
+// Weights come from GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked once at load into a row-interleaved form ("R16", the
+// idea of llama.cpp's Q4_0x8 repacking): rows in groups of 16; per group and block of 32 values, the integer values
+// as 64-byte chunks of 16 lanes (one per row) of 4 bytes, then the 16 rows' f16 scales d and 16 f16 offsets m.
+//   Q4: 4 chunks; byte j of lane r holds value 8c+j of row r in its low nibble and value 8c+4+j in its high one.
+//   Q8: 8 chunks of w+128 (unsigned); byte j of lane r is value 4c+j.
+//   w = d*q + m with m = the Q4_1 min, -8d for Q4_0, -128d for Q8_0 (exact in f16). Bytes per row are the file's
+//   (Q4_1) or 1/9 (Q4_0) and 1/17 (Q8_0) more.
+// As in llama.cpp, activations are quantized per 32 values to int8 (xd = amax/127, xq = round(x/xd)); a 64-byte chunk
+// times 4 broadcast activation bytes is one dpbusd giving 16 rows' partial dots, so a block of 16 rows costs 8 of them
+// plus one scale step; `xs` = xd * sum(xq) carries the offsets.
 //
-// gguf_gemm: out[m, n] (+)= sum_k x[m, k] * W[n, k], for any M (rows of W split across threads; W read once for up to
-// MT rows of x). gguf_dequant: rows -> float32 or bf16, for dense matmuls at prefill sizes.
+// r16_gemm: out[m, n] (+)= sum_k x[m, k] * W[n, k] (int8 activations). r16_dequant: rows -> float32 or bf16 (exact,
+// as gguf-py dequantizes), for dense matmuls at prefill sizes. r16_gemm_f32: a few rows of float x against W rounded
+// to bf16, summed in float32 (the dense bf16 path's arithmetic).
 // llama_decode: a whole Llama-family forward (pre-norm attention + SwiGLU MLP, rotate-half RoPE, GQA, optional q/k/v
 // bias, sliding window) for M sequences decoding one token each, over Hearth's paged bf16 KV cache, in one
 // OpenMP parallel region. Everything between the matmuls is float32.
@@ -59,20 +65,10 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
-int64_t gguf_block_bytes(int qtype) {
-    switch (qtype) {
-        case T_Q4_0: return 18;
-        case T_Q4_1: return 20;
-        case T_Q8_0: return 34;
-        default: return 0;
-    }
-}
-
 // ---- activations -> int8 blocks ----
 
-// Per block: q = round(x / d) with d = amax/127; d[b] and s[b] = d * sum(q). `e` (may be NULL) holds the same scales
-// expanded for the AVX-512 kernel, per pair of blocks (b, b+1): 8 x d[b], 8 x d[b+1], 8 x s[b]/8, 8 x s[b+1]/8.
-static inline void quantize_block(const float *xb, int8_t *q, float *d, float *s, float *e, int64_t b) {
+// Per block: q = round(x / d) with d = amax/127; d[b] and s[b] = d * sum(q).
+static inline void quantize_block(const float *xb, int8_t *q, float *d, float *s, int64_t b) {
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
     const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
@@ -84,253 +80,12 @@ static inline void quantize_block(const float *xb, int8_t *q, float *d, float *s
     }
     d[b] = db;
     s[b] = db * (float)sum;
-    if (e) {
-        float *ep = e + (b / 2) * 32 + (b % 2) * 8;
-        for (int j = 0; j < 8; j++) {
-            ep[j] = db;
-            ep[16 + j] = s[b] * 0.125f;
-        }
-    }
-}
-
-static inline int64_t expanded_len(int64_t K) { return (K / QK + 1) / 2 * 32; }
-
-static void quantize_row_q8(const float *x, int64_t K, int8_t *q, float *d, float *s, float *e) {
-    for (int64_t b = 0; b < K / QK; b++) quantize_block(x + b * QK, q + b * QK, d, s, e, b);
 }
 
 void gguf_quantize_q8(int64_t M, int64_t K, const float *x, int8_t *q, float *d, float *s) {
-    for (int64_t m = 0; m < M; m++) quantize_row_q8(x + m * K, K, q + m * K, d + m * (K / QK), s + m * (K / QK), NULL);
-}
-
-// ---- block dot products ----
-
-#if defined(__AVX2__)
-static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-#if defined(__AVX2__)
-// One block of weight row: its int8/uint8 values as a vector, scale d and offset (Q4_1 min, Q4_0 -8d, Q8_0 0).
-// For Q8_0 `wv` holds |w| and the signs are moved onto x at the dot (dpbusd multiplies unsigned by signed).
-static inline __attribute__((always_inline)) void load_block(const int qtype, const uint8_t *blk, __m256i *wv,
-                                                             __m256i *wsign, float *d, float *off) {
-    *d = half_to_float(load_u16(blk));
-    if (qtype == T_Q8_0) {
-        *wsign = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        *wv = _mm256_sign_epi8(*wsign, *wsign);
-        *off = 0.0f;
-        return;
-    }
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    __m128i q = _mm_loadu_si128((const __m128i *)(blk + (qtype == T_Q4_1 ? 4 : 2)));
-    *wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-    *off = qtype == T_Q4_1 ? half_to_float(load_u16(blk + 2)) : -8.0f * *d;
-}
-
-// A register tile: R rows of W (n .. n+R) against T rows of x (m0 .. m0+T), over all K/32 blocks. Independent
-// accumulators per (row, x row) keep the FMA latency chains apart.
-static inline __attribute__((always_inline)) void tile(const int qtype, const int R, const int T, const uint8_t *row0,
-                                                       int64_t rb, int64_t nb, int64_t bb, int64_t m0,
-                                                       const int8_t *xq, const float *xd, const float *xs, float *out,
-                                                       int64_t ldo, int64_t n, int accumulate) {
-    __m256 acc[4][2];
-    float extra[4][2];
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < T; i++) {
-            acc[r][i] = _mm256_setzero_ps();
-            extra[r][i] = 0.0f;
-        }
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i wv[4], ws[4];
-        float d[4], off[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(row0 + r * rb + (b + 8) * bb), _MM_HINT_T0);
-            load_block(qtype, row0 + r * rb + b * bb, &wv[r], &ws[r], &d[r], &off[r]);
-        }
-        for (int i = 0; i < T; i++) {
-            const int64_t x = (m0 + i) * nb + b;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + x * QK));
-            const float dx = xd[x], sx = xs[x];
-            for (int r = 0; r < R; r++) {
-                const __m256i p = dpbusd(_mm256_setzero_si256(), wv[r], qtype == T_Q8_0 ? _mm256_sign_epi8(xv, ws[r]) : xv);
-                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[r] * dx), acc[r][i]);
-                if (qtype != T_Q8_0) extra[r][i] += off[r] * sx;
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < T; i++) {
-            const float v = hsum(acc[r][i]) + extra[r][i];
-            float *o = out + (m0 + i) * ldo + n + r;
-            *o = accumulate ? *o + v : v;
-        }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define HAVE_ZMM 1
-// Two consecutive blocks of a weight row as 64 unsigned values (Q8_0: w ^ 0x80 = w + 128, the 128 * sum(x) it adds
-// is taken off through the offset), with their scales and offsets spread as 8 lanes each.
-static inline __attribute__((always_inline)) void load_pair(const int qtype, const uint8_t *blk, int64_t bb,
-                                                            __m512i *wv, __m512 *dv, __m512 *ov) {
-    const float d0 = half_to_float(load_u16(blk)), d1 = half_to_float(load_u16(blk + bb));
-    float o0, o1;
-    if (qtype == T_Q8_0) {
-        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(blk + bb + 2)), 1);
-        *wv = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
-        o0 = -128.0f * d0;
-        o1 = -128.0f * d1;
-    } else {
-        const int q = qtype == T_Q4_1 ? 4 : 2;
-        const __m256i m4 = _mm256_set1_epi8(0x0F);
-        __m256i q2 = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(blk + bb + q)), _mm_loadu_si128((const __m128i *)(blk + q)));
-        __m256i lo = _mm256_and_si256(q2, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q2, 4), m4);
-        // [blk0 lo | blk0 hi | blk1 lo | blk1 hi] = blk0 values 0..31, blk1 values 0..31
-        *wv = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11),
-                                        _mm512_castsi256_si512(hi));
-        o0 = qtype == T_Q4_1 ? half_to_float(load_u16(blk + 2)) : -8.0f * d0;
-        o1 = qtype == T_Q4_1 ? half_to_float(load_u16(blk + bb + 2)) : -8.0f * d1;
-    }
-    *dv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1), 1);
-    *ov = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(o0)), _mm256_set1_ps(o1), 1);
-}
-
-// As `tile`, two blocks per step in 512-bit registers: acc += int_dot * (dw * dx) + offset * s/8 per lane
-static inline __attribute__((always_inline)) void tile512(const int qtype, const int R, const int T, const uint8_t *row0,
-                                                          int64_t rb, int64_t nb, int64_t bb, int64_t m0, int64_t K,
-                                                          const int8_t *xq, const float *xd, const float *xs,
-                                                          const float *xe, float *out, int64_t ldo, int64_t n,
-                                                          int accumulate) {
-    __m512 acc[4][2];
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < T; i++) acc[r][i] = _mm512_setzero_ps();
-    const int64_t ne = expanded_len(K);
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m512i wv[4];
-        __m512 dv[4], ov[4];
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(row0 + r * rb + (b + 8) * bb), _MM_HINT_T0);
-            load_pair(qtype, row0 + r * rb + b * bb, bb, &wv[r], &dv[r], &ov[r]);
-        }
-        for (int i = 0; i < T; i++) {
-            const __m512i xv = _mm512_loadu_si512((const void *)(xq + (m0 + i) * K + b * QK));
-            const float *e = xe + (m0 + i) * ne + (b / 2) * 32;
-            const __m512 dx = _mm512_loadu_ps(e), sx = _mm512_loadu_ps(e + 16);
-            for (int r = 0; r < R; r++) {
-                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dv[r], dx), acc[r][i]);
-                acc[r][i] = _mm512_fmadd_ps(ov[r], sx, acc[r][i]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < T; i++) {
-            float v = _mm512_reduce_add_ps(acc[r][i]);
-            if (b < nb) {  // an odd last block
-                __m256i wv, ws;
-                float d, off;
-                load_block(qtype, row0 + r * rb + b * bb, &wv, &ws, &d, &off);
-                const int64_t x = (m0 + i) * nb + b;
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (m0 + i) * K + b * QK));
-                const __m256i p = dpbusd(_mm256_setzero_si256(), wv, qtype == T_Q8_0 ? _mm256_sign_epi8(xv, ws) : xv);
-                v += hsum(_mm256_cvtepi32_ps(p)) * d * xd[x] + off * xs[x];
-            }
-            float *o = out + (m0 + i) * ldo + n + r;
-            *o = accumulate ? *o + v : v;
-        }
-}
-#endif
-
-static inline __attribute__((always_inline)) void gemm_rows_t(const int qtype, const uint8_t *w, int64_t K, int64_t n0,
-                                                              int64_t n1, int64_t M, const int8_t *xq, const float *xd,
-                                                              const float *xs, const float *xe, float *out, int64_t ldo,
-                                                              int accumulate) {
-    const int64_t nb = K / QK, bb = gguf_block_bytes(qtype), rb = nb * bb;
-    int64_t n = n0;
-#ifdef HAVE_ZMM
-    if (xe) {
-        for (; n + 4 <= n1; n += 4) {
-            int64_t m0 = 0;
-            for (; m0 + 2 <= M; m0 += 2)
-                tile512(qtype, 4, 2, w + n * rb, rb, nb, bb, m0, K, xq, xd, xs, xe, out, ldo, n, accumulate);
-            if (m0 < M) tile512(qtype, 4, 1, w + n * rb, rb, nb, bb, m0, K, xq, xd, xs, xe, out, ldo, n, accumulate);
-        }
-        for (; n < n1; n++)
-            for (int64_t m0 = 0; m0 < M; m0++)
-                tile512(qtype, 1, 1, w + n * rb, rb, nb, bb, m0, K, xq, xd, xs, xe, out, ldo, n, accumulate);
-        return;
-    }
-#endif
-    (void)xe;
-    for (; n + 4 <= n1; n += 4) {
-        int64_t m0 = 0;
-        for (; m0 + 2 <= M; m0 += 2) tile(qtype, 4, 2, w + n * rb, rb, nb, bb, m0, xq, xd, xs, out, ldo, n, accumulate);
-        if (m0 < M) tile(qtype, 4, 1, w + n * rb, rb, nb, bb, m0, xq, xd, xs, out, ldo, n, accumulate);
-    }
-    for (; n < n1; n++)
-        for (int64_t m0 = 0; m0 < M; m0++) tile(qtype, 1, 1, w + n * rb, rb, nb, bb, m0, xq, xd, xs, out, ldo, n, accumulate);
-}
-#endif
-
-// out[m * ldo + n] (+)= W[n] . x[m] for n in [n0, n1), m in [0, M)
-// x: int8 rows of K values (xq), per-block scales (xd), offsets (xs), and the expanded form of both (xe, optional)
-static void gemm_rows(int qtype, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, int64_t M, const int8_t *xq,
-                      const float *xd, const float *xs, const float *xe, float *out, int64_t ldo, int accumulate) {
-#if defined(__AVX2__)
-    switch (qtype) {
-        case T_Q4_0: gemm_rows_t(T_Q4_0, w, K, n0, n1, M, xq, xd, xs, xe, out, ldo, accumulate); return;
-        case T_Q4_1: gemm_rows_t(T_Q4_1, w, K, n0, n1, M, xq, xd, xs, xe, out, ldo, accumulate); return;
-        default: gemm_rows_t(T_Q8_0, w, K, n0, n1, M, xq, xd, xs, xe, out, ldo, accumulate); return;
-    }
-#else
-    (void)xe;
-    const int64_t nb = K / QK, bb = gguf_block_bytes(qtype), rb = nb * bb;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = w + n * rb;
-        for (int64_t m = 0; m < M; m++) {
-            float acc = 0.0f, extra = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = row + b * bb;
-                const float d = half_to_float(load_u16(blk));
-                int8_t wq[QK];
-                float off = 0.0f;
-                if (qtype == T_Q8_0) {
-                    memcpy(wq, blk + 2, QK);
-                } else {
-                    const uint8_t *qs = blk + (qtype == T_Q4_1 ? 4 : 2);
-                    off = qtype == T_Q4_1 ? half_to_float(load_u16(blk + 2)) : -8.0f * d;
-                    for (int j = 0; j < 16; j++) {
-                        wq[j] = (int8_t)(qs[j] & 15);
-                        wq[j + 16] = (int8_t)(qs[j] >> 4);
-                    }
-                }
-                const int64_t r = m * nb + b;
-                int dot = 0;
-                for (int j = 0; j < QK; j++) dot += wq[j] * xq[r * QK + j];
-                acc += (float)dot * d * xd[r];
-                extra += off * xs[r];
-            }
-            float *o = out + m * ldo + n;
-            *o = accumulate ? *o + acc + extra : acc + extra;
-        }
-    }
-#endif
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / QK; b++)
+            quantize_block(x + m * K + b * QK, q + m * K + b * QK, d + m * (K / QK), s + m * (K / QK), b);
 }
 
 // rows [n0, n1) of this thread's share of N (contiguous chunks, so each thread streams its own part of W)
@@ -349,16 +104,26 @@ static inline void thread_range(int64_t N, int tid, int nth, int64_t *n0, int64_
 #define NTH 1
 #endif
 
-// Quantized activations: M rows of K values, as gemm_rows reads them (sized for the largest K they will hold).
+// ---- R16 weights ----
+
+typedef struct {
+    const uint8_t *qs;   // [G][K/32][chunk bytes]
+    const uint16_t *sc;  // [G][K/32][32]: 16 f16 d, then 16 f16 m
+    int64_t qtype, N, K; // qtype: the GGUF type it came from (2 Q4_0, 3 Q4_1, 8 Q8_0)
+} R16;
+
+static inline int64_t r16_chunk_bytes(const R16 *w) { return w->qtype == T_Q8_0 ? 512 : 256; }
+
+// Quantized activations: M rows of K values (sized for the largest K they will hold).
 typedef struct {
     int8_t *q;
-    float *d, *s, *e;
+    float *d, *s;
     int64_t K;
 } QX;
 
 static QX qx_alloc(int64_t M, int64_t kmax) {
     QX x = {malloc((size_t)(M * kmax)), malloc(sizeof(float) * (size_t)(M * kmax / QK)),
-            malloc(sizeof(float) * (size_t)(M * kmax / QK)), malloc(sizeof(float) * (size_t)(M * expanded_len(kmax))), 0};
+            malloc(sizeof(float) * (size_t)(M * kmax / QK)), 0};
     return x;
 }
 
@@ -366,65 +131,169 @@ static void qx_free(QX *x) {
     free(x->q);
     free(x->d);
     free(x->s);
-    free(x->e);
 }
 
 // block (m, b) of x [M, K] (row stride ldx) into the QX as a K-wide matrix
 static inline void qx_block(QX *x, const float *src, int64_t ldx, int64_t K, int64_t m, int64_t b) {
-    const int64_t nb = K / QK;
-    quantize_block(src + m * ldx + b * QK, x->q + m * K + b * QK, x->d + m * nb, x->s + m * nb, x->e + m * expanded_len(K), b);
+    quantize_block(src + m * ldx + b * QK, x->q + m * K + b * QK, x->d + m * (K / QK), x->s + m * (K / QK), b);
 }
 
-static inline void qx_gemm(const QX *x, int64_t M, int qtype, const uint8_t *w, int64_t n0, int64_t n1, float *out,
-                           int64_t ldo, int accumulate) {
-    gemm_rows(qtype, w, x->K, n0, n1, M, x->q, x->d, x->s, x->e, out, ldo, accumulate);
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_ZMM 1
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-void gguf_gemm(int64_t M, int64_t N, int64_t K, int qtype, const uint8_t *w, const float *x, float *out,
-               int accumulate, int nthreads) {
+// Rows 16g.. of W against T rows of x (m0..): acc[i] lane r += (int dot of the block) * d_r * dx + m_r * sx
+static inline __attribute__((always_inline)) void r16_tile(const int q8, const int T, const R16 *w, int64_t g,
+                                                           int64_t m0, const QX *x, float *out, int64_t ldo,
+                                                           int accumulate) {
+    const int64_t K = w->K, nb = K / QK, cb = q8 ? 512 : 256;
+    const uint8_t *qg = w->qs + g * nb * cb;
+    const uint16_t *sg = w->sc + g * nb * 32;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = qg + b * cb;
+        for (int c = 0; c < cb; c += 64) _mm_prefetch((const char *)(qb + 4 * cb + c), _MM_HINT_T0);
+        __m512i wv[8];
+        if (q8) {
+            for (int c = 0; c < 8; c++) wv[c] = _mm512_loadu_si512((const void *)(qb + 64 * c));
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * c));
+                wv[2 * c] = _mm512_and_si512(v, m4);
+                wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+        }
+        const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + b * 32)));
+        const __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + b * 32 + 16)));
+        for (int i = 0; i < T; i++) {
+            const int8_t *xb = x->q + (m0 + i) * K + b * QK;
+            __m512i iacc = _mm512_setzero_si512();
+            for (int c = 0; c < 8; c++) iacc = _mm512_dpbusd_epi32(iacc, wv[c], _mm512_set1_epi32(load_i32(xb + 4 * c)));
+            const int64_t xi = (m0 + i) * nb + b;
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_mul_ps(d16, _mm512_set1_ps(x->d[xi])), acc[i]);
+            acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(x->s[xi]), acc[i]);
+        }
+    }
+    const int64_t rows = w->N - 16 * g;
+    const __mmask16 mask = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+    for (int i = 0; i < T; i++) {
+        float *o = out + (m0 + i) * ldo + 16 * g;
+        const __m512 v = accumulate ? _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(mask, o)) : acc[i];
+        _mm512_mask_storeu_ps(o, mask, v);
+    }
+}
+
+static inline __attribute__((always_inline)) void r16_groups_t(const int q8, const R16 *w, int64_t g0, int64_t g1,
+                                                               int64_t M, const QX *x, float *out, int64_t ldo,
+                                                               int accumulate) {
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) r16_tile(q8, 4, w, g, m0, x, out, ldo, accumulate);
+        for (; m0 + 2 <= M; m0 += 2) r16_tile(q8, 2, w, g, m0, x, out, ldo, accumulate);
+        if (m0 < M) r16_tile(q8, 1, w, g, m0, x, out, ldo, accumulate);
+    }
+}
+#endif
+
+// the integer value of row r, element k of block b of group g (0..15 for Q4, w+128 for Q8)
+static inline int r16_value(const R16 *w, int64_t g, int64_t b, int r, int k) {
+    const int64_t cb = r16_chunk_bytes(w);
+    const uint8_t *qb = w->qs + (g * (w->K / QK) + b) * cb;
+    if (w->qtype == T_Q8_0) return qb[(k / 4) * 64 + r * 4 + k % 4];
+    const uint8_t byte = qb[(k / 8) * 64 + r * 4 + k % 4];
+    return (k % 8) < 4 ? byte & 15 : byte >> 4;
+}
+
+// groups [g0, g1) of W against the M rows of x: out[m, n] (+)= W[n] . x[m]
+static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
+                       int accumulate) {
+#ifdef HAVE_ZMM
+    if (w->qtype == T_Q8_0)
+        r16_groups_t(1, w, g0, g1, M, x, out, ldo, accumulate);
+    else
+        r16_groups_t(0, w, g0, g1, M, x, out, ldo, accumulate);
+#else
+    const int64_t nb = w->K / QK;
+    for (int64_t g = g0; g < g1; g++)
+        for (int r = 0; r < 16 && 16 * g + r < w->N; r++)
+            for (int64_t m = 0; m < M; m++) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nb; b++) {
+                    int dot = 0;
+                    for (int k = 0; k < QK; k++) dot += r16_value(w, g, b, r, k) * x->q[m * w->K + b * QK + k];
+                    const float d = half_to_float(w->sc[(g * nb + b) * 32 + r]);
+                    const float mm = half_to_float(w->sc[(g * nb + b) * 32 + 16 + r]);
+                    acc += (float)dot * d * x->d[m * nb + b] + mm * x->s[m * nb + b];
+                }
+                float *o = out + m * ldo + 16 * g + r;
+                *o = accumulate ? *o + acc : acc;
+            }
+#endif
+}
+
+// this thread's share of W's row groups against x
+static inline void qx_gemm(const QX *x, int64_t M, const R16 *w, int tid, int nth, float *out, int64_t ldo,
+                           int accumulate) {
+    int64_t g0, g1;
+    thread_range((w->N + 15) / 16, tid, nth, &g0, &g1);
+    r16_groups(w, g0, g1, M, x, out, ldo, accumulate);
+}
+
+void r16_gemm(int64_t M, const R16 *w, const float *x, float *out, int accumulate, int nthreads) {
+    const int64_t K = w->K;
     QX qx = qx_alloc(M, K);
     qx.K = K;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * (K / QK); i++) qx_block(&qx, x, K, K, i / (K / QK), i % (K / QK));
-        int64_t n0, n1;
-        thread_range(N, TID, NTH, &n0, &n1);
-        qx_gemm(&qx, M, qtype, w, n0, n1, out, N, accumulate);
+        qx_gemm(&qx, M, w, TID, NTH, out, w->N, accumulate);
     }
     qx_free(&qx);
 }
 
-// one block of a weight row -> 32 floats (exact: d * q + m in float32)
-static inline void dequant_block(int qtype, const uint8_t *blk, float *row) {
-    const float d = half_to_float(load_u16(blk));
-    if (qtype == T_Q8_0) {
-        for (int j = 0; j < QK; j++) row[j] = d * (float)(int8_t)blk[2 + j];
-    } else if (qtype == T_Q4_1) {
-        const float m = half_to_float(load_u16(blk + 2));
-        for (int j = 0; j < 16; j++) {
-            row[j] = d * (float)(blk[4 + j] & 15) + m;
-            row[j + 16] = d * (float)(blk[4 + j] >> 4) + m;
+// row r of group g, block b -> 32 floats, exactly as gguf-py dequantizes the original block
+static inline void r16_dequant_block(const R16 *w, int64_t g, int64_t b, int r, float *row) {
+    const int64_t nb = w->K / QK;
+    const uint8_t *qb = w->qs + (g * nb + b) * r16_chunk_bytes(w) + 4 * r;
+    const float d = half_to_float(w->sc[(g * nb + b) * 32 + r]);
+    if (w->qtype == T_Q8_0) {
+        for (int c = 0; c < 8; c++)
+            for (int j = 0; j < 4; j++) row[4 * c + j] = (float)(qb[64 * c + j] - 128) * d;
+        return;
+    }
+    int q[QK];
+    for (int c = 0; c < 4; c++)
+        for (int j = 0; j < 4; j++) {
+            q[8 * c + j] = qb[64 * c + j] & 15;
+            q[8 * c + 4 + j] = qb[64 * c + j] >> 4;
         }
+    if (w->qtype == T_Q4_1) {
+        const float m = half_to_float(w->sc[(g * nb + b) * 32 + 16 + r]);
+        for (int k = 0; k < QK; k++) row[k] = d * (float)q[k] + m;
     } else {
-        for (int j = 0; j < 16; j++) {
-            row[j] = d * (float)((blk[2 + j] & 15) - 8);
-            row[j + 16] = d * (float)((blk[2 + j] >> 4) - 8);
-        }
+        for (int k = 0; k < QK; k++) row[k] = d * (float)(q[k] - 8);
     }
 }
 
-// rows of W -> float32 (out_bf16 = 0) or bf16 (out_bf16 = 1), [N, K]
-void gguf_dequant(int64_t N, int64_t K, int qtype, const uint8_t *w, void *out, int out_bf16, int nthreads) {
-    const int64_t nb = K / QK, bb = gguf_block_bytes(qtype);
+// W -> [N, K] float32 (out_bf16 = 0) or bf16 (out_bf16 = 1)
+void r16_dequant(const R16 *w, void *out, int out_bf16, int nthreads) {
+    const int64_t nb = w->K / QK, G = (w->N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t gb = 0; gb < G * nb; gb++) {
+        const int64_t g = gb / nb, b = gb % nb;
         float row[QK];
-        for (int64_t b = 0; b < nb; b++) {
-            dequant_block(qtype, w + (n * nb + b) * bb, row);
-            const int64_t o = n * K + b * QK;
+        for (int r = 0; r < 16 && 16 * g + r < w->N; r++) {
+            r16_dequant_block(w, g, b, r, row);
+            const int64_t o = (16 * g + r) * w->K + b * QK;
             if (out_bf16)
-                for (int j = 0; j < QK; j++) ((uint16_t *)out)[o + j] = float_to_bf16(row[j]);
+                for (int k = 0; k < QK; k++) ((uint16_t *)out)[o + k] = float_to_bf16(row[k]);
             else
                 memcpy((float *)out + o, row, sizeof(row));
         }
@@ -435,43 +304,29 @@ void gguf_dequant(int64_t N, int64_t K, int qtype, const uint8_t *w, void *out, 
 // summed in float32: the arithmetic of the dense bf16 matmul on the dequantized weight (in another order), without
 // materialising the weight.
 #define F32_MAX_M 16
-void gguf_gemm_f32(int64_t M, int64_t N, int64_t K, int qtype, const uint8_t *w, const float *x, float *out,
-                   int nthreads) {
-    const int64_t nb = K / QK, bb = gguf_block_bytes(qtype);
+void r16_gemm_f32(int64_t M, const R16 *w, const float *x, float *out, int nthreads) {
+    const int64_t nb = w->K / QK, G = (w->N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * nb * bb;
-        float wf[QK];
-#if defined(__AVX512F__)
-        __m512 acc[F32_MAX_M];
-        for (int64_t m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            _mm_prefetch((const char *)(row + (b + 8) * bb), _MM_HINT_T0);
-            dequant_block(qtype, row + b * bb, wf);
-            for (int j = 0; j < QK; j++) wf[j] = bf16_to_float(float_to_bf16(wf[j]));
-            const __m512 w0 = _mm512_loadu_ps(wf), w1 = _mm512_loadu_ps(wf + 16);
-            for (int64_t m = 0; m < M; m++) {
-                const float *xb = x + m * K + b * QK;
-                acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[m]);
-                acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[m]);
-            }
-        }
-        for (int64_t m = 0; m < M; m++) out[m * N + n] = _mm512_reduce_add_ps(acc[m]);
-#else
-        float acc[F32_MAX_M][QK];
+    for (int64_t g = 0; g < G; g++) {
+        float acc[16][F32_MAX_M][8];
         memset(acc, 0, sizeof(acc));
-        for (int64_t b = 0; b < nb; b++) {
-            dequant_block(qtype, row + b * bb, wf);
-            for (int j = 0; j < QK; j++) wf[j] = bf16_to_float(float_to_bf16(wf[j]));
-            for (int64_t m = 0; m < M; m++)
-                for (int j = 0; j < QK; j++) acc[m][j] += wf[j] * x[m * K + b * QK + j];
-        }
-        for (int64_t m = 0; m < M; m++) {
-            float s = 0.0f;
-            for (int j = 0; j < QK; j++) s += acc[m][j];
-            out[m * N + n] = s;
-        }
-#endif
+        float row[QK];
+        const int rows = w->N - 16 * g < 16 ? (int)(w->N - 16 * g) : 16;
+        for (int64_t b = 0; b < nb; b++)
+            for (int r = 0; r < rows; r++) {
+                r16_dequant_block(w, g, b, r, row);
+                for (int k = 0; k < QK; k++) row[k] = bf16_to_float(float_to_bf16(row[k]));
+                for (int64_t m = 0; m < M; m++) {
+                    const float *xb = x + m * w->K + b * QK;
+                    for (int k = 0; k < QK; k++) acc[r][m][k % 8] += row[k] * xb[k];
+                }
+            }
+        for (int r = 0; r < rows; r++)
+            for (int64_t m = 0; m < M; m++) {
+                float sum = 0.0f;
+                for (int k = 0; k < 8; k++) sum += acc[r][m][k];
+                out[m * w->N + 16 * g + r] = sum;
+            }
     }
 }
 
@@ -479,8 +334,7 @@ void gguf_gemm_f32(int64_t M, int64_t N, int64_t K, int qtype, const uint8_t *w,
 
 typedef struct {
     const float *input_norm, *post_norm;                 // [H]
-    const uint8_t *qkv, *o, *gate_up, *down;             // GGUF rows: [(Hq+2Hkv)*D, H], [H, Hq*D], [2I, H], [H, I]
-    int qkv_type, o_type, gate_up_type, down_type;
+    R16 qkv, o, gate_up, down;                           // [(Hq+2Hkv)*D, H], [H, Hq*D], [2I, H], [H, I]
     const float *qkv_bias;                               // [(Hq+2Hkv)*D] or NULL
     uint16_t *k_cache, *v_cache;                         // bf16 [slots, Hkv, D]
     int64_t window;                                      // 0: full attention
@@ -492,8 +346,7 @@ typedef struct {
     const LayerWeights *layers;
     const float *final_norm;     // [H]
     const float *cos, *sin;      // [max_pos, D] (rotate-half tables, D values per position)
-    const uint8_t *lm_head;      // [V, H] GGUF rows, or NULL (then logits are not computed)
-    int lm_head_type;
+    R16 lm_head;                 // [V, H]; qs NULL: logits are not computed
     int64_t vocab;
 } ModelWeights;
 
@@ -757,7 +610,6 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
     {
         const int tid = TID, nth = NTH;
         QX lx = qx;  // this thread's view: the buffers are shared, the row width K is set per matmul
-        int64_t n0, n1;
         for (int64_t l = 0; l < mw->num_layers; l++) {
             const LayerWeights *L = &mw->layers[l];
             // attention block: xn = norm(h) -> int8; qkv = xn W^T (+ b)
@@ -766,8 +618,7 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
             lx.K = H;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
-            thread_range(nqkv, tid, nth, &n0, &n1);
-            qx_gemm(&lx, M, L->qkv_type, L->qkv, n0, n1, qkv, nqkv, 0);
+            qx_gemm(&lx, M, &L->qkv, tid, nth, qkv, nqkv, 0);
 #pragma omp barrier
             // bias, rope on q and k heads, the new k and v into the cache
 #pragma omp for schedule(static)
@@ -803,8 +654,7 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
             lx.K = qsz;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (qsz / QK); i++) qx_block(&lx, att, qsz, qsz, i / (qsz / QK), i % (qsz / QK));
-            thread_range(H, tid, nth, &n0, &n1);
-            qx_gemm(&lx, M, L->o_type, L->o, n0, n1, h, H, 1);  // h += attn W_o^T
+            qx_gemm(&lx, M, &L->o, tid, nth, h, H, 1);  // h += attn W_o^T
 #pragma omp barrier
             // MLP block: h += down(silu(gate) * up)
 #pragma omp for schedule(static)
@@ -812,8 +662,7 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
             lx.K = H;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
-            thread_range(2 * I, tid, nth, &n0, &n1);
-            qx_gemm(&lx, M, L->gate_up_type, L->gate_up, n0, n1, gu, 2 * I, 0);
+            qx_gemm(&lx, M, &L->gate_up, tid, nth, gu, 2 * I, 0);
 #pragma omp barrier
             lx.K = I;
 #pragma omp for schedule(static)
@@ -824,8 +673,7 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
                 for (int j = 0; j < QK; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];  // in place: gate -> act
                 qx_block(&lx, gu, 2 * I, I, m, b);
             }
-            thread_range(H, tid, nth, &n0, &n1);
-            qx_gemm(&lx, M, L->down_type, L->down, n0, n1, h, H, 1);
+            qx_gemm(&lx, M, &L->down, tid, nth, h, H, 1);
 #pragma omp barrier
         }
 #pragma omp for schedule(static)
@@ -833,12 +681,11 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
             rms_norm(h + m * H, mw->final_norm, mw->eps, H, xn + m * H);
             memcpy(h + m * H, xn + m * H, sizeof(float) * (size_t)H);
         }
-        if (mw->lm_head && logits) {
+        if (mw->lm_head.qs && logits) {
             lx.K = H;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, h, H, H, i / (H / QK), i % (H / QK));
-            thread_range(mw->vocab, tid, nth, &n0, &n1);
-            qx_gemm(&lx, M, mw->lm_head_type, mw->lm_head, n0, n1, logits, mw->vocab, 0);
+            qx_gemm(&lx, M, &mw->lm_head, tid, nth, logits, mw->vocab, 0);
         }
     }
     free(xn);

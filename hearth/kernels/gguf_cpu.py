@@ -1,16 +1,18 @@
-"""CPU kernels on GGUF blocks (gguf_cpu.c): matmuls straight from Q4_0 / Q4_1 / Q8_0 rows, and a fused Llama decode.
+"""CPU kernels on GGUF-quantized weights (gguf_cpu.c): matmuls for Q4_0 / Q4_1 / Q8_0, and a fused Llama decode.
 
-Weights are the file's own blocks ([N, K/32 * block bytes] uint8), so memory holds exactly what the GGUF holds. As in
-llama.cpp, activations are quantized per 32 values to int8 for integer dot products; `gemm_ref` is that computation
-in plain torch (quantize x the same way, dequantize W, float64 matmul), and `quantize_q8_ref` the activation step.
-Other GGUF types are requantized once to Q8_0 blocks (`quantize_q8_0`). `available()` is False without a C compiler;
-callers then use PyTorch's int4 / int8 kernels.
+Weights are repacked once at load from the file's blocks into a row-interleaved form (`R16Weight`, layout in the C
+source) that lets one VNNI instruction work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0
++1/9 and +1/17 for the extra f16 offset row). As in llama.cpp, activations are quantized per 32 values to int8 for
+integer dot products; `gemm_ref` is that computation in plain torch on the original blocks (quantize x the same way,
+dequantize W, float64 matmul), and `quantize_q8_ref` the activation step. Other GGUF types are requantized once to
+Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers then use PyTorch's int4 / int8 kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -23,11 +25,13 @@ BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
+class R16(ctypes.Structure):
+    _fields_ = [("qs", ptr), ("sc", ptr), ("qtype", i64), ("N", i64), ("K", i64)]
+
+
 class LayerWeights(ctypes.Structure):
     _fields_ = [
-        ("input_norm", ptr), ("post_norm", ptr),
-        ("qkv", ptr), ("o", ptr), ("gate_up", ptr), ("down", ptr),
-        ("qkv_type", c_int), ("o_type", c_int), ("gate_up_type", c_int), ("down_type", c_int),
+        ("input_norm", ptr), ("post_norm", ptr), ("qkv", R16), ("o", R16), ("gate_up", R16), ("down", R16),
         ("qkv_bias", ptr), ("k_cache", ptr), ("v_cache", ptr), ("window", i64),
     ]  # fmt: skip
 
@@ -36,7 +40,7 @@ class ModelWeights(ctypes.Structure):
     _fields_ = [
         ("num_layers", i64), ("hidden", i64), ("num_heads", i64), ("num_kv_heads", i64), ("head_dim", i64),
         ("intermediate", i64), ("eps", c_float), ("scale", c_float), ("layers", ctypes.POINTER(LayerWeights)),
-        ("final_norm", ptr), ("cos", ptr), ("sin", ptr), ("lm_head", ptr), ("lm_head_type", c_int), ("vocab", i64),
+        ("final_norm", ptr), ("cos", ptr), ("sin", ptr), ("lm_head", R16), ("vocab", i64),
     ]  # fmt: skip
 
 
@@ -50,12 +54,13 @@ def _get() -> ctypes.CDLL | None:
         _tried = True
         lib = load_library(SOURCE, "GGUF matmuls")
         if lib is not None:
-            lib.gguf_gemm.argtypes = [i64, i64, i64, c_int, ptr, ptr, ptr, c_int, c_int]
-            lib.gguf_dequant.argtypes = [i64, i64, c_int, ptr, ptr, c_int, c_int]
-            lib.gguf_gemm_f32.argtypes = [i64, i64, i64, c_int, ptr, ptr, ptr, c_int]
+            r16 = ctypes.POINTER(R16)
+            lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
+            lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
+            lib.r16_gemm_f32.argtypes = [i64, r16, ptr, ptr, c_int]
             lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
             lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-            for f in (lib.gguf_gemm, lib.gguf_gemm_f32, lib.gguf_dequant, lib.gguf_quantize_q8, lib.llama_decode):
+            for f in (lib.r16_gemm, lib.r16_gemm_f32, lib.r16_dequant, lib.gguf_quantize_q8, lib.llama_decode):
                 f.restype = None
         _lib = lib
     return _lib
@@ -69,43 +74,74 @@ def supports(qtype: int, k: int) -> bool:
     return qtype in BLOCK_BYTES and k % 32 == 0
 
 
-def _check(blocks: torch.Tensor, qtype: int, n: int, k: int) -> None:
-    if not supports(qtype, k):
-        raise ValueError(f"GGUF kernel: unsupported type {qtype} or K={k}")
-    if blocks.dtype != torch.uint8 or not blocks.is_contiguous() or blocks.numel() != n * k // 32 * BLOCK_BYTES[qtype]:
-        raise ValueError(f"GGUF kernel: blocks must be contiguous uint8 holding {n}x{k} values of type {qtype}")
+@dataclass(slots=True)
+class R16Weight:
+    """A [n, k] weight in the kernels' row-interleaved form: qs uint8 [groups, k/32, chunk bytes], sc f16
+    [groups, k/32, 2, 16] (per row: scale d, then offset m), from GGUF type `qtype` (w = d*q + m)."""
+
+    qs: torch.Tensor
+    sc: torch.Tensor
+    qtype: int
+    n: int
+    k: int
+
+    def struct(self) -> R16:
+        return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
 
 
-def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> x W^T [M, N] float32 (added into `out` when given). blocks: W's GGUF rows."""
+def repack(blocks: torch.Tensor, qtype: int, n: int, k: int) -> R16Weight:
+    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0) -> R16Weight, in torch (once, at load)."""
+    if not supports(qtype, k) or blocks.numel() != n * k // 32 * BLOCK_BYTES[qtype]:
+        raise ValueError(f"GGUF kernel: cannot repack type {qtype} blocks as a {n}x{k} weight")
+    nb, groups = k // 32, (n + 15) // 16
+    blk = blocks.reshape(n, nb, BLOCK_BYTES[qtype])
+    d = blk[..., :2].contiguous().view(torch.float16)[..., 0]  # [n, nb]
+    if qtype == Q8_0:
+        v = (blk[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # [n, nb, 32]
+        qs = v.reshape(n, nb, 8, 4)  # chunk c, byte j = value 4c + j
+        m = d * -128  # exact: a power-of-two multiple
+    else:
+        o = 4 if qtype == Q4_1 else 2
+        q = blk[..., o : o + 16]
+        v = torch.cat([q & 15, q >> 4], dim=-1).reshape(n, nb, 4, 2, 4)  # values 0..31 as [c][lo/hi][j]
+        qs = v[..., 0, :] | (v[..., 1, :] << 4)  # chunk c, byte j = values 8c + j (low) and 8c + 4 + j (high)
+        m = blk[..., 2:4].contiguous().view(torch.float16)[..., 0] if qtype == Q4_1 else d * -8
+    pad = groups * 16 - n
+    qs = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(groups, 16, nb, -1, 4)
+    qs = qs.permute(0, 2, 3, 1, 4).contiguous()  # [groups, nb, chunks, 16 rows, 4]
+    sc = torch.stack([d, m], dim=-1)  # [n, nb, 2]
+    sc = torch.nn.functional.pad(sc, (0, 0, 0, 0, 0, pad)).reshape(groups, 16, nb, 2).permute(0, 2, 3, 1).contiguous()
+    return R16Weight(qs.reshape(groups, nb, -1), sc, qtype, n, k)
+
+
+def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> x W^T [M, N] float32 with int8 activations (added into `out` when given)."""
     lib = _get()
     m, k = x.shape
-    _check(blocks, qtype, n, k)
+    assert k == w.k
     x = x.float().contiguous()
     accumulate = out is not None
     if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, n)
-    lib.gguf_gemm(m, n, k, qtype, blocks.data_ptr(), x.data_ptr(), out.data_ptr(), int(accumulate),
-                  torch.get_num_threads())  # fmt: skip
+        out = torch.empty(m, w.n, dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, w.n)
+    lib.r16_gemm(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), int(accumulate), torch.get_num_threads())
     return out
 
 
 F32_MAX_M = 16  # rows per gemm_f32 call (F32_MAX_M in the C source)
 
 
-def gemm_f32(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+def gemm_f32(x: torch.Tensor, w: R16Weight) -> torch.Tensor:
     """x [M <= 16, K] -> x W^T [M, N] float32 with float activations and W dequantized then rounded to bf16, products
     summed in float32: the dense bf16 path's arithmetic (give it bf16-valued x), in another order. For a few rows
     where results should match the dense path's, e.g. a prompt's last tokens after a prefix-cache hit."""
-    lib = _get()
     m, k = x.shape
-    _check(blocks, qtype, n, k)
+    assert k == w.k
     if m > F32_MAX_M:
         raise ValueError(f"gemm_f32 takes at most {F32_MAX_M} rows, got {m}")
     x = x.float().contiguous()
-    out = torch.empty(m, n, dtype=torch.float32)
-    lib.gguf_gemm_f32(m, n, k, qtype, blocks.data_ptr(), x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(m, w.n, dtype=torch.float32)
+    _get().r16_gemm_f32(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -114,14 +150,11 @@ def gemm_f32_ref(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int) -> t
     return (x.double() @ w.double().t()).float()
 
 
-def dequant(blocks: torch.Tensor, qtype: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W's GGUF rows -> [N, K] in bfloat16 or float32 (each value computed in float32, then rounded once)."""
-    lib = _get()
-    _check(blocks, qtype, n, k)
+def dequant(w: R16Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W -> [N, K] in bfloat16 or float32 (each value as gguf-py dequantizes it, then rounded once)."""
     assert dtype in (torch.bfloat16, torch.float32)
-    out = torch.empty(n, k, dtype=dtype)
-    lib.gguf_dequant(n, k, qtype, blocks.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
-                     torch.get_num_threads())  # fmt: skip
+    out = torch.empty(w.n, w.k, dtype=dtype)
+    _get().r16_dequant(ctypes.byref(w.struct()), out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
@@ -177,7 +210,7 @@ class LlamaDecoder:
     Holds references to every tensor whose address it passes to C, so they outlive the calls."""
 
     def __init__(self, *, layers: list[dict], final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 lm_head: tuple[torch.Tensor, int] | None, hidden: int, num_heads: int, num_kv_heads: int,
+                 lm_head: R16Weight | None, hidden: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, intermediate: int, eps: float, scale: float, vocab: int, embed):  # fmt: skip
         self._keep: list[torch.Tensor] = []
         self.embed = embed  # token ids [M] -> embeddings [M, hidden]
@@ -192,10 +225,8 @@ class LlamaDecoder:
         arr = (LayerWeights * len(layers))()
         for i, lw in enumerate(layers):
             for name in ("qkv", "o", "gate_up", "down"):
-                blocks, qtype = lw[name]
-                self._keep.append(blocks)
-                setattr(arr[i], name, blocks.data_ptr())
-                setattr(arr[i], name + "_type", qtype)
+                self._keep.append(lw[name])
+                setattr(arr[i], name, lw[name].struct())
             for cache in (lw["k_cache"], lw["v_cache"]):
                 assert cache.dtype == torch.bfloat16 and cache.is_contiguous()
             arr[i].input_norm = _addr(f32(lw["input_norm"]))
@@ -211,8 +242,8 @@ class LlamaDecoder:
             cos=_addr(f32(cos)), sin=_addr(f32(sin)), vocab=vocab,
         )  # fmt: skip
         if lm_head is not None:
-            self._keep.append(lm_head[0])
-            self.weights.lm_head, self.weights.lm_head_type = lm_head[0].data_ptr(), lm_head[1]
+            self._keep.append(lm_head)
+            self.weights.lm_head = lm_head.struct()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:  # fmt: skip

@@ -2,9 +2,10 @@
 
 Fused projections (qkv, gate_up) collect their shards during loading; `finalize()` joins them and picks how the weight
 is held: dense in the compute dtype, or for GGUF weights (bf16 compute dtype) one of
-- the file's own blocks for the C kernels (hearth/kernels/gguf_cpu.py): Q4_0, Q4_1 and Q8_0 as they are, other types
-  requantized once to Q8_0. Many rows (prefill) dequantize to bf16 and run a dense matmul, a few rows a C kernel with
-  the same arithmetic; a model's fused decode step reads the blocks with int8 activations (as llama.cpp does);
+- for the C kernels (hearth/kernels/gguf_cpu.py), Q4_0, Q4_1 and Q8_0 repacked into their row-interleaved form (the
+  same bits), other types requantized once to Q8_0 first. Many rows (prefill) dequantize to bf16 and run a dense
+  matmul, a few rows a C kernel with the same arithmetic; a model's fused decode step reads them with int8
+  activations (as llama.cpp does);
 - without a C compiler, PyTorch's kernels: Q4_0/Q4_1 as packed int4 (exact), other types as per-row int8.
 With float32 everything is dequantized (the reference mode).
 """
@@ -37,19 +38,19 @@ DENSE_MIN_TOKENS = 64
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
-def gguf_blocks(qt: QuantizedTensor) -> tuple[torch.Tensor, int]:
-    """A GGUF weight as blocks the C kernels read: its own if they can, else requantized to Q8_0."""
+def gguf_blocks(qt: QuantizedTensor) -> gguf_cpu.R16Weight:
+    """A GGUF weight in the C kernels' form: its own blocks repacked if they read its type, else requantized to Q8_0."""
     rows, cols = qt.shape
     if gguf_cpu.supports(qt.qtype, cols):
-        return qt.data.reshape(rows, -1).contiguous(), qt.qtype
-    return gguf_cpu.quantize_q8_0(quantized_rows(qt), rows, cols), gguf_cpu.Q8_0
+        return gguf_cpu.repack(qt.data, qt.qtype, rows, cols)
+    return gguf_cpu.repack(gguf_cpu.quantize_q8_0(quantized_rows(qt), rows, cols), gguf_cpu.Q8_0, rows, cols)
 
 
-def blocks_mm(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
-    """x [M, K] times GGUF-block rows [N, ·] -> [M, N] in x's dtype."""
+def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight) -> torch.Tensor:
+    """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype."""
     if x.shape[0] >= BLOCKS_DENSE_MIN_TOKENS:
-        return F.linear(x.to(torch.bfloat16), gguf_cpu.dequant(blocks, qtype, n, x.shape[1])).to(x.dtype)
-    return gguf_cpu.gemm_f32(x.to(torch.bfloat16), blocks, qtype, n).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), gguf_cpu.dequant(w)).to(x.dtype)
+    return gguf_cpu.gemm_f32(x.to(torch.bfloat16), w).to(x.dtype)
 
 
 def _join(parts: list):
@@ -80,8 +81,7 @@ class Linear(nn.Module):
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
-        self.blocks: torch.Tensor | None = None  # GGUF blocks for the C kernels, of type block_type
-        self.block_type = 0
+        self.blocks: gguf_cpu.R16Weight | None = None  # the weight in the C kernels' form
         self.can_dense = False  # the packed int4 weight can be dequantized for large-M matmuls
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
@@ -108,7 +108,7 @@ class Linear(nn.Module):
             self.quant_type = weight.type_name
             if keep_quantized and dtype == torch.bfloat16:
                 if gguf_cpu.available() and self.in_features % 32 == 0:
-                    self.blocks, self.block_type = gguf_blocks(weight)
+                    self.blocks = gguf_blocks(weight)
                 elif weight.type_name in INT4_TYPES:
                     nibbles, scales, mins = split_q4_blocks(weight)
                     # w = d*nib + min = (nib - 8)*d + (min + 8d)
@@ -123,7 +123,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:
-            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks, self.block_type, self.out_features)
+            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         if self.packed is not None:
@@ -144,8 +144,8 @@ class Linear(nn.Module):
 
 class Embedding(nn.Module):
     """Token embeddings. A GGUF-quantized table stays quantized: lookups dequantize only the rows they gather (exact).
-    When the table doubles as the LM head (tied embeddings), the logits come from its blocks through the C kernels
-    (a Q8_0 copy for types they do not read), or without them from a per-row int8 copy."""
+    When the table doubles as the LM head (tied embeddings), the logits come from a copy in the C kernels' form
+    (requantized to Q8_0 for types they do not read), or without them from a per-row int8 copy."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
@@ -155,7 +155,7 @@ class Embedding(nn.Module):
         self.qweight: QuantizedTensor | None = None
         self.int8_weight: torch.Tensor | None = None
         self.int8_scales: torch.Tensor | None = None
-        self.lm_blocks: tuple[torch.Tensor, int] | None = None  # (GGUF blocks, type) for the C kernels
+        self.lm_blocks: gguf_cpu.R16Weight | None = None  # the LM head in the C kernels' form
         self.quant_type: str | None = None
         self.dtype = torch.float32
 
@@ -197,8 +197,6 @@ class Embedding(nn.Module):
             self.tie_lm_head()
             if self.lm_blocks is not None:
                 # always the int8-activation kernel: a dense copy of a whole vocabulary would cost more than it saves
-                return gguf_cpu.gemm(hidden_states, self.lm_blocks[0], self.lm_blocks[1], self.num_embeddings).to(
-                    hidden_states.dtype
-                )
+                return gguf_cpu.gemm(hidden_states, self.lm_blocks).to(hidden_states.dtype)
             return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
         return hidden_states @ self.weight.t()

@@ -110,8 +110,8 @@ class LlamaForCausalLM(nn.Module):
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
         ):
             return None
-        lm_head = m.embed_tokens.lm_blocks if self.lm_head is None else (self.lm_head.blocks, self.lm_head.block_type)
-        if lm_head is None or lm_head[0] is None:
+        lm_head = m.embed_tokens.lm_blocks if self.lm_head is None else self.lm_head.blocks
+        if lm_head is None:
             return None
         layers = []
         for layer in m.layers:
@@ -121,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
                 return None
             if attn.attn.k_cache.dtype != torch.bfloat16 or mlp.down_proj.bias is not None or attn.o_proj.bias is not None:
                 return None
-            entry = {name: (lin.blocks, lin.block_type) for name, lin in linears.items()}
+            entry = {name: lin.blocks for name, lin in linears.items()}
             entry.update(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                          qkv_bias=attn.qkv_proj.bias, k_cache=attn.attn.k_cache, v_cache=attn.attn.v_cache,
                          window=attn.attn.sliding_window)  # fmt: skip
