@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +227,15 @@ class GGUFFile:
         self.tensor_infos = infos
         self.file_size = len(buf)
         self._buf = buf  # copy-on-write: tensors are writable views, and the file is never modified
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set (Linux MADV_PAGEOUT): after loading, weights that
+        were repacked or copied are no longer read from the map, and pages still in use come back on access. Clean
+        file pages only; a page a tensor wrote to (its private copy) is kept."""
+        if sys.platform != "linux":
+            return
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # kernels before 5.4 lack MADV_PAGEOUT (21)
+            self._buf.madvise(getattr(mmap, "MADV_PAGEOUT", 21))
 
     @property
     def architecture(self) -> str:
