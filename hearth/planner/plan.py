@@ -15,12 +15,11 @@ HEADROOM_FRACTION = 0.10
 RUNTIME_OVERHEAD_BYTES = 1 << 30
 APPLE_GPU_FRACTION = 0.75  # Apple silicon: macOS lets the GPU wire ~75% of unified memory by default
 # Decode roofline: a step reads the touched weights once plus every sequence's KV cache; achieved bandwidth is taken as
-# 70% of the catalogue (or probed) figure. Plus a per-layer cost beyond the bandwidth share, per step: on CPU 0.1 ms
-# (the fused decode's int8 dot products and barriers), calibrated on SmolLM2 (30 layers) on this project's 2-core
-# machine, where Hearth decodes ~159 tok/s (6.3 ms per token against a bandwidth share of ~3.4 ms); on accelerators
-# a few kernel launches per layer.
+# 70% of the catalogue (or probed) figure. Plus a per-layer cost beyond the bandwidth share, per step: on CPU 20 µs
+# (the fused decode's barriers), calibrated on SmolLM2 (30 layers) on this project's 2-core machine, where Hearth
+# decodes ~268 tok/s (3.7 ms per token, at 78% of the read bandwidth); on accelerators a few kernel launches per layer.
 DECODE_EFFICIENCY = 0.70
-LAYER_OVERHEAD_S = {"cpu": 1e-4, "gpu": 2e-5, "apple": 5e-5, "npu": 5e-5}
+LAYER_OVERHEAD_S = {"cpu": 2e-5, "gpu": 2e-5, "apple": 5e-5, "npu": 5e-5}
 # Prefill: 2 FLOPs per active parameter per token (attention's context-dependent FLOPs left out, so long prompts
 # come out optimistic) at 50% of the device's dense throughput for the format's compute type.
 PREFILL_EFFICIENCY = 0.50
