@@ -283,19 +283,79 @@ static inline void r16_dequant_block(const R16 *w, int64_t g, int64_t b, int r, 
 }
 
 // W -> [N, K] float32 (out_bf16 = 0) or bf16 (out_bf16 = 1)
+#ifdef HAVE_ZMM
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// 16 floats -> bf16, round to nearest even (as float_to_bf16; the values here are finite)
+static inline __m256i bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+// r16_dequant_block for one row, vectorised: the row's 4 (Q4) or 8 (Q8) dwords, one per chunk, put back in value
+// order, then d*q+m in float32 with the same roundings
+static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, void *dst, int out_bf16) {
+    const int64_t nb = w->K / QK;
+    const uint8_t *qb = w->qs + (g * nb + b) * r16_chunk_bytes(w) + 4 * r;
+    const __m512 d = _mm512_set1_ps(half_to_float(w->sc[(g * nb + b) * 32 + r]));
+    __m512 v0, v1;
+    if (w->qtype == T_Q8_0) {
+        const __m256i q = _mm256_setr_epi32((int)load_u32(qb), (int)load_u32(qb + 64), (int)load_u32(qb + 128),
+                                            (int)load_u32(qb + 192), (int)load_u32(qb + 256), (int)load_u32(qb + 320),
+                                            (int)load_u32(qb + 384), (int)load_u32(qb + 448));
+        const __m512i c128 = _mm512_set1_epi32(128);
+        v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)), c128)), d);
+        v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)), c128)), d);
+    } else {
+        const __m128i q = _mm_setr_epi32((int)load_u32(qb), (int)load_u32(qb + 64), (int)load_u32(qb + 128), (int)load_u32(qb + 192));
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        // chunk c: values 8c..8c+3 in lo's dword c, 8c+4..8c+7 in hi's
+        const __m128i a = _mm_unpacklo_epi32(lo, hi), e = _mm_unpackhi_epi32(lo, hi);
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(e));
+        if (w->qtype == T_Q4_1) {
+            const __m512 m = _mm512_set1_ps(half_to_float(w->sc[(g * nb + b) * 32 + 16 + r]));
+            v0 = _mm512_add_ps(_mm512_mul_ps(d, q0), m);
+            v1 = _mm512_add_ps(_mm512_mul_ps(d, q1), m);
+        } else {
+            const __m512 eight = _mm512_set1_ps(8.0f);
+            v0 = _mm512_mul_ps(d, _mm512_sub_ps(q0, eight));
+            v1 = _mm512_mul_ps(d, _mm512_sub_ps(q1, eight));
+        }
+    }
+    if (out_bf16) {
+        _mm256_storeu_si256((__m256i *)dst, bf16x16(v0));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + 16), bf16x16(v1));
+    } else {
+        _mm512_storeu_ps((float *)dst, v0);
+        _mm512_storeu_ps((float *)dst + 16, v1);
+    }
+}
+#endif
+
 void r16_dequant(const R16 *w, void *out, int out_bf16, int nthreads) {
     const int64_t nb = w->K / QK, G = (w->N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t gb = 0; gb < G * nb; gb++) {
         const int64_t g = gb / nb, b = gb % nb;
-        float row[QK];
         for (int r = 0; r < 16 && 16 * g + r < w->N; r++) {
-            r16_dequant_block(w, g, b, r, row);
             const int64_t o = (16 * g + r) * w->K + b * QK;
+            void *dst = out_bf16 ? (void *)((uint16_t *)out + o) : (void *)((float *)out + o);
+#ifdef HAVE_ZMM
+            r16_dequant_row(w, g, b, r, dst, out_bf16);
+#else
+            float row[QK];
+            r16_dequant_block(w, g, b, r, row);
             if (out_bf16)
-                for (int k = 0; k < QK; k++) ((uint16_t *)out)[o + k] = float_to_bf16(row[k]);
+                for (int k = 0; k < QK; k++) ((uint16_t *)dst)[k] = float_to_bf16(row[k]);
             else
-                memcpy((float *)out + o, row, sizeof(row));
+                memcpy(dst, row, sizeof(row));
+#endif
         }
     }
 }
