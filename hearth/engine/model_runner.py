@@ -69,10 +69,6 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_class(config)(config)
         load_model(self.model, ref, self.dtype, keep_quantized=self.dtype != torch.float32)
-        if ref.format == "gguf":  # repacked and copied weights no longer read the file's map: let its pages go
-            from hearth.loader.gguf import open_gguf
-
-            open_gguf(ref.path).release_pages()
         self.model.eval()
         self.sampler = Sampler(engine_config.seed)
         self.num_kvcache_blocks = self.allocate_kv_cache()

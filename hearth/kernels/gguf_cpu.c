@@ -45,12 +45,6 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-static inline uint16_t load_u16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
-}
-
 static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16); branch-free
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -650,6 +644,13 @@ static void merge_heads(const float *part, int64_t nc, int64_t pstride, int64_t 
 
 // h: [M, H] float32 embeddings in, final-normed hidden states out; logits: [M, V] when the model has an LM head.
 // positions, context_lens: [M]; block_tables: [M, max_blocks]; the new token of row m goes to slot_mapping[m].
+// sizeof the structs ctypes mirrors (R16, LayerWeights, ModelWeights), for a layout check from Python
+void gguf_struct_sizes(int64_t *out) {
+    out[0] = (int64_t)sizeof(R16);
+    out[1] = (int64_t)sizeof(LayerWeights);
+    out[2] = (int64_t)sizeof(ModelWeights);
+}
+
 void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *positions, const int64_t *slot_mapping,
                   const int64_t *block_tables, int64_t max_blocks, int64_t block_size, const int64_t *context_lens,
                   float *logits, int nthreads) {

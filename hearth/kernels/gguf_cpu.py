@@ -59,9 +59,11 @@ def _get() -> ctypes.CDLL | None:
             lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
             lib.r16_gemm_f32.argtypes = [i64, r16, ptr, ptr, c_int]
             lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
+            lib.gguf_struct_sizes.argtypes = [ptr]
             lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-            for f in (lib.r16_gemm, lib.r16_gemm_f32, lib.r16_dequant, lib.gguf_quantize_q8, lib.llama_decode):
-                f.restype = None
+            names = ("r16_gemm", "r16_gemm_f32", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode")
+            for name in names:
+                getattr(lib, name).restype = None
         _lib = lib
     return _lib
 
@@ -183,12 +185,17 @@ def quantize_q8_0(rows, num_rows: int, k: int, chunk: int = 4096) -> torch.Tenso
     out = torch.empty(num_rows, k // 32, 34, dtype=torch.uint8)
     for a in range(0, num_rows, chunk):
         b = min(a + chunk, num_rows)
-        xb = rows(a, b).float().reshape(b - a, k // 32, 32)
-        d = xb.abs().amax(-1, keepdim=True) / 127
-        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q, d = quantize_q8_ref(rows(a, b))  # the same per-32 step as the activations
         out[a:b, :, :2] = d.half().view(torch.uint8).reshape(b - a, k // 32, 2)
-        out[a:b, :, 2:] = torch.round(xb * inv).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        out[a:b, :, 2:] = q.clamp(-127, 127).to(torch.int8).view(torch.uint8)
     return out.reshape(num_rows, -1)
+
+
+def struct_sizes() -> tuple[int, int, int]:
+    """sizeof(R16), sizeof(LayerWeights), sizeof(ModelWeights) as the C compiler laid them out."""
+    out = torch.zeros(3, dtype=torch.int64)
+    _get().gguf_struct_sizes(out.data_ptr())
+    return tuple(out.tolist())
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -205,12 +212,12 @@ def decoder_supports(hidden: int, num_heads: int, num_kv_heads: int, head_dim: i
 
 
 class LlamaDecoder:
-    """The fused decode step over one model's weights (layers given as dicts of tensors, see `from_layers`).
+    """The fused decode step over one model's weights (layers as dicts of tensors; LlamaForCausalLM.fused_decode).
 
     Holds references to every tensor whose address it passes to C, so they outlive the calls."""
 
     def __init__(self, *, layers: list[dict], final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 lm_head: R16Weight | None, hidden: int, num_heads: int, num_kv_heads: int,
+                 lm_head: R16Weight, hidden: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, intermediate: int, eps: float, scale: float, vocab: int, embed):  # fmt: skip
         self._keep: list[torch.Tensor] = []
         self.embed = embed  # token ids [M] -> embeddings [M, hidden]
@@ -235,15 +242,13 @@ class LlamaDecoder:
             arr[i].k_cache, arr[i].v_cache = lw["k_cache"].data_ptr(), lw["v_cache"].data_ptr()
             arr[i].window = lw.get("window") or 0
         self._layers = arr
-        self.hidden, self.vocab = hidden, vocab
+        self.vocab = vocab
+        self._keep.append(lm_head)
         self.weights = ModelWeights(
             num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             intermediate=intermediate, eps=eps, scale=scale, layers=arr, final_norm=_addr(f32(final_norm)),
-            cos=_addr(f32(cos)), sin=_addr(f32(sin)), vocab=vocab,
+            cos=_addr(f32(cos)), sin=_addr(f32(sin)), lm_head=lm_head.struct(), vocab=vocab,
         )  # fmt: skip
-        if lm_head is not None:
-            self._keep.append(lm_head)
-            self.weights.lm_head = lm_head.struct()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:  # fmt: skip

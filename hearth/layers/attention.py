@@ -8,6 +8,9 @@ softmax denominator gains one extra logit per head; SDPA cannot do that, so thos
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,10 +23,6 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Ten
     every byte (a 3 GB default cache would be resident at start); calloc'd memory (numpy's zeros) is mapped lazily."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import math
-
-    import numpy as np
-
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 

@@ -95,6 +95,10 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
                 raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
         elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
             raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
+    if ref.format == "gguf":  # repacked and copied weights no longer read the file's map: let its pages go
+        from hearth.loader.gguf import open_gguf
+
+        open_gguf(ref.path).release_pages()
     logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
 
 
