@@ -169,10 +169,10 @@ class HearthRunner(StreamingRunner):
 
     def info(self) -> dict:
         runner = self.engine.runner
-        spec_bytes = runner.num_kvcache_blocks * runner.block_size
-        from hearth.config import kv_bytes_per_token, kv_spec
+        from hearth.config import kv_spec
 
-        kv = kv_bytes_per_token(kv_spec(runner.config), str(runner.dtype).removeprefix("torch.")) * spec_bytes
+        block_bytes = kv_spec(runner.config).block_bytes(runner.block_size, str(runner.dtype).removeprefix("torch."))
+        kv = block_bytes * runner.num_kvcache_blocks
         import torch
 
         return {

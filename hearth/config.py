@@ -144,6 +144,19 @@ class LayerKV:
             return self.latent_size
         return self.num_kv_heads * (self.head_size + self.head_size_v)
 
+    @property
+    def shape(self) -> tuple:
+        """What must match for two layers to share cache storage."""
+        return (self.num_kv_heads, self.head_size, self.head_size_v, self.is_latent, self.latent_size)
+
+
+@dataclass(slots=True, frozen=True)
+class KVGroup:
+    """Layers whose cache is paged by one block table: all full attention, or all with the same window."""
+
+    sliding_window: int | None
+    layers: tuple[int, ...]
+
 
 @dataclass(slots=True, frozen=True)
 class KVSpec:
@@ -152,6 +165,38 @@ class KVSpec:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def groups(self) -> tuple[KVGroup, ...]:
+        """Layers grouped by window, full attention first. Each group has its own block table per sequence, so a
+        sliding group can give back the blocks that fall out of its window (vLLM's hybrid KV-cache manager)."""
+        windows = sorted({layer.sliding_window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
+        return tuple(KVGroup(w, tuple(i for i, layer in enumerate(self.layers) if layer.sliding_window == w))
+                     for w in windows)  # fmt: skip
+
+    def storage_slots(self) -> list[int]:
+        """Per layer, the cache tensor it uses. A block id belongs to one group at a time, so the j-th layer of one group
+        and the j-th of another (same shape) can share a tensor: with gpt-oss's 12 sliding + 12 full layers a block id
+        costs 12 layers' worth of memory, not 24."""
+        slots: list[tuple[tuple, set[int]]] = []  # (shape, groups using it)
+        result = [0] * self.num_layers
+        for g, group in enumerate(self.groups):
+            for i in group.layers:
+                shape = self.layers[i].shape
+                j = next((j for j, (s, used) in enumerate(slots) if s == shape and g not in used), None)
+                if j is None:
+                    j = len(slots)
+                    slots.append((shape, set()))
+                slots[j][1].add(g)
+                result[i] = j
+        return result
+
+    def block_bytes(self, block_size: int, dtype: str = "bfloat16") -> int:
+        """Bytes one block id costs: block_size tokens in every storage slot (see storage_slots)."""
+        first = {}
+        for i, j in enumerate(self.storage_slots()):
+            first.setdefault(j, self.layers[i])
+        return sum(layer.values_per_token for layer in first.values()) * block_size * DTYPE_BYTES[dtype]
 
 
 def kv_spec(cfg: ModelConfig) -> KVSpec:

@@ -154,12 +154,78 @@ def test_moe_fast_path_matches_reference(tiny_gpt_oss_mxfp4):
     model.set_moe_reference(False)
 
 
+def test_sliding_layers_hold_only_their_window(tiny_gpt_oss):
+    """Paged through two KV groups: chunked prefill (5 tokens a step) reading back the cache, decode, then a
+    prefix-cache hit; the sliding layers' table never holds more than the window needs, and logits match HF."""
+    from hearth import LLM
+
+    folder, hf = tiny_gpt_oss
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=5)
+    engine = llm.engine
+    assert engine.runner.kv_windows == (None, WINDOW)
+    # a block id costs the memory of one group's layers: sliding and full layers share the cache tensors
+    attn = [layer.self_attn.attn for layer in engine.runner.model.model.layers]
+    assert attn[0].k_cache is attn[1].k_cache and attn[2].k_cache is not attn[0].k_cache
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 256, (23,)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    runs = []
+    for run in range(2):
+        seq = engine.add_request(prompt, params, f"r{run}")
+        most_held = longest = 0
+        while engine.has_unfinished():
+            engine.step()
+            if not seq.is_finished:
+                full, sliding = seq.block_tables
+                assert -1 not in full and len(full) == len(sliding)
+                held = sum(b != -1 for b in sliding)
+                most_held, longest = max(most_held, held), max(longest, len(full))
+                # the window before the next token plus one step's 5 tokens, rounded out to blocks
+                assert held <= -(-(WINDOW - 1 + 5) // 4) + 1
+        assert longest == 8 and most_held <= 3  # 32 tokens' blocks in the full group, at most 3 in the sliding one
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - len(
+            [b for b in engine.block_manager.blocks if b.ref_count]
+        )
+        runs.append((seq.num_cached_tokens, seq.output_token_ids, [lp.logprob for lp in seq.logprobs]))
+        full_ids = torch.tensor(seq.token_ids)
+        with torch.inference_mode():
+            ref_lp = hf(full_ids[None]).logits[0].float().log_softmax(-1)
+        for step, lp in enumerate(seq.logprobs):
+            pos = len(prompt) - 1 + step
+            assert lp.token_id == int(ref_lp[pos].argmax())
+            assert abs(lp.logprob - ref_lp[pos, lp.token_id].item()) <= 1e-4
+    assert runs[0][0] == 0 and runs[1][0] == 20  # the second run found 5 blocks in both groups
+    assert runs[1][1] == runs[0][1]  # a hit gives the same tokens as a miss
+    torch.testing.assert_close(torch.tensor(runs[1][2]), torch.tensor(runs[0][2]), atol=1e-5, rtol=0)
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
 def test_sliding_layers_in_kv_spec(tiny_gpt_oss):
     from hearth.config import kv_spec
     from hearth.loader.inspect import read_hf_config
 
     spec = kv_spec(read_hf_config(tiny_gpt_oss[0]))
     assert [layer.sliding_window for layer in spec.layers] == [WINDOW, None, WINDOW]
+    assert [(g.sliding_window, g.layers) for g in spec.groups] == [(None, (1,)), (WINDOW, (0, 2))]
+    # layer 1 (full) shares layer 0's tensors; a block id costs 2 layers' memory, not 3
+    assert spec.storage_slots() == [0, 0, 1]
+    per_layer_token = 2 * 2 * 16 * 2  # K and V, 2 KV heads of 16, bf16
+    assert spec.block_bytes(4) == 2 * 4 * per_layer_token
+
+
+def test_gpt_oss_20b_kv_memory():
+    """The real shape: 12 sliding + 12 full layers pair up, so a block id costs 12 layers, half of 24."""
+    from hearth.config import ModelConfig, kv_bytes, kv_spec
+
+    cfg = ModelConfig.from_hf(dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128, num_local_experts=32,
+        num_experts_per_tok=4, layer_types=["sliding_attention", "full_attention"] * 12,
+    ))  # fmt: skip
+    spec = kv_spec(cfg)
+    assert spec.block_bytes(16) == 12 * 16 * 2 * 8 * 64 * 2
+    # what one 8k-token sequence holds: 12 full layers of 8192 tokens + 12 sliding layers of 128
+    assert kv_bytes(spec, 8192) == (12 * 8192 + 12 * 128) * 2 * 8 * 64 * 2
 
 
 def test_gguf_mxfp4_experts_convert_to_hf_layout():

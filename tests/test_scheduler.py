@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 
-from hearth.engine.block_manager import BlockManager
+import pytest
+
+from hearth.engine.block_manager import BlockManager, compute_hash
 from hearth.engine.scheduler import Scheduler
 from hearth.engine.sequence import Sequence, SequenceStatus
 from hearth.sampling_params import SamplingParams
 
 
-def make(num_blocks=16, block_size=4, max_num_seqs=4, budget=16, prefix=True):
-    bm = BlockManager(num_blocks, block_size, prefix)
+def make(num_blocks=16, block_size=4, max_num_seqs=4, budget=16, prefix=True, windows=(None,)):
+    bm = BlockManager(num_blocks, block_size, prefix, windows)
     return bm, Scheduler(bm, max_num_seqs, budget)
 
 
@@ -19,9 +21,10 @@ def seq(n, start=0, max_tokens=4):
     return Sequence(list(range(start, start + n)), SamplingParams(max_tokens=max_tokens))
 
 
-def run_step(sched: Scheduler, bm: BlockManager, next_token=lambda s: 7):
+def run_step(sched: Scheduler, bm: BlockManager, next_token=lambda s: 7, check=lambda batch: None):
     """What the engine does after the model runs: advance computed tokens, sample where the prompt is done."""
     batch = sched.schedule()
+    check(batch)
     for s, n in zip(batch.seqs, batch.num_scheduled_tokens):
         before = s.num_computed_tokens
         s.num_computed_tokens += n
@@ -122,9 +125,55 @@ def test_abort_frees_waiting_and_running():
     assert not sched.has_unfinished() and bm.num_free_blocks == 8
 
 
-def test_random_workload_leaks_nothing_and_nobody_starves():
+def check_sliding_tables(batch, window=6, bs=4):
+    """Scheduled: each sliding table holds exactly the blocks from the first one the window reaches to the end."""
+    for s in batch.seqs:
+        full, sliding = s.block_tables
+        first = max(0, s.num_computed_tokens - window + 1) // bs
+        assert -1 not in full and len(full) == len(sliding)
+        assert all(b == -1 for b in sliding[:first]) and -1 not in sliding[first:]
+
+
+def test_sliding_group_gives_back_blocks_out_of_its_window():
+    bm, sched = make(num_blocks=32, block_size=4, budget=8, windows=(None, 6))
+    a = seq(30, max_tokens=20)
+    sched.add(a)
+    most = 0
+    while sched.has_unfinished():
+        run_step(sched, bm, check=check_sliding_tables)
+        if not a.is_finished:
+            most = max(most, sum(b != -1 for b in a.block_tables[1]))
+            # 12 full blocks at the end; the sliding group: 5 keys back + up to 8 new tokens -> at most 4 blocks
+            assert bm.num_free_blocks >= 32 - len(a.block_tables[0]) - 4
+    assert most == 4 and bm.num_free_blocks == 32
+
+
+def test_prefix_hit_needs_the_sliding_window_blocks():
+    bm, sched = make(num_blocks=32, block_size=4, budget=8, windows=(None, 6))
+    a = seq(20, max_tokens=1)
+    sched.add(a)
+    while sched.has_unfinished():
+        run_step(sched, bm)
+    b = seq(21)
+    assert bm.allocate_prefix(b) == 20  # full group: blocks 0-4; sliding group: blocks 3-4 (the window before 20)
+    assert b.block_tables[1][:3] == [-1, -1, -1] and -1 not in b.block_tables[1][3:]
+    bm.free(b)
+    # the sliding group's block 4 is gone from the cache: the longest usable hit is 4 blocks (window before 16: 2-3)
+    block_hash = -1
+    for i in range(5):
+        block_hash = compute_hash(list(range(4 * i, 4 * i + 4)), block_hash)
+    del bm.hash_to_block_id[(1, block_hash)]
+    c = seq(21)
+    assert bm.allocate_prefix(c) == 16
+    assert c.block_tables[1][:2] == [-1, -1] and len(c.block_tables[0]) == 4
+    bm.free(c)
+    assert bm.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("windows", [(None,), (None, 6)])
+def test_random_workload_leaks_nothing_and_nobody_starves(windows):
     rng = random.Random(0)
-    bm, sched = make(num_blocks=40, block_size=4, max_num_seqs=6, budget=24)
+    bm, sched = make(num_blocks=40, block_size=4, max_num_seqs=6, budget=24, windows=windows)
     seqs = []
     shared = [rng.randrange(1000) for _ in range(12)]
     steps = 0
@@ -139,7 +188,8 @@ def test_random_workload_leaks_nothing_and_nobody_starves():
                 sched.add(s)
         if sched.running and rng.random() < 0.05:
             sched.finish(rng.choice(sched.running), "abort")
-        run_step(sched, bm, next_token=lambda s: rng.randrange(1000))
+        run_step(sched, bm, next_token=lambda s: rng.randrange(1000),
+                 check=check_sliding_tables if len(windows) > 1 else lambda batch: None)  # fmt: skip
         steps += 1
         assert steps < 20000, "the workload does not drain"
     assert all(s.is_finished for s in seqs)

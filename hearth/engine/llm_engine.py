@@ -39,7 +39,7 @@ class LLMEngine:
         self.runner = ModelRunner(ref, self.model_config, engine_config, device)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, engine_config.block_size,
-                                          engine_config.enable_prefix_caching)  # fmt: skip
+                                          engine_config.enable_prefix_caching, self.runner.kv_windows)  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 
 import torch
 
-from hearth.config import EngineConfig, ModelConfig, kv_budget_bytes, kv_bytes_per_token, kv_spec
+from hearth.config import EngineConfig, ModelConfig, kv_budget_bytes, kv_bytes, kv_spec
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.layers.sampler import Sampler
@@ -74,36 +75,57 @@ class ModelRunner:
         self.num_kvcache_blocks = self.allocate_kv_cache()
         # a family's one-call decode step over the allocated cache (CPU, GGUF blocks), when it has one
         self.fused_decode = None
-        if self.device.type == "cpu" and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
+        fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1  # it reads one block table per sequence
+        if fused_ok and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
             self.fused_decode = getattr(self.model, "fused_decode", lambda: None)()
         release_freed_memory()
 
     def allocate_kv_cache(self) -> int:
-        """Size the block pool from the KV budget with the KVSpec arithmetic the planner uses, then allocate it."""
+        """Size the block pool from the KV budget with the KVSpec arithmetic the planner uses, then allocate it.
+
+        Layers are paged in KV groups (KVSpec.groups: full attention, and one group per sliding window). A block id
+        belongs to one group at a time, so layers of different groups share cache tensors (KVSpec.storage_slots)."""
         spec = kv_spec(self.config)
+        self.kv_windows = tuple(group.sliding_window for group in spec.groups)
         dtype_name = str(self.dtype).removeprefix("torch.")
-        block_bytes = kv_bytes_per_token(spec, dtype_name) * self.block_size
+        block_bytes = spec.block_bytes(self.block_size, dtype_name)
         budget = self.engine_config.kv_cache_memory
         if budget is None:
-            wanted = self.engine_config.max_num_seqs * self.max_model_len * block_bytes // self.block_size
+            wanted = self.engine_config.max_num_seqs * kv_bytes(spec, self.max_model_len, dtype_name)
             budget_bytes = min(wanted, available_memory(self.device) // 4)
         else:
             budget_bytes = kv_budget_bytes(budget, available_memory(self.device))
         num_blocks = max(budget_bytes // block_bytes, 1)
-        if num_blocks * self.block_size < self.max_model_len:
+        # one sequence of max_model_len tokens must fit: every full group holds all of it, a sliding group its
+        # window plus one step's tokens
+        chunk = self.engine_config.max_num_batched_tokens
+        needed = sum(-(-(self.max_model_len if w is None else min(self.max_model_len, w + chunk)) // self.block_size) + 1
+                     for w in self.kv_windows) - 1  # fmt: skip
+        if num_blocks < needed:
             raise ValueError(
-                f"KV-cache budget of {budget_bytes / GIB:.2f} GiB holds {num_blocks * self.block_size} tokens, "
-                f"fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory or lower --max-model-len"
+                f"KV-cache budget of {budget_bytes / GIB:.2f} GiB holds {num_blocks} blocks of {self.block_size} "
+                f"tokens, fewer than the {needed} one max_model_len={self.max_model_len} sequence needs: raise "
+                f"--kv-cache-memory or lower --max-model-len"
             )
         # every cache-holding layer (Attention, or a model's own such as MLA) has allocate_cache(), in layer order
         cache_layers = [m for m in self.model.modules() if hasattr(m, "allocate_cache")]
         if len(cache_layers) != spec.num_layers:
             raise ValueError(f"model has {len(cache_layers)} cache layers but its KVSpec has {spec.num_layers}")
-        for layer, layer_spec in zip(cache_layers, spec.layers):
-            layer.allocate_cache(num_blocks, self.block_size, layer_spec, self.dtype, self.device)
+        owners: dict[int, torch.nn.Module] = {}
+        group_of = {i: g for g, group in enumerate(spec.groups) for i in group.layers}
+        for i, (layer, layer_spec, slot) in enumerate(zip(cache_layers, spec.layers, spec.storage_slots())):
+            layer.kv_group = group_of[i]
+            if slot in owners:
+                layer.share_cache(owners[slot])
+            else:
+                layer.allocate_cache(num_blocks, self.block_size, layer_spec, self.dtype, self.device)
+                owners[slot] = layer
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB), at most %d tokens in flight",
+            "KV cache: %d blocks of %d tokens (%.2f GiB), at most %d tokens in flight%s",
             num_blocks, self.block_size, num_blocks * block_bytes / GIB, num_blocks * self.block_size,
+            "" if len(self.kv_windows) == 1 else
+            f" per KV group ({', '.join('full' if w is None else f'window {w}' for w in self.kv_windows)}; "
+            "a sliding group holds only its window per sequence)",
         )  # fmt: skip
         return num_blocks
 
@@ -112,7 +134,7 @@ class ModelRunner:
         bs, pos = self.block_size, seq.num_computed_tokens
         length = pos + 1
         num_blocks = (length + bs - 1) // bs
-        table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long)
+        table = torch.tensor(seq.block_table[:num_blocks], dtype=torch.long).clamp_(min=0)  # -1: out of the window
         k_pos = torch.arange(num_blocks * bs)
         slots = (table[:, None] * bs + k_pos[:bs]).view(-1)[:length]
         tables = table[None]
@@ -126,9 +148,10 @@ class ModelRunner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Build input ids, positions and the forward Context; return the rows whose logits are sampled."""
+        seq = batch.seqs[0]
         if (len(batch.seqs) == 1 and batch.num_scheduled_tokens[0] == 1 and self.device.type == "cpu"
-                and batch.seqs[0].num_computed_tokens + 1 == batch.seqs[0].num_tokens):  # fmt: skip
-            return self.prepare_single_decode(batch.seqs[0])
+                and len(self.kv_windows) == 1 and seq.num_computed_tokens + 1 == seq.num_tokens):  # fmt: skip
+            return self.prepare_single_decode(seq)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -146,10 +169,8 @@ class ModelRunner:
             (ctx.decode_seq_idx if num_new == 1 else ctx.prefill_seq_idx).append(i)
             if end == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
         dev = self.device
-        ctx.block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        ctx.block_tables = self.block_tables_tensor(batch.seqs, 0)
         ctx.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if ctx.decode_seq_idx:
             ctx.decode_block_tables = ctx.block_tables[ctx.decode_seq_idx]
@@ -158,16 +179,38 @@ class ModelRunner:
             ctx.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
             k_pos = torch.arange(ctx.decode_block_tables.shape[1] * bs, device=dev)
             ctx.decode_mask = (k_pos[None, :] < ctx.decode_context_lens[:, None])[:, None, None, :]
+        if len(self.kv_windows) > 1:  # the other KV groups: the same step through their own block tables
+            ctx.kv_groups = [ctx] + [self.group_context(ctx, batch, g) for g in range(1, len(self.kv_windows))]
         set_context(ctx)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, torch.tensor(positions, dtype=torch.long, device=dev), sample_rows
+
+    def block_tables_tensor(self, seqs: list, group: int) -> torch.Tensor:
+        """[num_seqs, max_blocks] block ids of one KV group, 0-padded; blocks a sliding group gave back (-1) read as
+        block 0, which attention masks (those positions are outside the window)."""
+        tables = [seq.block_tables[group] for seq in seqs]
+        max_blocks = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        return padded.clamp_(min=0)
+
+    def group_context(self, ctx: Context, batch: Batch, group: int) -> Context:
+        """`ctx` for the layers of KV group `group`: its slots and block tables, the rest shared."""
+        bs = self.block_size
+        slots: list[int] = []
+        for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
+            table, start = seq.block_tables[group], seq.num_computed_tokens
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + num_new))
+        tables = self.block_tables_tensor(batch.seqs, group)
+        return dataclasses.replace(
+            ctx, slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device), block_tables=tables,
+            decode_block_tables=tables[ctx.decode_seq_idx] if ctx.decode_seq_idx else None, kv_groups=[],
+        )  # fmt: skip
 
     def run_fused_decode(self, seqs: list) -> torch.Tensor:
         """Every sequence decodes its one next token: logits [len(seqs), vocab] from the fused decode step."""
         bs = self.block_size
         positions = [seq.num_computed_tokens for seq in seqs]
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+        tables = self.block_tables_tensor(seqs, 0)
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
         input_ids = torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions)])
         pos = torch.tensor(positions)

@@ -78,7 +78,7 @@ class Scheduler:
         # waiting sequences, first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not any(seq.block_tables):
                 cached = self.block_manager.allocate_prefix(seq)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = cached
@@ -86,8 +86,7 @@ class Scheduler:
             if not self.block_manager.can_append(seq, num_new):
                 if not self.running and not batch.seqs:
                     # nothing else holds blocks: shrink the chunk to what fits
-                    free_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
-                    num_new = min(num_new, free_tokens)
+                    num_new = self.block_manager.max_appendable(seq, num_new)
                 if num_new == 0 or not self.block_manager.can_append(seq, num_new):
                     self.block_manager.free(seq)  # let go of prefix blocks held while waiting
                     break

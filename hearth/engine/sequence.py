@@ -26,11 +26,22 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
-        self.block_table: list[int] = []
+        # one block table per KV group (BlockManager.windows); -1 marks a block a sliding group gave back
+        self.block_tables: list[list[int]] = [[]]
+        self.block_hashes: list[int] = []  # chain hash of each full block of token_ids, as far as committed
         self.params = params
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first group's table (the only one for models without sliding-window layers)."""
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, table: list[int]) -> None:
+        self.block_tables[0] = table
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -83,12 +83,17 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # set by the model runner
         self.v_cache: torch.Tensor | None = None
+        self.kv_group = 0  # which of the step's block tables this layer reads (Context.kv_groups)
 
     def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
         """Called by the model runner with this layer's LayerKV; zeros whose pages only become resident as used."""
         shape = (num_blocks, block_size, layer_spec.num_kv_heads, layer_spec.head_size)
         self.k_cache = cache_zeros(shape, dtype, device)
         self.v_cache = cache_zeros(shape[:-1] + (layer_spec.head_size_v,), dtype, device)
+
+    def share_cache(self, other: Attention) -> None:
+        """Use `other`'s cache tensors: a layer of another KV group, so the two never hold the same block id."""
+        self.k_cache, self.v_cache = other.k_cache, other.v_cache
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         mask = k_pos[None, :] <= q_pos[:, None]
@@ -112,6 +117,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]; sinks: [num_heads] or None
         ctx = get_context()
+        if self.kv_group and ctx.kv_groups:
+            ctx = ctx.kv_groups[self.kv_group]
         k_cache, v_cache = self.k_cache, self.v_cache
         if ctx.slot_mapping is None:  # no cache this step (a plain forward over whole sequences)
             k_cache = v_cache = None
@@ -125,13 +132,18 @@ class Attention(nn.Module):
             start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
             length = ctx.context_lens[i]
             num_new = end - start
+            first = 0  # position of the first key read
             if k_cache is None or length == num_new:
                 keys, values = k[start:end], v[start:end]
             else:
-                keys = gather_kv(k_cache, ctx.block_tables[i], length).to(q.dtype)
-                values = gather_kv(v_cache, ctx.block_tables[i], length).to(q.dtype)
-            k_pos = torch.arange(length, device=q.device)
-            q_pos = k_pos[length - num_new :]
+                if self.sliding_window is not None:  # from the first block the window reaches (older ones are gone)
+                    first = max(0, length - num_new - self.sliding_window + 1) // ctx.block_size
+                table = ctx.block_tables[i][first:]
+                first *= ctx.block_size
+                keys = gather_kv(k_cache, table, length - first).to(q.dtype)
+                values = gather_kv(v_cache, table, length - first).to(q.dtype)
+            k_pos = torch.arange(first, length, device=q.device)
+            q_pos = torch.arange(length - num_new, length, device=q.device)
             if sinks is not None:
                 o = attention_with_sinks(
                     q[None, start:end].transpose(1, 2),
@@ -157,14 +169,18 @@ class Attention(nn.Module):
             rows = ctx.decode_rows
             lens = ctx.decode_context_lens  # [B]
             tables = ctx.decode_block_tables  # [B, max_blocks]
-            keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # [B, max_len, kv_heads, head_dim]
-            values = v_cache[tables].flatten(1, 2).to(q.dtype)
             if self.sliding_window is None:
                 mask = ctx.decode_mask
-            else:
-                k_pos = torch.arange(keys.shape[1], device=q.device)
-                mask = (k_pos[None, :] < lens[:, None]) & (k_pos[None, :] >= lens[:, None] - self.sliding_window)
+            else:  # only the blocks the window reaches: per sequence from its first such block
+                bs, window = ctx.block_size, self.sliding_window
+                idx = (lens - window).clamp(min=0).div(bs, rounding_mode="floor")[:, None]
+                idx = idx + torch.arange(min(-(-window // bs) + 1, tables.shape[1]), device=q.device)
+                k_pos = (idx[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)
+                tables = tables.gather(1, idx.clamp(max=tables.shape[1] - 1))
+                mask = (k_pos < lens[:, None]) & (k_pos >= lens[:, None] - window)
                 mask = mask[:, None, None, :]
+            keys = k_cache[tables].flatten(1, 2).to(q.dtype)  # [B, max_len, kv_heads, head_dim]
+            values = v_cache[tables].flatten(1, 2).to(q.dtype)
             if sinks is not None:
                 o = attention_with_sinks(q[rows].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), mask,
                                          sinks, self.scale)  # fmt: skip

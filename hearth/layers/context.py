@@ -16,7 +16,7 @@ class Context:
     q_starts: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)  # tokens in the cache after this step, per sequence
     slot_mapping: torch.Tensor | None = None  # [num_tokens] flat cache slot of each new token
-    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] block ids, -1 padded
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] block ids, 0 padded
     block_size: int = 16
     # decode rows: sequences with exactly one new token, attended in one batched call
     decode_seq_idx: list[int] = field(default_factory=list)
@@ -28,6 +28,9 @@ class Context:
     # a step that is one decode sequence and nothing else: the flat cache slots of its whole context, in order
     # ([context_len]); attention then gathers exactly those keys and needs no mask
     single_decode_slots: torch.Tensor | None = None
+    # models with several KV groups (sliding-window and full layers): this step's Context per group, [0] is this one;
+    # they differ only in slot_mapping and block tables
+    kv_groups: list[Context] = field(default_factory=list)
 
 
 _CONTEXT = Context()
