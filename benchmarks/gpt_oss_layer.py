@@ -20,7 +20,6 @@ import torch
 from hearth.config import ModelConfig, kv_spec
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.models.gpt_oss import GptOssForCausalLM
-from hearth.quant.mxfp4 import Mxfp4Weight
 
 REAL_20B = dict(
     model_type="gpt_oss", vocab_size=1024, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
@@ -62,12 +61,13 @@ def build(num_layers: int) -> GptOssForCausalLM:
     num_experts, inter, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        for name, rows, cols in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)):
+        for name, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
             blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
             scales = torch.randint(118, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen)
-            setattr(experts, name, Mxfp4Weight(blocks, scales))
-        experts.gate_up_bias = rand(num_experts, 2 * inter)
-        experts.down_bias = rand(num_experts, hidden)
+            experts.weight_loader(blocks, f"{name}_blocks")
+            experts.weight_loader(scales, f"{name}_scales")
+            experts.weight_loader(rand(num_experts, rows), f"{name}_bias")
+        experts.finalize(torch.bfloat16)  # as the loader does: MXFP4 repacked for the C kernel when there is one
         layer.self_attn.sinks.data = rand(config.num_attention_heads, std=1.0)
     for p in model.parameters():
         p.data = p.data.to(torch.bfloat16)

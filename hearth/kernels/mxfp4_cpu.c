@@ -7,7 +7,16 @@
 // mxfp4_gemv: out[m, n] = sum_g d(n, g) * sum_j w[n, g, j] * x[m, 32g + j] for a few rows of x (decode batches). x is
 // passed pre-permuted per group as [even values 0,2,..,30 | odd values 1,3,..,31] so the low and high nibbles of the
 // 16 bytes meet contiguous x. mxfp4_dequant: rows → float32, for larger batches (then a BLAS matmul).
+//
+// mxfp4_moe_q8 (bf16 serving): int8 activations, as gguf_cpu.c's r16_gemm and llama.cpp's q8_0 (per 32 values xd =
+// amax/127, xq = round(x/xd)), against weights repacked at load ("R16", same bits): rows in groups of 16; per group
+// and block of 32 values 4 chunks of 64 bytes (16 lanes, one per row, of 4 bytes; byte j of lane r holds value 8c+j of
+// row r in its low nibble, 8c+4+j in its high one), and the 16 rows' e8m0 scales. vpshufb maps nibbles to the doubled
+// e2m1 values + 12 (0..24, unsigned for vpdpbusd); the block's int dot is then sum - 12*sum(xq), exact in int32, and
+// scaled by 2^(s-128) * xd in float32. Several experts' row segments run in one call (one OpenMP region).
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -95,4 +104,142 @@ void mxfp4_dequant(int64_t N, int64_t G, const uint8_t *blocks, const uint8_t *s
             }
         }
     }
+}
+
+// ---- int8 activations against R16-repacked weights ----
+
+#define QK 32
+#define R16_BYTES 256  // nibble bytes per 16 rows x 32 values
+
+#ifdef _OPENMP
+#include <omp.h>
+#define TID omp_get_thread_num()
+#define NTH omp_get_num_threads()
+#else
+#define TID 0
+#define NTH 1
+#endif
+
+// Quantized activations: q [M, K] int8, per block of 32: d = amax/127 and the sum of the q
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *s;
+    int64_t K;
+} QX;
+
+static inline void quantize_block(const float *xb, int8_t *q, float *d, int32_t *s) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; j++) {
+        const int v = (int)nearbyintf(xb[j] * id);
+        q[j] = (int8_t)v;
+        sum += v;
+    }
+    *d = db;
+    *s = sum;
+}
+
+// the doubled e2m1 value (LUT2) of row r, value k of a 16-row block of repacked nibbles
+static inline int r16_code(const uint8_t *qb, int r, int k) {
+    const uint8_t byte = qb[(k / 8) * 64 + r * 4 + k % 4];
+    return LUT2[(k % 8) < 4 ? byte & 15 : byte >> 4];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static const int8_t LUT2U[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // LUT2 + 12
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// 2^(s-128) for 16 e8m0 scales (e8m0_half, vectorised)
+static inline __m512 e8m0_half16(const uint8_t *s) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(v, _mm512_set1_epi32(1)), 23);
+    const __m512i tiny = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), v);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(v, _mm512_set1_epi32(2)), normal, tiny));
+}
+
+// one group of 16 rows (nb blocks: qg [nb][256] nibbles, sg [nb][16] scales) against T rows of x from m0:
+// out[m0 + i, lane] = sum_b (int dot) * 2^(s-128) * xd
+static inline __attribute__((always_inline)) void tile(const int T, const uint8_t *qg, const uint8_t *sg, int64_t nb,
+                                                       const QX *x, int64_t m0, float *out, int64_t ldo, int64_t rows) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)LUT2U));
+    __m512 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = qg + b * R16_BYTES;
+        for (int c = 0; c < R16_BYTES; c += 64) _mm_prefetch((const char *)(qb + 4 * R16_BYTES + c), _MM_HINT_T0);
+        __m512i wv[8];
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * c));
+            wv[2 * c] = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, m4));
+            wv[2 * c + 1] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+        }
+        const __m512 d16 = e8m0_half16(sg + b * 16);
+        for (int i = 0; i < T; i++) {
+            const int64_t xi = (m0 + i) * nb + b;
+            const int8_t *xb = x->q + xi * QK;
+            __m512i iacc = _mm512_set1_epi32(-12 * x->s[xi]);
+            for (int c = 0; c < 8; c++) iacc = _mm512_dpbusd_epi32(iacc, wv[c], _mm512_set1_epi32(load_i32(xb + 4 * c)));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_mul_ps(d16, _mm512_set1_ps(x->d[xi])), acc[i]);
+        }
+    }
+    const __mmask16 mask = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+    for (int i = 0; i < T; i++) _mm512_mask_storeu_ps(out + (m0 + i) * ldo, mask, acc[i]);
+}
+
+static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX *x, int64_t m0, int64_t m1,
+                      float *out, int64_t ldo, int64_t rows) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) tile(4, qg, sg, nb, x, m, out, ldo, rows);
+    for (; m + 2 <= m1; m += 2) tile(2, qg, sg, nb, x, m, out, ldo, rows);
+    if (m < m1) tile(1, qg, sg, nb, x, m, out, ldo, rows);
+}
+#else
+static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX *x, int64_t m0, int64_t m1,
+                      float *out, int64_t ldo, int64_t rows) {
+    for (int r = 0; r < rows; r++)
+        for (int64_t m = m0; m < m1; m++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t xi = m * nb + b;
+                int dot = 0;
+                for (int k = 0; k < QK; k++) dot += r16_code(qg + b * R16_BYTES, r, k) * x->q[xi * QK + k];
+                acc = fmaf((float)dot, e8m0_half(sg[b * 16 + r]) * x->d[xi], acc);
+            }
+            out[m * ldo + r] = acc;
+        }
+}
+#endif
+
+// out[t, n] = sum_k x[t, k] W_e[n, k] for the rows t of segment i (seg_start[i] <= t < seg_start[i+1]) with expert
+// e = seg_expert[i]. x [T, K] float32; qs [E][groups][K/32][256], sc [E][groups][K/32][16] (groups = ceil(N/16)).
+// Threads take contiguous runs of (segment, group) tiles, so each streams its own part of the weights.
+void mxfp4_moe_q8(int64_t T, int64_t K, int64_t N, const float *x, int64_t S, const int64_t *seg_expert,
+                  const int64_t *seg_start, const uint8_t *qs, const uint8_t *sc, float *out, int nthreads) {
+    const int64_t nb = K / QK, groups = (N + 15) / 16;
+    QX qx = {malloc((size_t)(T * K)), malloc(sizeof(float) * (size_t)(T * nb)), malloc(sizeof(int32_t) * (size_t)(T * nb)), K};
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * nb; i++) quantize_block(x + i * QK, qx.q + i * QK, qx.d + i, qx.s + i);
+        const int64_t tiles = S * groups, nth = NTH, per = (tiles + nth - 1) / nth;
+        const int64_t t0 = TID * per < tiles ? TID * per : tiles, t1 = t0 + per < tiles ? t0 + per : tiles;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t i = t / groups, g = t % groups, e = seg_expert[i];
+            const int64_t rows = N - 16 * g < 16 ? N - 16 * g : 16;
+            tile_rows(qs + ((e * groups + g) * nb) * R16_BYTES, sc + ((e * groups + g) * nb) * 16, nb, &qx,
+                      seg_start[i], seg_start[i + 1], out + 16 * g, N, rows);
+        }
+    }
+    free(qx.q);
+    free(qx.d);
+    free(qx.s);
 }

@@ -1,17 +1,22 @@
 """CPU MXFP4 kernels (mxfp4_cpu.c), built by `cbuild.load_library` and called via ctypes.
 
-`available()` is False when no compiler is found or the build fails; callers then use the plain-torch path. Set
-HEARTH_MXFP4_KERNEL=0 (or HEARTH_C_KERNELS=0) to disable.
+Float32 activations use `gemv` (float FMAs on the HF-layout blocks). For bf16 serving, `repack` reorders experts'
+blocks once at load into a 16-row interleaved form (`R16Mxfp4`, the same bits; layout in the C source) and `moe_q8`
+runs them with int8 activations as llama.cpp does; `moe_q8_ref` is that computation in plain torch (x quantized per
+32 by `quantize_q8_ref`, W dequantized exactly, float64 matmul). `available()` is False when no compiler is found or
+the build fails; callers then use the plain-torch path. Set HEARTH_MXFP4_KERNEL=0 (or HEARTH_C_KERNELS=0) to disable.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 import torch
 
 from hearth.kernels.cbuild import load_library
+from hearth.kernels.gguf_cpu import quantize_q8_ref
 
 SOURCE = os.path.join(os.path.dirname(__file__), "mxfp4_cpu.c")
 MAX_M = 16  # rows of x per mxfp4_gemv call (MAX_M in the C source)
@@ -29,6 +34,8 @@ def _build() -> ctypes.CDLL | None:
     lib.mxfp4_gemv.restype = None
     lib.mxfp4_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_dequant.restype = None
+    lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.mxfp4_moe_q8.restype = None
     return lib
 
 
@@ -73,3 +80,79 @@ def dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, groups * 32, dtype=torch.float32)
     lib.mxfp4_dequant(n, groups, blocks.data_ptr(), scales.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+@dataclass(slots=True)
+class R16Mxfp4:
+    """MXFP4 weights [..., n, k] repacked for `moe_q8`: qs uint8 [..., ceil(n/16), k/32, 256] (16 rows' nibbles per
+    block of 32 values), sc uint8 [..., ceil(n/16), k/32, 16] (their e8m0 scales). Rows past n are zero padding."""
+
+    qs: torch.Tensor
+    sc: torch.Tensor
+    n: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.qs.shape[:-3], self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.numel() + self.sc.numel()
+
+    def __getitem__(self, index) -> R16Mxfp4:
+        """One expert's (or a leading-dims slice's) weight."""
+        return R16Mxfp4(self.qs[index], self.sc[index], self.n, self.k)
+
+
+def repack(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
+    """HF-layout blocks [..., n, G, 16] and scales [..., n, G] -> R16Mxfp4 (same bits, reordered; once, at load)."""
+    *lead, n, groups_k, _ = blocks.shape
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(*lead, n, groups_k, 4, 2, 4)  # [c][lo/hi][j]
+    qs = codes[..., 0, :] | (codes[..., 1, :] << 4)  # chunk c, byte j: values 8c + j (low) and 8c + 4 + j (high)
+    pad = -n % 16
+    qs = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(*lead, (n + pad) // 16, 16, groups_k, 4, 4)
+    qs = qs.movedim(-4, -2).contiguous()  # [..., groups, G, 4 chunks, 16 rows, 4]
+    sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape(*lead, (n + pad) // 16, 16, groups_k)
+    return R16Mxfp4(qs.flatten(-3), sc.transpose(-1, -2).contiguous(), n, groups_k * 32)
+
+
+def unpack(w: R16Mxfp4) -> tuple[torch.Tensor, torch.Tensor]:
+    """R16Mxfp4 -> the HF-layout (blocks [..., n, k/32, 16], scales [..., n, k/32]) it was made from."""
+    *lead, groups, groups_k, _ = w.qs.shape
+    qs = w.qs.reshape(*lead, groups, groups_k, 4, 16, 4).movedim(-2, -4)  # [..., groups, 16 rows, G, 4 chunks, 4]
+    codes = torch.stack([qs & 15, qs >> 4], dim=-2).reshape(*lead, groups * 16, groups_k, 16, 2)  # values in order
+    blocks = codes[..., 0] | (codes[..., 1] << 4)
+    scales = w.sc.transpose(-1, -2).reshape(*lead, groups * 16, groups_k)
+    return blocks[..., : w.n, :, :].contiguous(), scales[..., : w.n, :].contiguous()
+
+
+def moe_q8(x: torch.Tensor, w: R16Mxfp4, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+    """x [T, K] with rows grouped by expert (counts[i] rows for expert_ids[i], in order) -> [T, N] float32, each row
+    times its expert's W^T, with int8 activations. w holds all experts: [E, N, K]."""
+    lib = _get()
+    t, k = x.shape
+    assert k == w.k and w.qs.dim() == 4 and sum(counts) == t and len(counts) == len(expert_ids)
+    x = x.float().contiguous()
+    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    experts = torch.tensor(expert_ids, dtype=torch.int64)
+    out = torch.empty(t, w.n, dtype=torch.float32)
+    lib.mxfp4_moe_q8(t, k, w.n, x.data_ptr(), len(counts), experts.data_ptr(), starts.data_ptr(), w.qs.data_ptr(),
+                     w.sc.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def moe_q8_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, expert_ids: list[int],
+               counts: list[int]) -> torch.Tensor:  # fmt: skip
+    """What `moe_q8` computes, in plain torch on the HF-layout weights [E, N, K/32, 16]: x quantized per 32 to int8
+    (quantize_q8_ref), each expert's W dequantized exactly, float64 matmuls."""
+    from hearth.quant.mxfp4 import dequantize_mxfp4
+
+    q, d = quantize_q8_ref(x)
+    xr = (q.double() * d.double()).reshape(x.shape)
+    out, start = [], 0
+    for expert_id, count in zip(expert_ids, counts):
+        weight = dequantize_mxfp4(blocks[expert_id], scales[expert_id], torch.float64)
+        out.append(xr[start : start + count] @ weight.t())
+        start += count
+    return torch.cat(out).float()

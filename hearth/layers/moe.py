@@ -1,7 +1,8 @@
 """Mixture of experts: routing as pure functions, a reference per-expert loop, and the grouped fast path.
 
 Experts are given as `expert_fn(expert_id, x [n, hidden]) -> [n, hidden]`, so any expert form (dense, MXFP4, fp8,
-with or without biases) plugs in. Both paths compute `out[t] = Σ_j weights[t, j] · expert_fn(ids[t, j], x[t])`.
+with or without biases) plugs in. Both paths compute `out[t] = Σ_j weights[t, j] · expert_fn(ids[t, j], x[t])`;
+`grouped_moe` hands all experts' rows to one function (a kernel that runs them in one call).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+GroupedExpertFn = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,21 +40,38 @@ def moe_ref(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
     return out
 
 
-def fused_moe(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
-    """Grouped path: one sort of the (token, expert) pairs by expert, one host sync for the counts, each expert runs
-    once on a contiguous slice, then one weighted scatter-add."""
-    num_tokens, top_k = ids.shape
+def group_by_expert(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Sort the (token, expert) pairs of ids [T, k] by expert, one host sync for the counts. Returns the sort order
+    (into ids.reshape(-1)), each sorted pair's token, and the experts hit with their pair counts, in order."""
+    top_k = ids.shape[1]
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    token_idx = order // top_k
     counts = torch.bincount(flat_ids, minlength=int(flat_ids.max()) + 1 if flat_ids.numel() else 1).tolist()
+    hit = [(expert_id, count) for expert_id, count in enumerate(counts) if count]
+    return order, order // top_k, [e for e, _ in hit], [c for _, c in hit]
+
+
+def fused_moe(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
+    """Grouped path: one sort of the (token, expert) pairs by expert, each expert runs once on a contiguous slice,
+    then one weighted scatter-add."""
+    order, token_idx, expert_ids, counts = group_by_expert(ids)
     x = hidden_states[token_idx]  # [T*k, hidden], grouped by expert
     ys = torch.empty_like(x)
     start = 0
-    for expert_id, count in enumerate(counts):
-        if count:
-            ys[start : start + count] = expert_fn(expert_id, x[start : start + count])
-            start += count
+    for expert_id, count in zip(expert_ids, counts):
+        ys[start : start + count] = expert_fn(expert_id, x[start : start + count])
+        start += count
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
     out = torch.zeros_like(hidden_states)
     return out.index_add_(0, token_idx, ys)
+
+
+def grouped_moe(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                experts_fn: GroupedExpertFn) -> torch.Tensor:  # fmt: skip
+    """As fused_moe, but all experts in one call: `experts_fn(x, expert_ids, counts)` gets the rows grouped by
+    expert (counts[i] rows for expert_ids[i]) and returns their outputs, e.g. float32. Sums in that dtype."""
+    order, token_idx, expert_ids, counts = group_by_expert(ids)
+    ys = experts_fn(hidden_states[token_idx], expert_ids, counts)
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    out = torch.zeros(hidden_states.shape, dtype=ys.dtype)
+    return out.index_add_(0, token_idx, ys).to(hidden_states.dtype)

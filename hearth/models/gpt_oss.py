@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hearth.config import ModelConfig
+from hearth.kernels import mxfp4_cpu
+from hearth.kernels.mxfp4_cpu import R16Mxfp4
 from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.linear import Linear
-from hearth.layers.moe import fused_moe, moe_ref, topk_softmax
+from hearth.layers.moe import fused_moe, grouped_moe, moe_ref, topk_softmax
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.quant import mxfp4
@@ -64,7 +66,9 @@ class GptOssAttention(nn.Module):
 
 class GptOssExperts(nn.Module):
     """All experts of one layer: gate_up [E, 2I, H] (interleaved gate/up rows) and down [E, H, I], as `(out, in)`,
-    each either dense in the compute dtype or packed MXFP4 (`Mxfp4Weight`), plus float biases."""
+    each either dense in the compute dtype or packed MXFP4, plus float biases. MXFP4 is held as `Mxfp4Weight` (HF
+    layout; float32 runs, or no C compiler) or, for bf16 runs with the C kernels, repacked at load as `R16Mxfp4` (the
+    same bits), which runs every expert hit in one int8-activation kernel call per projection."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -74,8 +78,8 @@ class GptOssExperts(nn.Module):
         self.alpha = float(config.extra.get("swiglu_alpha", 1.702))
         self.limit = float(config.extra.get("swiglu_limit", 7.0))
         self._parts: dict[str, torch.Tensor | QuantizedTensor] = {}
-        self.gate_up: torch.Tensor | Mxfp4Weight | None = None
-        self.down: torch.Tensor | Mxfp4Weight | None = None
+        self.gate_up: torch.Tensor | Mxfp4Weight | R16Mxfp4 | None = None
+        self.down: torch.Tensor | Mxfp4Weight | R16Mxfp4 | None = None
         self.gate_up_bias: torch.Tensor | None = None
         self.down_bias: torch.Tensor | None = None
         self.use_reference = False  # route through moe_ref (tests)
@@ -87,7 +91,7 @@ class GptOssExperts(nn.Module):
     def nbytes(self) -> int:
         total = 0
         for w in (self.gate_up, self.down, self.gate_up_bias, self.down_bias):
-            total += w.nbytes if isinstance(w, Mxfp4Weight) else w.numel() * w.element_size()
+            total += w.nbytes if isinstance(w, (Mxfp4Weight, R16Mxfp4)) else w.numel() * w.element_size()
         return total
 
     def _weight(self, name: str, out_features: int, in_features: int) -> torch.Tensor | Mxfp4Weight:
@@ -128,7 +132,8 @@ class GptOssExperts(nn.Module):
         raise ValueError(f"missing {name}_bias")
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
-        """MXFP4 stays packed whatever `keep_quantized` says: its dequantization is exact, so float32 runs lose nothing."""
+        """MXFP4 stays packed whatever `keep_quantized` says: its dequantization is exact, so float32 runs lose nothing.
+        With bf16 and the C kernels it is repacked for the int8-activation kernel (`R16Mxfp4`)."""
         inter, hidden = self.intermediate_size, self.hidden_size
         gate_up = self._weight("gate_up_proj", 2 * inter, hidden)
         down = self._weight("down_proj", hidden, inter)
@@ -138,11 +143,16 @@ class GptOssExperts(nn.Module):
             raise ValueError(f"unexpected expert tensors {sorted(self._parts)}")
         self.gate_up = gate_up if isinstance(gate_up, Mxfp4Weight) else _dense(gate_up).to(dtype).contiguous()
         self.down = down if isinstance(down, Mxfp4Weight) else _dense(down).to(dtype).contiguous()
+        packed = isinstance(gate_up, Mxfp4Weight) and isinstance(down, Mxfp4Weight)
+        if packed and dtype == torch.bfloat16 and mxfp4_cpu.available():  # the int8-activation kernel's form
+            self.gate_up = mxfp4_cpu.repack(gate_up.blocks, gate_up.scales)
+            self.down = mxfp4_cpu.repack(down.blocks, down.scales)
 
     def _linear(self, w, bias: torch.Tensor, expert_id: int, x: torch.Tensor) -> torch.Tensor:
+        w = _unpack(w[expert_id]) if isinstance(w, R16Mxfp4) else w[expert_id]
         if isinstance(w, Mxfp4Weight):
-            return mxfp4.mxfp4_matmul(x, w.blocks[expert_id], w.scales[expert_id], bias[expert_id])
-        return F.linear(x, w[expert_id], bias[expert_id])
+            return mxfp4.mxfp4_matmul(x, w.blocks, w.scales, bias[expert_id])
+        return F.linear(x, w, bias[expert_id])
 
     def expert(self, expert_id: int, x: torch.Tensor) -> torch.Tensor:
         h = self._linear(self.gate_up, self.gate_up_bias, expert_id, x)
@@ -152,20 +162,36 @@ class GptOssExperts(nn.Module):
         """Same expert through dequantize-then-matmul (mxfp4_matmul_ref)."""
 
         def linear(w, bias, x):
+            w = _unpack(w[expert_id]) if isinstance(w, R16Mxfp4) else w[expert_id]
             if isinstance(w, Mxfp4Weight):
-                return mxfp4.mxfp4_matmul_ref(x, w.blocks[expert_id], w.scales[expert_id], bias[expert_id])
-            return F.linear(x, w[expert_id], bias[expert_id])
+                return mxfp4.mxfp4_matmul_ref(x, w.blocks, w.scales, bias[expert_id])
+            return F.linear(x, w, bias[expert_id])
 
         h = linear(self.gate_up, self.gate_up_bias, x)
         return linear(self.down, self.down_bias, swiglu_oss(h, self.alpha, self.limit))
 
+    def experts_q8(self, x: torch.Tensor, expert_ids: list[int], counts: list[int]) -> torch.Tensor:
+        """Rows grouped by expert through both repacked projections (int8 activations, float32 in between)."""
+        rows = torch.repeat_interleave(torch.tensor(expert_ids), torch.tensor(counts))  # each row's expert
+        h = mxfp4_cpu.moe_q8(x, self.gate_up, expert_ids, counts) + self.gate_up_bias[rows].float()
+        h = swiglu_oss(h, self.alpha, self.limit)
+        return mxfp4_cpu.moe_q8(h, self.down, expert_ids, counts) + self.down_bias[rows].float()
+
     def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.use_reference:
             return moe_ref(hidden_states, weights, ids, self.expert_ref)
+        if isinstance(self.gate_up, R16Mxfp4) and isinstance(self.down, R16Mxfp4):
+            return grouped_moe(hidden_states, weights, ids, self.experts_q8)
         return fused_moe(hidden_states, weights, ids, self.expert)
 
 
+def _unpack(w: R16Mxfp4) -> Mxfp4Weight:
+    return Mxfp4Weight(*mxfp4_cpu.unpack(w))
+
+
 def _dense(t) -> torch.Tensor:
+    if isinstance(t, R16Mxfp4):
+        t = _unpack(t)
     return t.dequantize() if isinstance(t, (QuantizedTensor, Mxfp4Weight)) else t
 
 
