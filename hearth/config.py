@@ -245,6 +245,7 @@ class EngineConfig:
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16
     max_waiting: int = 256  # queue depth before new requests are refused (HTTP 429)
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # which waiting request is admitted first: fcfs | shortest (prompt, with aging)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -255,6 +256,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
             kv_budget_bytes(self.kv_cache_memory, 1 << 30)  # validates
+        if self.scheduling_policy not in ("fcfs", "shortest"):
+            raise ValueError(f"scheduling_policy must be fcfs or shortest, got {self.scheduling_policy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

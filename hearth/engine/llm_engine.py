@@ -40,7 +40,8 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, engine_config.block_size,
                                           engine_config.enable_prefix_caching, self.runner.kv_windows)  # fmt: skip
-        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
+                                   engine_config.scheduling_policy)  # fmt: skip
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.sequence import Sequence, SequenceStatus
 
+POLICIES = ("fcfs", "shortest")
+
 
 @dataclass(slots=True)
 class Batch:
@@ -31,15 +33,35 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):  # fmt: skip
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_steps = 0
 
     def add(self, seq: Sequence) -> None:
+        seq.arrival_step = self.num_steps
         self.waiting.append(seq)
+
+    def _next_waiting(self) -> Sequence:
+        """fcfs: the oldest. shortest: the one with the fewest tokens left to prefill, where each step spent waiting
+        counts as a quarter of the step's token budget, so a long prompt waits at most a few steps behind shorter
+        ones (max_model_len / (budget / 4) steps) and cannot starve. Preempted sequences always go first."""
+        if self.policy == "fcfs":
+            return self.waiting[0]
+        credit = self.max_num_batched_tokens / 4
+
+        def key(seq: Sequence) -> tuple:
+            left = seq.num_tokens - seq.num_computed_tokens
+            return (seq.num_preemptions == 0, left - credit * (self.num_steps - seq.arrival_step))
+
+        return min(self.waiting, key=key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -77,7 +99,7 @@ class Scheduler:
             budget -= num_new
         # waiting sequences, first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             if not any(seq.block_tables):
                 cached = self.block_manager.allocate_prefix(seq)
                 if seq.num_preemptions == 0:
@@ -90,13 +112,14 @@ class Scheduler:
                 if num_new == 0 or not self.block_manager.can_append(seq, num_new):
                     self.block_manager.free(seq)  # let go of prefix blocks held while waiting
                     break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.block_manager.append_slots(seq, num_new)
             batch.seqs.append(seq)
             batch.num_scheduled_tokens.append(num_new)
             budget -= num_new
+        self.num_steps += 1
         return batch
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -33,6 +33,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+        self.arrival_step = 0  # the scheduler's step count when it was queued
 
     @property
     def block_table(self) -> list[int]:
