@@ -83,6 +83,8 @@ def test_dequant_is_exact(qtype):
     w = gguf_cpu.repack(blocks, qtype, 70, 160)
     assert torch.equal(gguf_cpu.dequant(w, torch.float32), ref)
     assert torch.equal(gguf_cpu.dequant(w, torch.bfloat16), ref.bfloat16())
+    chunked = gguf_cpu.repack(blocks, qtype, 70, 160, chunk_rows=16)  # 4 full chunks and a 6-row one
+    assert torch.equal(chunked.qs, w.qs) and torch.equal(chunked.sc, w.sc)
 
 
 def test_quantize_q8_0_requantizes_within_half_a_step():

@@ -91,15 +91,30 @@ class R16Weight:
         return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
 
 
-def repack(blocks: torch.Tensor, qtype: int, n: int, k: int) -> R16Weight:
-    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0) -> R16Weight, in torch (once, at load)."""
+def repack(blocks: torch.Tensor, qtype: int, n: int, k: int, chunk_rows: int = 4096) -> R16Weight:
+    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0) -> R16Weight, in torch (once, at load), `chunk_rows`
+    rows at a time so that the temporaries stay small next to a large table (SmolLM2's 49152-row embedding)."""
     if not supports(qtype, k) or blocks.numel() != n * k // 32 * BLOCK_BYTES[qtype]:
         raise ValueError(f"GGUF kernel: cannot repack type {qtype} blocks as a {n}x{k} weight")
     nb, groups = k // 32, (n + 15) // 16
     blk = blocks.reshape(n, nb, BLOCK_BYTES[qtype])
+    qs = torch.empty(groups, nb, 16 * (32 if qtype == Q8_0 else 16), dtype=torch.uint8)  # 16 rows of block bytes
+    sc = torch.empty(groups, nb, 2, 16, dtype=torch.float16)
+    chunk_rows = max(16, chunk_rows // 16 * 16)
+    for a in range(0, n, chunk_rows):
+        b = min(a + chunk_rows, n)
+        qs[a // 16 : (b + 15) // 16], sc[a // 16 : (b + 15) // 16] = _repack_rows(blk[a:b], qtype)
+    return R16Weight(qs, sc, qtype, n, k)
+
+
+def _repack_rows(blk: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [n, nb, block bytes] -> (qs [n/16 rounded up, nb, chunk bytes], sc [.., nb, 2, 16]); the last group is
+    padded with zero rows."""
+    n, nb = blk.shape[:2]
+    groups = (n + 15) // 16
     d = blk[..., :2].contiguous().view(torch.float16)[..., 0]  # [n, nb]
     if qtype == Q8_0:
-        v = (blk[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # [n, nb, 32]
+        v = blk[..., 2:] ^ 0x80  # int8 q + 128 as uint8 (flipping the sign bit)
         qs = v.reshape(n, nb, 8, 4)  # chunk c, byte j = value 4c + j
         m = d * -128  # exact: a power-of-two multiple
     else:
@@ -110,10 +125,10 @@ def repack(blocks: torch.Tensor, qtype: int, n: int, k: int) -> R16Weight:
         m = blk[..., 2:4].contiguous().view(torch.float16)[..., 0] if qtype == Q4_1 else d * -8
     pad = groups * 16 - n
     qs = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(groups, 16, nb, -1, 4)
-    qs = qs.permute(0, 2, 3, 1, 4).contiguous()  # [groups, nb, chunks, 16 rows, 4]
+    qs = qs.permute(0, 2, 3, 1, 4).reshape(groups, nb, -1)  # [groups, nb, chunks * 16 rows * 4]
     sc = torch.stack([d, m], dim=-1)  # [n, nb, 2]
-    sc = torch.nn.functional.pad(sc, (0, 0, 0, 0, 0, pad)).reshape(groups, 16, nb, 2).permute(0, 2, 3, 1).contiguous()
-    return R16Weight(qs.reshape(groups, nb, -1), sc, qtype, n, k)
+    sc = torch.nn.functional.pad(sc, (0, 0, 0, 0, 0, pad)).reshape(groups, 16, nb, 2).permute(0, 2, 3, 1)
+    return qs, sc
 
 
 def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,18 +87,23 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
         except ValueError as e:
             raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
         loaded.add((name.rpartition(".")[0], kind))
+    gguf_file = None
+    if ref.format == "gguf":
+        from hearth.loader.gguf import open_gguf
+
+        gguf_file = open_gguf(ref.path)
     for mod_name, module in reversed(list(model.named_modules())):  # children before parents
         if hasattr(module, "finalize"):
             try:
                 module.finalize(dtype, keep_quantized)
             except ValueError as e:
                 raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
+            if gguf_file is not None:  # what it repacked is no longer read from the map: keep the peak low
+                gguf_file.release_pages()
         elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
             raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
-    if ref.format == "gguf":  # repacked and copied weights no longer read the file's map: let its pages go
-        from hearth.loader.gguf import open_gguf
-
-        open_gguf(ref.path).release_pages()
+    if gguf_file is not None:  # repacked and copied weights no longer read the file's map: let its pages go
+        gguf_file.release_pages()
     logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
 
 
