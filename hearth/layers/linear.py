@@ -7,7 +7,8 @@ is held: dense in the compute dtype, or for GGUF weights (bf16 compute dtype) on
   matmul, a few rows a C kernel with the same arithmetic; a model's fused decode step reads them with int8
   activations (as llama.cpp does);
 - without a C compiler, PyTorch's kernels: Q4_0/Q4_1 as packed int4 (exact), other types as per-row int8.
-With float32 everything is dequantized (the reference mode).
+With float32 everything is dequantized (the reference mode). Dense bf16 weights run through torch, except for a few
+rows (decode steps) on CPUs with AVX-512 BF16, where a C kernel (hearth/kernels/bf16_cpu.c) reads them faster.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hearth.kernels import gguf_cpu
+from hearth.kernels import bf16_cpu, gguf_cpu
 from hearth.kernels.int4_mm import can_dequantize, int4_mm, int4_mm_dense, pack_int4
 from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
@@ -139,6 +140,9 @@ class Linear(nn.Module):
             out = int8_mm(x.reshape(-1, self.in_features), self.int8_weight, self.int8_scales)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
+        if bf16_cpu.can_run(x, self.weight):  # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster
+            out = bf16_cpu.gemv(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
