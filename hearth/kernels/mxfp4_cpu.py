@@ -108,12 +108,19 @@ class R16Mxfp4:
 def repack(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
     """HF-layout blocks [..., n, G, 16] and scales [..., n, G] -> R16Mxfp4 (same bits, reordered; once, at load)."""
     *lead, n, groups_k, _ = blocks.shape
-    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(*lead, n, groups_k, 4, 2, 4)  # [c][lo/hi][j]
+    if lead:  # one [n, G, 16] slice (an expert) at a time, so the temporaries stay that size
+        out = R16Mxfp4(torch.empty(*lead, -(-n // 16), groups_k, 256, dtype=torch.uint8),
+                       torch.empty(*lead, -(-n // 16), groups_k, 16, dtype=torch.uint8), n, groups_k * 32)  # fmt: skip
+        for i, (b, s) in enumerate(zip(blocks.reshape(-1, n, groups_k, 16), scales.reshape(-1, n, groups_k))):
+            one = repack(b, s)
+            out.qs.view(-1, *one.qs.shape)[i], out.sc.view(-1, *one.sc.shape)[i] = one.qs, one.sc
+        return out
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(n, groups_k, 4, 2, 4)  # [c][lo/hi][j]
     qs = codes[..., 0, :] | (codes[..., 1, :] << 4)  # chunk c, byte j: values 8c + j (low) and 8c + 4 + j (high)
     pad = -n % 16
-    qs = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, 0, 0, pad)).reshape(*lead, (n + pad) // 16, 16, groups_k, 4, 4)
-    qs = qs.movedim(-4, -2).contiguous()  # [..., groups, G, 4 chunks, 16 rows, 4]
-    sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape(*lead, (n + pad) // 16, 16, groups_k)
+    qs = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, 0, 0, pad)).reshape((n + pad) // 16, 16, groups_k, 4, 4)
+    qs = qs.movedim(1, 3).contiguous()  # [groups, G, 4 chunks, 16 rows, 4]
+    sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape((n + pad) // 16, 16, groups_k)
     return R16Mxfp4(qs.flatten(-3), sc.transpose(-1, -2).contiguous(), n, groups_k * 32)
 
 
