@@ -79,8 +79,8 @@ def make_servers(args, model_path: str, concurrency: int) -> dict[str, Server]:
     port = free_port()
     servers["hearth"] = Server("hearth", [os.path.join(os.path.dirname(sys.executable), "hearth"), "serve",
                                           args.model, "--port", str(port), "--max-num-seqs", str(max(concurrency, 1)),
-                                          "--max-model-len", str(ctx), "--served-model-name", "hearth"], port,
-                               "hearth")  # fmt: skip
+                                          "--max-model-len", str(ctx), "--served-model-name", "hearth",
+                                          *args.hearth_args], port, "hearth")  # fmt: skip
     if "llama-cpp-python" in args.peers:
         port = free_port()
         servers["llama-cpp-python"] = Server("llama-cpp-python", [
@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="skip llama-cpp-python (one request at a time) above this concurrency",
     )
+    parser.add_argument("--hearth-args", nargs="*", default=[], metavar="ARG",
+                        help="extra `hearth serve` options, e.g. --hearth-args=--scheduling-policy=fcfs")  # fmt: skip
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency")
     args = parser.parse_args(argv)
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
             rows.append(row)
-            line = json.dumps({"bench": "serving", "model": args.model, "threads": args.threads, **row})
+            extra = {"hearth_args": args.hearth_args} if name == "hearth" and args.hearth_args else {}
+            line = json.dumps({"bench": "serving", "model": args.model, "threads": args.threads, **extra, **row})
             print(line, flush=True)
             if args.out:
                 with open(args.out, "a") as f:

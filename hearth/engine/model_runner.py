@@ -71,6 +71,11 @@ class ModelRunner:
             self.model = model_class(config)(config)
         load_model(self.model, ref, self.dtype, keep_quantized=self.dtype != torch.float32)
         self.model.eval()
+        if engine_config.int8_prefill:
+            held = [m for m in self.model.modules() if getattr(m, "blocks", None) is not None]
+            for module in held:
+                module.int8_activations = True
+            logger.info("int8 activations for the %d GGUF-quantized projections, in prefill as in decode", len(held))
         self.sampler = Sampler(engine_config.seed)
         self.num_kvcache_blocks = self.allocate_kv_cache()
         # a family's one-call decode step over the allocated cache (CPU, GGUF blocks), when it has one

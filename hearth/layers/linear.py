@@ -47,8 +47,11 @@ def gguf_blocks(qt: QuantizedTensor) -> gguf_cpu.R16Weight:
     return gguf_cpu.repack(gguf_cpu.quantize_q8_0(quantized_rows(qt), rows, cols), gguf_cpu.Q8_0, rows, cols)
 
 
-def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight) -> torch.Tensor:
-    """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype."""
+def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = False) -> torch.Tensor:
+    """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype. int8_activations: llama.cpp's arithmetic
+    at every M (x quantized per 32 values, as the fused decode step does), else bf16 arithmetic."""
+    if int8_activations:
+        return gguf_cpu.gemm(x, w).to(x.dtype)
     if x.shape[0] >= BLOCKS_DENSE_MIN_TOKENS:
         return F.linear(x.to(torch.bfloat16), gguf_cpu.dequant(w)).to(x.dtype)
     return gguf_cpu.gemm_f32(x.to(torch.bfloat16), w).to(x.dtype)
@@ -83,6 +86,7 @@ class Linear(nn.Module):
         self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
         self.blocks: gguf_cpu.R16Weight | None = None  # the weight in the C kernels' form
+        self.int8_activations = False  # blocks with int8 activations at every M (EngineConfig.int8_prefill)
         self.can_dense = False  # the packed int4 weight can be dequantized for large-M matmuls
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
@@ -124,7 +128,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:
-            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks)
+            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks, self.int8_activations)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         if self.packed is not None:
