@@ -4,12 +4,15 @@
 |--------------------------------------------|---------------------------------------------------|--------------------------|
 | mxfp4_matmul, float32 x                    | mxfp4_matmul_ref                                  | 1e-5 (summation order)   |
 | mxfp4_matmul, bf16 x                       | mxfp4_matmul_ref                                  | 1e-2 (bf16 output)       |
-| repack -> unpack                           | the original blocks / scales                      | exact                    |
+| repack -> unpack (C and torch repack)      | the original blocks / scales                      | exact                    |
+| repack in C (mxfp4_repack_r16)             | repack_ref (torch)                                | byte for byte            |
 | moe_q8 (int8 x, repacked W), M = 1..20     | moe_q8_ref: same int8 x, exact W, float64         | 1e-5 (float32 rounding)  |
 | GptOssExperts in bf16 (grouped moe_q8)     | moe_ref over moe_q8_ref linears / exact experts   | 2^-7 / 5e-2              |
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -87,14 +90,32 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("n,k", [(16, 32), (40, 96), (300, 128), (48, 384), (7, 64)])  # 1, 3 (padded), 19, 3, 1 tiles
-def test_repack_round_trips(n, k):
+@pytest.mark.parametrize("repack", [mxfp4_cpu.repack, mxfp4_cpu.repack_ref], ids=["repack", "repack_ref"])
+def test_repack_round_trips(n, k, repack):
     blocks, scales = random_weight(3 * n, k, low=0, high=255)  # 255 (NaN in the spec) would make NaN != NaN
     blocks, scales = blocks.reshape(3, n, k // 32, 16), scales.reshape(3, n, k // 32)
-    w = mxfp4_cpu.repack(blocks, scales)
+    w = repack(blocks, scales)
     assert w.shape == (3, n, k) and w.nbytes == 3 * (-(-n // 16) * 16) * k * 17 // 32  # the same bits (+ padding rows)
     back_blocks, back_scales = mxfp4_cpu.unpack(w)
     assert torch.equal(back_blocks, blocks) and torch.equal(back_scales, scales)
     assert torch.equal(dequantize_mxfp4(*mxfp4_cpu.unpack(w[1])), dequantize_mxfp4(blocks[1], scales[1]))
+
+
+@pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler")
+@pytest.mark.parametrize("lead,n,k", [((), 16, 32), ((1,), 7, 64), ((3,), 40, 96), ((5,), 300, 128), ((2, 3), 33, 384),
+                                      ((4,), 2880, 64)])  # fmt: skip
+def test_repack_in_c_equals_torch(lead, n, k):
+    """The C repack (mxfp4_repack_r16) writes the same bytes as repack_ref, zero padding rows included."""
+    num = math.prod(lead)
+    blocks, scales = random_weight(num * n, k, seed=n, low=0, high=256)
+    blocks, scales = blocks.reshape(*lead, n, k // 32, 16), scales.reshape(*lead, n, k // 32)
+    ours, ref = mxfp4_cpu.repack(blocks, scales), mxfp4_cpu.repack_ref(blocks, scales)
+    assert (ours.n, ours.k) == (ref.n, ref.k) and ours.qs.shape == ref.qs.shape and ours.sc.shape == ref.sc.shape
+    assert torch.equal(ours.qs, ref.qs) and torch.equal(ours.sc, ref.sc)
+    if num > 1:  # a non-contiguous input (every other expert) is copied, not misread
+        ours = mxfp4_cpu.repack(blocks.flatten(0, -4)[::2], scales.flatten(0, -3)[::2])
+        ref = mxfp4_cpu.repack_ref(blocks.flatten(0, -4)[::2].contiguous(), scales.flatten(0, -3)[::2].contiguous())
+        assert torch.equal(ours.qs, ref.qs) and torch.equal(ours.sc, ref.sc)
 
 
 @pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler")

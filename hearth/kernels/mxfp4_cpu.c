@@ -243,3 +243,44 @@ void mxfp4_moe_q8(int64_t T, int64_t K, int64_t N, const float *x, int64_t S, co
     free(qx.d);
     free(qx.s);
 }
+
+// ---- load-time repack: HF layout -> R16 ----
+
+// One chunk's 4 bytes b0..b3 (values 8c..8c+7, two per byte; little-endian word w) -> its 4 lane bytes j = 0..3 (value
+// 8c+j low, 8c+4+j high): lo(b0)|lo(b2)<<4, hi(b0)|hi(b2)<<4, lo(b1)|lo(b3)<<4, hi(b1)|hi(b3)<<4.
+static inline uint32_t r16_chunk(uint32_t w) {
+    uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+    lo = (lo | lo >> 12) & 0xFFFFu;  // [lo(b0)|lo(b2)<<4, lo(b1)|lo(b3)<<4]
+    hi = (hi | hi >> 12) & 0xFFFFu;
+    return (lo & 0xFFu) | (hi & 0xFFu) << 8 | (lo & 0xFF00u) << 8 | (hi & 0xFF00u) << 16;
+}
+
+// Load-time repack, HF layout -> R16: blocks [E][N][G][16], scales [E][N][G] -> qs [E][groups][G][256], sc
+// [E][groups][G][16] (groups = ceil(N/16); rows past N are zero). Memory-bound; threads take (expert, group) tiles,
+// and a tile's output (G * 272 bytes) stays in cache while its 16 rows are read in turn.
+void mxfp4_repack_r16(int64_t E, int64_t N, int64_t G, const uint8_t *blocks, const uint8_t *scales, uint8_t *qs,
+                      uint8_t *sc, int nthreads) {
+    const int64_t groups = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < E * groups; t++) {
+        const int64_t e = t / groups, r0 = 16 * (t % groups);
+        const int rows = N - r0 < 16 ? (int)(N - r0) : 16;
+        uint8_t *qt = qs + t * G * R16_BYTES, *st = sc + t * G * 16;
+        if (rows < 16) {
+            memset(qt, 0, (size_t)(G * R16_BYTES));
+            memset(st, 0, (size_t)(G * 16));
+        }
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *brow = blocks + (e * N + r0 + r) * G * 16, *srow = scales + (e * N + r0 + r) * G;
+            for (int64_t g = 0; g < G; g++) {
+                for (int c = 0; c < 4; c++) {
+                    uint32_t w;
+                    memcpy(&w, brow + g * 16 + 4 * c, 4);
+                    w = r16_chunk(w);
+                    memcpy(qt + g * R16_BYTES + 64 * c + 4 * r, &w, 4);
+                }
+                st[g * 16 + r] = srow[g];
+            }
+        }
+    }
+}

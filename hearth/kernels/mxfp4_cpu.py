@@ -1,15 +1,17 @@
 """CPU MXFP4 kernels (mxfp4_cpu.c), built by `cbuild.load_library` and called via ctypes.
 
 Float32 activations use `gemv` (float FMAs on the HF-layout blocks). For bf16 serving, `repack` reorders experts'
-blocks once at load into a 16-row interleaved form (`R16Mxfp4`, the same bits; layout in the C source) and `moe_q8`
-runs them with int8 activations as llama.cpp does; `moe_q8_ref` is that computation in plain torch (x quantized per
-32 by `quantize_q8_ref`, W dequantized exactly, float64 matmul). `available()` is False when no compiler is found or
-the build fails; callers then use the plain-torch path. Set HEARTH_MXFP4_KERNEL=0 (or HEARTH_C_KERNELS=0) to disable.
+blocks once at load (in C; `repack_ref` is the same in torch) into a 16-row interleaved form (`R16Mxfp4`, the same
+bits; layout in the C source) and `moe_q8` runs them with int8 activations as llama.cpp does; `moe_q8_ref` is that
+computation in plain torch (x quantized per 32 by `quantize_q8_ref`, W dequantized exactly, float64 matmul).
+`available()` is False when no compiler is found or the build fails; callers then use the plain-torch path. Set
+HEARTH_MXFP4_KERNEL=0 (or HEARTH_C_KERNELS=0) to disable.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,6 +38,8 @@ def _build() -> ctypes.CDLL | None:
     lib.mxfp4_dequant.restype = None
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_moe_q8.restype = None
+    lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.mxfp4_repack_r16.restype = None
     return lib
 
 
@@ -106,13 +110,30 @@ class R16Mxfp4:
 
 
 def repack(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
-    """HF-layout blocks [..., n, G, 16] and scales [..., n, G] -> R16Mxfp4 (same bits, reordered; once, at load)."""
+    """HF-layout blocks [..., n, G, 16] and scales [..., n, G] -> R16Mxfp4 (same bits, reordered; once, at load).
+    In C (mxfp4_repack_r16) when the library is built, else `repack_ref`; the two agree byte for byte."""
+    lib = _get()
+    if lib is None:
+        return repack_ref(blocks, scales)
+    *lead, n, groups_k, _ = blocks.shape
+    assert blocks.dtype == torch.uint8 and scales.dtype == torch.uint8 and scales.shape == blocks.shape[:-1]
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    num_groups = -(-n // 16)
+    out = R16Mxfp4(torch.empty(*lead, num_groups, groups_k, 256, dtype=torch.uint8),
+                   torch.empty(*lead, num_groups, groups_k, 16, dtype=torch.uint8), n, groups_k * 32)  # fmt: skip
+    lib.mxfp4_repack_r16(math.prod(lead), n, groups_k, blocks.data_ptr(), scales.data_ptr(), out.qs.data_ptr(),
+                         out.sc.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def repack_ref(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
+    """`repack` in plain torch (the layout spelled out; the fallback without the C library)."""
     *lead, n, groups_k, _ = blocks.shape
     if lead:  # one [n, G, 16] slice (an expert) at a time, so the temporaries stay that size
         out = R16Mxfp4(torch.empty(*lead, -(-n // 16), groups_k, 256, dtype=torch.uint8),
                        torch.empty(*lead, -(-n // 16), groups_k, 16, dtype=torch.uint8), n, groups_k * 32)  # fmt: skip
         for i, (b, s) in enumerate(zip(blocks.reshape(-1, n, groups_k, 16), scales.reshape(-1, n, groups_k))):
-            one = repack(b, s)
+            one = repack_ref(b, s)
             out.qs.view(-1, *one.qs.shape)[i], out.sc.view(-1, *one.sc.shape)[i] = one.qs, one.sc
         return out
     codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).reshape(n, groups_k, 4, 2, 4)  # [c][lo/hi][j]
