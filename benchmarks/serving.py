@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="skip llama-cpp-python (one request at a time) above this concurrency",
     )
-    parser.add_argument("--hearth-args", nargs="*", default=[], metavar="ARG",
-                        help="extra `hearth serve` options, e.g. --hearth-args=--scheduling-policy=fcfs")  # fmt: skip
+    parser.add_argument("--hearth-arg", action="append", default=[], dest="hearth_args", metavar="ARG",
+                        help="an extra `hearth serve` option, repeatable: --hearth-arg=--scheduling-policy=shortest "
+                             "--hearth-arg=--int8-prefill")  # fmt: skip
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency")
     args = parser.parse_args(argv)
