@@ -134,6 +134,34 @@ def check_sliding_tables(batch, window=6, bs=4):
         assert all(b == -1 for b in sliding[:first]) and -1 not in sliding[first:]
 
 
+def test_blocks_without_a_hash_are_reused_first():
+    """Prefix caching off: the next request takes the blocks the last one freed (their pages are resident). On: a
+    partly filled block goes before the full, cached ones, which stay findable."""
+    bm, sched = make(num_blocks=16, block_size=4, prefix=False)
+    a = seq(10, max_tokens=2)
+    sched.add(a)
+    run_step(sched, bm)
+    used = set(a.block_table)
+    run_step(sched, bm)  # decode and finish
+    assert a.is_finished
+    b = seq(9, start=50, max_tokens=2)
+    sched.add(b)
+    run_step(sched, bm)
+    assert set(b.block_table) == used
+    bm, sched = make(num_blocks=16, block_size=4)
+    a = seq(10, max_tokens=2)
+    sched.add(a)
+    run_step(sched, bm)
+    full, partial = a.block_table[:2], a.block_table[2]
+    run_step(sched, bm)
+    assert a.is_finished
+    c = seq(3, start=50)
+    sched.add(c)
+    run_step(sched, bm)
+    assert c.block_table == [partial]
+    assert bm.allocate_prefix(seq(10)) == 8 and all(bm.blocks[i].ref_count == 1 for i in full)
+
+
 def test_sliding_group_gives_back_blocks_out_of_its_window():
     bm, sched = make(num_blocks=32, block_size=4, budget=8, windows=(None, 6))
     a = seq(30, max_tokens=20)

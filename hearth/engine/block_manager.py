@@ -2,7 +2,9 @@
 
 A full block is identified by the hash of (previous block's hash, its token ids), so a block can be shared by every
 sequence whose prompt starts with the same tokens. Freed blocks keep their hash until reused, so a later request with
-the same prefix finds them again (LRU order: the least recently freed block is reused first).
+the same prefix finds them again (LRU order: the least recently freed block is reused first). Freed blocks without
+a hash (partly filled, or prefix caching off) are reused before any cached one, which also keeps the cache's
+resident pages few.
 
 KV groups (KVSpec.groups): a model whose layers differ in window (gpt-oss: sliding 128 / full) has one block table per
 group and sequence, all drawing on one pool. A sliding group only keeps the blocks its window still reaches: older
@@ -72,6 +74,8 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free_block_ids[block_id] = None
+            if block.hash == -1:  # nothing cached in it: reuse it first, its pages are already resident
+                self.free_block_ids.move_to_end(block_id, last=False)
 
     def _first_needed_block(self, window: int | None, num_computed: int) -> int:
         """The oldest block a group still reads when the next token to compute is at position `num_computed`."""
