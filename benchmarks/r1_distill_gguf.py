@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-len", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, help="threads for both runtimes (default: physical cores)")
+    parser.add_argument("--int8-prefill", action="store_true", help="Hearth prefills with int8 activations")
     parser.add_argument("--out-json", help="append the benchmark's JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from hearth.bench import run_bench
 
-    record = run_bench(args.out, ["llama.cpp"], args.prompt_len, args.decode_len, args.repeat, threads=args.threads)
+    record = run_bench(args.out, ["llama.cpp"], args.prompt_len, args.decode_len, args.repeat, threads=args.threads,
+                       int8_prefill=args.int8_prefill)  # fmt: skip
     record["model_desc"] = "R1-Distill-Qwen-1.5B shapes, random weights, Q4_0 (written by benchmarks/r1_distill_gguf.py)"
     line = json.dumps(record)
     print(line)

@@ -148,7 +148,7 @@ class HearthRunner(StreamingRunner):
 
         config = EngineConfig(max_model_len=opts["max_model_len"], max_num_seqs=1,
                               max_num_batched_tokens=max(opts["prompt_len"], 512), enable_prefix_caching=False,
-                              dtype=opts["dtype"])  # fmt: skip
+                              dtype=opts["dtype"], int8_prefill=opts.get("int8_prefill", False))  # fmt: skip
         self.engine = LLMEngine(resolve_model(model), config)
         self.vocab_size = self.engine.model_config.vocab_size
         self.decode_len = opts["decode_len"]
@@ -178,6 +178,7 @@ class HearthRunner(StreamingRunner):
         return {
             "weight_bytes": weight_bytes(runner.model), "kv_cache_mb": round(kv / 1e6, 1),
             "dtype": str(runner.dtype).removeprefix("torch."), "quant": self.engine.model_info.quantization,
+            "int8_prefill": self.engine.engine_config.int8_prefill,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }  # fmt: skip
 
@@ -306,7 +307,8 @@ def _summary(runs: list[float]) -> dict:
 
 
 def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len: int = 128, repeat: int = 3,
-              dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048) -> dict:  # fmt: skip
+              dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048,
+              int8_prefill: bool = False) -> dict:  # fmt: skip
     """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record."""
     from hearth.loader.resolve import resolve_model
 
@@ -318,7 +320,7 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
             raise ValueError(f"--vs {peer} needs a GGUF model, got {ref.path}")
     threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or physical_cores()
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "dtype": dtype, "threads": threads,
-            "max_model_len": max_model_len}  # fmt: skip
+            "max_model_len": max_model_len, "int8_prefill": int8_prefill}  # fmt: skip
     record = {
         "bench": "latency", "git": git_rev(), "date": datetime.date.today().isoformat(),
         "device": cpu_name(), "nproc": os.cpu_count(), "threads": threads, "model": ref.name,

@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up (default 3)")
     p.add_argument("--dtype", default="auto", help="Hearth compute dtype (default auto)")
     p.add_argument("--threads", type=int, help="threads for every runtime (default: physical cores)")
+    p.add_argument(
+        "--int8-prefill",
+        action="store_true",
+        help="Hearth prefills with int8 activations (llama.cpp's arithmetic), as serve --int8-prefill",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON record")
     p.add_argument("--out", help="append the JSON line to this file")
     p.set_defaults(func=cmd_bench)
@@ -47,7 +52,7 @@ def cmd_bench(args) -> int:
     from hearth.bench import run_bench
 
     record = run_bench(args.model, peers(args.vs), args.prompt_len, args.decode_len, args.repeat, args.dtype,
-                       args.threads)  # fmt: skip
+                       args.threads, int8_prefill=args.int8_prefill)  # fmt: skip
     line = json.dumps(record)
     if args.out:
         with open(args.out, "a") as f:
