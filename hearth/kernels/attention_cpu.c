@@ -1,0 +1,233 @@
+// Causal (optionally sliding-window) prefill attention on bf16 q/k/v, flash-attention style, called through ctypes
+// from hearth/kernels/attention_cpu.py.
+//
+// attn_prefill: out[i, h] = softmax_j(scale * q[i, h] . k[j, h/G]) v[j, h/G] over the keys j with
+// q0 + i - window < j <= q0 + i (no lower bound when window == 0), G = H / Hkv query heads per KV head.
+// K and V of each KV head are first repacked (zero-padded to a multiple of KC keys):
+//   Kp[16-key group][dim pair][16 keys][2 dims]  -> one vdpbf16ps gives 16 keys' partial dots over 2 dims;
+//   Vp[key pair][D dims][2 keys]                 -> one vdpbf16ps adds 2 keys' weighted values to 16 output dims.
+// Work items are (KV head, block of queries); the G query heads of a block share each K/V load. Per chunk of KC
+// keys: scores S = Q K^T in float32, online softmax in float32 (running max, lane-wise running sum), P rounded to
+// bf16 for P V (as torch's CPU flash kernel does for bf16), O accumulated in float32, rounded to bf16 once at the end.
+// Chunks no query of the block may see are skipped; items run longest first (dynamic schedule) to balance the
+// causal triangle over threads.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+int attn_prefill_fast(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+
+#define KC 32      // keys per chunk
+#define ROWS 48    // target query rows (queries x heads of the group) per work item
+#define MAXR 64    // rows per item at most (padded to a multiple of 4)
+#define MAXD 128
+
+// exp(x) for x <= 0: 2^n * p(r), r = x - n ln2, p the degree-6 Taylor polynomial (as gguf_cpu.c's exp512)
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512bh bcast32(const uint16_t *p) {  // one pair of bf16 values in every 32-bit lane
+    int32_t x;
+    memcpy(&x, p, 4);
+    return (__m512bh)_mm512_set1_epi32(x);
+}
+
+// S[r][0..KC) = Q[r] . K[j0 + 0..KC) for 4 rows at a time; D known at compile time
+static inline __attribute__((always_inline)) void scores_d(const int D, const uint16_t *qloc, int rows,
+                                                           const uint16_t *kp, float *S) {
+    for (int r = 0; r < rows; r += 4) {
+        __m512 a00 = _mm512_setzero_ps(), a01 = _mm512_setzero_ps(), a10 = _mm512_setzero_ps(), a11 = _mm512_setzero_ps();
+        __m512 a20 = _mm512_setzero_ps(), a21 = _mm512_setzero_ps(), a30 = _mm512_setzero_ps(), a31 = _mm512_setzero_ps();
+        const uint16_t *q = qloc + (size_t)r * D;
+        for (int d2 = 0; d2 < D / 2; d2++) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + (size_t)d2 * 32);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + (size_t)(D / 2 + d2) * 32);
+            __m512bh b = bcast32(q + 2 * d2);
+            a00 = _mm512_dpbf16_ps(a00, k0, b), a01 = _mm512_dpbf16_ps(a01, k1, b);
+            b = bcast32(q + D + 2 * d2);
+            a10 = _mm512_dpbf16_ps(a10, k0, b), a11 = _mm512_dpbf16_ps(a11, k1, b);
+            b = bcast32(q + 2 * D + 2 * d2);
+            a20 = _mm512_dpbf16_ps(a20, k0, b), a21 = _mm512_dpbf16_ps(a21, k1, b);
+            b = bcast32(q + 3 * D + 2 * d2);
+            a30 = _mm512_dpbf16_ps(a30, k0, b), a31 = _mm512_dpbf16_ps(a31, k1, b);
+        }
+        float *s = S + (size_t)r * KC;
+        _mm512_storeu_ps(s, a00), _mm512_storeu_ps(s + 16, a01);
+        _mm512_storeu_ps(s + KC, a10), _mm512_storeu_ps(s + KC + 16, a11);
+        _mm512_storeu_ps(s + 2 * KC, a20), _mm512_storeu_ps(s + 2 * KC + 16, a21);
+        _mm512_storeu_ps(s + 3 * KC, a30), _mm512_storeu_ps(s + 3 * KC + 16, a31);
+    }
+}
+
+// O[r][0..D) = O[r] * alpha[r] + P[r] . V[j0 + 0..KC), 4 rows x 64 dims at a time
+static inline __attribute__((always_inline)) void pv_d(const int D, const uint16_t *P, const float *alpha, int rows,
+                                                       const uint16_t *vp, float *O) {
+    for (int db = 0; db < D; db += 64) {
+        for (int r = 0; r < rows; r += 4) {
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++) {
+                const __m512 al = _mm512_set1_ps(alpha[r + i]);
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_mul_ps(_mm512_loadu_ps(O + (size_t)(r + i) * D + db + 16 * c), al);
+            }
+            for (int kp = 0; kp < KC / 2; kp++) {
+                const uint16_t *v = vp + ((size_t)kp * D + db) * 2;
+                __m512bh vv[4];
+                for (int c = 0; c < 4; c++) vv[c] = (__m512bh)_mm512_loadu_si512(v + 32 * c);
+                for (int i = 0; i < 4; i++) {
+                    const __m512bh b = bcast32(P + (size_t)(r + i) * KC + 2 * kp);
+                    for (int c = 0; c < 4; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], vv[c], b);
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                for (int c = 0; c < 4; c++) _mm512_storeu_ps(O + (size_t)(r + i) * D + db + 16 * c, acc[i][c]);
+        }
+    }
+}
+
+static void repack(int64_t L, int64_t Lpad, int64_t Hkv, int64_t D, const uint16_t *k, int64_t k_stride,
+                   const uint16_t *v, int64_t v_stride, uint16_t *kp, uint16_t *vp, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) collapse(2)
+    for (int64_t g = 0; g < Hkv; g++) {
+        for (int64_t c = 0; c < Lpad / 16; c++) {
+            uint32_t *kd = (uint32_t *)(kp + (g * Lpad + c * 16) * D);  // [D/2][16] pairs
+            uint16_t *vd = vp + (g * Lpad + c * 16) * D;                // [8 key pairs][D][2]
+            for (int kk = 0; kk < 16; kk++) {
+                const int64_t j = c * 16 + kk;
+                if (j < L) {
+                    const uint16_t *kr = k + j * k_stride + g * D, *vr = v + j * v_stride + g * D;
+                    for (int d2 = 0; d2 < D / 2; d2++) memcpy(kd + d2 * 16 + kk, kr + 2 * d2, 4);
+                    for (int d = 0; d < D; d++) vd[((kk >> 1) * D + d) * 2 + (kk & 1)] = vr[d];
+                } else {
+                    for (int d2 = 0; d2 < D / 2; d2++) kd[d2 * 16 + kk] = 0;
+                    for (int d = 0; d < D; d++) vd[((kk >> 1) * D + d) * 2 + (kk & 1)] = 0;
+                }
+            }
+        }
+    }
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#endif
+
+// q: [n, H, D] rows q_stride apart; k, v: [L, Hkv, D] rows k_stride / v_stride apart; out: [n, H, D] rows o_stride
+// apart (all strides in elements; heads D apart, dims contiguous). Query i sits at key index q0 + i. Returns 0 when
+// the shape is not supported (caller falls back).
+int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_t q0, int64_t window, float scale,
+                 const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
+                 int64_t v_stride, uint16_t *out, int64_t o_stride, int nthreads) {
+#if defined(__AVX512BF16__)
+    const int64_t G = H / Hkv;
+    if ((D != 64 && D != 128) || G * Hkv != H || G > MAXR / 4 || n <= 0 || L <= 0) return 0;
+    int64_t bq = ROWS / G;
+    if (bq < 1) bq = 1;
+    const int64_t Lpad = (L + KC - 1) / KC * KC, nblocks = (n + bq - 1) / bq, items = nblocks * Hkv;
+    uint16_t *kp = aligned_alloc(64, (size_t)(Hkv * Lpad * D * 2)), *vp = aligned_alloc(64, (size_t)(Hkv * Lpad * D * 2));
+    if (!kp || !vp) {
+        free(kp), free(vp);
+        return 0;
+    }
+    repack(L, Lpad, Hkv, D, k, k_stride, v, v_stride, kp, vp, nthreads);
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint16_t qloc[MAXR * MAXD] __attribute__((aligned(64)));
+        uint16_t P[MAXR * KC] __attribute__((aligned(64)));
+        float S[MAXR * KC] __attribute__((aligned(64)));
+        float O[MAXR * MAXD] __attribute__((aligned(64)));
+        float m[MAXR], alpha[MAXR];
+        __m512 lsum[MAXR];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t qb = nblocks - 1 - it / Hkv, g = it % Hkv;  // last query blocks (most keys) first
+            const int64_t i0 = qb * bq, nq = n - i0 < bq ? n - i0 : bq, rows = nq * G, rows4 = (rows + 3) & ~3;
+            for (int64_t r = 0; r < rows4; r++) {
+                if (r < rows) memcpy(qloc + r * D, q + (i0 + r / G) * q_stride + (g * G + r % G) * D, D * 2);
+                else memset(qloc + r * D, 0, D * 2);
+                m[r] = -INFINITY, lsum[r] = _mm512_setzero_ps();
+                memset(O + r * D, 0, D * 4);
+            }
+            const int64_t pmin = q0 + i0, pmax = q0 + i0 + nq - 1;  // key index of the block's first / last query
+            const int64_t jlo = window > 0 && pmin - window + 1 > 0 ? pmin - window + 1 : 0;
+            const int64_t jhi = pmax < L - 1 ? pmax : L - 1;
+            const uint16_t *kg = kp + g * Lpad * D, *vg = vp + g * Lpad * D;
+            const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (int64_t j0 = jlo / KC * KC; j0 <= jhi; j0 += KC) {
+                if (D == 64) scores_d(64, qloc, rows4, kg + j0 * D, S);
+                else scores_d(128, qloc, rows4, kg + j0 * D, S);
+                const int need_mask = j0 + KC - 1 > pmin || (window > 0 && j0 <= pmax - window);
+                for (int64_t r = 0; r < rows4; r++) {
+                    const int64_t p = r < rows ? pmin + r / G : pmax;
+                    __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(S + r * KC), _mm512_set1_ps(scale));
+                    __m512 s1 = _mm512_mul_ps(_mm512_loadu_ps(S + r * KC + 16), _mm512_set1_ps(scale));
+                    __mmask16 v0 = 0xffff, v1 = 0xffff;
+                    if (need_mask) {  // valid: lo <= j <= p, as offsets from j0
+                        const int64_t lo = window > 0 ? p - window + 1 : INT32_MIN;
+                        const __m512i hi_v = _mm512_set1_epi32((int32_t)(p - j0));
+                        const __m512i lo_v = _mm512_set1_epi32((int32_t)(lo - j0 < INT32_MIN ? INT32_MIN : lo - j0));
+                        const __m512i l1 = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+                        v0 = _mm512_cmple_epi32_mask(lane, hi_v) & _mm512_cmpge_epi32_mask(lane, lo_v);
+                        v1 = _mm512_cmple_epi32_mask(l1, hi_v) & _mm512_cmpge_epi32_mask(l1, lo_v);
+                        s0 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), v0, s0);
+                        s1 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), v1, s1);
+                    }
+                    const float cmax = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+                    const float mnew = cmax > m[r] ? cmax : m[r];
+                    if (mnew == -INFINITY) {  // nothing visible yet for this row
+                        alpha[r] = 1.0f;
+                        memset(P + r * KC, 0, KC * 2);
+                        continue;
+                    }
+                    alpha[r] = expf(m[r] - mnew);
+                    m[r] = mnew;
+                    const __m512 mv = _mm512_set1_ps(mnew);
+                    const __m512 p0 = _mm512_maskz_mov_ps(v0, exp512(_mm512_sub_ps(s0, mv)));
+                    const __m512 p1 = _mm512_maskz_mov_ps(v1, exp512(_mm512_sub_ps(s1, mv)));
+                    lsum[r] = _mm512_fmadd_ps(lsum[r], _mm512_set1_ps(alpha[r]), _mm512_add_ps(p0, p1));
+                    _mm512_storeu_si512(P + r * KC, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+                }
+                if (D == 64) pv_d(64, P, alpha, rows4, vg + j0 * D, O);
+                else pv_d(128, P, alpha, rows4, vg + j0 * D, O);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const float inv = 1.0f / _mm512_reduce_add_ps(lsum[r]);
+                uint16_t *o = out + (i0 + r / G) * o_stride + (g * G + r % G) * D;
+                for (int64_t d = 0; d < D; d++) o[d] = to_bf16(O[r * D + d] * inv);
+            }
+        }
+    }
+    free(kp), free(vp);
+    return 1;
+#else
+    (void)n, (void)H, (void)Hkv, (void)D, (void)L, (void)q0, (void)window, (void)scale, (void)q, (void)q_stride;
+    (void)k, (void)k_stride, (void)v, (void)v_stride, (void)out, (void)o_stride, (void)nthreads;
+    return 0;
+#endif
+}

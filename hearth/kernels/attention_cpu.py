@@ -1,0 +1,97 @@
+"""Causal prefill attention on bf16 CPU tensors (attention_cpu.c), built by `cbuild.load_library`, called via ctypes.
+
+PyTorch's CPU flash SDPA runs SmolLM2's 512-token causal prefill attention at about 67 GFLOP/s; this kernel (the same
+arithmetic: float32 scores and online softmax, P rounded to bf16 for P·V, vdpbf16ps) shares each K/V load across the
+query heads of a KV head. `can_run()` is False where it was not built with AVX-512 BF16; callers then keep SDPA.
+`prefill_ref` is the attention in float64 with a materialised softmax.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from hearth.kernels.cbuild import load_library
+
+SOURCE = os.path.join(os.path.dirname(__file__), "attention_cpu.c")
+MAX_GROUP = 16  # query heads per KV head the kernel handles
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _get() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        lib = load_library(SOURCE, "prefill attention")
+        if lib is not None:
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.attn_prefill.argtypes = [i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                         ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]  # fmt: skip
+            lib.attn_prefill.restype = ctypes.c_int
+            lib.attn_prefill_fast.restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+def fast() -> bool:
+    """The kernel is built and uses AVX-512 BF16."""
+    lib = _get()
+    return lib is not None and bool(lib.attn_prefill_fast())
+
+
+def _rows_ok(x: torch.Tensor) -> bool:  # [N, heads, D] with heads D apart and contiguous dims
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def can_run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """bf16 CPU q [n, H, D], keys/values [L, Hkv, D] with D 64 or 128, where the fast kernel exists."""
+    return (q.device.type == "cpu" and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+            and q.dim() == keys.dim() == values.dim() == 3 and q.shape[-1] in (64, 128)
+            and keys.shape == values.shape and keys.shape[-1] == q.shape[-1] and q.shape[1] % keys.shape[1] == 0
+            and q.shape[1] // keys.shape[1] <= MAX_GROUP and fast())  # fmt: skip
+
+
+def prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Causal attention of q [n, H, D] (the last n of L positions) over keys/values [L, Hkv, D] -> [n, H, D] bf16.
+
+    Query i attends key j when j <= L - n + i and, with `window`, j > L - n + i - window. `out` ([n, H, D], heads
+    D apart) receives the result in place when given.
+    """
+    n, num_heads, d = q.shape
+    length, num_kv_heads = keys.shape[0], keys.shape[1]
+    q, keys, values = (x if _rows_ok(x) else x.contiguous() for x in (q, keys, values))
+    if out is None or not _rows_ok(out):
+        result = torch.empty(n, num_heads, d, dtype=torch.bfloat16)
+    else:
+        result = out
+    ok = _get().attn_prefill(n, num_heads, num_kv_heads, d, length, length - n, window or 0, scale,
+                             q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), values.data_ptr(),
+                             values.stride(0), result.data_ptr(), result.stride(0), torch.get_num_threads())  # fmt: skip
+    if not ok:
+        raise ValueError(f"attn_prefill cannot run q {tuple(q.shape)} over keys {tuple(keys.shape)}")
+    if out is not None and result is not out:
+        out.copy_(result)
+    return result if out is None else out
+
+
+def prefill_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The same attention in float64 with the softmax materialised: [n, H, D] float64."""
+    n, num_heads, _ = q.shape
+    length, num_kv_heads = keys.shape[0], keys.shape[1]
+    group = num_heads // num_kv_heads
+    k = keys.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+    v = values.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = q.double().transpose(0, 1) @ k.transpose(1, 2) * scale  # [H, n, L]
+    q_pos = torch.arange(length - n, length)[:, None]
+    k_pos = torch.arange(length)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ v).transpose(0, 1)
