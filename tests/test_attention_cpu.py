@@ -76,3 +76,41 @@ def test_can_run():
     assert attention_cpu.can_run(q, kv, kv)
     assert not attention_cpu.can_run(q.float(), kv.float(), kv.float())
     assert not attention_cpu.can_run(q[..., :32], kv[..., :32], kv[..., :32])
+    with pytest.raises(ValueError):  # more queries than keys: no causal layout fits
+        attention_cpu.prefill(q, kv[:2], kv[:2], 0.125)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_layer_prefix_hit(window, monkeypatch):
+    # Attention.forward with 70 tokens already cached and 30 new ones: the kernel sees keys from the first block the
+    # window reaches (position 16 with window 40), as SDPA does
+    from hearth.layers.attention import Attention
+    from hearth.layers.context import Context, reset_context, set_context
+
+    torch.manual_seed(1)
+    cached, new, block_size = 70, 30, 16
+    length = cached + new
+    layer = Attention(9, 64, 3, 0.125, sliding_window=window)
+    layer.k_cache = torch.zeros(10, block_size, 3, 64, dtype=torch.bfloat16)
+    layer.v_cache = torch.zeros(10, block_size, 3, 64, dtype=torch.bfloat16)
+    keys, values = torch.randn(length, 3, 64).bfloat16(), torch.randn(length, 3, 64).bfloat16()
+    q = torch.randn(new, 9, 64).bfloat16()
+    table = torch.tensor([[2, 5, 1, 7, 3, 9, 4]])  # block ids of positions 0-15, 16-31, ...
+    slots = table[0, torch.arange(length) // block_size] * block_size + torch.arange(length) % block_size
+    layer.k_cache.view(-1, 3, 64)[slots[:cached]] = keys[:cached]
+    layer.v_cache.view(-1, 3, 64)[slots[:cached]] = values[:cached]
+    ref = attention_cpu.prefill_ref(q, keys, values, 0.125, window)
+    outs = {}
+    for name in ("kernel", "sdpa"):
+        if name == "sdpa":
+            monkeypatch.setattr(attention_cpu, "can_run", lambda *args: False)
+        set_context(Context(q_starts=[0, new], context_lens=[length], slot_mapping=slots[cached:], block_tables=table,
+                            block_size=block_size, prefill_seq_idx=[0]))  # fmt: skip
+        try:
+            outs[name] = layer(q, keys[cached:], values[cached:]).view(new, 9, 64)
+        finally:
+            reset_context()
+    err = (outs["kernel"].double() - ref).abs().max().item()
+    sdpa_err = (outs["sdpa"].double() - ref).abs().max().item()
+    assert err <= 2**-8 * ref.abs().max().item() + 2**-8
+    assert err <= 1.5 * sdpa_err + 1e-6, (err, sdpa_err)

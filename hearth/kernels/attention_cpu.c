@@ -139,14 +139,14 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even
 #endif
 
 // q: [n, H, D] rows q_stride apart; k, v: [L, Hkv, D] rows k_stride / v_stride apart; out: [n, H, D] rows o_stride
-// apart (all strides in elements; heads D apart, dims contiguous). Query i sits at key index q0 + i. Returns 0 when
-// the shape is not supported (caller falls back).
+// apart (all strides in elements; heads D apart, dims contiguous). Query i sits at key index q0 + i = L - n + i.
+// Returns 0 when the shape is not supported (the caller raises).
 int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_t q0, int64_t window, float scale,
                  const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
                  int64_t v_stride, uint16_t *out, int64_t o_stride, int nthreads) {
 #if defined(__AVX512BF16__)
     const int64_t G = H / Hkv;
-    if ((D != 64 && D != 128) || G * Hkv != H || G > MAXR / 4 || n <= 0 || L <= 0) return 0;
+    if ((D != 64 && D != 128) || G * Hkv != H || G > MAXR / 4 || n <= 0 || n > L) return 0;
     int64_t bq = ROWS / G;
     if (bq < 1) bq = 1;
     const int64_t Lpad = (L + KC - 1) / KC * KC, nblocks = (n + bq - 1) / bq, items = nblocks * Hkv;
