@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernel_common.h"
+
 int attn_prefill_fast(void) {
 #if defined(__AVX512BF16__)
     return 1;
@@ -33,22 +35,6 @@ int attn_prefill_fast(void) {
 #define ROWS 48    // target query rows (queries x heads of the group) per work item
 #define MAXR 64    // rows per item at most (padded to a multiple of 4)
 #define MAXD 128
-
-// exp(x) for x <= 0: 2^n * p(r), r = x - n ln2, p the degree-6 Taylor polynomial (as gguf_cpu.c's exp512)
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline __m512bh bcast32(const uint16_t *p) {  // one pair of bf16 values in every 32-bit lane
     int32_t x;

@@ -13,28 +13,21 @@ import os
 
 import torch
 
-from hearth.kernels.cbuild import load_library
+from hearth.kernels.cbuild import Library
 
 SOURCE = os.path.join(os.path.dirname(__file__), "attention_cpu.c")
 MAX_GROUP = 16  # query heads per KV head the kernel handles
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.attn_prefill.argtypes = [i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                 ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]  # fmt: skip
+    lib.attn_prefill.restype = ctypes.c_int
+    lib.attn_prefill_fast.restype = ctypes.c_int
 
 
-def _get() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        lib = load_library(SOURCE, "prefill attention")
-        if lib is not None:
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.attn_prefill.argtypes = [i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
-                                         ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]  # fmt: skip
-            lib.attn_prefill.restype = ctypes.c_int
-            lib.attn_prefill_fast.restype = ctypes.c_int
-        _lib = lib
-    return _lib
+_get = Library(SOURCE, "prefill attention", _declare)
 
 
 def fast() -> bool:

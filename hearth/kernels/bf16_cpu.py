@@ -12,27 +12,20 @@ import os
 
 import torch
 
-from hearth.kernels.cbuild import load_library
+from hearth.kernels.cbuild import Library
 
 SOURCE = os.path.join(os.path.dirname(__file__), "bf16_cpu.c")
 MAX_M = 4  # rows of x up to which the kernel beats torch (measured with 2 threads: 1.5x at 1 row, 1.1x at 4)
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.bf16_gemv.restype = None
+    lib.bf16_gemv_fast.restype = ctypes.c_int
 
 
-def _get() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        lib = load_library(SOURCE, "bf16 matrix-vector products")
-        if lib is not None:
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-            lib.bf16_gemv.restype = None
-            lib.bf16_gemv_fast.restype = ctypes.c_int
-        _lib = lib
-    return _lib
+_get = Library(SOURCE, "bf16 matrix-vector products", _declare)
 
 
 def fast() -> bool:

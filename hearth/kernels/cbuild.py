@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def load_library(source: str, what: str) -> ctypes.CDLL | None:
         return None
     with open(source, "rb") as f:
         text = f.read()
+    folder = os.path.dirname(os.path.abspath(source))
+    for header in sorted(n for n in os.listdir(folder) if n.endswith(".h")):  # what the source may #include
+        with open(os.path.join(folder, header), "rb") as f:
+            text += f.read()
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     name = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(cache_dir(), f"{name}-{key}.so")
@@ -64,3 +69,22 @@ def load_library(source: str, what: str) -> ctypes.CDLL | None:
     except OSError as e:
         logger.warning("loading %s failed (%s): using the torch path", path, e)
         return None
+
+
+class Library:
+    """A kernel library built and loaded on its first call: `lib()` returns the CDLL, with the argument types
+    `declare(cdll)` set, or None (no compiler, a failed build, HEARTH_C_KERNELS=0 or the `disable_env` variable = 0)."""
+
+    def __init__(self, source: str, what: str, declare: Callable[[ctypes.CDLL], None], disable_env: str | None = None):
+        self.source, self.what, self.declare, self.disable_env = source, what, declare, disable_env
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def __call__(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            self._tried = True
+            if self.disable_env is None or os.environ.get(self.disable_env, "1") != "0":
+                self._lib = load_library(self.source, self.what)
+                if self._lib is not None:
+                    self.declare(self._lib)
+        return self._lib

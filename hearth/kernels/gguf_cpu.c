@@ -25,6 +25,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernel_common.h"
+
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };  // GGML type ids
 
 #define QK 32
@@ -63,31 +65,8 @@ static inline float bf16_to_float(uint16_t b) {
 
 // Per block: q = round(x / d) with d = amax/127; d[b] and s[b] = d * sum(q).
 static inline void quantize_block(const float *xb, int8_t *q, float *d, float *s, int64_t b) {
-#if defined(__AVX512F__)
-    // the same arithmetic, 16 lanes at a time (the scalar loop below ran at ~1 value/ns: a third of a 512-row
-    // projection's time went to quantizing its input); cvtps rounds to nearest even, as nearbyintf does
-    const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-    const float vmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float vd = vmax / 127.0f, vid = vd != 0.0f ? 1.0f / vd : 0.0f;
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(vid)));
-    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(vid)));
-    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(i1));
-    d[b] = vd;
-    s[b] = vd * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-#else
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-    const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < QK; j++) {
-        const int v = (int)nearbyintf(xb[j] * id);
-        q[j] = (int8_t)v;
-        sum += v;
-    }
-    d[b] = db;
-    s[b] = db * (float)sum;
-#endif
+    const int sum = q8_block(xb, q, d + b);
+    s[b] = d[b] * (float)sum;
 }
 
 void gguf_quantize_q8(int64_t M, int64_t K, const float *x, int8_t *q, float *d, float *s) {
@@ -103,14 +82,6 @@ static inline void thread_range(int64_t N, int tid, int nth, int64_t *n0, int64_
     *n1 = *n0 + per < N ? *n0 + per : N;
 }
 
-#ifdef _OPENMP
-#include <omp.h>
-#define TID omp_get_thread_num()
-#define NTH omp_get_num_threads()
-#else
-#define TID 0
-#define NTH 1
-#endif
 
 // ---- R16 weights ----
 
@@ -488,23 +459,6 @@ static inline void prefetch_rows(const uint16_t *p, int64_t n, int64_t stride, i
 }
 
 #if defined(__AVX512F__)
-// exp(x) for x <= 0 (softmax weights): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial
-// (relative error < 2e-7); below -87 the result is ~1e-38, as good as 0 next to the row's largest weight, 1.
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 // attend_chunk for a head size D and JG query heads known at compile time: keys, values and outputs in registers
 static inline __attribute__((always_inline)) void attend_chunk_d(const int D, const int JG, const float *q,
                                                                  const uint16_t *kc, const uint16_t *vc,

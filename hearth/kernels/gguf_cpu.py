@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hearth.kernels.cbuild import load_library
+from hearth.kernels.cbuild import Library
 from hearth.quant.gguf_types import dequantize
 
 SOURCE = os.path.join(os.path.dirname(__file__), "gguf_cpu.c")
@@ -44,28 +44,19 @@ class ModelWeights(ctypes.Structure):
     ]  # fmt: skip
 
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+def _declare(lib: ctypes.CDLL) -> None:
+    r16 = ctypes.POINTER(R16)
+    lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
+    lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
+    lib.r16_gemm_f32.argtypes = [i64, r16, ptr, ptr, c_int]
+    lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
+    lib.gguf_struct_sizes.argtypes = [ptr]
+    lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
+    for name in ("r16_gemm", "r16_gemm_f32", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode"):
+        getattr(lib, name).restype = None
 
 
-def _get() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        lib = load_library(SOURCE, "GGUF matmuls")
-        if lib is not None:
-            r16 = ctypes.POINTER(R16)
-            lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
-            lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
-            lib.r16_gemm_f32.argtypes = [i64, r16, ptr, ptr, c_int]
-            lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
-            lib.gguf_struct_sizes.argtypes = [ptr]
-            lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-            names = ("r16_gemm", "r16_gemm_f32", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode")
-            for name in names:
-                getattr(lib, name).restype = None
-        _lib = lib
-    return _lib
+_get = Library(SOURCE, "GGUF matmuls", _declare)
 
 
 def available() -> bool:

@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernel_common.h"
+
 static const int8_t LUT2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 static inline float e8m0_half(uint8_t s) {
@@ -111,14 +113,6 @@ void mxfp4_dequant(int64_t N, int64_t G, const uint8_t *blocks, const uint8_t *s
 #define QK 32
 #define R16_BYTES 256  // nibble bytes per 16 rows x 32 values
 
-#ifdef _OPENMP
-#include <omp.h>
-#define TID omp_get_thread_num()
-#define NTH omp_get_num_threads()
-#else
-#define TID 0
-#define NTH 1
-#endif
 
 // Quantized activations: q [M, K] int8, per block of 32: d = amax/127 and the sum of the q
 typedef struct {
@@ -128,19 +122,7 @@ typedef struct {
     int64_t K;
 } QX;
 
-static inline void quantize_block(const float *xb, int8_t *q, float *d, int32_t *s) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-    const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < QK; j++) {
-        const int v = (int)nearbyintf(xb[j] * id);
-        q[j] = (int8_t)v;
-        sum += v;
-    }
-    *d = db;
-    *s = sum;
-}
+static inline void quantize_block(const float *xb, int8_t *q, float *d, int32_t *s) { *s = q8_block(xb, q, d); }
 
 // the doubled e2m1 value (LUT2) of row r, value k of a 16-row block of repacked nibbles
 static inline int r16_code(const uint8_t *qb, int r, int k) {

@@ -17,39 +17,24 @@ from dataclasses import dataclass
 
 import torch
 
-from hearth.kernels.cbuild import load_library
+from hearth.kernels.cbuild import Library
 from hearth.kernels.gguf_cpu import quantize_q8_ref
 
 SOURCE = os.path.join(os.path.dirname(__file__), "mxfp4_cpu.c")
 MAX_M = 16  # rows of x per mxfp4_gemv call (MAX_M in the C source)
 
-_lib: ctypes.CDLL | None = None
-_tried = False
 
-
-def _build() -> ctypes.CDLL | None:
-    lib = load_library(SOURCE, "MXFP4 matmuls")
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mxfp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.mxfp4_gemv.restype = None
     lib.mxfp4_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.mxfp4_dequant.restype = None
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.mxfp4_moe_q8.restype = None
     lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.mxfp4_repack_r16.restype = None
-    return lib
+    for name in ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16"):
+        getattr(lib, name).restype = None
 
 
-def _get() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("HEARTH_MXFP4_KERNEL", "1") != "0":
-            _lib = _build()
-    return _lib
+_get = Library(SOURCE, "MXFP4 matmuls", _declare, disable_env="HEARTH_MXFP4_KERNEL")
 
 
 def available() -> bool:
