@@ -177,3 +177,22 @@ def test_bf16_quantized_greedy_agrees_with_float32():
             if a != b:
                 assert a in their_top[i] and b in our_top[i], (text, i, a, b)
                 break
+
+
+def test_cpu_linear_pads_rows_to_few_shapes():
+    """oneDNN keeps kernels for every matmul shape it sees, so CPU matmuls pad their rows to a few bucket sizes: the
+    padded product's rows equal the unpadded ones (within bf16 rounding), and a 512-token budget sees ≤ 20 sizes."""
+    from hearth.layers.linear import cpu_linear, row_bucket
+
+    sizes = {row_bucket(m) for m in range(1, 513)}
+    assert len(sizes) <= 20 and all(row_bucket(m) >= m for m in range(1, 5000))
+    assert all(row_bucket(m) - m < (16 if m <= 128 else 32 if m <= 512 else 64) for m in range(1, 2049))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    bias = torch.randn(96, generator=g).bfloat16()
+    for m in (1, 17, 130, 333):
+        x = torch.randn(m, 64, generator=g).bfloat16()
+        out = cpu_linear(x, w, bias)
+        assert out.shape == (m, 96)
+        ref = x.double() @ w.double().t() + bias.double()
+        assert (out.double() - ref).abs().max() <= 2**-7 * ref.abs().max()
