@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,16 @@ class Library:
         self.source, self.what, self.declare, self.disable_env = source, what, declare, disable_env
         self._lib: ctypes.CDLL | None = None
         self._tried = False
+        self._lock = threading.Lock()
 
     def __call__(self) -> ctypes.CDLL | None:
         if not self._tried:
-            self._tried = True
-            if self.disable_env is None or os.environ.get(self.disable_env, "1") != "0":
-                self._lib = load_library(self.source, self.what)
-                if self._lib is not None:
-                    self.declare(self._lib)
+            with self._lock:  # a second caller waits for the build instead of seeing None
+                if not self._tried:
+                    if self.disable_env is None or os.environ.get(self.disable_env, "1") != "0":
+                        lib = load_library(self.source, self.what)
+                        if lib is not None:
+                            self.declare(lib)
+                        self._lib = lib
+                    self._tried = True
         return self._lib
