@@ -231,6 +231,9 @@ def kv_bytes(spec: KVSpec, num_tokens: int, dtype: str = "bfloat16") -> int:
     return total * DTYPE_BYTES[dtype]
 
 
+SCHEDULING_POLICIES = ("fcfs", "shortest")  # which waiting request the scheduler admits first
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Engine limits, named as vLLM's flags (--max-model-len, --max-num-seqs, ...)."""
@@ -259,8 +262,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
             kv_budget_bytes(self.kv_cache_memory, 1 << 30)  # validates
-        if self.scheduling_policy not in ("fcfs", "shortest"):
-            raise ValueError(f"scheduling_policy must be fcfs or shortest, got {self.scheduling_policy!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")  # fmt: skip
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

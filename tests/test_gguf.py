@@ -54,6 +54,16 @@ def encode(name: str, w: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return quants.quantize(w, qtype), qtype
 
 
+def finish(writer: GGUFWriter, tensors: dict[str, tuple[np.ndarray, T]]) -> None:
+    """Add the tensors (quantized ones as raw bytes of their type), write the file and close it."""
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, T]], tokens: list[str], alignment=0) -> None:
     writer = GGUFWriter(str(path), arch)
     if alignment:
@@ -74,12 +84,7 @@ def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, T]], tokens
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template("{{ messages }}")
-    for name, (data, qtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer, tensors)
 
 
 @pytest.fixture(scope="module")
@@ -368,12 +373,7 @@ def test_every_value_type_matches_gguf_reader(tmp_path):
     tensors = {"f32.weight": (w[0], T.F32), "f16.weight": (w[0, 0].astype(np.float16), T.F16),
                "bf16.weight": (quants.quantize(w[1], T.BF16), T.BF16), "q8.weight": (quants.quantize(w[0], T.Q8_0), T.Q8_0),
                "experts.weight": (quants.quantize(w, T.Q4_0), T.Q4_0)}  # fmt: skip
-    for name, (data, qtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer, tensors)
     assert_matches_reader(path)
     g = open_gguf(path)
     for key, value, vtype, sub_type in EVERY_VALUE_TYPE:  # and the values are the ones written

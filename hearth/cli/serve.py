@@ -26,6 +26,7 @@ DEFAULT_MODEL = "smollm2"
 
 def register(sub) -> None:
     from hearth.cli.main import env_epilog
+    from hearth.config import SCHEDULING_POLICIES
 
     p = sub.add_parser(
         "serve", help="Start the OpenAI-compatible server", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--int8-prefill", action="store_true", default=None,
                    help="prefill GGUF weights with int8 activations, as llama.cpp does and as decode already does: "
                         "faster prefill, a little less exact than bf16 activations")  # fmt: skip
-    p.add_argument("--scheduling-policy", choices=("fcfs", "shortest"),
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
                    help="which waiting request starts first: fcfs (arrival order, the default) or shortest (fewest "
                         "prompt tokens; waiting earns credit, so long prompts are delayed a few steps at most)")  # fmt: skip
     p.add_argument(

@@ -1,9 +1,10 @@
 """Scheduler: decides which sequences run each step and how many of their tokens (vLLM's iteration-level model).
 
 Each step has a token budget (`max_num_batched_tokens`). Running decodes are served first, one token each; then
-running sequences still in (chunked) prefill; then waiting sequences in arrival order while the budget and
-`max_num_seqs` allow. When the cache runs out of blocks the most recently admitted running sequence is preempted: its
-blocks are freed and it goes back to the front of the queue to be recomputed (its prefix may still be cached).
+running sequences still in (chunked) prefill; then waiting sequences, in arrival order or (policy "shortest") fewest
+prompt tokens first, while the budget and `max_num_seqs` allow. When the cache runs out of blocks the most recently
+admitted running sequence is preempted: its blocks are freed and it goes back to the front of the queue to be
+recomputed (its prefix may still be cached).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from hearth.config import SCHEDULING_POLICIES
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.sequence import Sequence, SequenceStatus
-
-POLICIES = ("fcfs", "shortest")
 
 
 @dataclass(slots=True)
@@ -35,8 +35,8 @@ class Batch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs"):  # fmt: skip
-        if policy not in POLICIES:
-            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,7 +97,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_scheduled_tokens.append(num_new)
             budget -= num_new
-        # waiting sequences, first come first served
+        # waiting sequences, in the policy's order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
             if not any(seq.block_tables):

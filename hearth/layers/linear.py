@@ -50,7 +50,10 @@ def gguf_blocks(qt: QuantizedTensor) -> gguf_cpu.R16Weight:
 def row_bucket(m: int) -> int:
     """`m` rows rounded up to one of a few sizes. oneDNN compiles and caches kernels for every new matmul shape (about
     0.6 MB per shape and weight shape, never given back): a server seeing prompts of every length grew by 2.6 MB per
-    distinct length. With buckets a 512-token step budget yields at most 20 row counts per weight shape."""
+    distinct length. With buckets a 512-token step budget yields at most 20 row counts of 16 or more per weight shape;
+    fewer rows (decode batches: at most 15 shapes) are left as they are."""
+    if m < 16:
+        return m
     step = 16 if m <= 128 else 32 if m <= 512 else 64 if m <= 2048 else 256
     return -(-m // step) * step
 
@@ -164,9 +167,7 @@ class Linear(nn.Module):
         if bf16_cpu.can_run(x, self.weight):  # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster
             out = bf16_cpu.gemv(x.reshape(-1, self.in_features), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
-        if x.dim() == 2 and x.shape[0] >= BLOCKS_DENSE_MIN_TOKENS:
-            return cpu_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return cpu_linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):
