@@ -20,6 +20,7 @@
 #endif
 
 #include "kernel_common.h"
+#include "paged_attention.h"
 
 int attn_prefill_fast(void) {
 #if defined(__AVX512BF16__)
@@ -116,11 +117,6 @@ static void repack(int64_t L, int64_t Lpad, int64_t Hkv, int64_t D, const uint16
     }
 }
 
-static inline uint16_t to_bf16(float f) {  // round to nearest even
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 #endif
 
@@ -205,7 +201,7 @@ int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_
             for (int64_t r = 0; r < rows; r++) {
                 const float inv = 1.0f / _mm512_reduce_add_ps(lsum[r]);
                 uint16_t *o = out + (i0 + r / G) * o_stride + (g * G + r % G) * D;
-                for (int64_t d = 0; d < D; d++) o[d] = to_bf16(O[r * D + d] * inv);
+                for (int64_t d = 0; d < D; d++) o[d] = float_to_bf16(O[r * D + d] * inv);
             }
         }
     }
@@ -216,4 +212,21 @@ int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_
     (void)k, (void)k_stride, (void)v, (void)v_stride, (void)out, (void)o_stride, (void)nthreads;
     return 0;
 #endif
+}
+
+// attn_decode: out[m] = attention of M single query tokens q[m] (Hq x D float32 each) over their sequences' keys in
+// the paged bf16 cache kc/vc [blocks, bs, Hkv, D] (decode_attention in paged_attention.h); out float32 [M, Hq, D].
+void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, const uint16_t *kc, const uint16_t *vc,
+                 const int64_t *tables, int64_t max_blocks, int64_t bs, const int64_t *lens, int64_t window, float scale,
+                 float *out, int nthreads) {
+    int64_t max_len = 1;
+    for (int64_t m = 0; m < M; m++) max_len = lens[m] > max_len ? lens[m] : max_len;
+    const int64_t G = Hq / Hkv, nchunks = decode_chunks(max_len);
+    float *abuf = malloc(sizeof(float) * (size_t)(nthreads * decode_scratch_floats(G, D)));
+    float *parts = malloc(sizeof(float) * (size_t)(M * Hkv * nchunks * G * (2 + D)));
+#pragma omp parallel num_threads(nthreads)
+    decode_attention(M, q, Hq * D, Hq, Hkv, D, kc, vc, Hkv * D, tables, max_blocks, bs, lens, window, scale, nchunks,
+                     abuf, parts, out, Hq * D, TID);
+    free(abuf);
+    free(parts);
 }

@@ -1,9 +1,13 @@
-"""Causal prefill attention on bf16 CPU tensors (attention_cpu.c), built by `cbuild.load_library`, called via ctypes.
+"""Attention kernels on bf16 CPU tensors (attention_cpu.c), built by `cbuild.load_library`, called via ctypes.
 
 PyTorch's CPU flash SDPA runs SmolLM2's 512-token causal prefill attention at about 67 GFLOP/s; this kernel (the same
 arithmetic: float32 scores and online softmax, P rounded to bf16 for P·V, vdpbf16ps) shares each K/V load across the
 query heads of a KV head. `can_run()` is False where it was not built with AVX-512 BF16; callers then keep SDPA.
 `prefill_ref` is the attention in float64 with a materialised softmax.
+
+`decode` attends one new query token per sequence over the paged bf16 KV cache through the block tables, without
+gathering the keys (paged_attention.h, the fused decode step's attention): the decode rows of mixed prefill/decode
+steps. It needs only a C compiler (AVX-512 where present); `decode_ref` is the same in float64 on gathered keys.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                  ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]  # fmt: skip
     lib.attn_prefill.restype = ctypes.c_int
     lib.attn_prefill_fast.restype = ctypes.c_int
+    lib.attn_decode.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_float, ptr,
+                                ctypes.c_int]  # fmt: skip
+    lib.attn_decode.restype = None
 
 
 _get = Library(SOURCE, "prefill attention", _declare)
@@ -88,3 +95,45 @@ def prefill_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
         mask &= k_pos > q_pos - window
     p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (p @ v).transpose(0, 1)
+
+
+def can_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """q [B, H, D] over CPU bf16 caches [blocks, block_size, Hkv, D] (contiguous), where the library is built."""
+    return (q.device.type == "cpu" and q.dim() == 3 and k_cache.dtype == v_cache.dtype == torch.bfloat16
+            and k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[-1] == q.shape[-1]
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[1] % k_cache.shape[2] == 0
+            and q.shape[1] // k_cache.shape[2] <= MAX_GROUP and _get() is not None)  # fmt: skip
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Sequence b's query heads q[b] [H, D] attend the keys of positions [0, context_lens[b]) (the last `window` of
+    them with a window), found through block_tables[b] in the caches [blocks, block_size, Hkv, D]. -> float32 [B, H, D]
+    (scores, softmax and the weighted sum in float32)."""
+    batch, num_heads, d = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    qf = q.float().contiguous()
+    tables = block_tables.to(torch.long).contiguous()
+    lens = context_lens.to(torch.long).contiguous()
+    if tables.shape[0] != batch or lens.shape != (batch,) or int(lens.max()) > tables.shape[1] * block_size:
+        raise ValueError("attn_decode: each sequence needs a block table covering its context")
+    out = torch.empty(batch, num_heads, d, dtype=torch.float32)
+    _get().attn_decode(batch, num_heads, num_kv_heads, d, qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                       tables.data_ptr(), tables.shape[1], block_size, lens.data_ptr(), window or 0, scale,
+                       out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """`decode` in float64, one sequence at a time on its gathered keys: [B, H, D] float64."""
+    block_size = k_cache.shape[1]
+    outs = []
+    for b in range(q.shape[0]):
+        length = int(context_lens[b])
+        first = max(0, length - window) if window else 0
+        slots = (block_tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[first:length]
+        keys = k_cache.flatten(0, 1)[slots]
+        values = v_cache.flatten(0, 1)[slots]
+        outs.append(prefill_ref(q[b][None], keys, values, scale)[0])
+    return torch.stack(outs)

@@ -7,23 +7,11 @@
 // torch's kernel is as fast (MAX_M in bf16_cpu.py).
 #include <stdint.h>
 #include <string.h>
+
+#include "kernel_common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-static inline float bf16_to_float(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);  // NaN stays NaN
-}
 
 #define TR 4  // weight rows per tile
 #define TM 4  // x rows per tile

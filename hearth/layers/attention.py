@@ -176,6 +176,10 @@ class Attention(nn.Module):
             rows = ctx.decode_rows
             lens = ctx.decode_context_lens  # [B]
             tables = ctx.decode_block_tables  # [B, max_blocks]
+            if sinks is None and attention_cpu.can_decode(q, k_cache, v_cache):  # through the block tables, in C
+                o = attention_cpu.decode(q[rows], k_cache, v_cache, tables, lens, self.scale, self.sliding_window)
+                out[rows] = o.to(out.dtype)
+                return out.flatten(1)
             if self.sliding_window is None:
                 mask = ctx.decode_mask
             else:  # only the blocks the window reaches: per sequence from its first such block
