@@ -252,12 +252,19 @@ class EngineConfig:
     # GGUF weights in prefill with int8 activations, as llama.cpp computes (and as decode steps already do): faster
     # prefill, a little less exact than bf16 activations
     int8_prefill: bool = False
+    # after a step that finished a request while prefill work waits (so the next step is a long one), the server's
+    # engine thread waits up to this long for new requests before starting it: a client that answers a finished
+    # request with its next one (a chat turn, an agent's tool loop) then joins that step instead of waiting a whole
+    # step (hundreds of ms on a CPU) behind it
+    admission_wait_ms: float = 20.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.admission_wait_ms <= 1000:
+            raise ValueError(f"admission_wait_ms must be between 0 and 1000, got {self.admission_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None:

@@ -123,6 +123,46 @@ def test_async_engine_streams_and_aborts_free_blocks(engine):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_async_engine_admits_a_follow_up_into_the_next_step(engine, monkeypatch):
+    # A finishes while a long prompt is still being prefilled: the engine thread waits (admission_wait_ms) before the
+    # next step, so the request the client sends on A's last token joins that very step
+    monkeypatch.setattr(engine.engine_config, "admission_wait_ms", 2000.0)  # generous: CI machines stall
+    async_engine = AsyncEngine(engine)
+    admitted, step_ends = {}, []
+    add, step = engine.scheduler.add, engine.step
+
+    def recording_add(seq):
+        add(seq)
+        admitted[seq.request_id] = seq.arrival_step
+
+    def recording_step():
+        deltas = step()
+        step_ends.append((engine.scheduler.num_steps, {d.request_id for d in deltas if d.finished}))
+        return deltas
+
+    monkeypatch.setattr(engine.scheduler, "add", recording_add)
+    monkeypatch.setattr(engine, "step", recording_step)
+    short, long = prompts(engine, 1, seed=3)[0][:20], prompts(engine, 8, seed=4)
+    long = [t for p in long for t in p][:400]  # about 5 steps of 96 tokens
+
+    async def run(request_id, ids, max_tokens, then=None):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        async for delta in async_engine.generate(ids, params, request_id):
+            if delta.finished and then is not None:
+                await then()
+
+    async def scenario():
+        await asyncio.gather(run("a", short, 1, then=lambda: run("b", short[:10], 1)), run("long", long, 2))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        async_engine.shutdown()
+    a_step = next(n for n, done in step_ends if "a" in done)
+    assert admitted["b"] == a_step  # scheduled in the first step after A's, no step in between
+    assert not engine.has_unfinished()
+
+
 def test_preemption_by_recompute_keeps_outputs(engine):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     ps = [sum(prompts(engine, n=6, seed=11 + i), [])[:120] for i in range(4)]  # 8 blocks each, 9 once decoding
@@ -143,3 +183,10 @@ def test_preemption_by_recompute_keeps_outputs(engine):
     for i in range(len(ps)):
         assert got[f"tight-{i}"] == expected[f"roomy-{i}"]
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("bad", [{"admission_wait_ms": -1}, {"admission_wait_ms": 5000}, {"max_num_seqs": 0},
+                                 {"scheduling_policy": "random"}])  # fmt: skip
+def test_engine_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EngineConfig(**bad)

@@ -50,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
                    help="which waiting request starts first: fcfs (arrival order, the default) or shortest (fewest "
                         "prompt tokens; waiting earns credit, so long prompts are delayed a few steps at most)")  # fmt: skip
+    p.add_argument("--admission-wait-ms", type=float,
+                   help="after a request finishes, while prompts wait to be prefilled, wait up to this long for new "
+                        "requests to join the next (long) step (default 20; 0: never wait)")  # fmt: skip
     p.add_argument(
         "--kv-cache-memory", help="KV cache: GiB (a number >= 1), a fraction of free memory (< 1), or a size such as 512MiB"
     )
@@ -252,7 +255,7 @@ def _serve(args, keys, has_keys: bool) -> int:
 
     ref = resolve_model(args.model)
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype", "scheduling_policy",
-             "int8_prefill")  # fmt: skip
+             "int8_prefill", "admission_wait_ms")  # fmt: skip
     engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
     device = args.device
     if device == "auto":

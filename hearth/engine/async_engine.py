@@ -112,12 +112,20 @@ class AsyncEngine:
                 self._emit(payload, delta)
 
     def _loop(self) -> None:
-        """Called only on the engine thread: drain the inbox, run a step, hand out the Deltas."""
+        """Called only on the engine thread: drain the inbox, run a step, hand out the Deltas.
+
+        Idle, it sleeps on the inbox. After a step that finished a request, when the next step will prefill, it waits
+        up to `admission_wait_ms` for a new request (EngineConfig): clients that send their next request as soon as
+        one finishes then join that step rather than wait the whole of it."""
+        finished = False
+        wait_s = self.engine.engine_config.admission_wait_ms / 1000
         while not self._stopping:
-            block = not self.engine.has_unfinished()
+            block, timeout = not self.engine.has_unfinished(), None
+            if not block and finished and wait_s > 0 and self._inbox.empty() and self.engine.scheduler.has_prefill_work():
+                block, timeout = True, wait_s
             try:
                 while True:
-                    kind, payload = self._inbox.get(block=block, timeout=None)
+                    kind, payload = self._inbox.get(block=block, timeout=timeout)
                     block = False
                     if kind == "stop":
                         return
@@ -133,5 +141,6 @@ class AsyncEngine:
                     self._emit(request_id, EngineError("internal error while generating", 500))
                 deltas = []
             self._stats = self.engine.stats
+            finished = any(delta.finished for delta in deltas)
             for delta in deltas:
                 self._emit(delta.request_id, delta)

@@ -66,6 +66,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_prefill_work(self) -> bool:
+        """Prompt tokens wait to be computed: the next step will prefill (a long step on CPU)."""
+        return bool(self.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in self.running)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
