@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hearth.kernels import elementwise_cpu
+
 
 class RMSNorm(nn.Module):
     """`scale_in_float32`: multiply by the gain before rounding to the input dtype (gpt-oss's order); otherwise HF
@@ -18,7 +20,11 @@ class RMSNorm(nn.Module):
         self.scale_in_float32 = scale_in_float32
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`, adds it first and returns (normed, new_residual) — the fused pre-norm pattern."""
+        """With `residual`, adds it first and returns (normed, new_residual) — the fused pre-norm pattern. bf16 rows
+        on CPU take one C pass (elementwise_cpu: the arithmetic below; the sum is written into `residual`)."""
+        if not self.scale_in_float32 and elementwise_cpu.can_rms_norm(hidden_states, self.weight, residual):
+            out = elementwise_cpu.rms_norm(hidden_states, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
         if residual is not None:
             hidden_states = hidden_states + residual
             residual = hidden_states

@@ -16,7 +16,7 @@ from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.linear import Linear
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 
 
 class LlamaAttention(nn.Module):
@@ -38,8 +38,8 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # rotate q and k heads together: [num_tokens, num_heads + num_kv_heads, head_dim]
-        qk = apply_rotary_emb(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        # rotate q and k heads together, in place: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = apply_rotary_emb_(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v))
@@ -69,7 +69,7 @@ class LlamaDecoderLayer(DecoderLayer):
 class LlamaModel(DecoderModel):
     def __init__(self, config: ModelConfig):
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                 config.rope_scaling)  # fmt: skip
+                                 config.rope_scaling, float32_on_cpu=True)  # fmt: skip
         super().__init__(config, LlamaDecoderLayer, RMSNorm, rotary)
 
 

@@ -1,0 +1,166 @@
+// The elementwise work between the matmuls of a bf16 prefill on CPU, one pass over memory each, called through ctypes
+// from hearth/kernels/elementwise_cpu.py. Every kernel takes rows `stride` elements apart (contiguous within a row),
+// computes in float32 and rounds to bf16 to nearest even; OpenMP over rows. AVX-512 (F, BW, VL; BF16 and DQ speed up
+// the rounding) where built with it, else plain C (`-std=c11` keeps the compiler from fusing a * b + c unasked, so
+// both take the same float32 steps).
+//
+// ew_rms_norm: with `residual`, s = bf16(x + residual) is written back into residual (torch's bf16 add: one float32
+// add, one rounding) and normalised; without, s = x. out = bf16((s * r) * w), r = 1 / sqrt(sum(s^2) / H + eps), as
+// F.rms_norm does for bf16 (normalise and scale in float32, round once); only the order of the sum of squares differs.
+//
+// ew_silu_and_mul: x = [gate | up] (2 * I per row) -> out = bf16(bf16(silu(gate)) * up), torch's bf16 steps; silu(g) =
+// g / (1 + exp(-g)) as ATen writes it. The AVX-512 exp (exp512, relative error < 2e-7) differs from torch's (SLEEF,
+// 1 ulp) by a few float32 ulps, so bf16(silu) can differ by one bf16 step where the float32 value lies within those
+// ulps of a rounding midpoint: rare (none in 6M random gates), never more than one step.
+//
+// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with float32
+// cos/sin tables [*, D] at row positions[t] (row t when positions is NULL): for i < D/2,
+//   x[i] = bf16(x[i] * cos[i] - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2])
+// in float32 as torch's addcmul(x * cos, rotate_half(x), sin) with float32 cos/sin: x * cos rounded, then the other
+// product added to it with one rounding (a fused multiply-add, as ATen's vectorised addcmul), then bf16 once.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernel_common.h"
+
+#define MIN_PARALLEL 16384  // elements below which one thread does the whole call (waking threads costs microseconds)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define EW_AVX512 1
+
+static inline __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// float32 -> bf16 to nearest even, as float_to_bf16. vcvtneps2bf16 does it in one instruction but flushes denormals
+// to zero, so a vector holding one (vfpclassps) takes the integer path: the same rounding as torch's everywhere.
+static inline __m256i to_bf16(__m512 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    if (!_mm512_fpclass_ps_mask(v, 0x20)) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __m512 widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) { return widen(_mm256_maskz_loadu_epi16(k, p)); }
+
+static inline __m512 round_bf16(__m512 v) { return widen(to_bf16(v)); }
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, to_bf16(v)); }
+#endif
+
+int ew_vectorized(void) {
+#ifdef EW_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static void rms_norm_row(int64_t H, const uint16_t *x, uint16_t *res, const uint16_t *w, float eps, uint16_t *out) {
+    const uint16_t *s = res ? res : x;  // the row normalised: the sum, once written back
+    float ss;
+#ifdef EW_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        const __mmask16 k = mask16(H - i);
+        __m512 v = load_bf16(x + i, k);
+        if (res) {
+            v = round_bf16(_mm512_add_ps(v, load_bf16(res + i, k)));
+            store_bf16(res + i, v, k);
+        }
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#else
+    ss = 0.0f;
+    for (int64_t i = 0; i < H; i++) {
+        float v = bf16_to_float(x[i]);
+        if (res) {
+            res[i] = float_to_bf16(v + bf16_to_float(res[i]));
+            v = bf16_to_float(res[i]);
+        }
+        ss += v * v;
+    }
+#endif
+    const float r = 1.0f / sqrtf(ss / (float)H + eps);
+#ifdef EW_AVX512
+    const __m512 rv = _mm512_set1_ps(r);
+    for (int64_t i = 0; i < H; i += 16) {
+        const __mmask16 k = mask16(H - i);
+        store_bf16(out + i, _mm512_mul_ps(_mm512_mul_ps(load_bf16(s + i, k), rv), load_bf16(w + i, k)), k);
+    }
+#else
+    for (int64_t i = 0; i < H; i++) out[i] = float_to_bf16(bf16_to_float(s[i]) * r * bf16_to_float(w[i]));
+#endif
+}
+
+// x [M, H] (rows x_stride apart), residual [M, H] or NULL (rows r_stride apart, updated in place), weight [H],
+// out [M, H] (rows out_stride apart)
+void ew_rms_norm(int64_t M, int64_t H, const uint16_t *x, int64_t x_stride, uint16_t *residual, int64_t r_stride,
+                 const uint16_t *weight, float eps, uint16_t *out, int64_t out_stride, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * H >= MIN_PARALLEL)
+    for (int64_t m = 0; m < M; m++)
+        rms_norm_row(H, x + m * x_stride, residual ? residual + m * r_stride : NULL, weight, eps, out + m * out_stride);
+}
+
+// x [M, 2 * I] = [gate | up] (rows x_stride apart) -> out [M, I] (rows out_stride apart)
+void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, uint16_t *out, int64_t out_stride,
+                     int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M * I >= MIN_PARALLEL)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *gate = x + m * x_stride, *up = gate + I;
+        uint16_t *o = out + m * out_stride;
+#ifdef EW_AVX512
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (int64_t i = 0; i < I; i += 16) {
+            const __mmask16 k = mask16(I - i);
+            const __m512 g = load_bf16(gate + i, k);
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store_bf16(o + i, _mm512_mul_ps(round_bf16(silu), load_bf16(up + i, k)), k);
+        }
+#else
+        for (int64_t i = 0; i < I; i++) {
+            const float g = bf16_to_float(gate[i]);
+            const float silu = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+            o[i] = float_to_bf16(silu * bf16_to_float(up[i]));
+        }
+#endif
+    }
+}
+
+// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin float32 [*, D]; positions [T] or NULL
+void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const float *cos, const float *sin,
+               const int64_t *positions, int nthreads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * heads * D >= MIN_PARALLEL)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t p = positions ? positions[t] : t;
+        const float *c = cos + p * D, *s = sin + p * D;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
+#ifdef EW_AVX512
+            for (int64_t i = 0; i < half; i += 16) {
+                const __mmask16 k = mask16(half - i);
+                const __m512 a = load_bf16(x1 + i, k), b = load_bf16(x2 + i, k);
+                const __m512 c1 = _mm512_maskz_loadu_ps(k, c + i), c2 = _mm512_maskz_loadu_ps(k, c + half + i);
+                const __m512 s1 = _mm512_maskz_loadu_ps(k, s + i), s2 = _mm512_maskz_loadu_ps(k, s + half + i);
+                store_bf16(x1 + i, _mm512_fnmadd_ps(b, s1, _mm512_mul_ps(a, c1)), k);
+                store_bf16(x2 + i, _mm512_fmadd_ps(a, s2, _mm512_mul_ps(b, c2)), k);
+            }
+#else
+            for (int64_t i = 0; i < half; i++) {
+                const float a = bf16_to_float(x1[i]), b = bf16_to_float(x2[i]);
+                x1[i] = float_to_bf16(fmaf(-b, s[i], a * c[i]));
+                x2[i] = float_to_bf16(fmaf(a, s[half + i], b * c[half + i]));
+            }
+#endif
+        }
+    }
+}

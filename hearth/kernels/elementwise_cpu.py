@@ -1,0 +1,127 @@
+"""bf16 elementwise kernels for CPU prefill (elementwise_cpu.c), built by `cbuild.load_library`, called via ctypes.
+
+Between the matmuls of a bf16 prefill, torch runs RMSNorm, SiLU-and-mul and the rotary embedding as chains of
+elementwise ops, each reading and writing a whole activation (about 15% of a SmolLM2 512-token step); each kernel here
+is one pass. Where the library is not built the `can_*` guards are False and the layers keep their torch code.
+
+- `rms_norm(x, weight, eps, residual)`: F.rms_norm's bf16 arithmetic (normalise and scale in float32, round once), the
+  residual add first as torch's bf16 add, written into `residual` in place. Equal to `rms_norm_ref` but for the order
+  of the float32 sum of squares: at most one bf16 step apart, and only rarely.
+- `silu_and_mul(x)`: torch's bf16 steps (silu rounded to bf16, then the product); the vectorised exp can move silu by
+  a few float32 ulps, so bf16(silu) may rarely round the other way (none in 6M random gates): one bf16 step.
+- `rotary_(x, cos, sin, positions)`: rotate-half rope in place with float32 cos/sin tables, computed in float32 and
+  rounded to bf16 once: bit-for-bit `rotary_ref` (torch's apply_rotary_emb on bf16 x with float32 cos/sin). torch's
+  bf16 path rounds cos, sin and x * cos to bf16 first; this is closer to the exact value than that path by up to a
+  bf16 step of |x|.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hearth.kernels.cbuild import Library
+
+SOURCE = os.path.join(os.path.dirname(__file__), "elementwise_cpu.c")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.ew_rms_norm.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, c_int]
+    lib.ew_rms_norm.restype = None
+    lib.ew_silu_and_mul.argtypes = [i64, i64, ptr, i64, ptr, i64, c_int]
+    lib.ew_silu_and_mul.restype = None
+    lib.ew_rotary.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
+    lib.ew_rotary.restype = None
+    lib.ew_vectorized.restype = ctypes.c_int
+
+
+_get = Library(SOURCE, "elementwise bf16 kernels", _declare)
+
+
+def available() -> bool:
+    return _get() is not None
+
+
+def _rows(x: torch.Tensor) -> bool:
+    """A bf16 CPU matrix whose rows are contiguous (any row stride)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+
+
+def can_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """x [M, H] bf16 on CPU with contiguous rows, a bf16 weight [H], a residual like x, and the library built."""
+    return (_rows(x) and weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape == x.shape[1:]
+            and (residual is None or (_rows(residual) and residual.shape == x.shape)) and available())  # fmt: skip
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.rms_norm(x (+ residual), weight) -> a new [M, H] bf16; with `residual`, it becomes x + residual in place."""
+    m, h = x.shape
+    out = torch.empty(m, h, dtype=torch.bfloat16)
+    _get().ew_rms_norm(m, h, x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+                       0 if residual is None else residual.stride(0), weight.data_ptr(), eps, out.data_ptr(), h,
+                       torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Plain torch: (normed, x + residual) with a residual (not updated), else normed."""
+    if residual is not None:
+        x = x + residual
+    out = F.rms_norm(x, weight.shape, weight, eps)
+    return out if residual is None else (out, x)
+
+
+def can_silu_and_mul(x: torch.Tensor) -> bool:
+    """x [M, 2I] bf16 on CPU with contiguous rows, and the library built."""
+    return _rows(x) and x.shape[1] % 2 == 0 and available()
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] = [gate | up] -> silu(gate) * up, [M, I] bf16."""
+    m, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(m, inter, dtype=torch.bfloat16)
+    _get().ew_silu_and_mul(m, inter, x.data_ptr(), x.stride(0), out.data_ptr(), inter, torch.get_num_threads())
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None) -> bool:
+    """x [T, heads, D] bf16 on CPU (heads D apart, D even), float32 contiguous cos/sin [*, D] (T rows without
+    positions), int64 positions [T] or None, and the library built."""
+    if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1):
+        return False
+    t, _, d = x.shape
+    tables = all(tab.dtype == torch.float32 and tab.is_contiguous() and tab.dim() == 2 and tab.shape[1] == d
+                 for tab in (cos, sin))  # fmt: skip
+    if positions is None:
+        rows_ok = tables and cos.shape[0] == sin.shape[0] == t
+    else:
+        rows_ok = tables and positions.dtype == torch.int64 and positions.is_contiguous() and positions.shape == (t,)
+    return rows_ok and d % 2 == 0 and x.stride(1) == d and available()
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):
+    """Rotate x [T, heads, D] in place by cos/sin rows positions[t] (row t without positions); returns x. The caller
+    checks positions lie inside the tables."""
+    t, heads, d = x.shape
+    pos = None if positions is None else positions.data_ptr()
+    _get().ew_rotary(t, heads, d, x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), pos,
+                     torch.get_num_threads())  # fmt: skip
+    return x
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):
+    """Plain torch, not in place: addcmul(x * cos, rotate_half(x), sin) with the float32 rows, rounded to x's dtype."""
+    if positions is not None:
+        cos, sin = cos[positions], sin[positions]
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.addcmul(x * cos[:, None], torch.cat((-x2, x1), dim=-1), sin[:, None])
+    return out.to(x.dtype)
