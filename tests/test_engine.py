@@ -69,6 +69,23 @@ def test_prefix_cache_hit_gives_the_same_output(engine):
     assert out["hit"] == out["miss"]
 
 
+def test_bf16_prefix_hit_computes_exactly_what_the_miss_did():
+    # in bf16 too a hit's tail (1 to 16 tokens: one token alone is still prefill, not a decode row) takes the same
+    # arithmetic as the whole prompt: the first token's logprobs are equal bit for bit, and so the answers
+    from hearth import LLM
+
+    llm = LLM("smollm2", dtype="bfloat16", max_model_len=256, max_num_seqs=2)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=5)
+    words = llm.tokenizer.encode(" ".join(["river", "stone", "light", "paper"] * 20), add_special_tokens=False)
+    for i, length in enumerate((33, 37, 47, 48)):  # tails of 1, 5, 15 and 16 tokens after two cached blocks
+        miss, hit = (llm.generate([words[i : i + length]], params)[0] for _ in range(2))
+        assert miss.num_cached_tokens == 0 and hit.num_cached_tokens == 32
+        assert hit.token_ids == miss.token_ids
+        for a, b in zip(hit.logprobs, miss.logprobs):
+            assert (a.token_id, a.logprob) == (b.token_id, b.logprob)
+            assert a.top == b.top
+
+
 def test_seeded_sampling_is_reproducible(engine):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
     ps = prompts(engine, n=2, seed=3)

@@ -56,6 +56,12 @@ def resolve_dtype(name: str, ref: ModelRef, config: ModelConfig) -> torch.dtype:
     return torch.float32
 
 
+def is_decode(seq, num_new: int) -> bool:
+    """One new token after the prompt: a decode row. A prompt's last token alone (the tail after a prefix-cache hit or a
+    chunk boundary) is prefill, so that it is computed exactly as a whole-prompt prefill computes it."""
+    return num_new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
 class ModelRunner:
     def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu"):
         self.config = config
@@ -155,7 +161,7 @@ class ModelRunner:
         """Build input ids, positions and the forward Context; return the rows whose logits are sampled."""
         seq = batch.seqs[0]
         if (len(batch.seqs) == 1 and batch.num_scheduled_tokens[0] == 1 and self.device.type == "cpu"
-                and len(self.kv_windows) == 1 and seq.num_computed_tokens + 1 == seq.num_tokens):  # fmt: skip
+                and len(self.kv_windows) == 1 and is_decode(seq, 1)):  # fmt: skip
             return self.prepare_single_decode(seq)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -171,7 +177,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             ctx.q_starts.append(len(input_ids))
             ctx.context_lens.append(end)
-            (ctx.decode_seq_idx if num_new == 1 else ctx.prefill_seq_idx).append(i)
+            (ctx.decode_seq_idx if is_decode(seq, num_new) else ctx.prefill_seq_idx).append(i)
             if end == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
         dev = self.device
@@ -224,7 +230,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
         """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
-        all_decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
+        all_decode = all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
         if self.fused_decode is not None and all_decode:
             sampled = list(batch.seqs)
             logits = self.run_fused_decode(sampled)

@@ -20,6 +20,7 @@ from torch import nn
 from hearth.kernels import bf16_cpu, gguf_cpu
 from hearth.kernels.int4_mm import can_dequantize, int4_mm, int4_mm_dense, pack_int4
 from hearth.kernels.int8_mm import int8_mm, quantize_per_row
+from hearth.layers.context import get_context
 from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
 
 INT4_TYPES = ("Q4_0", "Q4_1")
@@ -33,9 +34,11 @@ def quantized_rows(qt: QuantizedTensor):
 # from this many rows (tokens) on, a packed-int4 layer dequantizes its weight to bf16 and runs a dense matmul: at
 # prefill sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads)
 DENSE_MIN_TOKENS = 64
-# the same switch for GGUF blocks: below it, a kernel with the dense path's bf16 arithmetic, so that a prompt's last
-# few tokens (after a prefix-cache hit) compute what the whole prompt would have. Decode steps do not come here: the
-# fused decode (or the LM head) use the int8-activation kernel, as llama.cpp does.
+# the same switch for GGUF blocks. In a step that prefills, fewer rows are padded to it and take the dense path too:
+# oneDNN's bf16 result for a row does not depend on how many rows share the matmul, so a prompt's last few tokens after
+# a prefix-cache hit compute exactly what the whole prompt did (a greedy answer does not change with a cache hit).
+# Decode-only steps with fewer rows (families without a fused decode) use a C kernel with the same bf16 arithmetic in
+# another order, which reads the packed weight instead of dequantizing all of it per step.
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
@@ -72,8 +75,12 @@ def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = F
     at every M (x quantized per 32 values, as the fused decode step does), else bf16 arithmetic."""
     if int8_activations:
         return gguf_cpu.gemm(x, w).to(x.dtype)
-    if x.shape[0] >= BLOCKS_DENSE_MIN_TOKENS:
+    m = x.shape[0]
+    if m >= BLOCKS_DENSE_MIN_TOKENS:
         return cpu_linear(x.to(torch.bfloat16), gguf_cpu.dequant(w)).to(x.dtype)
+    if get_context().prefill_seq_idx:  # padded: the rows' results are the dense path's, bit for bit
+        padded = F.pad(x.to(torch.bfloat16), (0, 0, 0, BLOCKS_DENSE_MIN_TOKENS - m))
+        return F.linear(padded, gguf_cpu.dequant(w))[:m].to(x.dtype)
     return gguf_cpu.gemm_f32(x.to(torch.bfloat16), w).to(x.dtype)
 
 
