@@ -13,11 +13,11 @@
 // 1 ulp) by a few float32 ulps, so bf16(silu) can differ by one bf16 step where the float32 value lies within those
 // ulps of a rounding midpoint: rare (none in 6M random gates), never more than one step.
 //
-// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with float32
-// cos/sin tables [*, D] at row positions[t] (row t when positions is NULL): for i < D/2,
-//   x[i] = bf16(x[i] * cos[i] - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2])
-// in float32 as torch's addcmul(x * cos, rotate_half(x), sin) with float32 cos/sin: x * cos rounded, then the other
-// product added to it with one rounding (a fused multiply-add, as ATen's vectorised addcmul), then bf16 once.
+// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with bf16 cos/sin
+// tables [*, D] at row positions[t] (row t when positions is NULL), in torch's bf16 steps (HF's rope on a bf16 model,
+// addcmul(x * cos, rotate_half(x), sin)): for i < D/2
+//   x[i] = bf16(bf16(x[i] * cos[i]) - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(bf16(x[i + D/2] * cos[i + D/2]) + x[i] * sin[i + D/2]).
+// Products of two bf16 values are exact in float32, so each step rounds once, as torch does: bit for bit.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -136,29 +136,31 @@ void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, 
 }
 
 // x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin float32 [*, D]; positions [T] or NULL
-void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const float *cos, const float *sin,
-               const int64_t *positions, int nthreads) {
+void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const uint16_t *cos,
+               const uint16_t *sin, const int64_t *positions, int nthreads) {
     const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * heads * D >= MIN_PARALLEL)
     for (int64_t t = 0; t < T; t++) {
         const int64_t p = positions ? positions[t] : t;
-        const float *c = cos + p * D, *s = sin + p * D;
+        const uint16_t *c = cos + p * D, *s = sin + p * D;
         for (int64_t h = 0; h < heads; h++) {
             uint16_t *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
 #ifdef EW_AVX512
             for (int64_t i = 0; i < half; i += 16) {
                 const __mmask16 k = mask16(half - i);
                 const __m512 a = load_bf16(x1 + i, k), b = load_bf16(x2 + i, k);
-                const __m512 c1 = _mm512_maskz_loadu_ps(k, c + i), c2 = _mm512_maskz_loadu_ps(k, c + half + i);
-                const __m512 s1 = _mm512_maskz_loadu_ps(k, s + i), s2 = _mm512_maskz_loadu_ps(k, s + half + i);
-                store_bf16(x1 + i, _mm512_fnmadd_ps(b, s1, _mm512_mul_ps(a, c1)), k);
-                store_bf16(x2 + i, _mm512_fmadd_ps(a, s2, _mm512_mul_ps(b, c2)), k);
+                const __m512 c1 = load_bf16(c + i, k), c2 = load_bf16(c + half + i, k);
+                const __m512 s1 = load_bf16(s + i, k), s2 = load_bf16(s + half + i, k);
+                store_bf16(x1 + i, _mm512_fnmadd_ps(b, s1, round_bf16(_mm512_mul_ps(a, c1))), k);
+                store_bf16(x2 + i, _mm512_fmadd_ps(a, s2, round_bf16(_mm512_mul_ps(b, c2))), k);
             }
 #else
             for (int64_t i = 0; i < half; i++) {
                 const float a = bf16_to_float(x1[i]), b = bf16_to_float(x2[i]);
-                x1[i] = float_to_bf16(fmaf(-b, s[i], a * c[i]));
-                x2[i] = float_to_bf16(fmaf(a, s[half + i], b * c[half + i]));
+                const float c1 = bf16_to_float(c[i]), c2 = bf16_to_float(c[half + i]);
+                const float s1 = bf16_to_float(s[i]), s2 = bf16_to_float(s[half + i]);
+                x1[i] = float_to_bf16(bf16_to_float(float_to_bf16(a * c1)) - b * s1);
+                x2[i] = float_to_bf16(bf16_to_float(float_to_bf16(b * c2)) + a * s2);
             }
 #endif
         }

@@ -9,10 +9,11 @@ is one pass. Where the library is not built the `can_*` guards are False and the
   of the float32 sum of squares: at most one bf16 step apart, and only rarely.
 - `silu_and_mul(x)`: torch's bf16 steps (silu rounded to bf16, then the product); the vectorised exp can move silu by
   a few float32 ulps, so bf16(silu) may rarely round the other way (none in 6M random gates): one bf16 step.
-- `rotary_(x, cos, sin, positions)`: rotate-half rope in place with float32 cos/sin tables, computed in float32 and
-  rounded to bf16 once: bit-for-bit `rotary_ref` (torch's apply_rotary_emb on bf16 x with float32 cos/sin). torch's
-  bf16 path rounds cos, sin and x * cos to bf16 first; this is closer to the exact value than that path by up to a
-  bf16 step of |x|.
+- `rotary_(x, cos, sin, positions)`: rotate-half rope in place with bf16 cos/sin rows, in torch's bf16 steps (x * cos
+  rounded to bf16, then the other product added with one rounding): bit-for-bit `rotary_ref`, which is the layers'
+  `apply_rotary_emb` on bf16 tensors (HF's rope on a bf16 model). (Computing in float32 from float32 tables and
+  rounding once is closer to the exact value, but it moved SmolLM2's greedy answer to "What is the capital of
+  France?" away from the float32 model's "Paris": the bf16 model stays on the arithmetic it was validated with.)
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None) -> bool:
-    """x [T, heads, D] bf16 on CPU (heads D apart, D even), float32 contiguous cos/sin [*, D] (T rows without
+    """x [T, heads, D] bf16 on CPU (heads D apart, D even), bf16 contiguous cos/sin [*, D] (T rows without
     positions), int64 positions [T] or None, and the library built."""
     if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1):
         return False
     t, _, d = x.shape
-    tables = all(tab.dtype == torch.float32 and tab.is_contiguous() and tab.dim() == 2 and tab.shape[1] == d
+    tables = all(tab.dtype == torch.bfloat16 and tab.is_contiguous() and tab.dim() == 2 and tab.shape[1] == d
                  for tab in (cos, sin))  # fmt: skip
     if positions is None:
         rows_ok = tables and cos.shape[0] == sin.shape[0] == t
@@ -119,7 +120,7 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: to
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):
-    """Plain torch, not in place: addcmul(x * cos, rotate_half(x), sin) with the float32 rows, rounded to x's dtype."""
+    """Plain torch, not in place: addcmul(x * cos, rotate_half(x), sin) on the bf16 rows (each op rounding to bf16)."""
     if positions is not None:
         cos, sin = cos[positions], sin[positions]
     x1, x2 = x.chunk(2, dim=-1)

@@ -90,30 +90,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim], in x's dtype or float32 (then computed in
-    # float32 and rounded to x's dtype once)
+    # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     out = torch.addcmul(x * cos, rotate_half(x), sin)  # x*cos + rotate_half(x)*sin in two ops
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def apply_rotary_emb_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_emb written into x (a view of the qkv projection's output) and returned. bf16 x on CPU with
-    float32 cos/sin takes one C pass (elementwise_cpu.rotary_: bit-for-bit the same values)."""
+    """apply_rotary_emb written into x (a view of the qkv projection's output) and returned. bf16 x on CPU takes one
+    C pass (elementwise_cpu.rotary_: bit-for-bit the same values)."""
     if elementwise_cpu.can_rotary(x, cos, sin):
         return elementwise_cpu.rotary_(x, cos, sin)
     return x.copy_(apply_rotary_emb(x, cos, sin))
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions [0, max_position), computed once in float32. `float32_on_cpu`: a bf16 model on
-    CPU gets the float32 rows (rope in float32, rounded once: the C kernel's arithmetic), not rows rounded to bf16."""
+    """cos/sin tables for positions [0, max_position), computed once in float32."""
 
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None = None,
-                 float32_on_cpu: bool = False):  # fmt: skip
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.max_position = max_position
-        self.float32_on_cpu = float32_on_cpu
         self.inv_freq, self.attention_factor = compute_inv_freq(head_dim, base, scaling, max_position)
         self._build(self.inv_freq)
 
@@ -132,6 +128,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for these positions ([num_tokens, head_dim]); computed once per forward, shared by all layers."""
-        if self.float32_on_cpu and dtype == torch.bfloat16 and self.cos.device.type == "cpu":
-            dtype = torch.float32
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)

@@ -69,7 +69,7 @@ class LlamaDecoderLayer(DecoderLayer):
 class LlamaModel(DecoderModel):
     def __init__(self, config: ModelConfig):
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                 config.rope_scaling, float32_on_cpu=True)  # fmt: skip
+                                 config.rope_scaling)  # fmt: skip
         super().__init__(config, LlamaDecoderLayer, RMSNorm, rotary)
 
 
