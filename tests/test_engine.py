@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from hearth.config import EngineConfig
 from hearth.engine.async_engine import AsyncEngine
@@ -69,16 +70,33 @@ def test_prefix_cache_hit_gives_the_same_output(engine):
     assert out["hit"] == out["miss"]
 
 
-def test_bf16_prefix_hit_computes_exactly_what_the_miss_did():
+@pytest.fixture(scope="module")
+def bf16_llama_576(tmp_path_factory):
+    """A random Llama with SmolLM2's widths (hidden 576, where the bf16 GEMV kernel and oneDNN round differently)."""
+    from conftest import save_tiny
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=256, max_position_embeddings=256)  # fmt: skip
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    return save_tiny(model, str(tmp_path_factory.mktemp("llama-576")))
+
+
+@pytest.mark.parametrize("model", ["smollm2", "bf16_llama_576"])
+def test_bf16_prefix_hit_computes_exactly_what_the_miss_did(model, request):
     # in bf16 too a hit's tail (1 to 16 tokens: one token alone is still prefill, not a decode row) takes the same
-    # arithmetic as the whole prompt: the first token's logprobs are equal bit for bit, and so the answers
+    # arithmetic as the whole prompt, for GGUF blocks and for dense bf16 weights: the first token's logprobs are equal
+    # bit for bit, and so the answers
     from hearth import LLM
 
-    llm = LLM("smollm2", dtype="bfloat16", max_model_len=256, max_num_seqs=2)
+    folder = "smollm2" if model == "smollm2" else request.getfixturevalue(model)
+    llm = LLM(folder, dtype="bfloat16", max_model_len=128, max_num_seqs=2)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=5)
-    words = llm.tokenizer.encode(" ".join(["river", "stone", "light", "paper"] * 20), add_special_tokens=False)
-    for i, length in enumerate((33, 37, 47, 48)):  # tails of 1, 5, 15 and 16 tokens after two cached blocks
-        miss, hit = (llm.generate([words[i : i + length]], params)[0] for _ in range(2))
+    rng = random.Random(3)
+    for i, length in enumerate((33, 34, 36, 37, 47, 48)):  # tails of 1, 2, 4, 5, 15 and 16 tokens after two blocks
+        ids = [rng.randint(1000, 9000) for _ in range(length)] if model == "smollm2" else list(range(10 + i, 10 + i + length))
+        miss, hit = (llm.generate([ids], params)[0] for _ in range(2))
         assert miss.num_cached_tokens == 0 and hit.num_cached_tokens == 32
         assert hit.token_ids == miss.token_ids
         for a, b in zip(hit.logprobs, miss.logprobs):

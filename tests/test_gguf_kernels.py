@@ -5,7 +5,6 @@
 | activation quantization (int8 per 32)     | quantize_q8_ref                                  | exact                |
 | repack + gemm, Q4_0/Q4_1/Q8_0, any M,N,K | gemm_ref on the original blocks: same int8 x,    | 1e-5 of max |ref|    |
 |                                           | dequantized W, float64 mm                        |                      |
-| gemm_f32 (float x, bf16-rounded W)       | float64 mm of the same values                    | 1e-5 of max |ref|    |
 | repack + dequant to float32 / bf16        | gguf_types.dequantize (/ .to(bfloat16))          | exact                |
 | quantize_q8_0 (other types -> Q8_0)       | the float rows                                   | half a step per value |
 | fused decode, M sequences at once         | the same rows one at a time                      | exact                |
@@ -265,15 +264,3 @@ def test_decoder_struct_matches_c_layout():
     assert gguf_cpu.decoder_supports(576, 9, 3, 64, 1536)
     assert not gguf_cpu.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
     assert not gguf_cpu.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head
-
-
-@pytest.mark.parametrize("qtype", TYPES)
-@pytest.mark.parametrize("m", [1, 4, 16])
-def test_gemm_f32_matches_dense_bf16_arithmetic(qtype, m):
-    blocks = random_blocks(qtype, 37, 160, seed=6)
-    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).bfloat16().float()
-    ref = gguf_cpu.gemm_f32_ref(x, blocks, qtype, 37)
-    w = gguf_cpu.repack(blocks, qtype, 37, 160)
-    assert rel_err(gguf_cpu.gemm_f32(x, w), ref) <= 1e-5
-    with pytest.raises(ValueError):
-        gguf_cpu.gemm_f32(torch.randn(17, 160), w)

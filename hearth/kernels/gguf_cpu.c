@@ -12,8 +12,7 @@
 // plus one scale step; `xs` = xd * sum(xq) carries the offsets.
 //
 // r16_gemm: out[m, n] (+)= sum_k x[m, k] * W[n, k] (int8 activations). r16_dequant: rows -> float32 or bf16 (exact,
-// as gguf-py dequantizes), for dense matmuls at prefill sizes. r16_gemm_f32: a few rows of float x against W rounded
-// to bf16, summed in float32 (the dense bf16 path's arithmetic).
+// as gguf-py dequantizes), for the dense bf16 matmuls of non-fused steps.
 // llama_decode: a whole Llama-family forward (pre-norm attention + SwiGLU MLP, rotate-half RoPE, GQA, optional q/k/v
 // bias, sliding window) for M sequences decoding one token each, over Hearth's paged bf16 KV cache, in one
 // OpenMP parallel region. Everything between the matmuls is float32.
@@ -328,36 +327,6 @@ void r16_dequant(const R16 *w, void *out, int out_bf16, int nthreads) {
                 memcpy(dst, row, sizeof(row));
 #endif
         }
-    }
-}
-
-// out[m, n] = sum_k x[m, k] * W[n, k] for a few rows of float x (M <= 16), W dequantized and rounded to bf16, products
-// summed in float32: the arithmetic of the dense bf16 matmul on the dequantized weight (in another order), without
-// materialising the weight.
-#define F32_MAX_M 16
-void r16_gemm_f32(int64_t M, const R16 *w, const float *x, float *out, int nthreads) {
-    const int64_t nb = w->K / QK, G = (w->N + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t g = 0; g < G; g++) {
-        float acc[16][F32_MAX_M][8];
-        memset(acc, 0, sizeof(acc));
-        float row[QK];
-        const int rows = w->N - 16 * g < 16 ? (int)(w->N - 16 * g) : 16;
-        for (int64_t b = 0; b < nb; b++)
-            for (int r = 0; r < rows; r++) {
-                r16_dequant_block(w, g, b, r, row);
-                for (int k = 0; k < QK; k++) row[k] = bf16_to_float(float_to_bf16(row[k]));
-                for (int64_t m = 0; m < M; m++) {
-                    const float *xb = x + m * w->K + b * QK;
-                    for (int k = 0; k < QK; k++) acc[r][m][k % 8] += row[k] * xb[k];
-                }
-            }
-        for (int r = 0; r < rows; r++)
-            for (int64_t m = 0; m < M; m++) {
-                float sum = 0.0f;
-                for (int k = 0; k < 8; k++) sum += acc[r][m][k];
-                out[m * w->N + 16 * g + r] = sum;
-            }
     }
 }
 

@@ -48,11 +48,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     r16 = ctypes.POINTER(R16)
     lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
     lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
-    lib.r16_gemm_f32.argtypes = [i64, r16, ptr, ptr, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
     lib.gguf_struct_sizes.argtypes = [ptr]
     lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-    for name in ("r16_gemm", "r16_gemm_f32", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode"):
+    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode"):
         getattr(lib, name).restype = None
 
 
@@ -134,28 +133,6 @@ def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torc
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, w.n)
     lib.r16_gemm(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), int(accumulate), torch.get_num_threads())
     return out
-
-
-F32_MAX_M = 16  # rows per gemm_f32 call (F32_MAX_M in the C source)
-
-
-def gemm_f32(x: torch.Tensor, w: R16Weight) -> torch.Tensor:
-    """x [M <= 16, K] -> x W^T [M, N] float32 with float activations and W dequantized then rounded to bf16, products
-    summed in float32: the dense bf16 path's arithmetic (give it bf16-valued x), in another order. For a few rows
-    where results should match the dense path's, e.g. a prompt's last tokens after a prefix-cache hit."""
-    m, k = x.shape
-    assert k == w.k
-    if m > F32_MAX_M:
-        raise ValueError(f"gemm_f32 takes at most {F32_MAX_M} rows, got {m}")
-    x = x.float().contiguous()
-    out = torch.empty(m, w.n, dtype=torch.float32)
-    _get().r16_gemm_f32(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def gemm_f32_ref(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
-    w = dequantize(blocks.reshape(-1), qtype, (n, x.shape[1])).bfloat16()
-    return (x.double() @ w.double().t()).float()
 
 
 def dequant(w: R16Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

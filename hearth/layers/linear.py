@@ -3,9 +3,9 @@
 Fused projections (qkv, gate_up) collect their shards during loading; `finalize()` joins them and picks how the weight
 is held: dense in the compute dtype, or for GGUF weights (bf16 compute dtype) one of
 - for the C kernels (hearth/kernels/gguf_cpu.py), Q4_0, Q4_1 and Q8_0 repacked into their row-interleaved form (the
-  same bits), other types requantized once to Q8_0 first. Many rows (prefill) dequantize to bf16 and run a dense
-  matmul, a few rows a C kernel with the same arithmetic; a model's fused decode step reads them with int8
-  activations (as llama.cpp does);
+  same bits), other types requantized once to Q8_0 first. Non-fused steps dequantize them to bf16 and run a dense
+  matmul (rows padded to at least 16); a model's fused decode step reads them with int8 activations (as llama.cpp
+  does);
 - without a C compiler, PyTorch's kernels: Q4_0/Q4_1 as packed int4 (exact), other types as per-row int8.
 With float32 everything is dequantized (the reference mode). Dense bf16 weights run through torch, except for a few
 rows (decode steps) on CPUs with AVX-512 BF16, where a C kernel (hearth/kernels/bf16_cpu.c) reads them faster.
@@ -34,11 +34,11 @@ def quantized_rows(qt: QuantizedTensor):
 # from this many rows (tokens) on, a packed-int4 layer dequantizes its weight to bf16 and runs a dense matmul: at
 # prefill sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads)
 DENSE_MIN_TOKENS = 64
-# the same switch for GGUF blocks. In a step that prefills, fewer rows are padded to it and take the dense path too:
-# oneDNN's bf16 result for a row does not depend on how many rows share the matmul, so a prompt's last few tokens after
-# a prefix-cache hit compute exactly what the whole prompt did (a greedy answer does not change with a cache hit).
-# Decode-only steps with fewer rows (families without a fused decode) use a C kernel with the same bf16 arithmetic in
-# another order, which reads the packed weight instead of dequantizing all of it per step.
+# GGUF blocks in bf16 runs (non-fused steps) always dequantize to bf16 and run the dense matmul; fewer rows than this
+# are padded to it. oneDNN's bf16 result for a row then does not depend on how many rows share the matmul, so a
+# prompt's last few tokens after a prefix-cache hit compute exactly what the whole prompt did. (Measured on SmolLM2's
+# shapes with 1-9 rows, dequantize + dense also beat a C kernel reading the packed weight: 0.16-0.51 ms against
+# 0.35-4.6 ms.) Fused decode steps and the LM head use the int8-activation kernel, as llama.cpp does.
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
@@ -78,10 +78,8 @@ def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = F
     m = x.shape[0]
     if m >= BLOCKS_DENSE_MIN_TOKENS:
         return cpu_linear(x.to(torch.bfloat16), gguf_cpu.dequant(w)).to(x.dtype)
-    if get_context().prefill_seq_idx:  # padded: the rows' results are the dense path's, bit for bit
-        padded = F.pad(x.to(torch.bfloat16), (0, 0, 0, BLOCKS_DENSE_MIN_TOKENS - m))
-        return F.linear(padded, gguf_cpu.dequant(w))[:m].to(x.dtype)
-    return gguf_cpu.gemm_f32(x.to(torch.bfloat16), w).to(x.dtype)
+    padded = F.pad(x.to(torch.bfloat16), (0, 0, 0, BLOCKS_DENSE_MIN_TOKENS - m))
+    return F.linear(padded, gguf_cpu.dequant(w))[:m].to(x.dtype)
 
 
 def _join(parts: list):
@@ -171,7 +169,9 @@ class Linear(nn.Module):
             out = int8_mm(x.reshape(-1, self.in_features), self.int8_weight, self.int8_scales)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
-        if bf16_cpu.can_run(x, self.weight):  # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster
+        # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster. Not in a step that prefills: a prompt's
+        # last tokens after a prefix-cache hit must compute what the whole prompt's matmul did (oneDNN, row by row)
+        if bf16_cpu.can_run(x, self.weight) and not get_context().prefill_seq_idx:
             out = bf16_cpu.gemv(x.reshape(-1, self.in_features), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return cpu_linear(x, self.weight, self.bias)
