@@ -153,6 +153,11 @@ def test_guards():
     assert not ew.can_rms_norm(x.t(), bf16_randn(4, seed=10))  # columns not contiguous
     assert not ew.can_rms_norm(x[None], w)  # 2-D only
     assert not ew.can_rms_norm(x, w, bf16_randn(4, 32, seed=11))
+    # the residual is written in place: rows that overlap each other or x would race or read what was just written
+    assert not ew.can_rms_norm(x, w, bf16_randn(64, seed=19).expand(4, 64))
+    buf = bf16_randn(5, 64, seed=20)
+    assert not ew.can_rms_norm(buf[1:], w, buf[:4]) and ew.can_rms_norm(buf[:4], w, buf[:4].clone())
+    assert ew.can_rms_norm(x, w, x)  # the very same tensor: x + x, each row read before it is written
     assert ew.can_silu_and_mul(x) and not ew.can_silu_and_mul(x[:, :63]) and not ew.can_silu_and_mul(x.float())
     cos, sin = rope_tables(16, 64)
     q = bf16_randn(4, 3, 64, seed=12)
@@ -161,6 +166,7 @@ def test_guards():
     assert not ew.can_rotary(q, cos[:4].float(), sin[:4].float())  # float32 rows: the torch path
     assert not ew.can_rotary(q.float(), cos[:4], sin[:4])
     assert not ew.can_rotary(q.transpose(0, 1), cos[:3], sin[:3])  # heads not head_dim apart
+    assert not ew.can_rotary(q[:1].expand(4, 3, 64), cos[:4], sin[:4])  # tokens overlapping: rotated twice
     assert not ew.can_rotary(q, cos, sin, torch.arange(4, dtype=torch.int32))
     assert not ew.can_rotary(q[..., :63], cos[:4, :63].contiguous(), sin[:4, :63].contiguous())  # odd head_dim
 

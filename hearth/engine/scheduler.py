@@ -67,7 +67,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def has_prefill_work(self) -> bool:
-        """Prompt tokens wait to be computed: the next step will prefill (a long step on CPU)."""
+        """More than one token of some sequence waits to be computed: the next step will prefill (a long step on
+        CPU). A prompt with only its last token left is prefill too, but a short step: it does not count here."""
         return bool(self.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:

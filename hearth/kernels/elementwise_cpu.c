@@ -11,7 +11,7 @@
 // ew_silu_and_mul: x = [gate | up] (2 * I per row) -> out = bf16(bf16(silu(gate)) * up), torch's bf16 steps; silu(g) =
 // g / (1 + exp(-g)) as ATen writes it. The AVX-512 exp (exp512, relative error < 2e-7) differs from torch's (SLEEF,
 // 1 ulp) by a few float32 ulps, so bf16(silu) can differ by one bf16 step where the float32 value lies within those
-// ulps of a rounding midpoint: rare (none in 6M random gates), never more than one step.
+// ulps of a rounding midpoint: rare (none in 6M random gates); the product's rounding can carry that to two steps.
 //
 // ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with bf16 cos/sin
 // tables [*, D] at row positions[t] (row t when positions is NULL), in torch's bf16 steps (HF's rope on a bf16 model,
@@ -135,7 +135,7 @@ void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, 
     }
 }
 
-// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin float32 [*, D]; positions [T] or NULL
+// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin bf16 [*, D]; positions [T] or NULL
 void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const uint16_t *cos,
                const uint16_t *sin, const int64_t *positions, int nthreads) {
     const int64_t half = D / 2;

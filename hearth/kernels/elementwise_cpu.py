@@ -8,7 +8,8 @@ is one pass. Where the library is not built the `can_*` guards are False and the
   residual add first as torch's bf16 add, written into `residual` in place. Equal to `rms_norm_ref` but for the order
   of the float32 sum of squares: at most one bf16 step apart, and only rarely.
 - `silu_and_mul(x)`: torch's bf16 steps (silu rounded to bf16, then the product); the vectorised exp can move silu by
-  a few float32 ulps, so bf16(silu) may rarely round the other way (none in 6M random gates): one bf16 step.
+  a few float32 ulps, so bf16(silu) may rarely round the other way (none in 6M random gates): one bf16 step, which
+  the product's rounding can carry to two.
 - `rotary_(x, cos, sin, positions)`: rotate-half rope in place with bf16 cos/sin rows, in torch's bf16 steps (x * cos
   rounded to bf16, then the other product added with one rounding): bit-for-bit `rotary_ref`, which is the layers'
   `apply_rotary_emb` on bf16 tensors (HF's rope on a bf16 model). (Computing in float32 from float32 tables and
@@ -48,14 +49,28 @@ def available() -> bool:
 
 
 def _rows(x: torch.Tensor) -> bool:
-    """A bf16 CPU matrix whose rows are contiguous (any row stride)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+    """A bf16 CPU matrix whose rows are contiguous and do not overlap (any row stride from the row length up)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+            and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]))  # fmt: skip
+
+
+def _apart_or_same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are the same tensor or their memory does not overlap (the residual is written in place)."""
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        return t.data_ptr(), t.data_ptr() + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a1 <= b0 or b1 <= a0
 
 
 def can_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """x [M, H] bf16 on CPU with contiguous rows, a bf16 weight [H], a residual like x, and the library built."""
     return (_rows(x) and weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape == x.shape[1:]
-            and (residual is None or (_rows(residual) and residual.shape == x.shape)) and available())  # fmt: skip
+            and (residual is None or (_rows(residual) and residual.shape == x.shape and _apart_or_same(x, residual)))
+            and available())  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +121,7 @@ def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions:
         rows_ok = tables and cos.shape[0] == sin.shape[0] == t
     else:
         rows_ok = tables and positions.dtype == torch.int64 and positions.is_contiguous() and positions.shape == (t,)
-    return rows_ok and d % 2 == 0 and x.stride(1) == d and available()
+    return rows_ok and d % 2 == 0 and x.stride(1) == d and (t <= 1 or x.stride(0) >= x.shape[1] * d) and available()
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):

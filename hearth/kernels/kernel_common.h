@@ -31,8 +31,9 @@ static inline uint16_t float_to_bf16(float f) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// exp(x) for x <= 0 (softmax weights): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial
-// (relative error < 2e-7); below -87 the result is ~1e-38, as good as 0 next to the row's largest weight, 1.
+// exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (relative error < 2e-7).
+// Softmax weights (x <= 0): below -87 the result is ~1e-38, as good as 0 next to the row's largest weight, 1. SiLU
+// also passes positive x: past ~88.7 the scaling overflows to +inf, as expf does.
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
