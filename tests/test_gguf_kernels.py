@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 import pytest
@@ -84,6 +85,36 @@ def test_dequant_is_exact(qtype):
     assert torch.equal(gguf_cpu.dequant(w, torch.bfloat16), ref.bfloat16())
     chunked = gguf_cpu.repack(blocks, qtype, 70, 160, chunk_rows=16)  # 4 full chunks and a 6-row one
     assert torch.equal(chunked.qs, w.qs) and torch.equal(chunked.sc, w.sc)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequant_row_ranges_into_a_buffer(qtype):
+    blocks = random_blocks(qtype, 70, 160, seed=3)
+    w = gguf_cpu.repack(blocks, qtype, 70, 160)
+    full = gguf_cpu.dequant(w)
+    buf = torch.full((70 * 160 + 5,), float("nan"), dtype=torch.bfloat16)
+    for a, b in ((0, 70), (16, 48), (64, 70), (0, 16)):
+        out = gguf_cpu.dequant(w, rows=(a, b), out=buf)
+        assert out.shape == (b - a, 160) and out.data_ptr() == buf.data_ptr() and torch.equal(out, full[a:b])
+    for bad in ((8, 32), (16, 40), (48, 16), (0, 71)):  # unaligned start, end inside a group, empty, past the end
+        with pytest.raises(ValueError):
+            gguf_cpu.dequant(w, rows=bad)
+
+
+def test_dequant_linear_in_tiles_equals_whole(monkeypatch):
+    # a weight larger than the scratch buffer is dequantized and multiplied a tile of rows at a time: same result
+    from hearth.layers import linear
+
+    blocks = random_blocks(gguf_cpu.Q4_1, 200, 160, seed=4)
+    w = gguf_cpu.repack(blocks, gguf_cpu.Q4_1, 200, 160)
+    x = torch.randn(40, 160, generator=torch.Generator().manual_seed(5)).bfloat16()
+    whole = linear.dequant_linear(x, w)
+    assert torch.equal(whole, torch.nn.functional.linear(x, gguf_cpu.dequant(w)))
+    monkeypatch.setattr(linear, "DEQUANT_SCRATCH_BYTES", 48 * 160 * 2)  # tiles of 48 rows: 4 and a 8-row one
+    monkeypatch.setattr(linear, "_scratch", threading.local())
+    tiled = linear.dequant_linear(x, w)
+    assert tiled.shape == (40, 200)
+    assert torch.equal(tiled, whole)  # each output is one dot product over K in either case
 
 
 def test_quantize_q8_0_requantizes_within_half_a_step():

@@ -308,13 +308,14 @@ static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, vo
 }
 #endif
 
-void r16_dequant(const R16 *w, void *out, int out_bf16, int nthreads) {
-    const int64_t nb = w->K / QK, G = (w->N + 15) / 16;
+// rows [16 g0, min(16 g1, N)) of W into out (row 16 g0 first)
+void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, int nthreads) {
+    const int64_t nb = w->K / QK;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t gb = 0; gb < G * nb; gb++) {
+    for (int64_t gb = g0 * nb; gb < g1 * nb; gb++) {
         const int64_t g = gb / nb, b = gb % nb;
         for (int r = 0; r < 16 && 16 * g + r < w->N; r++) {
-            const int64_t o = (16 * g + r) * w->K + b * QK;
+            const int64_t o = (16 * (g - g0) + r) * w->K + b * QK;
             void *dst = out_bf16 ? (void *)((uint16_t *)out + o) : (void *)((float *)out + o);
 #ifdef HAVE_ZMM
             r16_dequant_row(w, g, b, r, dst, out_bf16);

@@ -47,7 +47,7 @@ class ModelWeights(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     r16 = ctypes.POINTER(R16)
     lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
-    lib.r16_dequant.argtypes = [r16, ptr, c_int, c_int]
+    lib.r16_dequant.argtypes = [r16, i64, i64, ptr, c_int, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
     lib.gguf_struct_sizes.argtypes = [ptr]
     lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
@@ -135,11 +135,24 @@ def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torc
     return out
 
 
-def dequant(w: R16Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W -> [N, K] in bfloat16 or float32 (each value as gguf-py dequantizes it, then rounded once)."""
+def dequant(w: R16Weight, dtype: torch.dtype = torch.bfloat16, rows: tuple[int, int] | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """W (or its rows [a, b), a a multiple of 16) -> [b - a, K] in bfloat16 or float32, each value as gguf-py
+    dequantizes it, then rounded once; into `out` (contiguous, at least that many elements) when given."""
     assert dtype in (torch.bfloat16, torch.float32)
-    out = torch.empty(w.n, w.k, dtype=dtype)
-    _get().r16_dequant(ctypes.byref(w.struct()), out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+    a, b = rows or (0, w.n)
+    if a % 16 or not 0 <= a < b <= w.n:
+        raise ValueError(f"dequant: rows [{a}, {b}) of a {w.n}-row weight (the start a multiple of 16)")
+    if out is None:
+        out = torch.empty(b - a, w.k, dtype=dtype)
+    else:
+        assert out.dtype == dtype and out.is_contiguous() and out.numel() >= (b - a) * w.k
+        out = out.view(-1)[: (b - a) * w.k].view(b - a, w.k)
+    groups = (a // 16, (b + 15) // 16)
+    if b < w.n and b % 16:
+        raise ValueError("dequant: a row range ending inside a 16-row group")
+    _get().r16_dequant(ctypes.byref(w.struct()), *groups, out.data_ptr(), int(dtype == torch.bfloat16),
+                       torch.get_num_threads())  # fmt: skip
     return out
 
 
