@@ -32,27 +32,11 @@
 
 static inline __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
-// float32 -> bf16 to nearest even, as float_to_bf16. vcvtneps2bf16 does it in one instruction but flushes denormals
-// to zero, so a vector holding one (vfpclassps) takes the integer path: the same rounding as torch's everywhere.
-static inline __m256i to_bf16(__m512 v) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-    if (!_mm512_fpclass_ps_mask(v, 0x20)) return (__m256i)_mm512_cvtneps_pbh(v);
-#endif
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(r);
-}
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) { return bf16x16_widen(_mm256_maskz_loadu_epi16(k, p)); }
 
-static inline __m512 widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+static inline __m512 round_bf16(__m512 v) { return bf16x16_widen(bf16x16_round(v)); }
 
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) { return widen(_mm256_maskz_loadu_epi16(k, p)); }
-
-static inline __m512 round_bf16(__m512 v) { return widen(to_bf16(v)); }
-
-static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, to_bf16(v)); }
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, bf16x16_round(v)); }
 #endif
 
 int ew_vectorized(void) {

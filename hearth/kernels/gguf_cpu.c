@@ -260,13 +260,6 @@ static inline uint32_t load_u32(const uint8_t *p) {
     return v;
 }
 
-// 16 floats -> bf16, round to nearest even (as float_to_bf16; the values here are finite)
-static inline __m256i bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
 // r16_dequant_block for one row, vectorised: the row's 4 (Q4) or 8 (Q8) dwords, one per chunk, put back in value
 // order, then d*q+m in float32 with the same roundings
 static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, void *dst, int out_bf16) {
@@ -299,8 +292,8 @@ static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, vo
         }
     }
     if (out_bf16) {
-        _mm256_storeu_si256((__m256i *)dst, bf16x16(v0));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + 16), bf16x16(v1));
+        _mm256_storeu_si256((__m256i *)dst, bf16x16_round(v0));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + 16), bf16x16_round(v1));
     } else {
         _mm512_storeu_ps((float *)dst, v0);
         _mm512_storeu_ps((float *)dst + 16, v1);

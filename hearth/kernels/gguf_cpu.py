@@ -141,17 +141,14 @@ def dequant(w: R16Weight, dtype: torch.dtype = torch.bfloat16, rows: tuple[int, 
     dequantizes it, then rounded once; into `out` (contiguous, at least that many elements) when given."""
     assert dtype in (torch.bfloat16, torch.float32)
     a, b = rows or (0, w.n)
-    if a % 16 or not 0 <= a < b <= w.n:
-        raise ValueError(f"dequant: rows [{a}, {b}) of a {w.n}-row weight (the start a multiple of 16)")
+    if a % 16 or (b % 16 and b != w.n) or not 0 <= a < b <= w.n:
+        raise ValueError(f"dequant: rows [{a}, {b}) of a {w.n}-row weight (16-row groups, the last may be short)")
     if out is None:
         out = torch.empty(b - a, w.k, dtype=dtype)
     else:
         assert out.dtype == dtype and out.is_contiguous() and out.numel() >= (b - a) * w.k
         out = out.view(-1)[: (b - a) * w.k].view(b - a, w.k)
-    groups = (a // 16, (b + 15) // 16)
-    if b < w.n and b % 16:
-        raise ValueError("dequant: a row range ending inside a 16-row group")
-    _get().r16_dequant(ctypes.byref(w.struct()), *groups, out.data_ptr(), int(dtype == torch.bfloat16),
+    _get().r16_dequant(ctypes.byref(w.struct()), a // 16, (b + 15) // 16, out.data_ptr(), int(dtype == torch.bfloat16),
                        torch.get_num_threads())  # fmt: skip
     return out
 

@@ -31,6 +31,25 @@ static inline uint16_t float_to_bf16(float f) {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+// 16 bf16 values -> float32 (exact), from a register or from memory
+static inline __m512 bf16x16_widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+static inline __m512 load_bf16x16(const uint16_t *p) { return bf16x16_widen(_mm256_loadu_si256((const __m256i *)p)); }
+
+// 16 floats -> bf16, as float_to_bf16 (to nearest even, NaN stays NaN). vcvtneps2bf16 does it in one instruction but
+// flushes denormals to zero, so a vector holding one (vfpclassps) takes the integer path: torch's rounding everywhere.
+static inline __m256i bf16x16_round(__m512 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    if (!_mm512_fpclass_ps_mask(v, 0x20)) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 // exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (relative error < 2e-7).
 // Softmax weights (x <= 0): below -87 the result is ~1e-38, as good as 0 next to the row's largest weight, 1. SiLU
 // also passes positive x: past ~88.7 the scaling overflows to +inf, as expf does.

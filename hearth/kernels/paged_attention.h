@@ -12,13 +12,6 @@
 
 #include "kernel_common.h"
 
-// bf16 x[0..d) -> float, and dot products / axpy against float vectors (d a multiple of 16 on the AVX-512 path)
-#if defined(__AVX512F__)
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
-
 // Decode attention, flash-decoding style: a task is one sequence, one KV head (all G query heads that share it, so
 // each key and value is read once) and one chunk of ATT_CHUNK keys; it leaves, per query head, its chunk's max
 // score, sum of exp and unnormalised output. `merge_heads` then combines the chunks.
