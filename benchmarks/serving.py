@@ -1,8 +1,8 @@
 """Serving benchmark: N concurrent streaming clients over HTTP against Hearth and its CPU peers, in the same run.
 
 Each client sends --requests-per-client completions one after another: fixed-seed prompts of 64–512 tokens, 128
-tokens out. Reports aggregate output tok/s, time to first token p50/p99 and inter-token latency p50 per server and
-concurrency, as JSON lines (and a PNG plot with --plot).
+tokens out. Reports aggregate output tok/s, time to first token p50/p99 (and every request's, sorted) and inter-token
+latency p50 per server and concurrency, as JSON lines (and a PNG plot with --plot).
 
     python benchmarks/serving.py --concurrency 1 4 16 64 --peers llama-server llama-cpp-python --plot serving.png
 
@@ -169,7 +169,8 @@ async def run_load(server: Server, prompts: list[str], concurrency: int, per_cli
     return {"server": server.name, "concurrency": concurrency, "requests": concurrency * per_client,
             "output_tok_s": round(result.tokens / wall, 1), "ttft_p50_s": pct(result.ttft, 50),
             "ttft_p99_s": pct(result.ttft, 99), "itl_p50_ms": round(1000 * statistics.median(result.itl), 1)
-            if result.itl else None, "errors": result.errors, "wall_s": round(wall, 1)}  # fmt: skip
+            if result.itl else None, "errors": result.errors, "wall_s": round(wall, 1),
+            "ttft_s": sorted(round(t, 3) for t in result.ttft)}  # fmt: skip
 
 
 def plot(rows: list[dict], path: str) -> None:
