@@ -96,9 +96,30 @@ def test_dequant_row_ranges_into_a_buffer(qtype):
     for a, b in ((0, 70), (16, 48), (64, 70), (0, 16)):
         out = gguf_cpu.dequant(w, rows=(a, b), out=buf)
         assert out.shape == (b - a, 160) and out.data_ptr() == buf.data_ptr() and torch.equal(out, full[a:b])
+    # streamed stores (64-byte aligned lines only: a buffer 2 bytes off is stored plainly) write the same values
+    shifted = torch.full((70 * 160 + 1,), float("nan"), dtype=torch.bfloat16)[1:]
+    assert shifted.data_ptr() % 64 != 0
+    for stream in (False, True):
+        assert torch.equal(gguf_cpu.dequant(w, stream=stream), full)
+        assert torch.equal(gguf_cpu.dequant(w, out=shifted, stream=stream), full)
     for bad in ((8, 32), (16, 40), (48, 16), (0, 71)):  # unaligned start, end inside a group, empty, past the end
         with pytest.raises(ValueError):
             gguf_cpu.dequant(w, rows=bad)
+
+
+def test_store_picker_follows_the_cheaper_stores():
+    picker = gguf_cpu.StorePicker(probe_every=4, margin=1.3, decay=0.5)
+    assert picker.pick() is False  # plain first
+    picker.record(False, 3e-3, 10**6)
+    assert picker.pick() is True  # then streamed once, to compare
+    picker.record(True, 1e-3, 10**6)
+    assert picker.best() is True  # plain cost 3x streamed
+    assert [picker.pick() for _ in range(4)] == [True, False, True, True]  # every 4th call tries the other
+    for _ in range(3):  # plain becomes as cheap as streamed: back to plain, which leaves the weight in cache
+        picker.record(False, 1e-3, 10**6)
+    assert picker.best() is False
+    picker.record(False, 1.2e-3, 10**6)  # within the margin
+    assert picker.best() is False
 
 
 def test_dequant_linear_in_tiles_equals_whole(monkeypatch):

@@ -262,7 +262,7 @@ static inline uint32_t load_u32(const uint8_t *p) {
 
 // r16_dequant_block for one row, vectorised: the row's 4 (Q4) or 8 (Q8) dwords, one per chunk, put back in value
 // order, then d*q+m in float32 with the same roundings
-static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, void *dst, int out_bf16) {
+static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, void *dst, int out_bf16, int stream) {
     const int64_t nb = w->K / QK;
     const uint8_t *qb = w->qs + (g * nb + b) * r16_chunk_bytes(w) + 4 * r;
     const __m512 d = _mm512_set1_ps(half_to_float(w->sc[(g * nb + b) * 32 + r]));
@@ -291,7 +291,9 @@ static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, vo
             v1 = _mm512_mul_ps(d, _mm512_sub_ps(q1, eight));
         }
     }
-    if (out_bf16) {
+    if (out_bf16 && stream && ((uintptr_t)dst & 63) == 0) {  // one cache line, streamed (see r16_dequant)
+        _mm512_stream_si512((__m512i *)dst, _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_round(v0)), bf16x16_round(v1), 1));
+    } else if (out_bf16) {
         _mm256_storeu_si256((__m256i *)dst, bf16x16_round(v0));
         _mm256_storeu_si256((__m256i *)((uint16_t *)dst + 16), bf16x16_round(v1));
     } else {
@@ -301,17 +303,21 @@ static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, vo
 }
 #endif
 
-// rows [16 g0, min(16 g1, N)) of W into out (row 16 g0 first)
-void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, int nthreads) {
+// rows [16 g0, min(16 g1, N)) of W into out (row 16 g0 first). With `stream`, bf16 rows that start a 64-byte line
+// (all of them in torch's buffers: K is a multiple of 32) go out with non-temporal stores, which skip the cache: the
+// caller picks whichever has lately been faster (gguf_cpu.py, StorePicker).
+void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, int stream, int nthreads) {
     const int64_t nb = w->K / QK;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static) nowait
     for (int64_t gb = g0 * nb; gb < g1 * nb; gb++) {
         const int64_t g = gb / nb, b = gb % nb;
         for (int r = 0; r < 16 && 16 * g + r < w->N; r++) {
             const int64_t o = (16 * (g - g0) + r) * w->K + b * QK;
             void *dst = out_bf16 ? (void *)((uint16_t *)out + o) : (void *)((float *)out + o);
 #ifdef HAVE_ZMM
-            r16_dequant_row(w, g, b, r, dst, out_bf16);
+            r16_dequant_row(w, g, b, r, dst, out_bf16, stream);
 #else
             float row[QK];
             r16_dequant_block(w, g, b, r, row);
@@ -321,6 +327,10 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
                 memcpy(dst, row, sizeof(row));
 #endif
         }
+    }
+#ifdef HAVE_ZMM
+    _mm_sfence();  // this thread's streamed lines are visible before the region's closing barrier
+#endif
     }
 }
 
