@@ -254,44 +254,9 @@ static inline void r16_dequant_block(const R16 *w, int64_t g, int64_t b, int r, 
 
 // W -> [N, K] float32 (out_bf16 = 0) or bf16 (out_bf16 = 1)
 #ifdef HAVE_ZMM
-static inline uint32_t load_u32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-// r16_dequant_block for one row, vectorised: the row's 4 (Q4) or 8 (Q8) dwords, one per chunk, put back in value
-// order, then d*q+m in float32 with the same roundings
-static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, void *dst, int out_bf16, int stream) {
-    const int64_t nb = w->K / QK;
-    const uint8_t *qb = w->qs + (g * nb + b) * r16_chunk_bytes(w) + 4 * r;
-    const __m512 d = _mm512_set1_ps(half_to_float(w->sc[(g * nb + b) * 32 + r]));
-    __m512 v0, v1;
-    if (w->qtype == T_Q8_0) {
-        const __m256i q = _mm256_setr_epi32((int)load_u32(qb), (int)load_u32(qb + 64), (int)load_u32(qb + 128),
-                                            (int)load_u32(qb + 192), (int)load_u32(qb + 256), (int)load_u32(qb + 320),
-                                            (int)load_u32(qb + 384), (int)load_u32(qb + 448));
-        const __m512i c128 = _mm512_set1_epi32(128);
-        v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)), c128)), d);
-        v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)), c128)), d);
-    } else {
-        const __m128i q = _mm_setr_epi32((int)load_u32(qb), (int)load_u32(qb + 64), (int)load_u32(qb + 128), (int)load_u32(qb + 192));
-        const __m128i m4 = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-        // chunk c: values 8c..8c+3 in lo's dword c, 8c+4..8c+7 in hi's
-        const __m128i a = _mm_unpacklo_epi32(lo, hi), e = _mm_unpackhi_epi32(lo, hi);
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(e));
-        if (w->qtype == T_Q4_1) {
-            const __m512 m = _mm512_set1_ps(half_to_float(w->sc[(g * nb + b) * 32 + 16 + r]));
-            v0 = _mm512_add_ps(_mm512_mul_ps(d, q0), m);
-            v1 = _mm512_add_ps(_mm512_mul_ps(d, q1), m);
-        } else {
-            const __m512 eight = _mm512_set1_ps(8.0f);
-            v0 = _mm512_mul_ps(d, _mm512_sub_ps(q0, eight));
-            v1 = _mm512_mul_ps(d, _mm512_sub_ps(q1, eight));
-        }
-    }
-    if (out_bf16 && stream && ((uintptr_t)dst & 63) == 0) {  // one cache line, streamed (see r16_dequant)
+// 32 values of a row to dst: bf16 (streamed when asked and dst starts a 64-byte line; see r16_dequant) or float32
+static inline void store_row32(void *dst, __m512 v0, __m512 v1, int out_bf16, int stream) {
+    if (out_bf16 && stream && ((uintptr_t)dst & 63) == 0) {
         _mm512_stream_si512((__m512i *)dst, _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_round(v0)), bf16x16_round(v1), 1));
     } else if (out_bf16) {
         _mm256_storeu_si256((__m256i *)dst, bf16x16_round(v0));
@@ -301,35 +266,96 @@ static inline void r16_dequant_row(const R16 *w, int64_t g, int64_t b, int r, vo
         _mm512_storeu_ps((float *)dst + 16, v1);
     }
 }
+
+// Rows 16g.. (`rows` of them) of block b, as r16_dequant_block computes them: the chunk's 64-byte pieces (a dword per
+// row each: Q4 nibbles of 8 values, or Q8 bytes of 4) are loaded whole and put back in value order per 128-bit lane,
+// four rows to a register (unpacks of dwords, then of qwords), and the 16 scales are converted at once.
+static void r16_dequant_group(const R16 *w, int64_t g, int64_t b, int rows, uint8_t *dst, int64_t row_bytes,
+                              int out_bf16, int stream) {
+    const int64_t nb = w->K / QK;
+    const uint8_t *qb = w->qs + (g * nb + b) * r16_chunk_bytes(w);
+    const uint16_t *sc = w->sc + (g * nb + b) * 32;
+    float d[16], m[16];
+    _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc)));
+    _mm512_storeu_ps(m, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16))));
+    __m512i t[8];  // per lane L, pairs of pieces interleaved: t[2i] rows 4L, 4L+1 and t[2i+1] rows 4L+2, 4L+3
+    if (w->qtype == T_Q8_0) {  // pieces c = 0..7: values 4c..4c+3 of each row
+        for (int i = 0; i < 4; i++) {
+            const __m512i a = _mm512_loadu_si512(qb + 128 * i), e = _mm512_loadu_si512(qb + 128 * i + 64);
+            t[2 * i] = _mm512_unpacklo_epi32(a, e), t[2 * i + 1] = _mm512_unpackhi_epi32(a, e);
+        }
+    } else {  // pieces c = 0..3: values 8c..8c+3 in the low nibbles, 8c+4..8c+7 in the high ones
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int c = 0; c < 4; c++) {
+            const __m512i z = _mm512_loadu_si512(qb + 64 * c);
+            const __m512i lo = _mm512_and_si512(z, m4), hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+            t[2 * c] = _mm512_unpacklo_epi32(lo, hi), t[2 * c + 1] = _mm512_unpackhi_epi32(lo, hi);
+        }
+    }
+    // values 0..15 and 16..31 of row 4L + k in lane L of q[k][0] and q[k][1]
+    const __m512i q[4][2] = {{_mm512_unpacklo_epi64(t[0], t[2]), _mm512_unpacklo_epi64(t[4], t[6])},
+                             {_mm512_unpackhi_epi64(t[0], t[2]), _mm512_unpackhi_epi64(t[4], t[6])},
+                             {_mm512_unpacklo_epi64(t[1], t[3]), _mm512_unpacklo_epi64(t[5], t[7])},
+                             {_mm512_unpackhi_epi64(t[1], t[3]), _mm512_unpackhi_epi64(t[5], t[7])}};
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    const __m512i c128 = _mm512_set1_epi32(128);
+#define R16_GROUP_LANE(L)                                                                                             \
+    for (int k = 0; k < 4; k++) {                                                                                     \
+        const int r = 4 * (L) + k;                                                                                    \
+        if (r >= rows) break;                                                                                         \
+        const __m512i i0 = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q[k][0], L));                               \
+        const __m512i i1 = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q[k][1], L));                               \
+        const __m512 dr = _mm512_set1_ps(d[r]);                                                                       \
+        __m512 v0, v1;                                                                                                \
+        if (w->qtype == T_Q4_1) {                                                                                     \
+            const __m512 mr = _mm512_set1_ps(m[r]);                                                                   \
+            v0 = _mm512_add_ps(_mm512_mul_ps(dr, _mm512_cvtepi32_ps(i0)), mr);                                        \
+            v1 = _mm512_add_ps(_mm512_mul_ps(dr, _mm512_cvtepi32_ps(i1)), mr);                                        \
+        } else if (w->qtype == T_Q4_0) {                                                                              \
+            v0 = _mm512_mul_ps(dr, _mm512_sub_ps(_mm512_cvtepi32_ps(i0), eight));                                     \
+            v1 = _mm512_mul_ps(dr, _mm512_sub_ps(_mm512_cvtepi32_ps(i1), eight));                                     \
+        } else {                                                                                                      \
+            v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i0, c128)), dr);                                   \
+            v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i1, c128)), dr);                                   \
+        }                                                                                                             \
+        store_row32(dst + r * row_bytes, v0, v1, out_bf16, stream);                                                   \
+    }
+    R16_GROUP_LANE(0)
+    R16_GROUP_LANE(1)
+    R16_GROUP_LANE(2)
+    R16_GROUP_LANE(3)
+#undef R16_GROUP_LANE
+}
 #endif
 
 // rows [16 g0, min(16 g1, N)) of W into out (row 16 g0 first). With `stream`, bf16 rows that start a 64-byte line
 // (all of them in torch's buffers: K is a multiple of 32) go out with non-temporal stores, which skip the cache: the
 // caller picks whichever has lately been faster (gguf_cpu.py, StorePicker).
 void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, int stream, int nthreads) {
-    const int64_t nb = w->K / QK;
+    const int64_t nb = w->K / QK, esize = out_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static) nowait
-    for (int64_t gb = g0 * nb; gb < g1 * nb; gb++) {
-        const int64_t g = gb / nb, b = gb % nb;
-        for (int r = 0; r < 16 && 16 * g + r < w->N; r++) {
-            const int64_t o = (16 * (g - g0) + r) * w->K + b * QK;
-            void *dst = out_bf16 ? (void *)((uint16_t *)out + o) : (void *)((float *)out + o);
+        for (int64_t gb = g0 * nb; gb < g1 * nb; gb++) {
+            const int64_t g = gb / nb, b = gb % nb;
+            const int rows = (int)(w->N - 16 * g < 16 ? w->N - 16 * g : 16);
+            uint8_t *dst = (uint8_t *)out + (16 * (g - g0) * w->K + b * QK) * esize;
 #ifdef HAVE_ZMM
-            r16_dequant_row(w, g, b, r, dst, out_bf16, stream);
+            r16_dequant_group(w, g, b, rows, dst, w->K * esize, out_bf16, stream);
 #else
-            float row[QK];
-            r16_dequant_block(w, g, b, r, row);
-            if (out_bf16)
-                for (int k = 0; k < QK; k++) ((uint16_t *)dst)[k] = float_to_bf16(row[k]);
-            else
-                memcpy(dst, row, sizeof(row));
+            (void)stream;
+            for (int r = 0; r < rows; r++) {
+                float row[QK];
+                r16_dequant_block(w, g, b, r, row);
+                if (out_bf16)
+                    for (int k = 0; k < QK; k++) ((uint16_t *)(dst + r * w->K * esize))[k] = float_to_bf16(row[k]);
+                else
+                    memcpy(dst + r * w->K * esize, row, sizeof(row));
+            }
 #endif
         }
-    }
 #ifdef HAVE_ZMM
-    _mm_sfence();  // this thread's streamed lines are visible before the region's closing barrier
+        _mm_sfence();  // this thread's streamed lines are visible before the region's closing barrier
 #endif
     }
 }
