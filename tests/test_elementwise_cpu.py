@@ -126,16 +126,16 @@ def test_rotary_in_place_on_qkv_view(lib, t, d):
     qkv = bf16_randn(t, (heads + 2 * kv_heads) * d, seed=d, scale=2.0)
     v_before = qkv[:, (heads + kv_heads) * d :].clone()
     qk = qkv[:, : (heads + kv_heads) * d].view(t, heads + kv_heads, d)  # rows (heads + 2 kv_heads) * d apart
+    cos, sin = cos[positions], sin[positions]  # the rows of the tokens' positions, as the Llama layers pass them
     x = qk.clone()
-    ref = ew.rotary_ref(x, cos, sin, positions)
-    assert ew.can_rotary(qk, cos, sin, positions)
-    assert ew.rotary_(qk, cos, sin, positions) is qk
+    ref = ew.rotary_ref(x, cos, sin)
+    assert ew.can_rotary(qk, cos, sin)
+    assert ew.rotary_(qk, cos, sin) is qk
     assert torch.equal(qk, ref) and torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
-    # the same with the rows gathered (what the Llama layers pass) through the layer function, and the layers' torch
-    # path (HF's bf16 rope), bit for bit
+    # the same through the layer function, and the layers' torch path (HF's bf16 rope), bit for bit
     rows = x.clone()
-    assert torch.equal(apply_rotary_emb_(rows, cos[positions], sin[positions]), ref)
-    assert torch.equal(apply_rotary_emb(x, cos[positions], sin[positions]), ref)
+    assert torch.equal(apply_rotary_emb_(rows, cos, sin), ref)
+    assert torch.equal(apply_rotary_emb(x, cos, sin), ref)
 
 
 def test_rotary_denormals(lib):
@@ -161,13 +161,12 @@ def test_guards():
     assert ew.can_silu_and_mul(x) and not ew.can_silu_and_mul(x[:, :63]) and not ew.can_silu_and_mul(x.float())
     cos, sin = rope_tables(16, 64)
     q = bf16_randn(4, 3, 64, seed=12)
-    assert ew.can_rotary(q, cos[:4], sin[:4]) and ew.can_rotary(q, cos, sin, torch.arange(4))
-    assert not ew.can_rotary(q, cos, sin)  # 16 rows for 4 tokens and no positions
+    assert ew.can_rotary(q, cos[:4], sin[:4])
+    assert not ew.can_rotary(q, cos, sin)  # 16 rows for 4 tokens
     assert not ew.can_rotary(q, cos[:4].float(), sin[:4].float())  # float32 rows: the torch path
     assert not ew.can_rotary(q.float(), cos[:4], sin[:4])
     assert not ew.can_rotary(q.transpose(0, 1), cos[:3], sin[:3])  # heads not head_dim apart
     assert not ew.can_rotary(q[:1].expand(4, 3, 64), cos[:4], sin[:4])  # tokens overlapping: rotated twice
-    assert not ew.can_rotary(q, cos, sin, torch.arange(4, dtype=torch.int32))
     assert not ew.can_rotary(q[..., :63], cos[:4, :63].contiguous(), sin[:4, :63].contiguous())  # odd head_dim
 
 

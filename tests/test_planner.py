@@ -183,7 +183,7 @@ def test_plan_local_gguf(tmp_path, monkeypatch, capsys):
 
 
 def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
-    """`hearth bench smollm2 --vs all --repeat 5` measured 274 tok/s decode for SmolLM2 Q4_1 on this project's 2-core
+    """`hearth bench smollm2 --vs all --repeat 5` measured 272 tok/s decode for SmolLM2 Q4_1 on this project's 2-core
     machine (README, 128 tokens decoded); the plan on `auto` (a real bandwidth probe) must be within 2× of that."""
     from hearth.cli.main import main
     from hearth.loader import ModelLoadError
@@ -198,7 +198,7 @@ def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     if "EPYC" not in out["hardware"]:
         pytest.skip("calibrated for the project's CPU machine")
-    measured = 274
+    measured = 272
     assert measured / 2 <= out["decode_tok_s"] <= measured * 2
 
 

@@ -117,7 +117,6 @@ static void repack(int64_t L, int64_t Lpad, int64_t Hkv, int64_t D, const uint16
     }
 }
 
-
 #endif
 
 // q: [n, H, D] rows q_stride apart; k, v: [L, Hkv, D] rows k_stride / v_stride apart; out: [n, H, D] rows o_stride

@@ -14,7 +14,7 @@
 // ulps of a rounding midpoint: rare (none in 6M random gates); the product's rounding can carry that to two steps.
 //
 // ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with bf16 cos/sin
-// tables [*, D] at row positions[t] (row t when positions is NULL), in torch's bf16 steps (HF's rope on a bf16 model,
+// rows [T, D] (one per token), in torch's bf16 steps (HF's rope on a bf16 model,
 // addcmul(x * cos, rotate_half(x), sin)): for i < D/2
 //   x[i] = bf16(bf16(x[i] * cos[i]) - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(bf16(x[i + D/2] * cos[i + D/2]) + x[i] * sin[i + D/2]).
 // Products of two bf16 values are exact in float32, so each step rounds once, as torch does: bit for bit.
@@ -119,14 +119,13 @@ void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, 
     }
 }
 
-// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin bf16 [*, D]; positions [T] or NULL
+// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin bf16 [T, D]
 void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const uint16_t *cos,
-               const uint16_t *sin, const int64_t *positions, int nthreads) {
+               const uint16_t *sin, int nthreads) {
     const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * heads * D >= MIN_PARALLEL)
     for (int64_t t = 0; t < T; t++) {
-        const int64_t p = positions ? positions[t] : t;
-        const uint16_t *c = cos + p * D, *s = sin + p * D;
+        const uint16_t *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < heads; h++) {
             uint16_t *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
 #ifdef EW_AVX512

@@ -10,7 +10,7 @@ is one pass. Where the library is not built the `can_*` guards are False and the
 - `silu_and_mul(x)`: torch's bf16 steps (silu rounded to bf16, then the product); the vectorised exp can move silu by
   a few float32 ulps, so bf16(silu) may rarely round the other way (none in 6M random gates): one bf16 step, which
   the product's rounding can carry to two.
-- `rotary_(x, cos, sin, positions)`: rotate-half rope in place with bf16 cos/sin rows, in torch's bf16 steps (x * cos
+- `rotary_(x, cos, sin)`: rotate-half rope in place with bf16 cos/sin rows, in torch's bf16 steps (x * cos
   rounded to bf16, then the other product added with one rounding): bit-for-bit `rotary_ref`, which is the layers'
   `apply_rotary_emb` on bf16 tensors (HF's rope on a bf16 model). (Computing in float32 from float32 tables and
   rounding once is closer to the exact value, but it moved SmolLM2's greedy answer to "What is the capital of
@@ -36,7 +36,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ew_rms_norm.restype = None
     lib.ew_silu_and_mul.argtypes = [i64, i64, ptr, i64, ptr, i64, c_int]
     lib.ew_silu_and_mul.restype = None
-    lib.ew_rotary.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
+    lib.ew_rotary.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, c_int]
     lib.ew_rotary.restype = None
     lib.ew_vectorized.restype = ctypes.c_int
 
@@ -109,35 +109,25 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None) -> bool:
-    """x [T, heads, D] bf16 on CPU (heads D apart, D even), bf16 contiguous cos/sin [*, D] (T rows without
-    positions), int64 positions [T] or None, and the library built."""
+def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x [T, heads, D] bf16 on CPU (heads D apart, D even, tokens not overlapping), bf16 contiguous cos/sin [T, D] (the
+    rows of x's positions), and the library built."""
     if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1):
         return False
     t, _, d = x.shape
-    tables = all(tab.dtype == torch.bfloat16 and tab.is_contiguous() and tab.dim() == 2 and tab.shape[1] == d
-                 for tab in (cos, sin))  # fmt: skip
-    if positions is None:
-        rows_ok = tables and cos.shape[0] == sin.shape[0] == t
-    else:
-        rows_ok = tables and positions.dtype == torch.int64 and positions.is_contiguous() and positions.shape == (t,)
-    return rows_ok and d % 2 == 0 and x.stride(1) == d and (t <= 1 or x.stride(0) >= x.shape[1] * d) and available()
+    tables = all(tab.dtype == torch.bfloat16 and tab.is_contiguous() and tab.shape == (t, d) for tab in (cos, sin))
+    return tables and d % 2 == 0 and x.stride(1) == d and (t <= 1 or x.stride(0) >= x.shape[1] * d) and available()
 
 
-def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):
-    """Rotate x [T, heads, D] in place by cos/sin rows positions[t] (row t without positions); returns x. The caller
-    checks positions lie inside the tables."""
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] in place by the cos/sin rows [T, D]; returns x."""
     t, heads, d = x.shape
-    pos = None if positions is None else positions.data_ptr()
-    _get().ew_rotary(t, heads, d, x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), pos,
-                     torch.get_num_threads())  # fmt: skip
+    _get().ew_rotary(t, heads, d, x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
     return x
 
 
-def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None):
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Plain torch, not in place: addcmul(x * cos, rotate_half(x), sin) on the bf16 rows (each op rounding to bf16)."""
-    if positions is not None:
-        cos, sin = cos[positions], sin[positions]
     x1, x2 = x.chunk(2, dim=-1)
     out = torch.addcmul(x * cos[:, None], torch.cat((-x2, x1), dim=-1), sin[:, None])
     return out.to(x.dtype)

@@ -68,7 +68,6 @@ static inline void thread_range(int64_t N, int tid, int nth, int64_t *n0, int64_
     *n1 = *n0 + per < N ? *n0 + per : N;
 }
 
-
 // ---- R16 weights ----
 
 typedef struct {

@@ -113,7 +113,6 @@ void mxfp4_dequant(int64_t N, int64_t G, const uint8_t *blocks, const uint8_t *s
 #define QK 32
 #define R16_BYTES 256  // nibble bytes per 16 rows x 32 values
 
-
 // Quantized activations: q [M, K] int8, per block of 32: d = amax/127 and the sum of the q
 typedef struct {
     int8_t *q;

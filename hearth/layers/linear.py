@@ -40,7 +40,8 @@ DENSE_MIN_TOKENS = 64
 # are padded to it. oneDNN's bf16 result for a row then does not depend on how many rows share the matmul, so a
 # prompt's last few tokens after a prefix-cache hit compute exactly what the whole prompt did. (Measured on SmolLM2's
 # shapes with 1-9 rows, dequantize + dense also beat a C kernel reading the packed weight: 0.16-0.51 ms against
-# 0.35-4.6 ms.) Fused decode steps and the LM head use the int8-activation kernel, as llama.cpp does.
+# 0.35-4.6 ms.) Fused decode steps and a tied LM head (Embedding.as_lm_head) use the int8-activation kernel, as
+# llama.cpp does; an untied LM head held as blocks is dequantized like any other projection.
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
