@@ -36,12 +36,12 @@ def quantized_rows(qt: QuantizedTensor):
 # from this many rows (tokens) on, a packed-int4 layer dequantizes its weight to bf16 and runs a dense matmul: at
 # prefill sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads)
 DENSE_MIN_TOKENS = 64
-# GGUF blocks in bf16 runs (non-fused steps) always dequantize to bf16 and run the dense matmul; fewer rows than this
+# GGUF blocks in bf16 runs, in steps that prefill, dequantize to bf16 and run the dense matmul; fewer rows than this
 # are padded to it. oneDNN's bf16 result for a row then does not depend on how many rows share the matmul, so a
-# prompt's last few tokens after a prefix-cache hit compute exactly what the whole prompt did. (Measured on SmolLM2's
-# shapes with 1-9 rows, dequantize + dense also beat a C kernel reading the packed weight: 0.16-0.51 ms against
-# 0.35-4.6 ms.) Fused decode steps and a tied LM head (Embedding.as_lm_head) use the int8-activation kernel, as
-# llama.cpp does; an untied LM head held as blocks is dequantized like any other projection.
+# prompt's last few tokens after a prefix-cache hit compute exactly what the whole prompt did. Decode-only steps (every
+# model, fused or not) and a tied LM head (Embedding.as_lm_head) use the int8-activation kernel on the packed weight,
+# as llama.cpp does: a decode step is bound by the bytes it reads, about one per weight there against five for
+# dequantize + matmul.
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
@@ -73,10 +73,18 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return F.linear(F.pad(x, (0, 0, 0, padded - m)), w, bias)[:m]
 
 
+def is_decode_step() -> bool:
+    """The model runner's step has decode rows only (one new token per sequence, nothing prefilling)."""
+    ctx = get_context()
+    return bool(ctx.decode_seq_idx) and not ctx.prefill_seq_idx
+
+
 def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = False) -> torch.Tensor:
-    """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype. int8_activations: llama.cpp's arithmetic
-    at every M (x quantized per 32 values, as the fused decode step does), else bf16 arithmetic."""
-    if int8_activations:
+    """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype. int8_activations (or a decode-only step,
+    whatever the model): llama.cpp's arithmetic, x quantized per 32 values and the weight read in its packed form, as
+    the Llama family's fused decode step does; each row's result is its own. Otherwise bf16 arithmetic on the weight
+    dequantized to bf16 (prefill: compute-bound, where the dense matmul is faster)."""
+    if int8_activations or is_decode_step():
         return gguf_cpu.gemm(x, w).to(x.dtype)
     m = x.shape[0]
     xb = x.to(torch.bfloat16)
