@@ -432,9 +432,11 @@ def verify_log(home: str | None = None, against: Checkpoint | None = None) -> Ve
     path = os.path.join(folder, LOG_NAME)
     try:
         with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # writers hold it exclusively while they append and rewrite the head
             data = f.read()
+            head = read_head(folder)
     except FileNotFoundError:
-        data = b""
+        data, head = b"", read_head(folder)
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -499,7 +501,6 @@ def verify_log(home: str | None = None, against: Checkpoint | None = None) -> Ve
     def fails(problem: str, line: int | None = None) -> VerifyResult:
         return VerifyResult(False, num, line=line, problem=problem, unauthenticated=unauthenticated)
 
-    head = read_head(folder)
     if head is None:
         if num:
             return fails("the head file audit/head is missing or empty")

@@ -213,6 +213,25 @@ def test_concurrent_writers_across_threads_and_processes(home):
     assert stat.S_IMODE(os.stat(log_path(home)).st_mode) == 0o600
 
 
+def test_verify_while_a_writer_appends(home):
+    """verify reads the log and the head under a shared lock, so a record appended in between is not a false alarm."""
+    audit = AuditLog()
+    assert verify_log().ok  # an opened log with no records yet (an empty head file) verifies
+
+    def write() -> None:
+        for i in range(150):
+            audit.append({"request_id": f"busy-{i}"})
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    results = []
+    while writer.is_alive():
+        results.append(verify_log())
+    writer.join()
+    assert all(r.ok for r in results), next(r for r in results if not r.ok)
+    assert verify_log().num_records == 150
+
+
 def test_a_record_cut_short_by_a_crash_is_dropped_on_the_next_append(chain, home):
     write_lines(home, chain + [chain[0][:30]])  # a write interrupted mid-line
     assert not verify_log().ok
