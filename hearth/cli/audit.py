@@ -1,4 +1,5 @@
-"""`hearth audit show|verify|transcript`: read the audit log in $HEARTH_HOME/audit/ and check its hash chain."""
+"""`hearth audit show|verify|checkpoint|transcript`: read the audit log in $HEARTH_HOME/audit/, check its hash chain
+and MACs, and print or check a checkpoint kept elsewhere."""
 
 from __future__ import annotations
 
@@ -24,12 +25,24 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="print JSON lines, one record each")
     s.set_defaults(func=cmd_show)
 
-    v = audit_sub.add_parser("verify", help="Verify the hash chain", epilog=epilog,
-                             description="Check every record's hash, sequence number and link to the one before; "
-                             "exit 1 naming the first broken record if any was edited, removed, inserted or "
-                             "reordered.")  # fmt: skip
+    v = audit_sub.add_parser("verify", help="Verify the hash chain and its MACs", epilog=epilog,
+                             description="Check every record's hash, MAC (key: $HEARTH_HOME/audit/audit.key), sequence "
+                             "number and link to the one before, and the head's MAC; exit 1 naming the first broken "
+                             "record if any was edited, removed, inserted, reordered or added without the key. With "
+                             "--against, also check that the log still holds a checkpoint's records unchanged: this "
+                             "detects a rewrite or truncation even by someone who has the key.")  # fmt: skip
+    v.add_argument("--against", metavar="CHECKPOINT",
+                   help="SEQ:HASH from `hearth audit checkpoint`, or a file holding it")  # fmt: skip
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=cmd_verify)
+
+    c = audit_sub.add_parser("checkpoint", help="Print a checkpoint to keep elsewhere", epilog=epilog,
+                             description="Verify the log, then print its end as SEQ:HASH (the record count and the "
+                             "last record's hash; no secret in it). Keep it where whoever can write $HEARTH_HOME "
+                             "cannot change it; `hearth audit verify --against SEQ:HASH` later proves the log still "
+                             "holds those records unchanged.")  # fmt: skip
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_checkpoint)
 
     t = audit_sub.add_parser("transcript", help="Decrypt one request's transcript", epilog=epilog,
                              description="Print the request and response bodies kept by `hearth serve --transcripts` "
@@ -73,21 +86,55 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _against(text: str):
+    """The --against value: a checkpoint, or the path of a file whose first line is one."""
+    import os
+
+    from hearth.governance.audit import Checkpoint
+
+    if ":" not in text and os.path.isfile(text):
+        with open(text, encoding="utf-8", errors="replace") as f:
+            text = f.readline()
+    return Checkpoint.parse(text)
+
+
 def cmd_verify(args) -> int:
     from dataclasses import asdict
 
     from hearth.governance.audit import audit_dir, verify_log
 
-    result = verify_log()
+    against = _against(args.against) if args.against is not None else None
+    result = verify_log(against=against)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     elif result.ok:
-        head = f"; head {result.head} (note it elsewhere to detect a rewrite)" if result.head else ""
-        print(f"ok: {result.num_records} records in {audit_dir()}, hash chain intact{head}")
+        notes = []
+        if result.unauthenticated:
+            notes.append(f"records 1-{result.unauthenticated} were written before the log had its key: the key "
+                         "vouches for them as they were when it was created, not as they were written")  # fmt: skip
+        if against is not None:
+            notes.append(f"records 1-{against.seq} match checkpoint {against.seq}")
+        if result.checkpoint:
+            notes.append(f"checkpoint {result.checkpoint} (keep it elsewhere: `--against` it detects a later rewrite)")
+        print(f"ok: {result.num_records} records in {audit_dir()}, hash chain and MACs intact"
+              + "".join(f"; {note}" for note in notes))  # fmt: skip
     else:
         print(f"BROKEN: {result.problem}", file=sys.stdout)
         print(f"{result.num_records} records verified before the break", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def cmd_checkpoint(args) -> int:
+    from hearth.governance.audit import audit_dir, checkpoint
+
+    cp = checkpoint()
+    if args.json:
+        print(json.dumps({"records": cp.seq, "hash": cp.hash, "checkpoint": str(cp)}))
+    else:
+        print(cp)
+        print(f"(record {cp.seq} of {audit_dir()}; check later with `hearth audit verify --against {cp}`)",
+              file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def cmd_transcript(args) -> int:
