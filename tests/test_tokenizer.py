@@ -290,12 +290,12 @@ def test_pre_tokenizer_splits_match_the_model_repositories(metadata: dict, pre: 
 # ---- gpt-oss (`gpt-4o`): the o200k vocabulary against tiktoken's encoder ---------------------------------------------
 
 
-def _o200k_ranks() -> dict[bytes, int]:
-    """o200k_base's mergeable ranks (token bytes → id) from quicktok-v1's copy of the vocabulary."""
+def _quicktok_ranks(name: str) -> dict[bytes, int]:
+    """A tiktoken-style vocabulary (token bytes → id) from quicktok-v1's copies: o200k, llama3, qwen3."""
     spec = importlib.util.find_spec("quicktok")
     if spec is None:
         pytest.skip("quicktok-v1 is not installed")
-    with open(os.path.join(os.path.dirname(spec.origin), "data", "o200k.vocab"), "rb") as f:
+    with open(os.path.join(os.path.dirname(spec.origin), "data", f"{name}.vocab"), "rb") as f:
         data = f.read()
     (count,) = struct.unpack_from("<I", data, 0)
     pos, ranks = 4, {}
@@ -307,11 +307,41 @@ def _o200k_ranks() -> dict[bytes, int]:
     return ranks
 
 
+def _gguf_vocab(ranks: dict[bytes, int], pre: str, specials: dict[str, int]) -> dict:
+    """The `tokenizer.ggml.*` metadata llama.cpp's converter writes for a byte-level BPE vocabulary: tokens spelled
+    byte-level, merges as HF's tiktoken conversion derives them (every split of a token into two tokens, ranked by
+    the token), special tokens as control tokens at their ids (gaps are unused padding)."""
+    from hearth.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, _bytes_to_unicode
+
+    spell = _bytes_to_unicode()
+    text = {tok: "".join(spell[b] for b in tok) for tok in ranks}
+    merges = []
+    for tok, rank in ranks.items():
+        splits = [(ranks[tok[:i]], ranks[tok[i:]], i) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        merges += [(rank, a, b, f"{text[tok[:i]]} {text[tok[i:]]}") for a, b, i in splits]
+    merges.sort()
+    size = max([*ranks.values(), *specials.values()]) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [TOKEN_UNUSED] * size
+    for tok, rank in ranks.items():
+        tokens[rank], types[rank] = text[tok], TOKEN_NORMAL
+    for s, i in specials.items():
+        tokens[i], types[i] = s, TOKEN_CONTROL
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": [m[-1] for m in merges]}  # fmt: skip
+
+
+def _load_from_metadata(meta: dict) -> Tokenizer:
+    """Built the way a .gguf file is loaded, from its tokenizer metadata."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("hearth.tokenizer._read_gguf_tokenizer_metadata", lambda path: meta)
+        return load_tokenizer("model.gguf")
+
+
 @pytest.fixture(scope="module")
 def harmony_encoding(tmp_path_factory):
     """openai-harmony's encoding (tiktoken's o200k_base with the harmony special tokens), offline."""
     openai_harmony = pytest.importorskip("openai_harmony")
-    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in _o200k_ranks().items()]
+    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in _quicktok_ranks("o200k").items()]
     folder = tmp_path_factory.mktemp("tiktoken")
     (folder / "o200k_base.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
     with pytest.MonkeyPatch.context() as mp:
@@ -320,37 +350,10 @@ def harmony_encoding(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt_oss_vocab(harmony_encoding) -> dict:
-    """The `tokenizer.ggml.*` metadata llama.cpp's converter writes for gpt-oss: o200k spelled byte-level, merges as
-    HF's tiktoken conversion derives them (every split of a token into two tokens, ranked by the token), and the
-    harmony special tokens as control tokens at their ids (gaps are unused padding)."""
-    from hearth.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, _bytes_to_unicode
-
-    ranks = _o200k_ranks()
-    spell = _bytes_to_unicode()
-    text = {tok: "".join(spell[b] for b in tok) for tok in ranks}
-    merges = []
-    for tok, rank in ranks.items():
-        splits = [(ranks[tok[:i]], ranks[tok[i:]], i) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
-        merges += [(rank, a, b, f"{text[tok[:i]]} {text[tok[i:]]}") for a, b, i in splits]
-    merges.sort()
+def gpt_oss_tok(harmony_encoding) -> Tokenizer:
+    """gpt-oss's vocabulary as its GGUF carries it: o200k and the harmony special tokens, pre-tokenizer gpt-4o."""
     specials = {s: harmony_encoding.encode(s, allowed_special="all")[0] for s in harmony_encoding.special_tokens_set}
-    size = max(specials.values()) + 1
-    tokens, types = [f"[PAD{i}]" for i in range(size)], [TOKEN_UNUSED] * size
-    for tok, rank in ranks.items():
-        tokens[rank], types[rank] = text[tok], TOKEN_NORMAL
-    for s, i in specials.items():
-        tokens[i], types[i] = s, TOKEN_CONTROL
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": [m[-1] for m in merges]}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def gpt_oss_tok(gpt_oss_vocab: dict) -> Tokenizer:
-    """Built the way a gpt-oss .gguf file is loaded, from its tokenizer metadata."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("hearth.tokenizer._read_gguf_tokenizer_metadata", lambda path: gpt_oss_vocab)
-        return load_tokenizer("gpt-oss.gguf")
+    return _load_from_metadata(_gguf_vocab(_quicktok_ranks("o200k"), "gpt-4o", specials))
 
 
 def test_gpt_oss_vocab_matches_tiktoken(gpt_oss_tok: Tokenizer, harmony_encoding) -> None:
@@ -421,3 +424,30 @@ def test_unknown_pre_tokenizer_fails_before_the_weights(tmp_path, capsys, monkey
     # the same file with a known pre-tokenizer gets past the tokenizer (and fails later, on its missing weights)
     _write_llama_gguf(path, "gpt-4o")
     assert load_tokenizer(str(path)).encode("abab") == [2, 2]
+
+
+# ---- R1-Distill-Llama / Llama 3 and R1-Distill-Qwen / Qwen2.5 vocabularies against quicktok's exact encoders -------
+
+
+@pytest.mark.parametrize(("vocab", "pre"), [("llama3", "llama-bpe"), ("qwen3", "deepseek-r1-qwen")])
+def test_llama3_and_qwen_vocabs_match_their_reference_encoders(vocab: str, pre: str) -> None:
+    """Llama 3's vocabulary with `llama-bpe` (whole words found in the vocabulary win over merges) and Qwen's with
+    `deepseek-r1-qwen` (digits one by one), against quicktok's encoders, which match the HF tokenizers id for id.
+    Qwen's HF tokenizer also NFC-normalizes its input and a GGUF vocabulary does not (neither does llama.cpp), so
+    Qwen's texts are compared in NFC."""
+    import unicodedata
+
+    quicktok = pytest.importorskip("quicktok")
+    tok = _load_from_metadata(_gguf_vocab(_quicktok_ranks(vocab), pre, {}))
+    reference = quicktok.get_encoding(vocab)
+    normalize = (lambda t: unicodedata.normalize("NFC", t)) if vocab == "qwen3" else (lambda t: t)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=texts.map(normalize))
+    def check(text: str) -> None:
+        assert tok.encode(text) == reference.encode_ordinary(text)
+
+    check()
+    for text in TEXTS:
+        text = normalize(text)
+        assert tok.encode(text) == reference.encode_ordinary(text), text
