@@ -19,6 +19,13 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _LLAMA3_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# o200k (tiktoken's o200k_base, gpt-oss): a word is an optional non-letter, then upper/titlecase letters followed by
+# lowercase ones (or the reverse), with a contraction kept on the word; digits in threes; `/` stays with punctuation.
+_O200K_SPLIT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+])  # fmt: skip
 _QWEN2_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DEEPSEEK_V3_SPLITS = [
     r"\p{N}{1,3}",
@@ -48,10 +55,13 @@ _DEEPSEEK_LLM_SPLITS = [
     r"[\u4E00-\u9FA5\u0800-\u4E00\uAC00-\uD7FF]+",
     r"\p{N}+",
 ]
-# tokenizer.ggml.pre → regexes applied in turn (each splits the pieces the previous one left), as llama.cpp does.
-# None means GPT-2's own regex (ByteLevel with use_regex). SmolLM/StarCoder isolate each digit first.
+# tokenizer.ggml.pre (the names llama.cpp's converter writes) → regexes applied in turn, each splitting the pieces the
+# previous one left, as llama.cpp does. None means GPT-2's own regex (ByteLevel with use_regex). SmolLM/StarCoder
+# isolate each digit first. Seed families: gpt-oss `gpt-4o`; DeepSeek V3/R1 `deepseek-v3`; R1-Distill-Qwen
+# `deepseek-r1-qwen` (older files: `qwen2`); R1-Distill-Llama / Llama 3 `llama-bpe`; SmolLM2 `smollm`.
 PRE_TOKENIZER_SPLITS: dict[str, list[str] | None] = {
     "gpt2": None,
+    "gpt-2": None,
     "default": None,
     "smollm": [r"\p{N}"],
     "starcoder": [r"\p{N}"],
@@ -64,8 +74,9 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str] | None] = {
     "deepseek-r1-qwen": [_QWEN2_SPLIT],
     "deepseek-v3": _DEEPSEEK_V3_SPLITS,
     "deepseek-llm": _DEEPSEEK_LLM_SPLITS,
+    "gpt-4o": [_O200K_SPLIT],
 }
-_GPT2_REGEX_PRES = {"gpt2", "default", "smollm", "starcoder"}  # these end with GPT-2's regex
+_GPT2_REGEX_PRES = {"gpt2", "gpt-2", "default", "smollm", "starcoder"}  # these end with GPT-2's regex
 _IGNORE_MERGES_PRES = {"llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"}  # llama.cpp: whole-word vocab hit wins
 
 
@@ -150,7 +161,10 @@ def _from_gguf(path: str) -> Tokenizer:
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
     if kind == "gpt2":
-        backend = _byte_level_bpe(tokens, types, meta)
+        try:
+            backend = _byte_level_bpe(tokens, types, meta)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     elif kind == "llama":
         backend = _sentencepiece_bpe(tokens, types, meta)
     else:

@@ -13,6 +13,8 @@ import random
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hearth.api.app import create_app
 from hearth.chat.template import ChatTemplate
@@ -38,7 +40,8 @@ class CharTokenizer:
 
 
 class ScriptedEngine:
-    """Answers every request with the next scripted text, cut into random chunks (one token per chunk)."""
+    """Answers every request with the next script, one token per Delta: a text is cut into random chunks (one token
+    each); a list is the tokens' texts as given."""
 
     def __init__(self, architecture: str, scripts: list[str], seed: int = 0):
         self.state = "ready"
@@ -50,9 +53,12 @@ class ScriptedEngine:
 
     async def generate(self, prompt_ids, params, request_id):
         self.calls.append((prompt_ids, params))
-        text = self.scripts.pop(0)
-        cuts = sorted(self.rng.sample(range(1, len(text)), min(len(text) - 1, 12)))
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        script = self.scripts.pop(0)
+        if isinstance(script, str):
+            cuts = sorted(self.rng.sample(range(1, len(script)), min(len(script) - 1, 12)))
+            pieces = [script[a:b] for a, b in zip([0, *cuts], [*cuts, len(script)])]
+        else:
+            pieces = list(script)
         for k, piece in enumerate(pieces):
             await asyncio.sleep(0)
             last = k == len(pieces) - 1
@@ -90,7 +96,7 @@ def test_gpt_oss_tool_call_round_trip():
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"location": "Paris"}
         assert choice.message.reasoning_content == "User wants the weather. Call the tool."
-        assert first.usage.completion_tokens_details.reasoning_tokens == len(choice.message.reasoning_content)
+        assert 0 < first.usage.completion_tokens_details.reasoning_tokens < first.usage.completion_tokens
         prompt_ids, params = engine.calls[0]
         assert set(params.stop_token_ids) >= {200002, 200012} and not params.skip_special_tokens
         assert "Reasoning: high" in CharTokenizer().decode(prompt_ids)
@@ -119,7 +125,7 @@ def test_gpt_oss_streamed_reasoning_and_tool_call(seed):
                 reasoning += getattr(c.delta, "reasoning_content", None) or ""
                 content += c.delta.content or ""
         assert reasoning == "The tool says sunny." and content == "It is sunny in Paris."
-        assert usage.completion_tokens_details.reasoning_tokens == len(reasoning)
+        assert 0 < usage.completion_tokens_details.reasoning_tokens < usage.completion_tokens
 
         stream = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
                                              tools=[WEATHER_TOOL])  # fmt: skip
@@ -132,6 +138,28 @@ def test_gpt_oss_streamed_reasoning_and_tool_call(seed):
         assert calls[0].function.name == "get_weather"
 
 
+GPT_OSS_FINAL_TOKENS = [
+    "<|channel|>",
+    "analysis",
+    "<|message|>",
+    "The",
+    " tool",
+    " says",
+    " sunny",
+    ".",
+    "<|end|>",
+    "<|start|>",
+    "assistant",
+    "<|channel|>",
+    "final",
+    "<|message|>",
+    "It",
+    " is",
+    " sunny",
+    " in",
+    " Paris",
+    ".",
+]  # fmt: skip  (9 tokens through <|end|>)
 R1_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% else %}"
                "<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
                "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")  # fmt: skip
@@ -190,7 +218,7 @@ def test_requests_reach_the_usage_ledger(tmp_path):
     from hearth.accounting.usage import UsageLedger
 
     ledger = UsageLedger(str(tmp_path / "usage.db"))
-    engine = ScriptedEngine("GptOssForCausalLM", [GPT_OSS_FINAL, GPT_OSS_FINAL])
+    engine = ScriptedEngine("GptOssForCausalLM", [GPT_OSS_FINAL_TOKENS, GPT_OSS_FINAL_TOKENS])
     app = create_app(engine, CharTokenizer(), None, "m", ledger=ledger)
     with TestClient(app) as test_client:
         oai = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=test_client, max_retries=0)
@@ -200,4 +228,88 @@ def test_requests_reach_the_usage_ledger(tmp_path):
     records = ledger.records()
     assert len(records) == 2
     assert records[0].model == "m" and records[0].completion_tokens > 0
-    assert records[0].reasoning_tokens == len("The tool says sunny.") and records[0].duration_s > 0
+    assert records[0].reasoning_tokens == 9 and records[0].completion_tokens == 20 and records[0].duration_s > 0
+
+
+# ---- usage.completion_tokens_details.reasoning_tokens counts generated tokens ---------------------------------------
+
+R1_TOKENS = ["Two", " plus", " two", " is", " four", ".", "\n", "</think>", "\n\n", "The", " answer", " is", " 4", "."]
+R1_SPLIT_TAG = ["Let", " me", " think", ".", "</", "think", ">", "\n\n", "4", "."]  # the tag in three tokens
+QWEN3_TOKENS = ["<think>", "\n", "Hmm", ".", "\n", "</think>", "\n\n", "Four", "."]  # the model opens the thought
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# <think> #}")  # fmt: skip
+GPT_OSS_CALL_TOKENS = ["<|channel|>", "analysis", "<|message|>", "Call", " it", ".", "<|end|>", "<|start|>",
+                       "assistant", "<|channel|>", "commentary", " to", "=functions.get_weather", " <|constrain|>",
+                       "json", "<|message|>", '{"location": "Paris"}']  # fmt: skip
+
+
+def reasoning_usage(script, template, stream: bool, **kwargs):
+    engine = ScriptedEngine("GptOssForCausalLM" if template is None else "Qwen2ForCausalLM", [script])
+    test_client, oai = client_for(engine, template)
+    with test_client:
+        request = {"model": "m", "messages": [{"role": "user", "content": "2+2?"}], **kwargs}
+        if not stream:
+            return oai.chat.completions.create(**request).usage
+        usage = None
+        for chunk in oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request):
+            usage = chunk.usage or usage
+        return usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("script", "template", "expected"),
+    [(R1_TOKENS, R1_TEMPLATE, 8), (R1_SPLIT_TAG, R1_TEMPLATE, 7), (QWEN3_TOKENS, QWEN3_TEMPLATE, 6),
+     (GPT_OSS_FINAL_TOKENS, None, 9), (["No", " thought", " here", "."], QWEN3_TEMPLATE, 0)],
+    ids=["r1", "r1-split-tag", "opens-think", "harmony", "no-thought"],
+)  # fmt: skip
+def test_reasoning_tokens_are_the_tokens_through_the_closing_tag(script, template, expected, stream):
+    """One token per delta: the reasoning tokens are the tokens up to and including `</think>` (or the analysis
+    message's `<|end|>`), never re-encoded text; the answer's tokens are not counted."""
+    usage = reasoning_usage(script, template and ChatTemplate(template), stream)
+    assert usage.completion_tokens == len(script)
+    assert usage.completion_tokens_details.reasoning_tokens == expected
+
+
+def test_harmony_tool_call_reasoning_tokens():
+    usage = reasoning_usage(GPT_OSS_CALL_TOKENS, None, False, tools=[WEATHER_TOOL])
+    assert (usage.completion_tokens_details.reasoning_tokens, usage.completion_tokens) == (7, len(GPT_OSS_CALL_TOKENS))
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=st.sampled_from([R1_TOKENS, R1_SPLIT_TAG, GPT_OSS_FINAL_TOKENS, GPT_OSS_CALL_TOKENS]),
+       cuts=st.lists(st.integers(1, 19), max_size=8), stream=st.booleans())  # fmt: skip
+def test_reasoning_tokens_never_exceed_completion_tokens(script, cuts, stream):
+    """Tokens grouped into deltas of several tokens each (as a held-back stop string or partial character makes
+    them): reasoning_tokens stays within completion_tokens, and at least the whole thought is counted."""
+    bounds = sorted({c for c in cuts if c < len(script)})
+    pieces = ["".join(script[a:b]) for a, b in zip([0, *bounds], [*bounds, len(script)])]
+    sizes = [b - a for a, b in zip([0, *bounds], [*bounds, len(script)])]
+    engine = GroupedEngine(pieces, sizes)
+    template = None if script[0] == "<|channel|>" else ChatTemplate(R1_TEMPLATE)
+    engine.model_info = ModelInfo("scripted", 4096, "Qwen2ForCausalLM" if template else "GptOssForCausalLM")
+    test_client, oai = client_for(engine, template)
+    with test_client:
+        request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        if stream:
+            request["stream_options"] = {"include_usage": True}
+            usage = [c.usage for c in oai.chat.completions.create(**request) if c.usage][-1]
+        else:
+            usage = oai.chat.completions.create(**request).usage
+    assert usage.completion_tokens == len(script)
+    closing = script.index(">" if script is R1_SPLIT_TAG else "</think>" if template else "<|end|>") + 1
+    assert closing <= usage.completion_tokens_details.reasoning_tokens <= usage.completion_tokens
+
+
+class GroupedEngine(ScriptedEngine):
+    """Emits the given pieces, each Delta carrying `sizes[k]` token ids."""
+
+    def __init__(self, pieces: list[str], sizes: list[int]):
+        super().__init__("Qwen2ForCausalLM", [])
+        self.pieces, self.sizes = pieces, sizes
+
+    async def generate(self, prompt_ids, params, request_id):
+        for k, (piece, size) in enumerate(zip(self.pieces, self.sizes)):
+            await asyncio.sleep(0)
+            last = k == len(self.pieces) - 1
+            yield Delta(request_id, [1] * size, piece, None, last, "stop" if last else None, len(prompt_ids), 0, k + 1)

@@ -287,11 +287,12 @@ def test_unexpected_tensor_outside_the_mtp_layer_is_an_error(fp8_deepseek, tmp_p
 # ---- GGUF deepseek2 ---------------------------------------------------------------------------------------------
 
 
-def write_deepseek2_gguf(hf, path) -> None:
+def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True) -> None:
     """The tiny model as llama.cpp's converter lays it out: kv_b split into k_b (transposed) / v_b in layers ≥ 1 and
-    whole in layer 0, experts stacked; expert weights in Q8_0, the rest float32. Rope rows stay interleaved."""
+    whole in layer 0, experts stacked; expert weights in Q8_0, the rest float32. Rope rows stay interleaved.
+    `gating`: deepseek2.expert_gating_func (2 sigmoid as V3 files, 1 softmax as V2 files, None: key absent)."""
     from gguf import GGMLQuantizationType as T
-    from gguf import GGUFWriter, RopeScalingType, quants
+    from gguf import GGUFWriter, Keys, RopeScalingType, quants
 
     cfg = hf.config
     heads, nope, v_dim, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -324,7 +325,9 @@ def write_deepseek2_gguf(hf, path) -> None:
     w.add_expert_group_count(cfg.n_group)
     w.add_expert_group_used_count(cfg.topk_group)
     w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_weights_norm(True)
+    w.add_expert_weights_norm(norm_topk_prob)
+    if gating is not None:
+        w.add_uint32(Keys.LLM.EXPERT_GATING_FUNC.format(arch="deepseek2"), gating)
     w.add_vocab_size(cfg.vocab_size)
 
     def add(name: str, t: torch.Tensor, q8: bool = False) -> None:
@@ -359,6 +362,7 @@ def write_deepseek2_gguf(hf, path) -> None:
             add(f"blk.{i}.attn_v_b.weight", v_b.contiguous())
         if p + "mlp.gate.e_score_correction_bias" in sd:
             add(f"blk.{i}.exp_probs_b.bias", sd[p + "mlp.gate.e_score_correction_bias"])
+        if p + "mlp.experts.gate_up_proj" in sd:
             gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
             add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], q8=True)
             add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], q8=True)
@@ -392,3 +396,122 @@ def test_gguf_deepseek2_matches_transformers(tmp_path):
     load_model(model, ModelRef(str(path), str(path), "gguf"), torch.float32, keep_quantized=False)
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(prefill_logits(model, ids), hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+
+def v2_routed(hf, topk_method: str = "group_limited_greedy"):
+    """The tiny V3 model with each MoE layer routed by transformers' DeepSeek-V2 router (softmax scores, no
+    correction bias, weights not normalised) on the same router weight."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = hf.config
+    v2 = DeepseekV2Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                          n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                          n_group=cfg.n_group, topk_group=cfg.topk_group, topk_method=topk_method,
+                          routed_scaling_factor=cfg.routed_scaling_factor)  # fmt: skip
+    for layer in hf.model.layers[cfg.first_k_dense_replace :]:
+        router = DeepseekV2TopkRouter(v2)
+        with torch.no_grad():
+            router.weight.copy_(layer.mlp.gate.weight)
+        layer.mlp.gate = router
+    return hf
+
+
+@pytest.mark.parametrize("topk_method", ["group_limited_greedy", "greedy"])
+def test_softmax_routing_matches_transformers_v2(topk_method):
+    from hearth.models.deepseek_v3 import grouped_topk
+
+    router = v2_routed(build_hf(), topk_method).model.layers[1].mlp.gate
+    hidden = torch.randn(256, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits, ref_weights, ref_ids = router(hidden)
+    groups = (4, 2) if topk_method == "group_limited_greedy" else (1, 1)
+    weights, ids = grouped_topk(logits, torch.zeros(8), 2, *groups, False, 2.5, scoring_func="softmax")
+    ref_ids, order = ref_ids.sort(dim=-1)
+    ids, mine = ids.sort(dim=-1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights.gather(1, mine), ref_weights.gather(1, order), atol=1e-6, rtol=1e-6)
+    # the reference formula: softmax over all experts, the chosen ones' probabilities times the scaling factor
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(weights.gather(1, mine), 2.5 * probs.gather(1, ids))
+    normed, _ = grouped_topk(logits, torch.zeros(8), 2, *groups, True, 2.5, scoring_func="softmax")
+    torch.testing.assert_close(normed.sum(-1), torch.full((256,), 2.5))
+    if topk_method == "greedy":  # no groups: the two most probable experts
+        assert torch.equal(ids, probs.topk(2, dim=-1).indices.sort(dim=-1).values)
+    with pytest.raises(ValueError, match="scoring_func"):
+        grouped_topk(logits, torch.zeros(8), 2, 1, 1, scoring_func="relu")
+
+
+@pytest.mark.parametrize("gating", [2, 1, None], ids=["sigmoid", "softmax", "absent"])
+def test_gguf_expert_gating_func_is_read(tmp_path, gating):
+    from hearth.loader.inspect import read_gguf_config
+
+    path = tmp_path / "tiny.gguf"
+    write_deepseek2_gguf(build_hf(), path, gating=gating)
+    # llama.cpp's enum: 1 softmax, 2 sigmoid; files without the key (V2 / V2.5 conversions) are softmax
+    assert read_gguf_config(str(path)).extra["scoring_func"] == {2: "sigmoid", 1: "softmax", None: "softmax"}[gating]
+
+
+def test_gguf_unknown_expert_gating_func_is_a_load_error(tmp_path):
+    from hearth.loader import ModelLoadError
+    from hearth.loader.inspect import read_gguf_config
+
+    path = tmp_path / "tiny.gguf"
+    write_deepseek2_gguf(build_hf(), path, gating=7)
+    with pytest.raises(ModelLoadError, match="expert_gating_func 7"):
+        read_gguf_config(str(path))
+
+
+def test_hf_config_scoring_func_is_honoured(tmp_path):
+    """An HF folder saying scoring_func softmax routes with softmax; one saying something else does not load."""
+    from hearth.loader.inspect import read_hf_config
+    from hearth.models.registry import model_class
+
+    folder = save_tiny(build_hf(), str(tmp_path / "hf"))
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    for value, want in (("softmax", "softmax"), (None, "sigmoid")):
+        if value is None:
+            cfg.pop("scoring_func", None)
+        else:
+            cfg["scoring_func"] = value
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        config = read_hf_config(folder)
+        assert model_class(config)(config).model.layers[1].mlp.scoring_func == want
+    config = read_hf_config(folder)
+    config.extra["scoring_func"] = "relu"
+    with pytest.raises(ValueError, match="scoring_func 'relu'"):
+        model_class(config)(config)
+
+
+@pytest.mark.parametrize("gating", [1, None], ids=["softmax", "absent"])
+def test_gguf_deepseek2_softmax_gating_matches_transformers_v2_router(tmp_path, gating):
+    """A V2-style file (softmax gating, no correction bias, weights not normalised) against the tiny model routed by
+    transformers' DeepSeek-V2 router; the same file read as sigmoid gives other logits."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.load import load_model
+    from hearth.loader.resolve import ModelRef
+    from hearth.models.registry import model_class
+
+    hf = v2_routed(build_hf(seed=9, norm_topk_prob=False))
+    path = tmp_path / "tiny-deepseek2-softmax.gguf"
+    write_deepseek2_gguf(hf, path, gating=gating, norm_topk_prob=False)
+    reference = copy.deepcopy(hf)
+    with torch.no_grad():  # the reference runs on the Q8_0 expert weights as stored
+        for layer in reference.model.layers[1:]:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.copy_(torch.from_numpy(quants.dequantize(quants.quantize(p.numpy(), T.Q8_0), T.Q8_0)))
+    config = read_gguf_config(str(path))
+    assert config.extra["scoring_func"] == "softmax" and not config.extra["norm_topk_prob"]
+    model = model_class(config)(config)
+    load_model(model, ModelRef(str(path), str(path), "gguf"), torch.float32, keep_quantized=False)
+    ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(10))
+    ours = prefill_logits(model, ids)
+    torch.testing.assert_close(ours, hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+    for layer in model.model.layers[1:]:
+        layer.mlp.scoring_func = "sigmoid"
+    assert (prefill_logits(model, ids) - ours).abs().max().item() > 1e-3

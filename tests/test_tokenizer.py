@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 import os
+import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hearth.loader.resolve import embedded_model_path
 from hearth.tokenizer import (
+    _DEEPSEEK_LLM_LETTERS,
     PRE_TOKENIZER_SPLITS,
     Tokenizer,
     _byte_level_bpe,
@@ -191,3 +197,257 @@ def test_sentencepiece_vocab_matches_sentencepiece(tmp_path) -> None:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == sp.encode(text), text
         assert tok.decode(ids) == sp.decode(ids) == text
+
+
+# ---- pre-tokenizers against references ------------------------------------------------------------------------------
+
+# Fragments that exercise each rule: case runs, contractions in both cases, digit runs, CJK and kana, Hangul, emoji
+# (with joiners and modifiers), combining marks, whitespace runs, CR/LF, slashes, punctuation glued to words.
+FRAGMENTS = ["Hello", "WORLD", "hELLO", "'s", "'S", "'ll", "'LL", "'Re", "'ve", "'m", "'d", "n't", " ", "  ", "   ", "\t",
+             "\n", "\n\n", "\r\n", " \n ", "1", "12", "1234567", "3.14", "1,000", "你好", "世界。", "ひらがな", "カタカナ",
+             "한국어", "😀", "👨‍👩‍👧", "👍🏽", "🇫🇷", "e\u0301", "ﬁ", "Ünïcödé", "ŝtŕ", "/", "//", "a/b", ".,!?", "(x)",
+             "<tag>", "\u00a0", "\u200b", "ǅ", "ᾈ", "Ⅻ", "½", "٣"]  # fmt: skip
+texts = st.one_of(
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=14).map("".join),
+    st.text(max_size=40),
+)
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_GPT2 = {**_BYTE_LEVEL, "use_regex": True}
+_STARCODER = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2]}
+_LLAMA3 = {"type": "Sequence", "pretokenizers": [_split(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+), _BYTE_LEVEL]}  # fmt: skip
+_QWEN2 = {"type": "Sequence", "pretokenizers": [_split(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+), {**_BYTE_LEVEL, "trim_offsets": False}]}  # fmt: skip
+_DEEPSEEK_V3 = {"type": "Sequence", "pretokenizers": [
+    _split(r"\p{N}{1,3}"),
+    _split("[一-龥぀-ゟ゠-ヿ]+"),
+    _split("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+           "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"),
+    _BYTE_LEVEL]}  # fmt: skip
+_DEEPSEEK_LLM = {"type": "Sequence", "pretokenizers": [
+    _split("[\r\n]"),
+    _split("\\s?[" + _DEEPSEEK_LLM_LETTERS + "]+"),  # the letter class as the repository lists it
+    _split("\\s?[!-/:-~！-／：-～‘-‟　-。]+"),
+    _split("\\s+$"),
+    _split("[一-龥ࠀ-一가-퟿]+"),
+    {"type": "Digits", "individual_digits": False},
+    _BYTE_LEVEL]}  # fmt: skip
+_O200K = {"type": "Sequence", "pretokenizers": [_split(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+), _BYTE_LEVEL]}  # fmt: skip
+# The pre_tokenizer of the tokenizer.json each GGUF pre-type is converted from (SmolLM2 and StarCoder: digits one by
+# one, then GPT-2's regex; Llama 3 / DBRX / Smaug: Meta's regex; Qwen2 and R1-Distill-Qwen; DeepSeek V3/R1; DeepSeek
+# LLM; GPT-4o / gpt-oss: o200k), written as the model repositories write them.
+HF_PRE_TOKENIZERS = {
+    "gpt2": _GPT2, "gpt-2": _GPT2, "default": _GPT2, "smollm": _STARCODER, "starcoder": _STARCODER,
+    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "dbrx": _LLAMA3, "smaug-bpe": _LLAMA3,
+    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "deepseek-v3": _DEEPSEEK_V3, "deepseek-llm": _DEEPSEEK_LLM,
+    "gpt-4o": _O200K,
+}  # fmt: skip
+
+
+def _hf_pre_tokenizer(definition: dict):
+    from tokenizers import Tokenizer as Backend
+
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": definition, "post_processor": None, "decoder": None,
+            "model": {"type": "BPE", "vocab": {}, "merges": []}}  # fmt: skip
+    return Backend.from_str(json.dumps(spec)).pre_tokenizer
+
+
+def test_every_pre_tokenizer_has_a_reference() -> None:
+    assert set(HF_PRE_TOKENIZERS) == set(PRE_TOKENIZER_SPLITS)
+    for pre in ("gpt-4o", "deepseek-v3", "deepseek-r1-qwen", "qwen2", "llama-bpe", "smollm"):  # the seed families
+        assert pre in PRE_TOKENIZER_SPLITS
+
+
+@pytest.mark.parametrize("pre", sorted(HF_PRE_TOKENIZERS))
+def test_pre_tokenizer_splits_match_the_model_repositories(metadata: dict, pre: str) -> None:
+    """Our Split + ByteLevel chain against `tokenizers`' own reading of the model repository's definition."""
+    ours = _with_pre(metadata, pre).backend.pre_tokenizer
+    theirs = _hf_pre_tokenizer(HF_PRE_TOKENIZERS[pre])
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=texts)
+    def check(text: str) -> None:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text)
+
+    check()
+    for text in TEXTS:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text
+
+
+# ---- gpt-oss (`gpt-4o`): the o200k vocabulary against tiktoken's encoder ---------------------------------------------
+
+
+def _quicktok_ranks(name: str) -> dict[bytes, int]:
+    """A tiktoken-style vocabulary (token bytes → id) from quicktok-v1's copies: o200k, llama3, qwen3."""
+    spec = importlib.util.find_spec("quicktok")
+    if spec is None:
+        pytest.skip("quicktok-v1 is not installed")
+    with open(os.path.join(os.path.dirname(spec.origin), "data", f"{name}.vocab"), "rb") as f:
+        data = f.read()
+    (count,) = struct.unpack_from("<I", data, 0)
+    pos, ranks = 4, {}
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", data, pos)
+        token = data[pos + 2 : pos + 2 + length]
+        (ranks[token],) = struct.unpack_from("<I", data, pos + 2 + length)
+        pos += 6 + length
+    return ranks
+
+
+def _gguf_vocab(ranks: dict[bytes, int], pre: str, specials: dict[str, int]) -> dict:
+    """The `tokenizer.ggml.*` metadata llama.cpp's converter writes for a byte-level BPE vocabulary: tokens spelled
+    byte-level, merges as HF's tiktoken conversion derives them (every split of a token into two tokens, ranked by
+    the token), special tokens as control tokens at their ids (gaps are unused padding)."""
+    from hearth.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, _bytes_to_unicode
+
+    spell = _bytes_to_unicode()
+    text = {tok: "".join(spell[b] for b in tok) for tok in ranks}
+    merges = []
+    for tok, rank in ranks.items():
+        splits = [(ranks[tok[:i]], ranks[tok[i:]], i) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        merges += [(rank, a, b, f"{text[tok[:i]]} {text[tok[i:]]}") for a, b, i in splits]
+    merges.sort()
+    size = max([*ranks.values(), *specials.values()]) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [TOKEN_UNUSED] * size
+    for tok, rank in ranks.items():
+        tokens[rank], types[rank] = text[tok], TOKEN_NORMAL
+    for s, i in specials.items():
+        tokens[i], types[i] = s, TOKEN_CONTROL
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": [m[-1] for m in merges]}  # fmt: skip
+
+
+def _load_from_metadata(meta: dict) -> Tokenizer:
+    """Built the way a .gguf file is loaded, from its tokenizer metadata."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("hearth.tokenizer._read_gguf_tokenizer_metadata", lambda path: meta)
+        return load_tokenizer("model.gguf")
+
+
+@pytest.fixture(scope="module")
+def harmony_encoding(tmp_path_factory):
+    """openai-harmony's encoding (tiktoken's o200k_base with the harmony special tokens), offline."""
+    openai_harmony = pytest.importorskip("openai_harmony")
+    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in _quicktok_ranks("o200k").items()]
+    folder = tmp_path_factory.mktemp("tiktoken")
+    (folder / "o200k_base.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_ENCODINGS_BASE", str(folder))
+        return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_tok(harmony_encoding) -> Tokenizer:
+    """gpt-oss's vocabulary as its GGUF carries it: o200k and the harmony special tokens, pre-tokenizer gpt-4o."""
+    specials = {s: harmony_encoding.encode(s, allowed_special="all")[0] for s in harmony_encoding.special_tokens_set}
+    return _load_from_metadata(_gguf_vocab(_quicktok_ranks("o200k"), "gpt-4o", specials))
+
+
+def test_gpt_oss_vocab_matches_tiktoken(gpt_oss_tok: Tokenizer, harmony_encoding) -> None:
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=texts)
+    def check(text: str) -> None:
+        ids = gpt_oss_tok.encode(text)
+        assert ids == harmony_encoding.encode(text, disallowed_special=())
+        assert gpt_oss_tok.decode(ids) == text
+
+    check()
+    for text in TEXTS:
+        if "<|" not in text:
+            assert gpt_oss_tok.encode(text) == harmony_encoding.encode(text), text
+
+
+def test_gpt_oss_special_tokens_match_harmony(gpt_oss_tok: Tokenizer, harmony_encoding) -> None:
+    text = ("<|start|>system<|message|>You are ChatGPT.<|end|><|start|>user<|message|>What's 2+2? Say it's 4.<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final"
+            "<|message|>It's 4.<|return|>")  # fmt: skip
+    ids = gpt_oss_tok.encode(text)
+    assert ids == harmony_encoding.encode(text, allowed_special="all")
+    assert gpt_oss_tok.token_to_id("<|channel|>") == 200005 and 200005 in gpt_oss_tok.all_special_ids
+    assert gpt_oss_tok.decode(ids, skip_special_tokens=False) == text
+
+
+# ---- an unusable vocabulary fails first ---------------------------------------------------------------------------
+
+
+def _write_llama_gguf(path, pre: str) -> None:
+    """Model metadata hearth accepts, a 4-token byte-level vocabulary with pre-tokenizer `pre`, and no weights."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 8),
+                       (writer.add_feed_forward_length, 16), (writer.add_head_count, 2)]:  # fmt: skip
+        add(value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b", "ab", "<|end|>"])
+    writer.add_token_types([1, 1, 1, 3])
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(3)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unknown_pre_tokenizer_fails_before_the_weights(tmp_path, capsys, monkeypatch) -> None:
+    from hearth import LLM
+    from hearth.cli.main import main
+
+    path = tmp_path / "martian.gguf"
+    _write_llama_gguf(path, "martian")
+    touched = []
+    monkeypatch.setattr("hearth.loader.load.iter_checkpoint", lambda *a, **k: touched.append(a) or iter(()))
+    with pytest.raises(ValueError, match=r"unknown GGUF pre-tokenizer 'martian'") as info:
+        LLM(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    for argv in (["show", str(path), "--load"], ["serve", str(path), "--port", "0"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("hearth: error:") and "'martian'" in err, err
+    assert not touched  # no weight was read
+    # the same file with a known pre-tokenizer gets past the tokenizer (and fails later, on its missing weights)
+    _write_llama_gguf(path, "gpt-4o")
+    assert load_tokenizer(str(path)).encode("abab") == [2, 2]
+
+
+# ---- R1-Distill-Llama / Llama 3 and R1-Distill-Qwen / Qwen2.5 vocabularies against quicktok's exact encoders -------
+
+
+@pytest.mark.parametrize(("vocab", "pre"), [("llama3", "llama-bpe"), ("qwen3", "deepseek-r1-qwen")])
+def test_llama3_and_qwen_vocabs_match_their_reference_encoders(vocab: str, pre: str) -> None:
+    """Llama 3's vocabulary with `llama-bpe` (whole words found in the vocabulary win over merges) and Qwen's with
+    `deepseek-r1-qwen` (digits one by one), against quicktok's encoders, which match the HF tokenizers id for id.
+    Qwen's HF tokenizer also NFC-normalizes its input and a GGUF vocabulary does not (neither does llama.cpp), so
+    Qwen's texts are compared in NFC."""
+    import unicodedata
+
+    quicktok = pytest.importorskip("quicktok")
+    tok = _load_from_metadata(_gguf_vocab(_quicktok_ranks(vocab), pre, {}))
+    reference = quicktok.get_encoding(vocab)
+    normalize = (lambda t: unicodedata.normalize("NFC", t)) if vocab == "qwen3" else (lambda t: t)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(text=texts.map(normalize))
+    def check(text: str) -> None:
+        assert tok.encode(text) == reference.encode_ordinary(text)
+
+    check()
+    for text in TEXTS:
+        text = normalize(text)
+        assert tok.encode(text) == reference.encode_ordinary(text), text

@@ -99,30 +99,40 @@ def tool_call_dicts(calls: list, start: int = 0, streaming: bool = False) -> lis
 
 
 class ChoiceParser:
-    """One choice's output parser (reasoning / tool calls), or a pass-through; counts reasoning tokens."""
+    """One choice's output parser (reasoning / tool calls), or a pass-through; counts reasoning tokens.
+
+    A reasoning token is a generated token id whose delta the parser read inside the reasoning: from the opening markup
+    (`<think>`, an analysis header) through the closing one (`</think>`, `<|end|>`). Tokens of markup that does not yet
+    say where it goes wait in `pending` until the parser decides.
+    """
 
     def __init__(self, state: ServerState, with_tools: bool):
         self.parser = state.chat_format.parser(with_tools)
-        self.tokenizer = state.tokenizer
         self.num_tool_calls = 0
-        self.reasoning_chars: list[str] = []
+        self.num_reasoning_tokens = 0
+        self.pending = 0
 
     def feed(self, delta: Delta):
-        from hearth.chat.reasoning import ParsedDelta
+        from hearth.chat.reasoning import REASONING, UNDECIDED, ParsedDelta
 
-        parsed = ParsedDelta(content=delta.text) if self.parser is None else self.parser.feed(delta.text)
-        if delta.finished and self.parser is not None:
+        if self.parser is None:
+            return ParsedDelta(content=delta.text)
+        before = self.parser.phase
+        parsed = self.parser.feed(delta.text)
+        if delta.finished:
             parsed.extend(self.parser.finish())
-        self.reasoning_chars.append(parsed.reasoning)
+        after = self.parser.phase
+        if REASONING in (before, after) or parsed.reasoning:
+            self.num_reasoning_tokens += self.pending + len(delta.token_ids)
+            self.pending = 0
+        elif after == UNDECIDED:
+            self.pending += len(delta.token_ids)
+        else:
+            self.pending = 0
         return parsed
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.num_tool_calls and reason == "stop" else reason
-
-    @property
-    def num_reasoning_tokens(self) -> int:
-        text = "".join(self.reasoning_chars)
-        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
 
 def chat_logprobs(state: ServerState, delta: Delta) -> list[ChatLogprob]:

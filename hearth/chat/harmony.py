@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from hearth.chat.reasoning import ParsedDelta
+from hearth.chat.reasoning import ANSWER, REASONING, UNDECIDED, ParsedDelta
 from hearth.chat.tool_calls import ToolCall
 
 SPECIAL_TOKENS = {
@@ -285,6 +285,15 @@ class HarmonyParser:
         self._buf += text
         self._run(delta, final=False)
         return delta
+
+    @property
+    def phase(self) -> str:
+        """Reasoning inside an analysis message; undecided in a header or between messages (the next header says)."""
+        if self.finished:
+            return ANSWER
+        if self._state == "content":
+            return REASONING if self._kind == "reasoning" else ANSWER
+        return UNDECIDED
 
     def finish(self) -> ParsedDelta:
         delta = ParsedDelta()

@@ -29,6 +29,9 @@ class ParsedDelta:
         return self
 
 
+REASONING, ANSWER, UNDECIDED = "reasoning", "answer", "undecided"  # ReasoningParser.phase
+
+
 class ReasoningParser(Protocol):
     def feed(self, delta_text: str) -> ParsedDelta:
         """Parse the next piece of generated text; returns what can be emitted now."""
@@ -36,6 +39,12 @@ class ReasoningParser(Protocol):
 
     def finish(self) -> ParsedDelta:
         """End of generation (stop, eos or max_tokens): flush whatever was held back."""
+        ...
+
+    @property
+    def phase(self) -> str:
+        """Where the text fed so far ends: inside the reasoning (REASONING), outside it (ANSWER), or in markup that
+        does not yet say which (UNDECIDED: a tag or header still open). Reasoning tokens are counted from it."""
         ...
 
 
@@ -67,6 +76,12 @@ class ThinkParser:
     def feed(self, delta_text: str) -> ParsedDelta:
         self.buffer += delta_text
         return self._drain(final=False)
+
+    @property
+    def phase(self) -> str:
+        if self.state == "opening":  # an opening tag may still come: reasoning either way if the prompt opened it
+            return REASONING if self.in_reasoning else UNDECIDED
+        return REASONING if self.state == "reasoning" else ANSWER
 
     def finish(self) -> ParsedDelta:
         return self._drain(final=True)

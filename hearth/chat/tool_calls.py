@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hearth.chat.reasoning import ParsedDelta, ReasoningParser, held_prefix
+from hearth.chat.reasoning import ANSWER, ParsedDelta, ReasoningParser, held_prefix
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALLS_END = "<｜tool▁calls▁end｜>"
@@ -184,6 +184,10 @@ class ChainedParser:
 
     def feed(self, delta_text: str) -> ParsedDelta:
         return self._through_tools(self.reasoning.feed(delta_text) if self.reasoning else ParsedDelta(content=delta_text))
+
+    @property
+    def phase(self) -> str:
+        return self.reasoning.phase if self.reasoning else ANSWER
 
     def finish(self) -> ParsedDelta:
         out = self._through_tools(self.reasoning.finish() if self.reasoning else ParsedDelta())

@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def loaded_memory(ref) -> dict:
-    """Load the weights as `serve` would (default dtype, quantized forms kept) and measure them."""
+    """Build the tokenizer and load the weights as `serve` would (default dtype, quantized forms kept); measure them."""
     import torch
 
     from hearth.config import EngineConfig
@@ -22,8 +22,10 @@ def loaded_memory(ref) -> dict:
     from hearth.loader.inspect import read_gguf_config, read_hf_config
     from hearth.loader.load import load_model, model_nbytes
     from hearth.models.registry import model_class
+    from hearth.tokenizer import load_tokenizer
 
     config = read_gguf_config(ref.path) if ref.format == "gguf" else read_hf_config(ref.path)
+    load_tokenizer(ref.path)  # as serve does, before any weight: a vocabulary serve cannot use fails here too
     dtype = resolve_dtype(EngineConfig().dtype, ref, config)
     model = model_class(config)(config)
     load_model(model, ref, dtype, keep_quantized=dtype != torch.float32)

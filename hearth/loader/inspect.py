@@ -14,6 +14,8 @@ from hearth.loader.gguf import GGUFFile, open_gguf
 
 # GGUF general.architecture → HF model_type
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3"}
+# GGUF {arch}.expert_gating_func (llama.cpp's enum) → HF scoring_func
+GGUF_GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 # GGUF rope.scaling.* → HF rope_scaling keys
 ROPE_SCALING_KEYS = {
     "factor": "factor",
@@ -110,6 +112,11 @@ def read_gguf_config(gguf_file: GGUFFile | str) -> ModelConfig:
                "routed_scaling_factor": "expert_weights_scale", "norm_topk_prob": "expert_weights_norm",
                "n_group": "expert_group_count", "topk_group": "expert_group_used_count"}  # fmt: skip
         fields["extra"].update({hf: get(key) for hf, key in moe.items() if get(key) is not None})
+        # llama.cpp's expert gating enum; files without it (DeepSeek-V2/V2.5 conversions) gate with softmax
+        gating = get("expert_gating_func", 1)
+        if gating not in GGUF_GATING_FUNCS:
+            raise ModelLoadError(g.path, f"unsupported {arch}.expert_gating_func {gating!r} (1 softmax, 2 sigmoid)")
+        fields["extra"]["scoring_func"] = GGUF_GATING_FUNCS[gating]
     try:
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:

@@ -1,5 +1,6 @@
 """DeepSeek-V3 / R1 (and V2-style MLA models): multi-head latent attention over a latent paged KV cache, YaRN rope with
-the mscale² softmax correction, the first dense layers, and MoE with shared experts and noaux_tc grouped routing.
+the mscale² softmax correction, the first dense layers, and MoE with shared experts and grouped routing (V3's sigmoid
+noaux_tc, or V2's softmax).
 
 Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/model.py; facts in MODELS.md §2.
 The cache holds one vector per token per layer, [c_kv (kv_lora_rank, after kv_a_layernorm) | k_pe (rope dims, after
@@ -298,17 +299,31 @@ def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
 
 
-def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
-                 topk_group: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):  # fmt: skip
-    """DeepSeek-V3 noaux_tc routing (MODELS.md §2.3), in float32. Returns (weights, expert ids), both [T, top_k].
+SCORING_FUNCS = ("sigmoid", "softmax")
 
-    Sigmoid scores; the correction bias only ranks (groups by the sum of their top-2 biased scores, then experts
-    inside the best `topk_group` groups); the weights are the unbiased scores, normalised, times the scaling factor.
+
+def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                 topk_group: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                 scoring_func: str = "sigmoid"):  # fmt: skip
+    """DeepSeek MoE routing, in float32. Returns (weights, expert ids), both [T, top_k].
+
+    Scores are the router logits through `scoring_func`: each expert's sigmoid (V3, noaux_tc) or a softmax over the
+    experts (V2). The correction bias (V3; V2 has none, so zeros) only ranks. With groups, only experts of the
+    `topk_group` best groups can be chosen: under sigmoid a group scores the sum of its top-2 biased scores (V3);
+    under softmax its best score (V2's group_limited_greedy, as HF's DeepseekV2 router does; llama.cpp takes the
+    top-2 sum there too). The weights are the unbiased scores, normalised if `norm_topk_prob`, times the scaling factor.
     """
-    scores = router_logits.float().sigmoid()  # [T, E]
+    if scoring_func not in SCORING_FUNCS:
+        raise ValueError(f"scoring_func {scoring_func!r} is not supported (supported: {', '.join(SCORING_FUNCS)})")
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
     num_tokens, num_experts = scores.shape
     choice = scores + correction_bias.float()
-    group_scores = choice.view(num_tokens, num_groups, -1).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    grouped = choice.view(num_tokens, num_groups, -1)
+    if scoring_func == "sigmoid":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    else:
+        group_scores = grouped.max(dim=-1).values
     groups = group_scores.topk(topk_group, dim=-1).indices
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
     choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
@@ -387,6 +402,10 @@ class DeepseekV3MoE(nn.Module):
         self.topk_group = extra.get("topk_group") or 1
         self.norm_topk_prob = bool(extra.get("norm_topk_prob", True))
         self.routed_scaling_factor = float(extra.get("routed_scaling_factor", 1.0))
+        # HF configs say `scoring_func` (V3 checkpoints: sigmoid); GGUF's expert_gating_func is read into it
+        self.scoring_func = extra.get("scoring_func", "sigmoid")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func {self.scoring_func!r} is not supported (supported: {', '.join(SCORING_FUNCS)})")
         num_experts, inter = config.num_local_experts, config.moe_intermediate_size
         if num_experts % self.num_groups or num_experts // self.num_groups < 2:
             raise ValueError(f"{num_experts} experts do not split into {self.num_groups} groups of at least 2")
@@ -397,7 +416,8 @@ class DeepseekV3MoE(nn.Module):
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(self.gate(hidden_states), self.gate.e_score_correction_bias, self.top_k, self.num_groups,
-                            self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)  # fmt: skip
+                            self.topk_group, self.norm_topk_prob, self.routed_scaling_factor,
+                            self.scoring_func)  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden_states)
