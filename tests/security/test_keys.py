@@ -655,3 +655,22 @@ def test_rate_limiter_window():
     assert "request too large" in too_big.message
     now[0] += 61
     assert limiter.admit("t", None, 100, TokenAsk(60, 1, 40, 500)).tokens == 100  # the window has passed
+
+
+def test_a_granted_max_tokens_is_not_in_the_transcript_and_big_bodies_are_413(home, fast_kdf):
+    from hearth.governance.audit import AuditLog, read_transcript
+
+    key, _ = create_key("tokens", tpm=50)
+    with TestClient(make_app(FakeEngine(), keys=KeyStore(), audit=AuditLog(transcripts=True),
+                             max_body_bytes=1024)) as c:  # fmt: skip
+        r = completion(c, key, max_tokens=None)  # JSON null: no max_tokens, so one is granted
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 31
+        request = read_transcript(r.json()["id"])["request"]
+        assert json.loads(request) == {"model": "fake-model", "prompt": "Hi", "max_tokens": None}  # as sent
+        err = assert_openai_error(completion(c, key, prompt="x" * 2000), 413, "invalid_request_error")
+        assert "1024 bytes" in err["message"]
+        # a body the route refuses reserves nothing and gets the route's own error
+        r = c.post("/v1/completions", content=b"{not json", headers={**bearer(key), "Content-Type": "application/json"})
+        assert_openai_error(r, 400, "invalid_request_error")
+        assert_openai_error(completion(c, key, model="other"), 404, "invalid_request_error")
+        assert completion(c, key, max_tokens=16).status_code == 200  # the 19 left were untouched
