@@ -208,7 +208,7 @@ class GovernanceMiddleware:
             except BaseException:
                 self.limiter.settle(result, 0)  # never leave a reservation behind
                 raise
-        return None, result, body
+        return None, result if record.tpm is not None else None, body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
