@@ -26,7 +26,9 @@ def register(sub) -> None:
     c.add_argument("--scope", choices=["chat", "admin"], default="chat",
                    help="chat: the /v1 API; admin: also /metrics (default chat)")  # fmt: skip
     c.add_argument("--rpm", type=int, help="most requests per minute (default: no limit)")
-    c.add_argument("--tpm", type=int, help="most prompt + completion tokens per minute (default: no limit)")
+    c.add_argument("--tpm", type=int, help="most prompt + completion tokens per minute; a request reserves its "
+                   "prompt and max_tokens up front, one without max_tokens gets what the key has left (default: no "
+                   "limit)")  # fmt: skip
     c.add_argument("--expires", metavar="DATE", help="expiry, YYYY-MM-DD or an ISO date-time (UTC unless given)")
     c.add_argument("--json", action="store_true", help="print JSON (the key and its record)")
     c.set_defaults(func=cmd_create)

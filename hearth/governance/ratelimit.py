@@ -1,8 +1,21 @@
 """Per-key limits over a sliding 60-second window: requests per minute, and tokens (prompt + completion) per minute.
 
-A request's tokens are known only when it ends, so the token limit admits a request while the window holds fewer
-than `tpm` tokens and charges it afterwards (one request may overshoot; the next waits until the window has room).
-State is per process: two servers on one $HEARTH_HOME each apply the limits on their own.
+Tokens are reserved when a request is admitted and settled when it ends. Before a generating request reaches the
+model, the middleware works out its TokenAsk: its prompt tokens (exact: rendered as the route renders them), how many
+completions it makes (prompts × n) and its max_tokens. The reservation is prompt + completions × max_tokens. A request
+without max_tokens is granted what the key has left (at most what fits the context), and that grant becomes the
+request's max_tokens. A request is admitted only when the tokens charged in the last 60 s, plus those reserved by the
+key's requests in flight, plus its own reservation stay within `tpm`; otherwise it gets 429 with Retry-After. A request
+that could never fit (its prompt and max_tokens alone pass `tpm`) gets 429 too, as OpenAI answers, with a message
+that says so.
+
+When a request ends, its reservation is replaced by what it used, charged at its end time; the unused rest is free at
+once (a request that failed before generating used nothing). So the tokens of the requests that end in any 60 s window
+never add up to more than `tpm`: when the last of them was admitted, each of the others was either in flight (it had
+reserved at least what it used) or had ended less than 60 s before (it was charged).
+
+Requests that generate nothing (GET /v1/models, a body the route will refuse) reserve nothing and are limited by
+`rpm` alone. State is per process: two servers on one $HEARTH_HOME each apply the limits on their own.
 """
 
 from __future__ import annotations
@@ -15,19 +28,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 WINDOW_SECONDS = 60.0
+IN_FLIGHT_RETRY_SECONDS = 1  # Retry-After when only the key's requests in flight stand in the way: they end any time
 
 
 @dataclass(slots=True)
 class _Window:
     requests: deque[float] = field(default_factory=deque)  # start times
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (end time, tokens)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (end time, tokens used)
     num_tokens: int = 0  # sum over `tokens`
+    reserved: int = 0  # reservations of the requests in flight
 
 
 @dataclass(slots=True)
 class Refusal:
     message: str
     retry_after: int  # whole seconds, at least 1
+
+
+@dataclass(slots=True)
+class TokenAsk:
+    """What a generating request may use: its prompt tokens and completions × max_tokens."""
+
+    prompt_tokens: int  # each prompt counted once, as the usage counts it
+    completions: int  # prompts × n
+    max_tokens: int | None  # per completion; None: grant what the key has left
+    most: int  # the most a completion can be granted when max_tokens is None (what fits the context)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """An admitted request's hold on its key's token window, released by `RateLimiter.settle`."""
+
+    key_id: str
+    tokens: int = 0  # reserved
+    prompt_tokens: int = 0
+    granted_max_tokens: int | None = None  # set when the request had no max_tokens: the one it must run with
+    settled: bool = False
 
 
 class RateLimiter:
@@ -42,10 +78,8 @@ class RateLimiter:
         while w.tokens and w.tokens[0][0] <= now - WINDOW_SECONDS:
             w.num_tokens -= w.tokens.popleft()[1]
 
-    def admit(self, key_id: str, rpm: int | None, tpm: int | None) -> Refusal | None:
-        """Count one request for `key_id`, or say why not and when to retry."""
-        if rpm is None and tpm is None:
-            return None
+    def admit(self, key_id: str, rpm: int | None, tpm: int | None, ask: TokenAsk | None = None) -> Reservation | Refusal:
+        """Count one request for `key_id` and reserve its tokens, or say why not and when to retry."""
         now = self.clock()
         with self._lock:
             w = self._windows.setdefault(key_id, _Window())
@@ -54,27 +88,52 @@ class RateLimiter:
                 wait = w.requests[len(w.requests) - rpm] + WINDOW_SECONDS - now
                 return Refusal(f"rate limit reached: key {key_id} allows {rpm} requests per minute; retry in "
                                f"{math.ceil(wait)} s", max(1, math.ceil(wait)))  # fmt: skip
-            if tpm is not None and w.num_tokens >= tpm:
-                # wait until enough of the oldest charges leave the window to bring it under the limit
-                over, wait = w.num_tokens - tpm, WINDOW_SECONDS
-                for end, num in w.tokens:
-                    over -= num
-                    if over < 0:
-                        wait = end + WINDOW_SECONDS - now
-                        break
-                return Refusal(f"token rate limit reached: key {key_id} allows {tpm} tokens per minute; retry in "
-                               f"{math.ceil(wait)} s", max(1, math.ceil(wait)))  # fmt: skip
+            reservation = Reservation(key_id)
+            if tpm is not None and ask is not None:
+                left = tpm - w.num_tokens - w.reserved
+                grant = ask.max_tokens
+                if grant is None:
+                    grant = max(1, min(ask.most, (left - ask.prompt_tokens) // ask.completions))
+                need = ask.prompt_tokens + ask.completions * grant
+                asked = f"{ask.prompt_tokens} prompt tokens + {ask.completions} × {grant} completion tokens"
+                if need > tpm:
+                    return Refusal(f"request too large: it needs {need} tokens ({asked}), but key {key_id} allows "
+                                   f"{tpm} tokens per minute; lower max_tokens or shorten the prompt",
+                                   int(WINDOW_SECONDS))  # fmt: skip
+                if need > left:
+                    wait = self._wait(w, now, need - left)
+                    return Refusal(f"token rate limit reached: key {key_id} allows {tpm} tokens per minute and has "
+                                   f"{max(0, left)} left; this request needs {need} ({asked}); retry in {wait} s",
+                                   wait)  # fmt: skip
+                w.reserved += need
+                reservation.tokens, reservation.prompt_tokens = need, ask.prompt_tokens
+                if ask.max_tokens is None:
+                    reservation.granted_max_tokens = grant
             if rpm is not None:
                 w.requests.append(now)
-            return None
+            return reservation
 
-    def charge(self, key_id: str, num_tokens: int) -> None:
-        """Add a finished request's tokens to the key's window."""
-        if num_tokens <= 0:
+    @staticmethod
+    def _wait(w: _Window, now: float, missing: int) -> int:
+        """Seconds until `missing` more tokens are free: when enough of the oldest charges leave the window."""
+        for end, num in w.tokens:
+            missing -= num
+            if missing <= 0:
+                return max(1, math.ceil(end + WINDOW_SECONDS - now))
+        return IN_FLIGHT_RETRY_SECONDS
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """Replace a finished request's reservation with the tokens it used (charged now). Safe to call twice."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if reservation.tokens == 0 and used <= 0:
             return
         now = self.clock()
         with self._lock:
-            w = self._windows.setdefault(key_id, _Window())
+            w = self._windows.setdefault(reservation.key_id, _Window())
             self._prune(w, now)
-            w.tokens.append((now, num_tokens))
-            w.num_tokens += num_tokens
+            w.reserved -= reservation.tokens
+            if used > 0:
+                w.tokens.append((now, used))
+                w.num_tokens += used

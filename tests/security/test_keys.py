@@ -193,31 +193,6 @@ def test_requests_per_minute(client, home, fast_kdf):
     assert client.get("/v1/models", headers=bearer(other)).status_code == 200  # limits are per key
 
 
-def test_tokens_per_minute(client, home, fast_kdf):
-    key, _ = create_key("tokens", tpm=50)
-    r = client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
-    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] > 50  # admitted, then charged
-    r = client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
-    err = assert_openai_error(r, 429, "rate_limit_error")
-    assert "50 tokens per minute" in err["message"] and int(r.headers["retry-after"]) >= 1
-
-
-def test_rate_limiter_window():
-    now = [1000.0]
-    limiter = RateLimiter(clock=lambda: now[0])
-    assert limiter.admit("k", 2, None) is None and limiter.admit("k", 2, None) is None
-    refusal = limiter.admit("k", 2, None)
-    assert refusal is not None and refusal.retry_after == 60
-    now[0] += 30
-    assert limiter.admit("k", 2, None).retry_after == 30
-    now[0] += 30.5
-    assert limiter.admit("k", 2, None) is None
-    limiter.charge("t", 120)
-    assert limiter.admit("t", None, 100).retry_after == 60
-    now[0] += 61
-    assert limiter.admit("t", None, 100) is None
-
-
 def test_the_key_never_reaches_logs_or_the_audit_log(home, fast_kdf, caplog):
     from hearth.governance.audit import AuditLog
 
@@ -250,3 +225,452 @@ def test_keys_list_does_not_import_torch():
     code = "import sys; from hearth.cli.main import main; main(['keys', 'list']); assert 'torch' not in sys.modules"
     env = {**os.environ, "HEARTH_HOME": "/nonexistent-hearth-home"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+
+
+# --- the keys file breaks while serving: the server stays closed ------------------------------------------------------
+
+# every route that needs a key: the API, the admin route, the docs, an unknown path
+PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/fake-model"), ("POST", "/v1/chat/completions"),
+             ("POST", "/v1/completions"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
+             ("GET", "/nope")]  # fmt: skip
+COMPLETION = {"model": "fake-model", "prompt": "Hi"}
+ERROR_TYPE = {401: "authentication_error", 503: "service_unavailable"}
+
+
+def call(c, method: str, path: str, headers: dict | None = None):
+    body = (CHAT if path.endswith("/chat/completions") else COMPLETION) if method == "POST" else None
+    return c.request(method, path, json=body, headers=headers)
+
+
+def assert_closed(c, key: str, allowed: tuple[int, ...] = (401, 503)) -> set[int]:
+    """Every protected route refuses, with the key and without, in OpenAI's error shape; returns the statuses."""
+    seen = set()
+    for method, path in PROTECTED:
+        for headers in (None, bearer(key)):
+            r = call(c, method, path, headers)
+            assert r.status_code in allowed, (method, path, r.status_code, r.text)
+            assert_openai_error(r, r.status_code, ERROR_TYPE[r.status_code])
+            assert key.split("_", 2)[2] not in r.text
+            seen.add(r.status_code)
+    return seen
+
+
+def assert_open_to(c, key: str) -> None:
+    for method, path in PROTECTED:
+        assert call(c, method, path, bearer(key)).status_code == (404 if path == "/nope" else 200), path
+        assert call(c, method, path).status_code == 401
+
+
+def replace_file(path: str, data: bytes) -> None:
+    tmp = path + ".new"
+    Path(tmp).write_bytes(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+BAD_FIELD_VALUES = {
+    "id": [None, 1, "", "1234567", "123456789", "zzzzzzzz", [], {}],
+    "name": [None, 1, [], {"a": 1}],
+    "scope": [None, "", "root", 1, ["chat"]],
+    "salt": [None, "", "zz", 1, []],
+    "hash": [None, "", "not hex", 1, {}],
+    "kdf": [None, {}, "scrypt", [], {"name": "bcrypt", "n": 1024, "r": 8, "p": 1},
+            {"name": "scrypt", "n": "1024", "r": 8, "p": 1}, {"name": "scrypt", "n": 1000, "r": 8, "p": 1},
+            {"name": "scrypt", "n": 2**30, "r": 8, "p": 1}, {"name": "scrypt", "n": 1024, "r": 8}],
+    "created": [1, [], {}],
+    "expires": ["soon", 1, [], "2099-13-45"],
+    "rpm": ["5", 0, -1, True, 1.5, [], {}],
+    "tpm": ["5", 0, -1, False, 2.5, [], {}],
+    "revoked": [1, True, [], {}],
+}  # fmt: skip
+
+
+def corruptions(valid: bytes) -> list[tuple[str, bytes | None]]:
+    """(label, new content; None: remove the file), generated from a valid keys file holding one key."""
+    import random
+
+    rng = random.Random(1234)
+    data = json.loads(valid)
+    (record,) = data["keys"]
+    out: list[tuple[str, bytes | None]] = [("removed", None), ("emptied", b""), ("no keys", b'{"version": 1, "keys": []}')]
+    end = len(valid.rstrip())
+    out += [(f"truncated to {n}", valid[:n]) for n in range(1, end, max(1, end // 20))]
+    out += [(f"random bytes {n}", rng.randbytes(n)) for n in (1, 7, 64, len(valid), 4096)]
+    structural = [i for i, b in enumerate(valid) if chr(b) in '{}[]":,']
+    for n in (1, 2, 5, 20):  # bit flips in the JSON's structure: never valid JSON
+        flipped = bytearray(valid)
+        for i in rng.sample(structural, n):
+            flipped[i] ^= 1 << rng.randrange(8)
+        out.append((f"{n} bit flips", bytes(flipped)))
+    out += [("NULs", b"\0" * 100), ("invalid UTF-8", b'{"keys": ["\xff\xfe"]}'), ("deep nesting", b"[" * 100_000)]
+    shapes = [[], {}, None, 1, "keys", [data], {"keys": None}, {"keys": {}}, {"keys": "x"}, {"keys": [1]},
+              {"keys": [None]}, {"keys": [[]]}, {"keys": [record, record]}, {"version": 1}]  # fmt: skip
+    out += [(f"shape {json.dumps(v)[:40]}", json.dumps(v).encode()) for v in shapes]
+    for field, values in BAD_FIELD_VALUES.items():
+        for value in values:
+            out.append((f"{field}={value!r}", json.dumps({**data, "keys": [{**record, field: value}]}).encode()))
+    for field in ("id", "salt", "hash", "scope", "name"):
+        rest = {k: v for k, v in record.items() if k != field}
+        out.append((f"no {field}", json.dumps({**data, "keys": [rest]}).encode()))
+    out.append(("unknown field", json.dumps({**data, "keys": [{**record, "admin": True}]}).encode()))
+    return out
+
+
+def test_a_broken_keys_file_keeps_every_route_closed_and_the_server_recovers(home, fast_kdf, caplog):
+    key, record = create_key("app", scope="admin")
+    path = keys_path()
+    valid = Path(path).read_bytes()
+    cases = corruptions(valid)
+    assert len(cases) > 100
+    with caplog.at_level("DEBUG"), TestClient(make_app(FakeEngine(), keys=KeyStore())) as c:
+        assert_open_to(c, key)
+        for label, content in cases:
+            if content is None:
+                os.unlink(path)
+            else:
+                replace_file(path, content)
+            seen = assert_closed(c, key)
+            expected = {401} if label in ("removed", "no keys") else {503}
+            assert seen == expected, label
+            replace_file(path, valid)
+            assert c.get("/v1/models", headers=bearer(key)).status_code == 200, f"no recovery after {label}"
+        assert key.split("_", 2)[2] not in caplog.text and "usable again" in caplog.text
+
+
+def test_random_keys_files_keep_the_server_closed(home, fast_kdf):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    key, _ = create_key("app", scope="admin")
+    path = keys_path()
+    valid = Path(path).read_bytes()
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=4),
+                               max_leaves=20)  # fmt: skip
+    fields = st.sampled_from(sorted(keys_mod.KeyRecord.__dataclass_fields__))
+    records = st.lists(st.dictionaries(fields, json_values, max_size=12), max_size=3)
+    keys_like = st.fixed_dictionaries({"version": st.just(1), "keys": records})
+    contents = st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()) | \
+        keys_like.map(lambda v: json.dumps(v).encode())  # fmt: skip
+
+    with TestClient(make_app(FakeEngine(), keys=KeyStore())) as c:
+
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(contents)
+        def check(content: bytes) -> None:
+            replace_file(path, content)
+            assert_closed(c, key)
+            replace_file(path, valid)
+            assert c.get("/v1/models", headers=bearer(key)).status_code == 200
+
+        check()
+
+
+def test_an_unreadable_keys_file_is_503_and_logged_once(home, fast_kdf, caplog, monkeypatch):
+    key, _ = create_key("app", scope="admin")
+    path = keys_path()
+    valid = Path(path).read_bytes()
+    with caplog.at_level("DEBUG"), TestClient(make_app(FakeEngine(), keys=KeyStore())) as c:
+        # replaced by a directory
+        os.unlink(path)
+        os.mkdir(path)
+        assert assert_closed(c, key) == {503}
+        os.rmdir(path)
+        replace_file(path, valid)
+        assert_open_to(c, key)
+        # open() fails (tests run as root, so chmod 000 would not stop them)
+        caplog.clear()
+
+        def unreadable(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(keys_mod, "open", unreadable, raising=False)
+        replace_file(path, valid)  # a change, so the server rereads it
+        for _ in range(3):
+            assert assert_closed(c, key) == {503}
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "cannot read the keys file" in errors[0].getMessage()
+        assert "Permission denied" in errors[0].getMessage()
+        monkeypatch.undo()
+        replace_file(path, valid)
+        assert_open_to(c, key)
+        assert "usable again" in caplog.text
+        assert key.split("_", 2)[2] not in caplog.text
+
+
+def test_each_change_is_logged_once_never_per_request(home, fast_kdf, caplog):
+    key, _ = create_key("app", scope="admin")
+    path = keys_path()
+    valid = Path(path).read_bytes()
+    with caplog.at_level("WARNING"), TestClient(make_app(FakeEngine(), keys=KeyStore())) as c:
+        caplog.clear()
+        replace_file(path, b"garbage")
+        for _ in range(5):
+            assert_closed(c, key)
+        os.unlink(path)
+        for _ in range(5):
+            assert_closed(c, key)
+        replace_file(path, valid)
+        for _ in range(5):
+            assert c.get("/v1/models", headers=bearer(key)).status_code == 200
+    messages = [r.getMessage() for r in caplog.records if r.name == "hearth.governance.keys"]
+    assert len(messages) == 3, messages
+    assert "not a valid keys file" in messages[0] and "(503)" in messages[0]
+    assert "is gone" in messages[1] and "(401)" in messages[1]
+    assert "usable again" in messages[2]
+    assert not any("garbage" in m for m in messages)  # the file's bytes are never logged
+
+
+def test_a_server_started_open_locks_when_a_keys_file_appears_and_stays_locked(client, home, fast_kdf):
+    assert client.get("/v1/models").status_code == 200  # no keys: open on loopback
+    os.makedirs(home, exist_ok=True)
+    replace_file(keys_path(), b"{not json")  # a file it cannot read locks it too: it might hold keys
+    assert assert_closed(client, "hk_00000000_x") == {503}
+    os.unlink(keys_path())
+    assert assert_closed(client, "hk_00000000_x") == {401}  # and it stays locked until a restart
+    key, _ = create_key("app", scope="admin")
+    assert_open_to(client, key)
+
+
+def test_require_key_stays_closed_whatever_the_file(home, fast_kdf):
+    with TestClient(make_app(FakeEngine(), keys=KeyStore(), require_key=True)) as c:
+        assert assert_closed(c, "hk_00000000_x") == {401}
+        os.makedirs(home, exist_ok=True)
+        replace_file(keys_path(), b"\x00\x01")
+        assert assert_closed(c, "hk_00000000_x") == {503}
+        os.unlink(keys_path())
+        key, _ = create_key("app", scope="admin")
+        assert_open_to(c, key)
+
+
+def test_a_check_that_fails_unexpectedly_refuses(client, home, fast_kdf, monkeypatch):
+    key, _ = create_key("app", scope="admin")
+
+    def broken(self, key):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(KeyStore, "verify", broken)
+    assert assert_closed(client, key) == {401, 503}  # 401 without a key
+    for method, path in PROTECTED:
+        assert_openai_error(call(client, method, path, bearer(key)), 503, "service_unavailable")
+
+
+def test_serve_refuses_to_start_on_a_broken_keys_file(home, capsys):
+    os.makedirs(home, exist_ok=True)
+    Path(keys_path()).write_text('{"keys": [{"id": 5}]}')
+    code, _, err = run_cli(capsys, "serve", "smollm2")
+    assert code == 1 and "not a valid keys file" in err and "Traceback" not in err
+
+
+# --- tokens per minute: reserved at admission, settled at the end -----------------------------------------------------
+
+
+def completion(c, key: str, prompt: str = "Hi", **fields):
+    return c.post("/v1/completions", json={"model": "fake-model", "prompt": prompt, **fields}, headers=bearer(key))
+
+
+def test_tokens_per_minute(client, home, fast_kdf):
+    key, record = create_key("tokens", tpm=50)
+    # "Hi" is 3 prompt tokens (BOS + 2); no max_tokens: granted the 47 left, uses 28 (the fake reply), releases 19
+    r = completion(client, key)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 31
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    # the 19 left: 3 for the prompt, 16 granted as max_tokens, so the reply stops at the limit
+    r = completion(client, key)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 19
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    r = completion(client, key)
+    err = assert_openai_error(r, 429, "rate_limit_error")
+    assert "50 tokens per minute" in err["message"] and err["code"] == "rate_limit_exceeded"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert client.get("/v1/models", headers=bearer(key)).status_code == 200  # makes no tokens: not limited
+
+
+def test_a_request_that_can_never_fit_says_so(client, home, fast_kdf):
+    key, _ = create_key("tokens", tpm=50)
+    err = assert_openai_error(completion(client, key, max_tokens=48), 429, "rate_limit_error")  # 3 + 48 > 50
+    assert "request too large" in err["message"] and "max_tokens" in err["message"]
+    err = assert_openai_error(client.post("/v1/chat/completions", json=CHAT, headers=bearer(key)), 429,
+                              "rate_limit_error")  # fmt: skip
+    assert "request too large" in err["message"]  # the ChatML prompt alone is 52 tokens
+    assert completion(client, key, max_tokens=47).status_code == 200  # nothing was reserved by the refusals
+
+
+def test_unused_reservations_are_released(client, home, fast_kdf):
+    key, _ = create_key("tokens", tpm=50)
+    r = completion(client, key, max_tokens=40)  # reserves 43, uses 3 + 28
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 31
+    assert completion(client, key, max_tokens=17).status_code == 429  # 3 + 17 > 19 left
+    r = completion(client, key, max_tokens=16, stop=["world"])  # reserves 19, uses 3 + 11
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 14
+    assert completion(client, key, max_tokens=3).status_code == 429  # 5 left
+    assert completion(client, key, max_tokens=2).status_code == 200
+
+
+def test_failed_requests_release_their_reservation(home, fast_kdf):
+    from hearth.engine.protocol import EngineError
+
+    key, _ = create_key("tokens", tpm=50)
+    engine = FakeEngine()
+    with TestClient(make_app(engine, keys=KeyStore())) as c:
+        engine.error = EngineError("the engine is not ready", 503)
+        for _ in range(5):
+            assert completion(c, key, max_tokens=47).status_code == 503  # each reserved all 50, then released them
+        engine.error = None
+        engine.mid_stream_error = EngineError("boom", 500)
+        with c.stream("POST", "/v1/completions", headers=bearer(key),
+                      json={"prompt": "Hi", "max_tokens": 40, "stream": True}) as r:  # fmt: skip
+            assert r.status_code == 200 and "boom" in r.read().decode()  # used 3 + 3
+        engine.mid_stream_error = None
+        assert completion(c, key, max_tokens=42).status_code == 429
+        assert completion(c, key, max_tokens=41).status_code == 200  # 44 were left
+
+
+def test_a_client_that_leaves_early_is_charged_its_prompt_only(home, fast_kdf):
+    import anyio
+
+    key, _ = create_key("tokens", tpm=50)
+    engine = FakeEngine(delay=0.2)
+    app = make_app(engine, keys=KeyStore())
+    body = json.dumps({"prompt": "Hi", "max_tokens": 40}).encode()
+    sent = []
+
+    async def leave_early() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await anyio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5555),
+                 "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                             (b"authorization", f"Bearer {key}".encode())]}  # fmt: skip
+        await app(scope, receive, send)
+
+    with TestClient(app) as c:
+        anyio.run(leave_early)
+        assert sent[0]["status"] == 499 and engine.aborted
+        engine.delay = 0.0
+        assert completion(c, key, max_tokens=45).status_code == 429  # 3 + 45 > 47 left
+        assert completion(c, key, max_tokens=44).status_code == 200
+
+
+def served_tokens(responses) -> int:
+    total = 0
+    for r in responses:
+        if r.status_code != 200:
+            continue
+        if r.headers["content-type"].startswith("text/event-stream"):
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            (usage,) = [e["usage"] for e in events if e.get("usage")]
+        else:
+            usage = r.json()["usage"]
+        total += usage["total_tokens"]
+    return total
+
+
+@pytest.mark.parametrize("num", [10, 20])
+def test_concurrent_requests_stay_within_the_token_limit(home, fast_kdf, num):
+    import asyncio
+
+    import httpx
+
+    key, _ = create_key("tokens", tpm=50)
+    engine = FakeEngine(delay=0.002)  # the requests overlap
+    app = make_app(engine, keys=KeyStore())
+
+    def body(i: int) -> tuple[str, dict]:
+        kind = i % 5
+        if kind == 0:
+            return "/v1/completions", {"prompt": "Hi"}  # no max_tokens: granted what is left
+        if kind == 1:
+            return "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "n": 2}
+        if kind == 2:
+            return "/v1/completions", {"prompt": ["Hi", "Yo"], "max_tokens": 4, "stream": True,
+                                       "stream_options": {"include_usage": True}}  # fmt: skip
+        if kind == 3:
+            return "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}
+        return "/v1/completions", {"prompt": "Hello", "max_tokens": 10}
+
+    async def drive(wave: int) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5555))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            return await asyncio.gather(*(c.post(path, json=b, headers=bearer(key))
+                                          for path, b in map(body, range(wave, wave + num))))  # fmt: skip
+
+    responses = []
+    for wave in range(3):  # within one window: each wave finds what the ones before it left
+        responses += asyncio.run(drive(wave))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
+    assert statuses.count(200) >= 2 and statuses.count(429) >= num
+    for r in responses:
+        if r.status_code == 429:
+            assert_openai_error(r, 429, "rate_limit_error")
+            assert int(r.headers["retry-after"]) >= 1
+    assert 0 < served_tokens(responses) <= 50
+
+
+def test_rate_limiter_window():
+    from hearth.governance.ratelimit import Refusal, Reservation, TokenAsk
+
+    now = [1000.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    assert isinstance(limiter.admit("k", 2, None), Reservation) and isinstance(limiter.admit("k", 2, None), Reservation)
+    refusal = limiter.admit("k", 2, None)
+    assert isinstance(refusal, Refusal) and refusal.retry_after == 60
+    now[0] += 30
+    assert limiter.admit("k", 2, None).retry_after == 30
+    now[0] += 30.5
+    assert isinstance(limiter.admit("k", 2, None), Reservation)
+
+    # tokens: reserved at admission, settled at the end
+    a = limiter.admit("t", None, 100, TokenAsk(10, 2, 20, 500))  # 10 + 2 × 20
+    assert a.tokens == 50 and a.granted_max_tokens is None
+    b = limiter.admit("t", None, 100, TokenAsk(10, 1, None, 500))  # no max_tokens: granted the 40 left after its prompt
+    assert b.tokens == 50 and b.granted_max_tokens == 40
+    refusal = limiter.admit("t", None, 100, TokenAsk(1, 1, 1, 500))
+    assert isinstance(refusal, Refusal) and refusal.retry_after == 1  # only requests in flight stand in the way
+    limiter.settle(a, 30)
+    limiter.settle(a, 30)  # twice is once
+    now[0] += 10
+    limiter.settle(b, 50)
+    c = limiter.admit("t", None, 100, TokenAsk(5, 1, 15, 500))  # 20 left
+    assert c.tokens == 20
+    limiter.settle(c, 0)  # failed: nothing used
+    refusal = limiter.admit("t", None, 100, TokenAsk(5, 1, 20, 500))  # 25 > 20 left; frees when `a`'s 30 go
+    assert refusal.retry_after == 50 and "has 20 left" in refusal.message
+    d = limiter.admit("t", None, 100, TokenAsk(5, 1, None, 3))  # a grant is capped by the context's room
+    assert d.granted_max_tokens == 3 and d.tokens == 8
+    limiter.settle(d, 8)
+    too_big = limiter.admit("t", None, 100, TokenAsk(60, 1, 41, 500))
+    assert "request too large" in too_big.message
+    now[0] += 61
+    assert limiter.admit("t", None, 100, TokenAsk(60, 1, 40, 500)).tokens == 100  # the window has passed
+
+
+def test_a_granted_max_tokens_is_not_in_the_transcript_and_big_bodies_are_413(home, fast_kdf):
+    from hearth.governance.audit import AuditLog, read_transcript
+
+    key, _ = create_key("tokens", tpm=50)
+    with TestClient(make_app(FakeEngine(), keys=KeyStore(), audit=AuditLog(transcripts=True),
+                             max_body_bytes=1024)) as c:  # fmt: skip
+        r = completion(c, key, max_tokens=None)  # JSON null: no max_tokens, so one is granted
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 31
+        request = read_transcript(r.json()["id"])["request"]
+        assert json.loads(request) == {"model": "fake-model", "prompt": "Hi", "max_tokens": None}  # as sent
+        err = assert_openai_error(completion(c, key, prompt="x" * 2000), 413, "invalid_request_error")
+        assert "1024 bytes" in err["message"]
+        # a body the route refuses reserves nothing and gets the route's own error
+        r = c.post("/v1/completions", content=b"{not json", headers={**bearer(key), "Content-Type": "application/json"})
+        assert_openai_error(r, 400, "invalid_request_error")
+        assert_openai_error(completion(c, key, model="other"), 404, "invalid_request_error")
+        assert completion(c, key, max_tokens=16).status_code == 200  # the 19 left were untouched
