@@ -62,7 +62,8 @@ NO_TELEMETRY_ENV = {
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 # the only families a socket may be opened in while the guard is on; AF_INET/AF_INET6 then only to loopback
-ALLOWED_FAMILIES = frozenset({socket.AF_UNIX, *INET_FAMILIES})
+AF_UNIX = getattr(socket, "AF_UNIX", -2)  # not on every platform
+ALLOWED_FAMILIES = frozenset({AF_UNIX, *INET_FAMILIES})
 ALLOWED_TYPES = frozenset({socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET})
 _TYPE_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 # frames in these files are the plumbing, not the caller
@@ -177,7 +178,7 @@ class OfflineGuard:
     def check_address(self, sock: Any, address: Any) -> None:
         """connect/sendto/sendmsg: Unix sockets pass, AF_INET/AF_INET6 only to loopback, any other family never."""
         family = _real_family(sock)
-        if family == socket.AF_UNIX:
+        if family == AF_UNIX:
             return
         if family not in INET_FAMILIES:
             raise self.refuse(f"{_family_name(family)} address {address!r}", "sending to")
@@ -187,7 +188,7 @@ class OfflineGuard:
     def check_bind(self, sock: Any, address: Any) -> None:
         """bind: any IP literal (a server may listen on 0.0.0.0), but names only if the resolver needs no query."""
         family = _real_family(sock)
-        if family == socket.AF_UNIX:
+        if family == AF_UNIX:
             return
         if family not in INET_FAMILIES:
             raise self.refuse(f"{_family_name(family)} address {address!r}", "binding to")
