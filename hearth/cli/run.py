@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="print timings after each answer (stderr)")
     p.add_argument("--allow-network", action="store_true",
                    help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
+    p.add_argument("--sandbox", action="store_true",
+                   help="Linux: let the kernel keep the process off the network (a network namespace of its own; "
+                        "native code included). Fails rather than run without it")  # fmt: skip
     p.set_defaults(func=cmd_run)
 
 
@@ -78,11 +81,18 @@ def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=None) 
 
 
 def cmd_run(args) -> int:
+    from hearth.cli.main import CliError
     from hearth.governance.offline import current_guard, install_offline_guard
 
+    if args.sandbox and args.allow_network:
+        raise CliError("--sandbox keeps the process off the network; it cannot be combined with --allow-network")
     installed_guard = current_guard() is None
     guard = install_offline_guard(allow_network=args.allow_network)
     try:
+        if args.sandbox:  # before the model loads: the sandbox needs a single-threaded process
+            from hearth.governance.sandbox import enter_sandbox
+
+            enter_sandbox()
         return _run(args)
     finally:
         if installed_guard:

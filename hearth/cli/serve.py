@@ -78,6 +78,9 @@ def register(sub) -> None:
                    help="require an API key even on 127.0.0.1 (on by itself once any key exists)")  # fmt: skip
     p.add_argument("--allow-network", action="store_true",
                    help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
+    p.add_argument("--sandbox", action="store_true",
+                   help="Linux: let the kernel keep the process off the network (a network namespace of its own; "
+                        "native code included); the API stays reachable. Fails rather than serve without it")  # fmt: skip
     p.add_argument("--transcripts", action="store_true", help="keep request and response bodies, encrypted, beside "
                    "the audit log (off by default: the log holds counts only)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
@@ -236,9 +239,15 @@ def cmd_serve(args) -> int:
     if args.require_key and not keys.has_active_keys():
         raise CliError(f"--require-key, but {keys_path()} holds no active key: create one with `hearth keys create "
                        "--name NAME`")  # fmt: skip
+    if args.sandbox and args.allow_network:
+        raise CliError("--sandbox keeps the process off the network; it cannot be combined with --allow-network")
     installed_guard = current_guard() is None
     guard = install_offline_guard(allow_network=args.allow_network)
     try:
+        if args.sandbox:  # before the model loads: the sandbox needs a single-threaded process
+            from hearth.governance.sandbox import sandboxed_listener
+
+            args.sandbox_socket = sandboxed_listener(args.host, args.port)
         return _serve(args, keys, has_keys)
     finally:
         if installed_guard:
@@ -288,6 +297,8 @@ def _serve(args, keys, has_keys: bool) -> int:
         print("Network: outbound connections allowed (--allow-network)")
     else:
         print("Offline: outbound connections are refused in-process (--allow-network lifts this)")
+    if args.sandbox:
+        print("Sandbox: the process has a network namespace of its own; nothing in it can reach the network")
     auth = "required" if has_keys or args.require_key else "not required (no keys; `hearth keys create` adds one)"
     print(f"API keys: {auth}; audit log: {audit.path}" + (" (with encrypted transcripts)" if args.transcripts else ""))
     print("Try:")
@@ -296,7 +307,10 @@ def _serve(args, keys, has_keys: bool) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)
-    server.run()
+    if args.sandbox:  # bound before the sandbox, in the host's network namespace
+        server.run(sockets=[args.sandbox_socket])
+    else:
+        server.run()
     if engine.state == "failed":
         raise CliError(f"could not load {args.model}; see the log above")
     return 0
