@@ -118,10 +118,12 @@ def test_pull_safetensors_repo_and_run_it_offline(hub, cache, capsys, monkeypatc
     cfg = AutoConfig.from_pretrained(LLAMA, cache_dir=str(cache), local_files_only=True)
     assert cfg.hidden_size == 64 and cfg.num_hidden_layers == 2
     # Hearth runs it by repo id, offline (the run installs the guard)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # reachable, yet never asked: resolution reads the cache only
+    requests = len(hub.log)
     code = main(["run", LLAMA, "hi", "--max-tokens", "4", "--temperature", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    assert len(hub.log) == requests
     code = main(["show", LLAMA, "--json"])
     info = json.loads(capsys.readouterr().out)
     assert code == 0 and info["model"] == LLAMA and info["architecture"] == "LlamaForCausalLM"
@@ -310,10 +312,10 @@ def test_list_and_run_ollama_and_lmstudio_models(stores, capsys, smollm2_path):
     code = main(["run", "ollama:smol:135m", "What is the capital of France?", "--temperature", "0",
                  "--max-tokens", "16"])  # fmt: skip
     assert code == 0 and "Paris" in capsys.readouterr().out
-    from hearth import LLM, SamplingParams
-
-    out = LLM(lms, max_model_len=256).generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))
-    assert out[0].token_ids
+    # LM Studio's file goes through the same resolution; `show` reads it without a second (slow) load
+    assert main(["show", lms, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == lms and info["architecture"] == "llama" and info["file_size"] == stores
     assert main(["run", "ollama:nope:1b", "hi"]) == 1
     assert "Ollama has no such model" in capsys.readouterr().err
     assert main(["rm", "ollama:smol:135m", "--yes"]) == 1

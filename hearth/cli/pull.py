@@ -59,8 +59,10 @@ def cmd_pull(args) -> int:
     try:
         plan = hub.plan_pull(ref, args.revision, args.include)
         total = sum(f.size for f in plan.files)
-        print(f"{ref.repo} @ {plan.commit[:12]}: {len(plan.files)} files, {hub._gb(total)}"
-              + (f" ({hub._gb(plan.missing_bytes)} to download)" if plan.missing_bytes != total else ""))  # fmt: skip
+        n = len(plan.files)
+        print(f"{ref.repo} @ {plan.commit[:12]}: {n} file{'s' if n != 1 else ''}, {hub._gb(total)}"
+              + ("" if plan.missing_bytes == total else f" ({hub._gb(plan.missing_bytes)} to download)"
+                 if plan.missing_bytes else " (all cached; checking)"))  # fmt: skip
         for note in plan.notes:
             print(f"  {note}")
         fits, lines = hub.fit_report(plan)

@@ -254,7 +254,11 @@ def cached_repos() -> list[dict]:
         files = {f.file_path.relative_to(revision.snapshot_path).as_posix(): f for f in revision.files}
         names = sorted(files)
         folder = str(revision.snapshot_path)
-        if "config.json" in files and any(n.endswith(".safetensors") and "/" not in n for n in names):
+        if (
+            "config.json" in files
+            and any(n.endswith(".safetensors") and "/" not in n for n in names)
+            and _runnable_config(os.path.join(folder, "config.json"))
+        ):
             size = sum(f.size_on_disk for n, f in files.items() if "/" not in n)
             rows.append({"name": short_of.get(repo.repo_id.lower(), repo.repo_id), "repo": repo.repo_id,
                          "path": folder, "size": size, "format": "safetensors"})  # fmt: skip
@@ -265,6 +269,19 @@ def cached_repos() -> list[dict]:
                          "size": sum(files[p].size_on_disk for p in parts),
                          "format": "gguf" + (f" ({len(parts)} parts)" if len(parts) > 1 else "")})  # fmt: skip
     return rows
+
+
+def _runnable_config(path: str) -> bool:
+    """Whether a cached config.json names an architecture Hearth has model code for."""
+    import json
+
+    from hearth.config import ARCHITECTURES
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type") in ARCHITECTURES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_repo(repo: str, confirm: Callable[[str], bool], out=None) -> int:
@@ -479,15 +496,14 @@ def fit_report(plan: PullPlan) -> tuple[bool | None, list[str]]:
     return None, ["plan: no weights among the selected files"]
 
 
-def _progress_classes(overall):
-    """A tqdm class for huggingface_hub's per-file bars that also advances the `overall` bar."""
+def _file_bar(overall, name: str):
+    """A tqdm class for huggingface_hub's bar of file `name` that also advances the `overall` bar."""
     from tqdm.auto import tqdm
 
     class FileBar(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)  # huggingface_hub's bar naming, unknown to plain tqdm
-            kwargs.setdefault("leave", False)
-            kwargs["disable"] = overall.disable
+            kwargs.update(desc=name if len(name) <= 40 else f"…{name[-39:]}", leave=False, disable=overall.disable)
             super().__init__(*args, **kwargs)
 
         def update(self, n=1):
@@ -524,11 +540,11 @@ def download(plan: PullPlan, revision: str | None = None, err=None) -> str:
 
     err = err or sys.stderr
     token = _api().token
-    disable = _env_true("HF_HUB_DISABLE_PROGRESS_BARS")
+    disable = _env_true("HF_HUB_DISABLE_PROGRESS_BARS") or plan.missing_bytes == 0
     with tqdm(total=plan.missing_bytes, unit="B", unit_scale=True, desc=f"pull {plan.ref.repo}", file=err,
               disable=disable) as overall:  # fmt: skip
-        bar = _progress_classes(overall)
         for f in plan.files:
+            bar = _file_bar(overall, f.name)
             for attempt in (0, 1):
                 with _hub_errors(plan.ref, plan.commit):
                     path = hf_hub_download(plan.ref.repo, f.name, revision=plan.commit, cache_dir=hub_cache_dir(),
