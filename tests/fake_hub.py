@@ -6,7 +6,8 @@ download a model repo, on 127.0.0.1 in a thread.
 - HEAD /{repo}/resolve/{rev}/{path}: X-Repo-Commit, ETag (git blob id, or the sha256 for LFS files), X-Linked-Etag
   and X-Linked-Size for LFS files, Content-Length — what `get_hf_file_metadata` reads.
 - GET on the same path, with Range requests (206 + Content-Range) so a dropped transfer resumes.
-- Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) as the hub sends them.
+- Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) as the hub sends them; a
+  gated repo lists publicly (gated: "manual") and refuses its files without the right token.
 
 Faults for tests: `drop_once` (send half the body, then close the connection), `tamper` (serve other bytes of the same
 length, N times), fake listed sizes (`listed_size`). Every request is logged as (method, path, Range header).
@@ -118,12 +119,13 @@ class FakeHub:
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo = "/".join(parts[2:4])
             rev = parts[5] if len(parts) >= 6 and parts[4] == "revision" else "main"
-            if not self._repo_access(h, repo):
-                return
+            if repo not in self.repos:  # a gated repo's listing is public, as on the hub; its files are not
+                return self._error(h, 404, "RepoNotFound")
             if not self._revision_ok(repo, rev):
                 return self._error(h, 404, "RevisionNotFound")
             files = self.repos[repo]
-            body = json.dumps({"id": repo, "sha": self.commits[repo], "private": False, "gated": repo in self.gated,
+            gated = "manual" if repo in self.gated else False
+            body = json.dumps({"id": repo, "sha": self.commits[repo], "private": False, "gated": gated,
                                "siblings": [self._sibling(repo, p, d) for p, d in sorted(files.items())]}).encode()  # fmt: skip
             h.send_response(200)
             h.send_header("Content-Type", "application/json")

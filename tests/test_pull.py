@@ -199,14 +199,14 @@ def test_one_line_errors(hub, cache):
 
 
 def test_gated_repo_needs_a_token_and_never_prints_it(hub, cache):
-    assert_one_line_error(pull(hub, cache, GATED), "gated", "HF_TOKEN")
+    assert_one_line_error(pull(hub, cache, GATED), "gated", "HF_TOKEN")  # refused from the listing
+    proc = pull(hub, cache, GATED, token="hf_wrong_token_456")  # listed, then the files are refused
+    assert_one_line_error(proc, "gated")
+    assert "hf_wrong_token_456" not in proc.stdout + proc.stderr
     token = hub.gated[GATED]
     proc = pull(hub, cache, GATED, token=token)
     assert proc.returncode == 0, proc.stderr
     assert token not in proc.stdout + proc.stderr
-    proc = pull(hub, cache, GATED, token="hf_wrong_token_456")
-    assert_one_line_error(proc, "gated")
-    assert "hf_wrong_token_456" not in proc.stdout + proc.stderr
 
 
 def test_fit_refusal_without_a_terminal(monkeypatch, capsys):

@@ -350,49 +350,64 @@ class PullPlan:
     notes: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
 def _hub_errors(ref: HubRef, revision: str | None):
-    """A context manager turning huggingface_hub and network failures into one-line HubErrors."""
-    from contextlib import contextmanager
+    """Turn huggingface_hub and network failures into one-line HubErrors."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        message = _describe(e, ref, revision)
+        if message is None:
+            raise
+        raise HubError(message) from None
 
-    @contextmanager
-    def mapping():
-        import httpx2
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RemoteEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
 
-        endpoint = hub_endpoint()
-        try:
-            yield
-        except GatedRepoError:
-            raise HubError(f"{ref.repo} is gated: accept its terms at {endpoint}/{ref.repo} and set HF_TOKEN to a "
-                           "token of that account") from None  # fmt: skip
-        except RepositoryNotFoundError:
+def _describe(e: BaseException, ref: HubRef, revision: str | None) -> str | None:
+    """One line for a failure, from the most telling exception in its chain (huggingface_hub wraps the HTTP or
+    connection error that caused a failed download in ValueError / LocalEntryNotFoundError); None if not ours."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain, err = [], e
+    while err is not None and len(chain) < 8:
+        chain.append(err)
+        err = err.__cause__ or (err.__context__ if not err.__suppress_context__ else None)
+    endpoint = hub_endpoint()
+    for err in chain:
+        if isinstance(err, GatedRepoError):
+            return (f"{ref.repo} is gated: accept its terms at {endpoint}/{ref.repo} and set HF_TOKEN to a token of "
+                    "that account")  # fmt: skip
+        if isinstance(err, RepositoryNotFoundError):
             hint = "" if os.environ.get("HF_TOKEN") else " (if it is private, set HF_TOKEN)"
-            raise HubError(f"no such repo on {endpoint}: {ref.repo}{hint}") from None
-        except RevisionNotFoundError:
-            raise HubError(f"{ref.repo} has no revision {revision!r}") from None
-        except RemoteEntryNotFoundError as e:
-            raise HubError(f"{ref.repo}: a listed file is missing on the hub ({_first_line(e)})") from None
-        except OfflineModeIsEnabled:
-            raise HubError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it for `hearth pull`") from None
-        except (httpx2.ConnectError, httpx2.TimeoutException, LocalEntryNotFoundError) as e:
-            raise HubError(f"cannot reach {endpoint}: {_first_line(e)}") from None
-        except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else "?"
-            if status == 401:
-                raise HubError(f"{endpoint} refused access to {ref.repo} (HTTP 401): set HF_TOKEN") from None
-            raise HubError(f"{endpoint} answered HTTP {status} for {ref.repo}") from None
-        except httpx2.HTTPError as e:
-            raise HubError(f"network error talking to {endpoint}: {_first_line(e)}") from None
-
-    return mapping()
+            return f"no such repo on {endpoint}: {ref.repo}{hint}"
+        if isinstance(err, RevisionNotFoundError):
+            return f"{ref.repo} has no revision {revision!r}"
+        if isinstance(err, RemoteEntryNotFoundError):
+            return f"{ref.repo}: a listed file is missing on the hub ({_first_line(err)})"
+        if isinstance(err, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it for `hearth pull`"
+        if isinstance(err, HfHubHTTPError):
+            status = err.response.status_code if err.response is not None else "?"
+            if status in (401, 403):
+                return f"{endpoint} refused access to {ref.repo} (HTTP {status}): set HF_TOKEN to a token that may read it"
+            return f"{endpoint} answered HTTP {status} for {ref.repo}"
+        if isinstance(err, (httpx2.ConnectError, httpx2.TimeoutException)):
+            return f"cannot reach {endpoint}: {_first_line(err)}"
+        if isinstance(err, httpx2.HTTPError):
+            return f"network error talking to {endpoint}: {_first_line(err)}"
+    if any(isinstance(err, LocalEntryNotFoundError) for err in chain):
+        return f"cannot reach {endpoint}: {_first_line(chain[-1])}"
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -414,6 +429,9 @@ def plan_pull(ref: HubRef, revision: str | None = None, include: list[str] | Non
 
     with _hub_errors(ref, revision):
         info = _api().model_info(ref.repo, revision=revision, files_metadata=True)
+    if info.gated and not _api().token:
+        raise HubError(f"{ref.repo} is gated: accept its terms at {hub_endpoint()}/{ref.repo} and set HF_TOKEN to a "
+                       "token of that account")  # fmt: skip
     siblings = info.siblings or []
     remote = {s.rfilename: RemoteFile(s.rfilename, (s.lfs.size if s.lfs else s.size) or 0,
                                       s.lfs.sha256 if s.lfs else None, s.blob_id) for s in siblings}  # fmt: skip
@@ -484,7 +502,8 @@ def fit_report(plan: PullPlan) -> tuple[bool | None, list[str]]:
             p = make_plan(config, hw, model=plan.ref.repo, weights_bytes_override=weight_bytes)
         except Exception as e:
             return None, [f"plan: no estimate ({_first_line(e)})"]
-        lines = [f"plan: {p.params_total / 1e9:.2f}B parameters, {_gb(p.weights_bytes)} weights, needs "
+        params = f"{p.params_total / 1e9:.2f}B" if p.params_total >= 1e9 else f"{p.params_total / 1e6:.1f}M"
+        lines = [f"plan: {params} parameters, {_gb(p.weights_bytes)} weights, needs "
                  f"{_gb(p.memory_bytes)} at {p.context} tokens; {p.hardware} has {_gb(p.usable_bytes)} usable: "
                  + ("fits" if p.fits else "does NOT fit") + (f", ~{p.decode_tok_s:,.1f} tok/s" if p.fits else "")]  # fmt: skip
         return p.fits, lines
