@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from fake_hub import FakeHub
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hearth.cli.main import main
 
@@ -148,6 +151,10 @@ def test_pull_again_is_a_no_op_and_revision_pins(hub, cache):
     assert proc.returncode == 0, proc.stderr
     assert len(hub.requests_for(LLAMA)) == before  # cached files are checked on disk, not fetched again
     assert (cache / f"models--{LLAMA.replace('/', '--')}" / "snapshots" / commit / "config.json").is_file()
+    assert not (cache / f"models--{LLAMA.replace('/', '--')}" / "refs" / "main").exists()  # pinned: no branch moved
+    from hearth.loader.resolve import resolve_model
+
+    assert resolve_model(LLAMA).path.endswith(commit)  # the only snapshot, found without refs/main
     assert_one_line_error(pull(hub, cache, LLAMA, "--revision", "v9"), "no revision 'v9'")
 
 
@@ -155,11 +162,22 @@ def test_pull_again_is_a_no_op_and_revision_pins(hub, cache):
     ("Q8_0", ["tiny-Q8_0.gguf"]), ("q4_k_m", ["tiny-Q4_K_M.gguf"]), (None, ["tiny-Q4_K_M.gguf"]),
     ("Q2_K", ["tiny-Q2_K-00001-of-00002.gguf", "tiny-Q2_K-00002-of-00002.gguf"]),
 ])  # fmt: skip
-def test_pull_gguf_quant_tag(hub, cache, tag, expected):
+def test_pull_gguf_quant_tag(hub, cache, tag, expected, capsys):
     proc = pull(hub, cache, f"{GGUF}:{tag}" if tag else GGUF)
     assert proc.returncode == 0, proc.stderr
     assert snapshot_files(cache, GGUF) == expected
     assert "model.bin" not in hub.requests_for(GGUF)
+    assert main(["list", "--json"]) == 0
+    rows = {m["name"]: m for m in json.loads(capsys.readouterr().out)["local"]}
+    listed = f"{GGUF}:{(tag or 'Q4_K_M').upper()}"
+    assert rows[listed]["size"] == sum(len(hub.repos[GGUF][f]) for f in expected)
+    assert rows[listed]["format"] == ("gguf (2 parts)" if len(expected) == 2 else "gguf")
+    if len(expected) == 2:  # found, and refused with the reason
+        from hearth.loader import ModelLoadError
+        from hearth.loader.resolve import resolve_model
+
+        with pytest.raises(ModelLoadError, match="split GGUF"):
+            resolve_model(f"{GGUF}:{tag}")
 
 
 def test_unknown_tag_lists_the_available_ones(hub, cache):
@@ -320,3 +338,31 @@ def test_list_and_run_ollama_and_lmstudio_models(stores, capsys, smollm2_path):
     assert "Ollama has no such model" in capsys.readouterr().err
     assert main(["rm", "ollama:smol:135m", "--yes"]) == 1
     assert "ollama rm" in capsys.readouterr().err
+
+
+QUANTS = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "F16", "BF16"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(QUANTS), st.integers(1, 4), min_size=1),  # tag -> number of parts
+    st.sampled_from(["Model-7B", "gpt-oss-20b", "r1.distill"]),
+    st.sampled_from(["-", "."]),
+    st.data(),
+)
+def test_quant_selection_picks_exactly_the_tag(parts, stem, sep, data):
+    """Every file (or every split part) of the chosen tag, nothing of another tag, pickles never; a missing tag names
+    the ones there."""
+    from hearth.loader.hub import HubError, select_files
+
+    names = ["README.md", "config.json", "model.bin", "mmproj-F16.gguf"]
+    expected = {}
+    for tag, n in parts.items():
+        files = [f"{stem}{sep}{tag}.gguf"] if n == 1 else [f"{stem}{sep}{tag}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+        expected[tag] = files
+        names += files
+    tag = data.draw(st.sampled_from(sorted(parts)))
+    casing = data.draw(st.sampled_from([str.upper, str.lower]))
+    assert select_files(names, casing(tag)) == sorted(expected[tag])
+    with pytest.raises(HubError, match="available: " + re.escape(", ".join(sorted(parts)))):
+        select_files(names, "Q7_X")

@@ -191,7 +191,18 @@ def _snapshot_dir(repo: str, revision: str | None = None) -> str | None:
         # hold everything a model needs, which the caller checks
         return str(e.snapshot_path) if getattr(e, "snapshot_path", None) else None
     except (LocalEntryNotFoundError, ValueError, OSError):
+        pass
+    if revision is not None:
         return None
+    # no refs/main (pulled with --revision): the newest snapshot
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        snapshots = os.path.join(hub_cache_dir(), repo_folder_name(repo_id=repo, repo_type="model"), "snapshots")
+        folders = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
+    except (OSError, ValueError):
+        return None
+    return max(folders, key=os.path.getmtime, default=None)
 
 
 def _listing(folder: str) -> list[str]:
