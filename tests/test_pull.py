@@ -210,6 +210,7 @@ def test_tampered_file_is_fetched_again_then_refused(hub, cache):
 def test_one_line_errors(hub, cache):
     assert_one_line_error(pull(hub, cache, "test-org/nope"), "no such repo", "test-org/nope")
     assert_one_line_error(pull(hub, cache, LLAMA, endpoint="http://127.0.0.1:1"), "cannot reach http://127.0.0.1:1")
+    assert_one_line_error(pull(hub, cache, LLAMA, endpoint="http://hub.invalid"), "cannot reach http://hub.invalid")
     line = assert_one_line_error(pull(hub, cache, "test-org/huge-GGUF"), "not enough disk space")
     assert not hub.requests_for("test-org/huge-GGUF")  # refused before any download
     assert "GB" in line

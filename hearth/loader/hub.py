@@ -541,6 +541,14 @@ def _file_bar(overall, name: str):
                 overall.update(n)
             return super().update(n)
 
+        # huggingface_hub reports network bytes apart from bytes written (Xet downloads) to a bar that has these;
+        # with them, one bar per file counts written bytes only, and the overall bar counts nothing twice
+        def update_transfer(self, n=1):
+            pass
+
+        def set_transfer_postfix_str(self, postfix, refresh=False):
+            pass
+
     return FileBar
 
 
