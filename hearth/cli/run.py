@@ -16,7 +16,7 @@ def register(sub) -> None:
         epilog="examples:\n  hearth run smollm2 \"What is the capital of France?\" --temperature 0\n  hearth run "
         "smollm2\n\n" + env_epilog(["HEARTH_HOME", "HEARTH_NUM_THREADS"]),
     )  # fmt: skip
-    p.add_argument("model", help="smollm2, a .gguf file, an HF folder")
+    p.add_argument("model", help="smollm2, a .gguf file, an HF folder, a pulled repo id or short name (hearth list)")
     p.add_argument("prompt", nargs="?", help="one prompt to answer (omit for an interactive chat)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")

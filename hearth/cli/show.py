@@ -7,7 +7,7 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("show", help="Show model details", description="Show what a model is, without loading it.")
-    p.add_argument("model", help="smollm2, a .gguf file, an HF folder, or a model-card name")
+    p.add_argument("model", help="smollm2, a .gguf file, an HF folder, a pulled repo id or short name, or a model-card name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--load", action="store_true", help="also load the weights and report the memory they take")
     p.set_defaults(func=cmd_show)

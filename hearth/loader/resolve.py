@@ -1,4 +1,10 @@
-"""Model references → files: `smollm2`, a .gguf path, an HF-layout folder, or a model-card name."""
+"""Model references → files, without network: `smollm2`, a .gguf path, an HF-layout folder; a Hugging Face repo id
+(`OWNER/NAME`, `OWNER/NAME:QUANT` for a GGUF repo) or a short name (`gpt-oss:20b`) found in the local HF cache; a model
+in Ollama's store (`ollama:NAME[:TAG]`) or LM Studio's folders (`lmstudio:OWNER/REPO[:QUANT]`).
+
+A reference that is not a path is looked up in this order: the HF cache, then (for a name without a slash, such as
+`gpt-oss:20b` or `llama3.2`) Ollama's store, then (for `OWNER/REPO[:QUANT]`) LM Studio's folders; the prefixes pick
+one store explicitly."""
 
 from __future__ import annotations
 
@@ -17,11 +23,12 @@ class ModelRef:
     ref: str  # what the user typed
     path: str  # a .gguf file or an HF folder
     format: str  # "gguf" | "hf"
+    source: str = "path"  # "path" | "embedded" | "hf-cache" | "ollama" | "lmstudio"
 
     @property
     def name(self) -> str:
         """The id the server reports: the reference as given, or the file / folder name for a path."""
-        if self.ref in EMBEDDED:
+        if self.ref in EMBEDDED or self.source != "path":
             return self.ref
         return os.path.basename(os.path.normpath(self.ref))
 
@@ -39,7 +46,7 @@ def embedded_model_path(name: str = "smollm2") -> str:
 def resolve_model(ref: str) -> ModelRef:
     """Find the files behind a model reference, or raise ModelLoadError saying why not."""
     if ref in EMBEDDED:
-        return ModelRef(ref, embedded_model_path(ref), "gguf")
+        return ModelRef(ref, embedded_model_path(ref), "gguf", "embedded")
     if os.path.isdir(ref):
         if os.path.isfile(os.path.join(ref, "config.json")):
             return ModelRef(ref, ref, "hf")
@@ -55,4 +62,48 @@ def resolve_model(ref: str) -> ModelRef:
         if magic != b"GGUF":
             raise ModelLoadError(ref, "not a GGUF file (bad magic)")
         return ModelRef(ref, ref, "gguf")
+    found = resolve_stored(ref)
+    if found is not None:
+        return found
+    from hearth.loader.hub import parse_hub_ref
+
+    if parse_hub_ref(ref) is not None:
+        raise ModelLoadError(ref, f"no such model on this machine: not in the Hugging Face cache, Ollama or LM Studio "
+                                  f"(`hearth pull {ref}` downloads it; `hearth list` shows what is here)")  # fmt: skip
     raise ModelLoadError(ref, "no such model: not a file, a folder, or a known name (try `hearth list`)")
+
+
+def _checked_gguf(ref: str, path: str, source: str) -> ModelRef:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(ref, f"{path} is not a GGUF file (bad magic)")
+    return ModelRef(ref, path, "gguf", source)
+
+
+def resolve_stored(ref: str) -> ModelRef | None:
+    """A reference found in the local HF cache, Ollama's store or LM Studio's folders; None when in none of them."""
+    from hearth.loader import hub, stores
+
+    if ref.startswith("ollama:"):
+        path = stores.ollama_model(ref.removeprefix("ollama:"))
+        if path is None:
+            raise ModelLoadError(ref, f"Ollama has no such model in {stores.ollama_dir()} (`ollama list` shows them)")
+        return _checked_gguf(ref, path, "ollama")
+    if ref.startswith("lmstudio:"):
+        path = stores.lmstudio_model(ref.removeprefix("lmstudio:"))
+        if path is None:
+            raise ModelLoadError(ref, f"no such model in LM Studio's folders ({', '.join(stores.lmstudio_dirs())})")
+        return _checked_gguf(ref, path, "lmstudio")
+    found = hub.local_hub_model(ref)
+    if found is not None:
+        path, fmt = found
+        return _checked_gguf(ref, path, "hf-cache") if fmt == "gguf" else ModelRef(ref, path, fmt, "hf-cache")
+    if "/" not in ref:
+        path = stores.ollama_model(ref)
+        if path is not None:
+            return _checked_gguf(ref, path, "ollama")
+    elif hub.parse_hub_ref(ref) is not None:
+        path = stores.lmstudio_model(ref)
+        if path is not None:
+            return _checked_gguf(ref, path, "lmstudio")
+    return None
