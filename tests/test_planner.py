@@ -184,12 +184,16 @@ def test_plan_local_gguf(tmp_path, monkeypatch, capsys):
 
 def test_smollm2_decode_estimate_near_measured(tmp_path, monkeypatch, capsys):
     """`hearth bench smollm2 --vs all --repeat 5` measured 272 tok/s decode for SmolLM2 Q4_1 on this project's 2-core
-    machine (README, 128 tokens decoded); the plan on `auto` (a real bandwidth probe) must be within 2× of that."""
+    machine (README, 128 tokens decoded) while its copy probe read 41-56 GB/s over the day; the plan on `auto`, given
+    a probe of 45 GB/s, must be within 2x of that. The probe is fixed, not run: on a busy machine it reads whatever
+    the other processes leave, and the test checks the model's calibration, not the machine's speed today."""
     from hearth.cli.main import main
     from hearth.loader import ModelLoadError
     from hearth.loader.resolve import embedded_model_path
+    from hearth.planner import hardware
 
     monkeypatch.setenv("HEARTH_HOME", str(tmp_path))
+    monkeypatch.setattr(hardware, "measure_copy_bandwidth", lambda *a, **k: 45e9)
     try:
         embedded_model_path("smollm2")
     except ModelLoadError:
