@@ -137,6 +137,8 @@ def read_gguf_config(gguf_file: GGUFFile | str, check_tensors: bool = True) -> M
         if hidden % heads:
             raise m.fail(f"{arch}.embedding_length {hidden} does not split into {heads} heads (no key_length given)")
         head_dim = hidden // heads
+    if model_type != "deepseek_v3" and m.int("attention.value_length", head_dim) != head_dim:
+        raise m.fail(f"{arch}.attention.value_length differs from the key length {head_dim} (not supported)")
     kv_heads = m.int("attention.head_count_kv", heads)
     nextn = m.int("nextn_predict_layers", 0, lo=0, hi=block_count - 1)  # DeepSeek-V3's MTP layers are not decoder layers
     fields: dict[str, Any] = dict(
