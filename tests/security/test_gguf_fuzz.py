@@ -12,7 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
-from gguf_models import gpt_oss_spec, llama_spec, write_model  # tests/gguf_models.py
+from gguf_models import deepseek2_spec, gpt_oss_spec, llama_spec, write_model  # tests/gguf_models.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -172,7 +172,7 @@ def test_deeply_nested_arrays_fail_cleanly(tmp_path):
 
 
 # ---- whole model files ------------------------------------------------------------------------------------------
-# A tiny Llama and a tiny gpt-oss, written with gguf.GGUFWriter, then mutated: every metadata key set to extreme
+# A tiny Llama, gpt-oss and DeepSeek-V2-like deepseek2 (tests/gguf_models.py), then mutated: every metadata key set to extreme
 # values, every tensor offset misaligned, overlapping or past the end, truncations and bit flips. Each case must end
 # within CASE_SECONDS in a one-line error (ModelLoadError; the tokenizer's own ValueError for a vocabulary it cannot
 # build) or in a model that loads and generates.
@@ -182,7 +182,7 @@ EXTREMES = [0, -1, 2**31 - 1, 2**63, float("nan"), float("inf")]
 V = GGUFValueType
 
 
-SPECS = {"llama": llama_spec, "gpt-oss": gpt_oss_spec}
+SPECS = {"llama": llama_spec, "gpt-oss": gpt_oss_spec, "deepseek2": deepseek2_spec}
 
 
 def as_typed(value, vtype: GGUFValueType) -> tuple[object, GGUFValueType]:
@@ -243,7 +243,7 @@ def test_unmutated_models_load_with_defaults(model_file, tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(data)
     llm = LLM(str(path), dtype="float32")
-    context = dict((k, v) for k, v, _ in kvs)[f"{arch}.context_length"]
+    context = {k: v for k, v, _ in kvs}[f"{arch}.context_length"]
     assert llm.engine.max_model_len == min(context, 8192)  # the file's 131072 is capped, not allocated
     assert llm.engine.runner.model.model.rotary_emb.cos.shape[0] == llm.engine.max_model_len
 
