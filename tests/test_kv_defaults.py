@@ -165,3 +165,92 @@ def test_llama_default_is_the_file_context_when_small(tmp_path):
     write_model(path, arch, kvs, tensors)
     assert LLM(str(path), dtype="float32").engine.max_model_len == 256
     assert LLM(str(path), dtype="float32", max_model_len=100).engine.max_model_len == 100
+
+
+def write_sparse_gpt_oss_20b(path) -> int:
+    """gpt-oss-20b's real tensor table (MXFP4 experts, the rest bf16: 13.8 GB) over a data section that is a hole in a
+    sparse file: metadata and shapes are real, no weight byte is ever written or read. Returns the file size."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFValueType as V
+    from gguf import GGUFWriter
+
+    cfg = gpt_oss_20b()
+    hidden, heads, kv, hd, ff, e = 2880, 64, 8, 64, 2880, 32
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (hidden, heads, kv, hd)
+    writer = GGUFWriter(str(path), "gpt-oss")
+    a = "gpt-oss"
+    kvs = [(f"{a}.block_count", 24, V.UINT32), (f"{a}.context_length", 131072, V.UINT32),
+           (f"{a}.embedding_length", hidden, V.UINT32), (f"{a}.feed_forward_length", ff, V.UINT32),
+           (f"{a}.expert_feed_forward_length", ff, V.UINT32), (f"{a}.attention.head_count", heads, V.UINT32),
+           (f"{a}.attention.head_count_kv", kv, V.UINT32), (f"{a}.attention.key_length", hd, V.UINT32),
+           (f"{a}.attention.sliding_window", 128, V.UINT32), (f"{a}.expert_count", e, V.UINT32),
+           (f"{a}.expert_used_count", 4, V.UINT32), (f"{a}.rope.freq_base", 150000.0, V.FLOAT32),
+           (f"{a}.attention.layer_norm_rms_epsilon", 1e-5, V.FLOAT32), (f"{a}.vocab_size", cfg.vocab_size, V.UINT32),
+           ("tokenizer.ggml.model", "gpt2", V.STRING)]  # fmt: skip
+    for key, value, vtype in kvs:
+        writer.add_key_value(key, value, vtype)
+    writer.add_key_value("tokenizer.ggml.tokens", ["a", "b", "c"], V.ARRAY, sub_type=V.STRING)
+
+    def add(name: str, shape: tuple[int, ...], qtype=T.BF16) -> None:
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        nbytes = rows * cols // 32 * 17 if qtype == T.MXFP4 else rows * cols * (4 if qtype == T.F32 else 2)
+        writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+
+    add("token_embd.weight", (cfg.vocab_size, hidden))
+    add("output_norm.weight", (hidden,), T.F32)
+    add("output.weight", (cfg.vocab_size, hidden))
+    for i in range(24):
+        b = f"blk.{i}."
+        for name, shape in {"attn_norm.weight": (hidden,), "post_attention_norm.weight": (hidden,),
+                            "attn_q.bias": (heads * hd,), "attn_k.bias": (kv * hd,), "attn_v.bias": (kv * hd,),
+                            "attn_output.bias": (hidden,), "attn_sinks.weight": (heads,), "ffn_gate_inp.bias": (e,),
+                            "ffn_gate_exps.bias": (e, ff), "ffn_up_exps.bias": (e, ff),
+                            "ffn_down_exps.bias": (e, hidden)}.items():  # fmt: skip
+            add(b + name, shape, T.F32)
+        for name, shape in {"attn_q.weight": (heads * hd, hidden), "attn_k.weight": (kv * hd, hidden),
+                            "attn_v.weight": (kv * hd, hidden), "attn_output.weight": (hidden, heads * hd),
+                            "ffn_gate_inp.weight": (e, hidden)}.items():  # fmt: skip
+            add(b + name, shape)
+        for name, shape in {"ffn_gate_exps.weight": (e, ff, hidden), "ffn_up_exps.weight": (e, ff, hidden),
+                            "ffn_down_exps.weight": (e, hidden, ff)}.items():  # fmt: skip
+            add(b + name, shape, T.MXFP4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    from hearth.loader.gguf import open_gguf
+
+    with open(path, "r+b") as f:  # the data section: a hole of the right size
+        f.truncate(f.seek(0, 2) + sum(-(-t.nbytes // 32) * 32 for t in writer.tensors[0].values()) + 64)
+    return max(t.offset + t.nbytes for t in open_gguf(path, check_types=False).tensor_infos)
+
+
+def test_real_shaped_gpt_oss_20b_plans_before_loading(tmp_path, no_weights_read, monkeypatch):
+    """The 13.8 GB file on a 24 GiB machine (about 22 GiB available): defaults give 8192 tokens for serve and bench's
+    settings fit; an explicit --max-model-len 131072 is a one-line error naming the budget, before any weight."""
+    import torch
+
+    from hearth.config import EngineConfig as EC
+    from hearth.llm import LLM
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.resolve import resolve_model
+
+    path = tmp_path / "gpt-oss-20b.gguf"
+    end = write_sparse_gpt_oss_20b(path)
+    assert end > 13e9 and path.stat().st_blocks * 512 < 64 << 20  # real size, nothing on disk
+    ref = resolve_model(str(path))
+    cfg = read_gguf_config(str(path))  # the whole table is checked against the config
+    available = 22 * GIB
+    plan = no_weights_read.plan_memory(ref, cfg, EC(), torch.bfloat16, True, available)
+    assert plan.max_model_len == 8192 and 2.0 * GIB < plan.budget_bytes < 2.5 * GIB
+    bench = no_weights_read.plan_memory(ref, cfg, EC(max_model_len=2048, max_num_seqs=1), torch.bfloat16, True,
+                                        available)  # fmt: skip
+    assert bench.num_blocks == kv_blocks_needed(kv_spec(cfg), 2048, 16, 512)
+    run = no_weights_read.plan_memory(ref, cfg, EC(max_num_seqs=1), torch.bfloat16, True, available)
+    assert run.max_model_len == 8192
+    monkeypatch.setattr(no_weights_read, "available_memory", lambda device: available)
+    with pytest.raises(ValueError) as info:
+        LLM(str(path), max_model_len=131072)
+    message = str(info.value)
+    assert "\n" not in message and "max_model_len=131072" in message and "--max-model-len" in message
