@@ -340,8 +340,8 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step: chunked prefill token budget
-    # GiB (a number >= 1), a fraction of free memory (< 1), or a size with a unit ("512MiB", "2GiB");
-    # None: enough for max_num_seqs full-length sequences, at most a quarter of free memory
+    # GiB (a number >= 1), a fraction of the memory free after the weights (< 1), or a size with a unit ("2GiB");
+    # None: enough for max_num_seqs full-length sequences, at most a quarter of the memory free after the weights
     kv_cache_memory: float | str | None = None
     block_size: int = 16
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16
