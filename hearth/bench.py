@@ -319,6 +319,7 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
         if ref.format != "gguf":
             raise ValueError(f"--vs {peer} needs a GGUF model, got {ref.path}")
     threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or physical_cores()
+    max_model_len = max(max_model_len, prompt_len + decode_len)  # a long --prompt-len must fit the context
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "dtype": dtype, "threads": threads,
             "max_model_len": max_model_len, "int8_prefill": int8_prefill}  # fmt: skip
     record = {

@@ -112,7 +112,7 @@ class ModelConfig:
             num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
             moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
             sliding_window=cfg.get("sliding_window"),
-            layer_types=cfg.get("layer_types"),
+            layer_types=cfg.get("layer_types") or _default_layer_types(model_type, cfg),
             kv_lora_rank=cfg.get("kv_lora_rank") or 0,
             qk_rope_head_dim=cfg.get("qk_rope_head_dim") or 0,
             qk_nope_head_dim=cfg.get("qk_nope_head_dim") or 0,
@@ -120,6 +120,13 @@ class ModelConfig:
             q_lora_rank=cfg.get("q_lora_rank"),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
+
+
+def _default_layer_types(model_type: str, cfg: dict[str, Any]) -> list[str] | None:
+    """gpt-oss configs without layer_types: even layers slide (the model's rule), known before the model is built."""
+    if model_type != "gpt_oss":
+        return None
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])]
 
 
 @dataclass(slots=True, frozen=True)
@@ -231,6 +238,97 @@ def kv_bytes(spec: KVSpec, num_tokens: int, dtype: str = "bfloat16") -> int:
     return total * DTYPE_BYTES[dtype]
 
 
+def kv_blocks_needed(spec: KVSpec, num_tokens: int, block_size: int, max_num_batched_tokens: int,
+                     num_seqs: int = 1) -> int:  # fmt: skip
+    """Blocks a paged pool needs for `num_seqs` sequences of `num_tokens` tokens at once. A full-attention group holds
+    every token of each. A sliding group holds, per sequence, its window and one more block (a window straddles a
+    block boundary), and also the step's new tokens, at most `max_num_batched_tokens`, which may all be one
+    sequence's prefill chunk. The engine's check (one sequence must fit), its default pool and its default context
+    length all come from this one count."""
+    total = 0
+    for group in spec.groups:
+        window = group.sliding_window
+        if window is None:
+            total += num_seqs * -(-num_tokens // block_size)
+        else:
+            total += -(-min(num_tokens, window + max_num_batched_tokens) // block_size) + 1
+            total += (num_seqs - 1) * (-(-min(num_tokens, window) // block_size) + 1)
+    return total
+
+
+DEFAULT_MAX_MODEL_LEN = 8192  # the context a model gets when no --max-model-len is given, if its file allows it
+MIN_DEFAULT_MODEL_LEN = 512  # a default context shrunk below this (too little memory) is an error instead
+GIB = 1 << 30
+
+
+@dataclass(slots=True, frozen=True)
+class KVPlan:
+    """What the engine allocates, decided from the config and tensor metadata before any weight is read."""
+
+    max_model_len: int
+    num_blocks: int
+    block_bytes: int
+    budget_bytes: int  # the most the pool may use: --kv-cache-memory, or a quarter of the memory after the weights
+    note: str  # how max_model_len was chosen, for the log
+
+
+def plan_kv_cache(spec: KVSpec, engine_config: EngineConfig, context_length: int, free_bytes: int,
+                  dtype: str = "bfloat16") -> KVPlan:  # fmt: skip
+    """max_model_len and the block pool from the memory budget, never from the context length a file declares.
+
+    `free_bytes`: memory left once the weights are in. The budget is `kv_cache_memory`, or by default a quarter of
+    `free_bytes`. An explicit max_model_len that does not fit is a ValueError naming the budget and the flags to
+    change; the default is min(context_length, DEFAULT_MAX_MODEL_LEN), lowered to what the budget holds. With no
+    explicit budget the pool is what max_num_seqs such sequences need, within the budget."""
+    ec, bs = engine_config, engine_config.block_size
+    chunk = ec.max_num_batched_tokens
+    block_bytes = spec.block_bytes(bs, dtype)
+    free_bytes = max(free_bytes, 0)
+    if ec.kv_cache_memory is None:
+        budget, source = free_bytes // 4, f"a quarter of the {free_bytes / GIB:.2f} GiB free after the weights"
+    else:
+        budget, source = kv_budget_bytes(ec.kv_cache_memory, free_bytes), "--kv-cache-memory"
+        if budget > free_bytes:
+            raise ValueError(f"--kv-cache-memory {budget / GIB:.2f} GiB is more than the {free_bytes / GIB:.2f} GiB "
+                             "of memory free after the weights: lower --kv-cache-memory")  # fmt: skip
+    limit = budget // block_bytes
+
+    def need(n: int) -> int:
+        return kv_blocks_needed(spec, n, bs, chunk)
+
+    def largest_fit(hi: int) -> int:
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid) <= limit else (lo, mid - 1)
+        return lo if lo < 2 * bs else lo // bs * bs
+
+    held = f"the KV-cache budget of {budget / GIB:.2f} GiB ({source}) holds {limit} blocks of {bs} tokens"
+    if ec.max_model_len is not None:
+        length = min(ec.max_model_len, context_length)
+        note = f"max_model_len {length}" + (f" (the model's context; {ec.max_model_len} was asked)"
+                                            if length < ec.max_model_len else "")  # fmt: skip
+        if need(length) > limit:
+            raise ValueError(f"max_model_len={length} needs {need(length)} KV-cache blocks, but {held}: lower "
+                             f"--max-model-len (at most {largest_fit(length)} fits) or raise --kv-cache-memory")  # fmt: skip
+    else:
+        length = min(context_length, DEFAULT_MAX_MODEL_LEN)
+        note = f"max_model_len {length} (the model's context is {context_length}; default cap {DEFAULT_MAX_MODEL_LEN}"
+        if need(length) > limit:
+            fitted = largest_fit(length)
+            if fitted < min(length, MIN_DEFAULT_MODEL_LEN):
+                raise ValueError(f"{held}, too few for even a {min(length, MIN_DEFAULT_MODEL_LEN)}-token context: "
+                                 "raise --kv-cache-memory or free some memory")  # fmt: skip
+            note += f"; {held}, so lowered from {length}"
+            length = fitted
+        note += "; --max-model-len changes it)"
+    if ec.kv_cache_memory is None:
+        num_blocks = min(kv_blocks_needed(spec, length, bs, chunk, ec.max_num_seqs), limit)
+    else:
+        num_blocks = limit
+    return KVPlan(length, num_blocks, block_bytes, budget, note)
+
+
 SCHEDULING_POLICIES = ("fcfs", "shortest")  # which waiting request the scheduler admits first
 
 
@@ -238,11 +336,12 @@ SCHEDULING_POLICIES = ("fcfs", "shortest")  # which waiting request the schedule
 class EngineConfig:
     """Engine limits, named as vLLM's flags (--max-model-len, --max-num-seqs, ...)."""
 
-    max_model_len: int | None = None  # None: the model's context length, capped at 8192 by default
+    # None: the model's context length, at most DEFAULT_MAX_MODEL_LEN and what the KV budget holds (plan_kv_cache)
+    max_model_len: int | None = None
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step: chunked prefill token budget
-    # GiB (a number >= 1), a fraction of free memory (< 1), or a size with a unit ("512MiB", "2GiB");
-    # None: enough for max_num_seqs full-length sequences, at most a quarter of free memory
+    # GiB (a number >= 1), a fraction of the memory free after the weights (< 1), or a size with a unit ("2GiB");
+    # None: enough for max_num_seqs full-length sequences, at most a quarter of the memory free after the weights
     kv_cache_memory: float | str | None = None
     block_size: int = 16
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16

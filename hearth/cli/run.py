@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    p.add_argument("--max-model-len", type=int, default=4096, help="context length to allocate (default 4096)")
+    p.add_argument("--max-model-len", type=int, help="context length to allocate (default: the model's, at most 8192 "
+                   "and what the KV budget holds)")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="print timings after each answer (stderr)")
     p.add_argument("--allow-network", action="store_true",
                    help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
@@ -103,16 +104,19 @@ def _run(args) -> int:
     import time
 
     from hearth.chat.format import chat_format
-    from hearth.chat.template import load_chat_template
+    from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate, load_chat_template
     from hearth.config import EngineConfig
     from hearth.engine.llm_engine import LLMEngine
     from hearth.loader.resolve import resolve_model
     from hearth.sampling_params import SamplingParams
 
     ref = resolve_model(args.model)
-    engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1))
+    engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1))  # None: sized to fit
     tokenizer = engine.tokenizer
-    fmt = chat_format(tokenizer, load_chat_template(tokenizer), engine.model_config.architecture)
+    template = load_chat_template(tokenizer)
+    if template is None:  # a file without its own template: ChatML, as the server does
+        template = ChatTemplate(CHATML_TEMPLATE, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    fmt = chat_format(tokenizer, template, engine.model_config.architecture)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

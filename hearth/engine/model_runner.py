@@ -14,11 +14,11 @@ import os
 
 import torch
 
-from hearth.config import EngineConfig, ModelConfig, kv_budget_bytes, kv_bytes, kv_spec
+from hearth.config import EngineConfig, KVPlan, ModelConfig, kv_spec, plan_kv_cache
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.layers.sampler import Sampler
-from hearth.loader.load import load_model
+from hearth.loader.load import checkpoint_weight_bytes, load_model
 from hearth.loader.resolve import ModelRef
 from hearth.models.registry import model_class
 
@@ -62,6 +62,27 @@ def is_decode(seq, num_new: int) -> bool:
     return num_new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.num_computed_tokens >= seq.num_prompt_tokens
 
 
+def plan_memory(ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype,
+                keep_quantized: bool, available: int) -> KVPlan:  # fmt: skip
+    """The weights' memory and the KV plan (max_model_len, blocks), from metadata alone; ValueError with one line
+    naming the budget and the flag to change when something does not fit."""
+    weights = checkpoint_weight_bytes(ref, keep_quantized, torch.finfo(dtype).bits // 8)
+    if weights > available:
+        raise ValueError(f"{ref.name}: the weights need about {weights / GIB:.2f} GiB, but only "
+                         f"{available / GIB:.2f} GiB of memory is available")  # fmt: skip
+    dtype_name = str(dtype).removeprefix("torch.")
+    return plan_kv_cache(kv_spec(config), engine_config, config.max_position_embeddings, available - weights, dtype_name)
+
+
+def runtime_config(config: ModelConfig, max_model_len: int) -> ModelConfig:
+    """The config the model is built from: rope tables cover max_model_len positions, not the file's context length
+    (a file may declare millions). YaRN without an original length falls back to the declared one, as before."""
+    scaling = config.rope_scaling
+    if scaling and scaling.get("rope_type") == "yarn" and not scaling.get("original_max_position_embeddings"):
+        scaling = {**scaling, "original_max_position_embeddings": config.max_position_embeddings}
+    return dataclasses.replace(config, max_position_embeddings=max_model_len, rope_scaling=scaling)
+
+
 class ModelRunner:
     def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu"):
         self.config = config
@@ -70,12 +91,15 @@ class ModelRunner:
         if os.environ.get("HEARTH_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["HEARTH_NUM_THREADS"]))
         self.dtype = resolve_dtype(engine_config.dtype, ref, config)
-        self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
-                                 config.max_position_embeddings)  # fmt: skip
+        keep_quantized = self.dtype != torch.float32
+        # every check that can fail runs here, from the config and the tensor table, before any weight is read
+        plan = plan_memory(ref, config, engine_config, self.dtype, keep_quantized, available_memory(self.device))
+        self.max_model_len = plan.max_model_len
         self.block_size = engine_config.block_size
+        logger.info("%s", plan.note)
         with torch.device(self.device):
-            self.model = model_class(config)(config)
-        load_model(self.model, ref, self.dtype, keep_quantized=self.dtype != torch.float32)
+            self.model = model_class(config)(runtime_config(config, self.max_model_len))
+        load_model(self.model, ref, self.dtype, keep_quantized=keep_quantized)
         self.model.eval()
         if engine_config.int8_prefill:
             held = [m for m in self.model.modules() if getattr(m, "blocks", None) is not None]
@@ -83,7 +107,7 @@ class ModelRunner:
                 module.int8_activations = True
             logger.info("int8 activations for the %d GGUF-quantized projections, in prefill as in decode", len(held))
         self.sampler = Sampler(engine_config.seed)
-        self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
         # a family's one-call decode step over the allocated cache (CPU, GGUF blocks), when it has one
         self.fused_decode = None
         fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1  # it reads one block table per sequence
@@ -91,33 +115,14 @@ class ModelRunner:
             self.fused_decode = getattr(self.model, "fused_decode", lambda: None)()
         release_freed_memory()
 
-    def allocate_kv_cache(self) -> int:
-        """Size the block pool from the KV budget with the KVSpec arithmetic the planner uses, then allocate it.
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate the block pool plan_memory sized (KVSpec arithmetic, the planner's too).
 
         Layers are paged in KV groups (KVSpec.groups: full attention, and one group per sliding window). A block id
         belongs to one group at a time, so layers of different groups share cache tensors (KVSpec.storage_slots)."""
         spec = kv_spec(self.config)
         self.kv_windows = tuple(group.sliding_window for group in spec.groups)
-        dtype_name = str(self.dtype).removeprefix("torch.")
-        block_bytes = spec.block_bytes(self.block_size, dtype_name)
-        budget = self.engine_config.kv_cache_memory
-        if budget is None:
-            wanted = self.engine_config.max_num_seqs * kv_bytes(spec, self.max_model_len, dtype_name)
-            budget_bytes = min(wanted, available_memory(self.device) // 4)
-        else:
-            budget_bytes = kv_budget_bytes(budget, available_memory(self.device))
-        num_blocks = max(budget_bytes // block_bytes, 1)
-        # one sequence of max_model_len tokens must fit: every full group holds all of it, a sliding group its
-        # window plus one step's tokens
-        chunk = self.engine_config.max_num_batched_tokens
-        needed = sum(-(-(self.max_model_len if w is None else min(self.max_model_len, w + chunk)) // self.block_size) + 1
-                     for w in self.kv_windows) - 1  # fmt: skip
-        if num_blocks < needed:
-            raise ValueError(
-                f"KV-cache budget of {budget_bytes / GIB:.2f} GiB holds {num_blocks} blocks of {self.block_size} "
-                f"tokens, fewer than the {needed} one max_model_len={self.max_model_len} sequence needs: raise "
-                f"--kv-cache-memory or lower --max-model-len"
-            )
+        block_bytes = spec.block_bytes(self.block_size, str(self.dtype).removeprefix("torch."))
         # every cache-holding layer (Attention, or a model's own such as MLA) has allocate_cache(), in layer order
         cache_layers = [m for m in self.model.modules() if hasattr(m, "allocate_cache")]
         if len(cache_layers) != spec.num_layers:

@@ -189,11 +189,19 @@ class _Parser:
                 nbytes = row_nbytes(qtype, shape[-1]) * math.prod(shape[:-1])
             except ValueError as e:
                 raise self.fail(f"tensor {name!r}: {e}") from None
+            if offset % alignment:
+                raise self.fail(f"tensor {name!r} data offset {offset} is not a multiple of the file's alignment "
+                                f"({alignment}): corrupt")  # fmt: skip
             end = data_start + offset + nbytes
             if end > self.size:
                 raise self.fail(f"tensor {name!r} data ends at byte {end}, past the end of the file "
                                 f"({self.size} bytes): truncated or corrupt")  # fmt: skip
             infos.append(TensorInfo(name, int(qtype), shape, nbytes, data_start + offset))
+        by_offset = sorted((info for info in infos if info.nbytes), key=lambda info: info.offset)
+        for prev, info in zip(by_offset, by_offset[1:]):  # each tensor owns its bytes: an overlap is corruption
+            if info.offset < prev.offset + prev.nbytes:
+                raise self.fail(f"tensors {prev.name!r} and {info.name!r} overlap in the data section (bytes "
+                                f"{info.offset} to {prev.offset + prev.nbytes}): corrupt")  # fmt: skip
         return metadata, infos, data_start
 
 

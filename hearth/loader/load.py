@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import time
 
 import torch
@@ -105,6 +107,33 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
     if gguf_file is not None:  # repacked and copied weights no longer read the file's map: let its pages go
         gguf_file.release_pages()
     logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
+
+
+def checkpoint_weight_bytes(ref: ModelRef, keep_quantized: bool, element_bytes: int) -> int:
+    """About how many bytes the loaded weights will hold, from the tensor table or file sizes alone (read before any
+    weight, so that memory checks fail fast). GGUF weights stay in their blocks (`keep_quantized`) or become floats
+    of `element_bytes` each (MXFP4 experts always stay packed); safetensors weights take `element_bytes` each."""
+    if ref.format == "gguf":
+        from hearth.loader.gguf import open_gguf
+
+        total = 0
+        for info in open_gguf(ref.path).tensor_infos:
+            packed = keep_quantized or info.type_name == "MXFP4"
+            total += info.nbytes if packed else info.num_elements * element_bytes
+        return total
+    from safetensors import SafetensorError, safe_open
+
+    from hearth.loader.safetensors import safetensors_files
+
+    total = 0
+    for file in safetensors_files(ref.path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                names = f.keys()
+                total += sum(math.prod(f.get_slice(name).get_shape()) for name in names) * element_bytes
+        except (SafetensorError, OSError):  # loading it will say what is wrong
+            total += os.path.getsize(file)
+    return total
 
 
 def _tensors(value):
