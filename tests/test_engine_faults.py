@@ -372,14 +372,13 @@ def test_dead_engine_answers_503_and_health_says_so(fault):
                        for stream in (False, True)]  # fmt: skip
             await asyncio.to_thread(wait_until, lambda: len(stub.requests) == 2)
             stub.explode = fault
-            start = time.monotonic()
-            answers = await asyncio.wait_for(asyncio.gather(*pending), 10)
+            answers = await asyncio.wait_for(asyncio.gather(*pending), 10)  # bounds a hang, not a speed
             later = await asyncio.wait_for(client.post("/v1/completions", json=body), 10)
             health = await client.get("/health")
-            return answers + [later], health, time.monotonic() - start
+            return answers + [later], health
 
     try:
-        responses, health, elapsed = asyncio.run(scenario())
+        responses, health = asyncio.run(scenario())
     finally:
         async_engine.shutdown()
     for r in responses:
@@ -388,7 +387,6 @@ def test_dead_engine_answers_503_and_health_says_so(fault):
         assert error["type"] == "service_unavailable" and "restart" in error["message"]
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert async_engine.state == "dead" and deaths == [fault]
-    assert elapsed < 10
 
 
 def test_generate_on_a_dead_engine_fails_at_once_and_never_hangs():

@@ -5,9 +5,8 @@ Logprobs are those of the model's raw distribution (before penalties and tempera
 Every step is safe for the parameter ranges SamplingParams admits: a logit that penalties or temperature push to +inf
 is clamped to float32's largest value once scaled (greedy rows take the argmax, which +inf does not disturb), top-p
 always keeps the most likely token and min-p never drops it, so each row keeps at least one finite logit and
-softmax/multinomial get a proper distribution.
-Logits the model itself made NaN or +inf raise a ValueError naming the rows, which the engine turns into an error for those
-requests alone.
+softmax/multinomial get a proper distribution. Logits the model itself made NaN or +inf raise a ValueError naming the
+rows, which the engine turns into an error for those requests alone.
 """
 
 from __future__ import annotations
