@@ -1,17 +1,69 @@
-"""Per-request sampling parameters (vLLM's names). Stdlib only."""
+"""Per-request sampling parameters (vLLM's names). Stdlib only.
+
+Validation happens here, before a request is admitted, so that the sampler only ever sees numbers it computes with
+exactly (float32 logits): a value it cannot use is a ValueError, which the API answers with a 400.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is greedy (vLLM's rule): dividing float32 logits by a smaller one overflows, and the
+# distribution is a one-hot on the top token long before then.
+GREEDY_TEMPERATURE = 1e-5
+# The largest temperature accepted: far past the point where the distribution is flat, and small enough that
+# logits / temperature is computed without underflow turning masked (-inf) tokens into NaN.
+MAX_TEMPERATURE = 1e4
+# Repetition penalties outside this range are refused: a logit divided or multiplied by the penalty must stay finite
+# in float32 even after the smallest non-greedy temperature divides it (1e2 * 1e2 / 1e-5 is far from overflow).
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# What torch.Generator.manual_seed accepts: a signed or unsigned 64-bit integer.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _show(value: int) -> str:
+    """An integer for an error message, without printing thousands of digits."""
+    return str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+
+
+def _real(name: str, value) -> float:
+    """`value` as a finite float, or ValueError (NaN, infinities, numbers too large for a float, non-numbers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        number = math.inf
+    if not math.isfinite(number):
+        shown = _show(value) if isinstance(value, int) else repr(value)
+        raise ValueError(f"{name} must be a finite number, got {shown}")
+    return number
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request.
 
-    temperature 0 is greedy. `seed` makes sampling reproducible for this request alone. `logprobs` is the number of
-    top alternatives to return with each sampled token's log-probability (None: no logprobs; 0: the sampled token's
-    only). `stop` strings end generation and never appear in the returned text.
+    temperature 0 is greedy, and so is any temperature below GREEDY_TEMPERATURE. `seed` makes sampling reproducible
+    for this request alone. `logprobs` is the number of top alternatives to return with each sampled token's
+    log-probability (None: no logprobs; 0: the sampled token's only). `stop` strings end generation and never appear
+    in the returned text.
+
+    Every number must be finite. Ranges: temperature [0, MAX_TEMPERATURE]; top_p (0, 1] (however small, the most
+    likely token is always kept); min_p [0, 1]; top_k -1, 0 or positive; repetition_penalty within
+    REPETITION_PENALTY_RANGE; presence and frequency penalties [-2, 2]; seed within SEED_RANGE.
     """
 
     temperature: float = 1.0
@@ -32,24 +84,38 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.stop = list(self.stop)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
+        self.stop_token_ids = [_integer("stop_token_ids", t) for t in self.stop_token_ids]
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, _real(name, getattr(self, name)))
+        self.top_k = _integer("top_k", self.top_k)
+        for name in ("max_tokens", "seed", "logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name)))
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+            raise ValueError(f"top_k must be -1, 0 or positive, got {_show(self.top_k)}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise ValueError(f"max_tokens must be at least 1, got {_show(self.max_tokens)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ValueError(f"logprobs must be between 0 and 20, got {_show(self.logprobs)}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be between {low:g} and {high:g}, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit integer (between {SEED_RANGE[0]} and {SEED_RANGE[1]}), "
+                             f"got {_show(self.seed)}")  # fmt: skip
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -424,6 +424,30 @@ def test_bad_fields_are_400_naming_the_field(client, body, param):
     assert err["message"]
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"seed": 10**30}, "seed"),
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # the second choice samples with seed + 1
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty"),
+])  # fmt: skip
+def test_values_the_sampler_cannot_use_are_400_before_admission(client, engine, body, param):
+    for send in (chat, lambda c, **b: c.post("/v1/completions", json={"prompt": "Hi", **b})):
+        err = error_of(send(client, **body), 400)
+        assert err["param"] == param and param in err["message"], err
+    assert not engine.calls
+
+
+@pytest.mark.parametrize("body", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-40},
+                                  {"top_p": 5e-324}, {"top_p": 1e-300}, {"seed": 2**64 - 1}, {"seed": -(2**63)}])  # fmt: skip
+def test_tiny_positive_values_are_accepted(client, engine, body):
+    assert chat(client, **body).status_code == 200
+    params = engine.calls[-1][1]
+    assert params.is_greedy == ("temperature" in body)
+
+
 def test_missing_messages_and_prompt(client):
     assert error_of(client.post("/v1/chat/completions", json={"model": "fake-model"}), 400)["param"] == "messages"
     assert error_of(client.post("/v1/completions", json={}), 400)["param"] == "prompt"

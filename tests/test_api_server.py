@@ -201,6 +201,30 @@ def test_errors(client, server):
     assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2).choices[0].message.content
 
 
+def test_extreme_sampling_values_fail_alone(server):
+    """The values that used to kill the engine thread or fail every request in flight: each one is a 400 or a normal
+    answer, the requests sent alongside answer normally, and the server stays ready."""
+    greedy = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    extremes = [{"seed": 2**64}, {"seed": -(2**63) - 1}, {"seed": 10**30}, {"temperature": 1e-300},
+                {"temperature": 5e-324}, {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 1e-40},
+                {"repetition_penalty": 1e-300}, {"repetition_penalty": 5e-324}, {"repetition_penalty": 1e-40}]  # fmt: skip
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            bodies = [greedy] + [{**greedy, "temperature": 0.8, **extreme} for extreme in extremes] + [greedy]
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for body in bodies))
+
+    first, *answers, last = asyncio.run(burst())
+    for extreme, r in zip(extremes, answers):
+        refused = "seed" in extreme or "repetition_penalty" in extreme
+        assert r.status_code == (400 if refused else 200), (extreme, r.text)
+        if refused:
+            assert r.json()["error"]["param"] == next(iter(extreme))
+    for r in (first, last):  # bf16 batches may round differently from a lone request: no token comparison here
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_queue_full_is_429(server):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:

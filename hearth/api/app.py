@@ -54,8 +54,11 @@ class ServerState:
         return self._chat_format
 
     def check_ready(self) -> None:
-        if self.engine.state != "ready":
-            raise APIError(f"the model is {self.engine.state}, not ready yet; retry shortly", 503)
+        state = self.engine.state
+        if state == "dead":
+            raise APIError("the engine stopped after an internal error; the server is restarting, retry shortly", 503)
+        if state != "ready":
+            raise APIError(f"the model is {state}, not ready yet; retry shortly", 503)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:

@@ -60,8 +60,9 @@ def sampling_params(body: SamplingFields, logprobs: int | None, choice: int) -> 
             ignore_eos=body.ignore_eos, repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         )  # fmt: skip
-    except ValueError as e:
-        raise APIError(str(e), 400) from e
+    except ValueError as e:  # the message starts with the field's name
+        name = str(e).split(" ", 1)[0]
+        raise APIError(str(e), 400, name if name in SamplingFields.model_fields else None) from e
 
 
 class Fanout:

@@ -65,6 +65,8 @@ def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=None) 
     try:
         while engine.has_unfinished():
             for delta in engine.step():
+                if delta.error is not None:
+                    raise delta.error  # the engine failed this answer (logged); main prints it as one line
                 if parser is None:
                     out.write(delta.text)
                     out.flush()

@@ -2,7 +2,8 @@
 
 The server listens at once and loads the model in the background, so /health answers 503 "loading" until it is
 ready. It binds 127.0.0.1; any other address needs API keys (`hearth keys create`) or --insecure-no-auth. At start it
-installs the offline guard (no outbound connections; --allow-network lifts it) and opens the audit log.
+installs the offline guard (no outbound connections; --allow-network lifts it) and opens the audit log. If the engine
+thread dies, the server shuts down and the command exits with status 1, for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ class LoadingEngine:
         threading.Thread(target=load, name="hearth-load", daemon=True).start()
         try:
             engine = await loaded
+            if self._on_failure is not None and hasattr(engine, "on_dead"):
+                engine.on_dead = self._on_failure  # the engine thread dying later stops the server too
             await engine.start()
             self._engine = engine
             logger.info("model loaded; ready")
@@ -314,4 +317,7 @@ def _serve(args, keys, has_keys: bool) -> int:
         server.run()
     if engine.state == "failed":
         raise CliError(f"could not load {args.model}; see the log above")
+    if engine.state == "dead":
+        raise CliError("the engine stopped after an internal error (see the log above); exiting so that a supervisor "
+                       "can restart the server")  # fmt: skip
     return 0

@@ -1,6 +1,11 @@
 """AsyncEngine: the EngineClient the API server holds. One background thread owns the LLMEngine (llama.cpp's
 single-owner loop); requests and aborts reach it through a queue, and each request's Deltas come back on its own
 asyncio queue.
+
+A request the engine fails (LLMEngine.step isolates the sequence that made a step raise) gets its EngineError. When
+anything escapes the loop (EngineFatalError, or a bug), the engine is dead: its state says so (/health answers 503),
+every request waiting and every later one gets a 503, and `on_dead` is called (`hearth serve` then stops the server and
+exits non-zero, for a supervisor to restart it). A dead engine is never restarted in-process.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from hearth.config import EngineConfig
 from hearth.engine.llm_engine import LLMEngine
@@ -19,6 +24,9 @@ from hearth.loader.resolve import ModelRef
 from hearth.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+DEAD_MESSAGE = "the engine stopped after an internal error; the server is restarting, retry shortly"
+LIVENESS_POLL_S = 1.0  # a waiting stream checks this often that the engine thread is still alive
 
 
 class AsyncEngine:
@@ -31,6 +39,7 @@ class AsyncEngine:
         self._stopping = False
         self._state = "ready"
         self._stats = engine.stats
+        self.on_dead: Callable[[BaseException], None] | None = None  # called on the engine thread when it dies
 
     @classmethod
     def from_model(cls, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu") -> AsyncEngine:
@@ -38,6 +47,9 @@ class AsyncEngine:
 
     @property
     def state(self) -> str:
+        thread = self._thread
+        if self._state == "ready" and thread is not None and not thread.is_alive() and not self._stopping:
+            return "dead"  # the thread ended without getting to _die
         return self._state
 
     @property
@@ -64,6 +76,8 @@ class AsyncEngine:
             self._thread = None
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        if self.state == "dead":
+            raise EngineError(DEAD_MESSAGE, 503)
         self.start_thread()
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
@@ -74,7 +88,15 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await out.get()
+                try:
+                    item = await asyncio.wait_for(out.get(), LIVENESS_POLL_S)
+                except asyncio.TimeoutError:  # noqa: UP041 (not the builtin before Python 3.11)
+                    # _die fails every stream it sees; this catches one registered as it ran, or a thread that
+                    # ended without it
+                    if self.state == "dead":
+                        finished = True
+                        raise EngineError(DEAD_MESSAGE, 503) from None
+                    continue
                 if isinstance(item, EngineError):
                     finished = True
                     raise item
@@ -93,6 +115,8 @@ class AsyncEngine:
     # --- engine thread ---------------------------------------------------------------------------------------------
 
     def _emit(self, request_id: str, item) -> None:
+        if isinstance(item, Delta) and item.error is not None:
+            item = item.error
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, out = stream
@@ -106,13 +130,35 @@ class AsyncEngine:
                 self.engine.add_request(prompt_ids, params, request_id)
             except EngineError as e:
                 self._emit(request_id, e)
+            except Exception as e:  # a bug admitting this request: it alone fails
+                logger.error("admitting request %s failed (%s)", request_id, type(e).__name__, exc_info=e)
+                self._emit(request_id, EngineError("internal error while admitting the request", 500))
         elif kind == "abort":
             delta = self.engine.abort(payload)
             if delta is not None:
                 self._emit(payload, delta)
 
     def _loop(self) -> None:
-        """Called only on the engine thread: drain the inbox, run a step, hand out the Deltas.
+        """The engine thread's body: `_serve` until stopped; whatever escapes it kills the engine (`_die`)."""
+        try:
+            self._serve()
+        except BaseException as e:
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        """Mark the engine dead, fail every request waiting with a 503 and call `on_dead`."""
+        self._state = "dead"  # before the streams are read: a stream registered after this sees it when it polls
+        logger.critical("the engine thread died (%s: %s); failing every request with 503", type(error).__name__,
+                        error, exc_info=error)  # fmt: skip
+        try:
+            for request_id in list(self._streams):
+                self._emit(request_id, EngineError(DEAD_MESSAGE, 503))
+        finally:
+            if self.on_dead is not None:
+                self.on_dead(error)
+
+    def _serve(self) -> None:
+        """Drain the inbox, run a step, hand out the Deltas.
 
         Idle, it sleeps on the inbox. After a step that finished a request, when the next step will prefill, it waits
         up to `admission_wait_ms` for a new request (EngineConfig): clients that send their next request as soon as
@@ -132,14 +178,7 @@ class AsyncEngine:
                     self._handle(kind, payload)
             except queue.Empty:
                 pass
-            try:
-                deltas = self.engine.step()
-            except Exception:
-                logger.exception("engine step failed; failing the running requests")
-                for request_id in list(self.engine.seqs):
-                    self.engine.abort(request_id)
-                    self._emit(request_id, EngineError("internal error while generating", 500))
-                deltas = []
+            deltas = self.engine.step()  # a request's own failure comes back as its Delta; anything raised is fatal
             self._stats = self.engine.stats
             finished = any(delta.finished for delta in deltas)
             for delta in deltas:

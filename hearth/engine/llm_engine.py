@@ -1,6 +1,12 @@
 """LLMEngine: add_request / abort / step. step = schedule → run → postprocess. Works in token ids; the
 detokenizer turns each sequence's new tokens into text and applies stop strings.
 
+A step that raises fails only the sequence that caused it: the batch is run again in halves, down to single
+sequences, and a sequence that fails alone is finished with an error Delta (its blocks freed); the others keep their
+KV state and go on (a retried forward recomputes and rewrites the same cache slots, and seeded generators are put
+back to their state before the step). When every sequence of a batch of several fails alone, the fault is the
+engine's, not a request's: step raises EngineFatalError.
+
 Not thread-safe: one thread owns an engine (AsyncEngine's engine thread, or the caller of LLM.generate).
 """
 
@@ -14,8 +20,8 @@ from hearth.config import EngineConfig
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.model_runner import ModelRunner
-from hearth.engine.protocol import Delta, EngineError, EngineStats, ModelInfo
-from hearth.engine.scheduler import Scheduler
+from hearth.engine.protocol import Delta, EngineError, EngineFatalError, EngineStats, ModelInfo
+from hearth.engine.scheduler import Batch, Scheduler
 from hearth.engine.sequence import Sequence
 from hearth.loader.inspect import read_gguf_config, read_hf_config
 from hearth.loader.resolve import ModelRef
@@ -76,10 +82,9 @@ class LLMEngine:
         seq = Sequence(prompt_ids, params, request_id)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        self.seqs[request_id] = seq
-        self.detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop
-        )
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
+        self.seqs[request_id] = seq  # registered only once nothing above can raise
+        self.detokenizers[request_id] = detokenizer
         self.scheduler.add(seq)
         return seq
 
@@ -101,22 +106,62 @@ class LLMEngine:
         )  # fmt: skip
 
     def step(self) -> list[Delta]:
-        """Run one scheduled batch and return a Delta for every sequence that produced a token."""
+        """Run one scheduled batch and return a Delta for every sequence that produced a token or failed."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        before = [seq.num_computed_tokens for seq in batch.seqs]
-        sampled, token_ids, logprobs = self.runner.run(batch)
-        for seq, num_new, start in zip(batch.seqs, batch.num_scheduled_tokens, before):
+        # seeded generators as they were, so that a retried sequence draws what it would have drawn
+        saved = {seq.seq_id: seq.generator.get_state() for seq in batch.seqs if getattr(seq, "generator", None)}
+        deltas: list[Delta] = []
+        failed: list[tuple[Sequence, BaseException]] = []
+        self._run_isolating(batch, saved, deltas, failed)
+        if failed and len(failed) == len(batch.seqs) > 1:
+            raise EngineFatalError(f"all {len(batch.seqs)} sequences of the step failed on their own") from failed[0][1]
+        deltas.extend(self._fail(seq, error) for seq, error in failed)
+        return deltas
+
+    def _run_isolating(self, batch: Batch, saved: dict, deltas: list[Delta], failed: list) -> None:
+        """Run `batch` and postprocess it into `deltas`; when the run raises, run each half of the batch on its own,
+        down to single sequences, and put those that fail alone in `failed`."""
+        try:
+            sampled, token_ids, logprobs = self.runner.run(batch)
+        except Exception as e:
+            if len(batch.seqs) == 1:
+                failed.append((batch.seqs[0], e))
+                return
+            logger.warning("a step over %d sequences raised %s; running them again in smaller groups",
+                           len(batch.seqs), type(e).__name__)  # fmt: skip
+            half = len(batch.seqs) // 2
+            for part in (slice(None, half), slice(half, None)):
+                sub = Batch(batch.seqs[part], batch.num_scheduled_tokens[part])
+                for seq in sub.seqs:
+                    if seq.seq_id in saved:
+                        seq.generator.set_state(saved[seq.seq_id])
+                self._run_isolating(sub, saved, deltas, failed)
+            return
+        for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
+            start = seq.num_computed_tokens
             seq.num_computed_tokens = start + num_new
             self.block_manager.commit(seq, start)
-        deltas = []
         for seq, token_id, lp in zip(sampled, token_ids, logprobs):
             seq.append_token(token_id)
             if lp is not None:
                 seq.logprobs.append(lp)
-            deltas.append(self._postprocess(seq, token_id, lp))
-        return deltas
+            try:
+                deltas.append(self._postprocess(seq, token_id, lp))
+            except Exception as e:
+                failed.append((seq, e))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> Delta:
+        """Finish `seq` with an error (its blocks freed); the Delta carries the EngineError for its client."""
+        logger.error("request %s failed in an engine step (%s); the others go on", seq.request_id, type(error).__name__,
+                     exc_info=error)  # fmt: skip
+        self.scheduler.finish(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        self.detokenizers.pop(seq.request_id, None)
+        delta = self._delta(seq, [], "", None)
+        delta.error = EngineError("internal error while generating this request", 500)
+        return delta
 
     def _postprocess(self, seq: Sequence, token_id: int, lp) -> Delta:
         params = seq.params

@@ -31,10 +31,11 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    error: EngineError | None = None  # with finish_reason "error": why the engine failed this request
 
 
 @dataclass(slots=True)
@@ -64,11 +65,15 @@ class EngineError(Exception):
         self.param = param
 
 
+class EngineFatalError(Exception):
+    """The engine cannot go on (its state can no longer be trusted): every request fails and the engine is dead."""
+
+
 class EngineClient(Protocol):
     """What the API server needs from an engine."""
 
     @property
-    def state(self) -> str:  # "loading" | "ready"
+    def state(self) -> str:  # "loading" | "ready" | "failed" (did not load) | "dead" (stopped after a fatal error)
         ...
 
     @property

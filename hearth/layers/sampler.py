@@ -1,6 +1,12 @@
 """Batched sampling with per-sequence parameters: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Logprobs are those of the model's raw distribution (before penalties and temperature), as OpenAI reports them.
+
+Every step is safe for the parameter ranges SamplingParams admits: a logit that penalties or temperature push to +inf
+is clamped to float32's largest value once scaled (greedy rows take the argmax, which +inf does not disturb), top-p
+always keeps the most likely token and min-p never drops it, so each row keeps at least one finite logit and
+softmax/multinomial get a proper distribution. Logits the model itself made NaN or +inf raise a ValueError naming the
+rows, which the engine turns into an error for those requests alone.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ import torch
 
 from hearth.engine.protocol import TokenLogprob
 from hearth.sampling_params import SamplingParams
+
+FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int, params: SamplingParams) -> None:
@@ -31,8 +39,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p
+        # drop a token when the tokens before it already reach top_p; the first is always kept (a top_p that rounds
+        # to 0 in float32 would drop it too)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if min_p > 0.0:
         probs = logits.softmax(-1)
@@ -47,6 +57,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list, generators: list[torch.Generator | None]):
         """logits [num_seqs, vocab] -> (token ids, per-sequence TokenLogprob or None)."""
         logits = logits.float()
+        bad = ~(logits < float("inf")).all(-1)  # a NaN or +inf logit: nothing sensible can be sampled from the row
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"the model produced NaN or infinite logits for batch rows {rows}")
         raw = logits
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         token_ids: list[int] = []
@@ -60,7 +74,7 @@ class Sampler:
             if p.is_greedy:
                 token_ids.append(greedy[i])
                 continue
-            row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
+            row = filter_logits((logits[i] / p.temperature).clamp_(max=FLOAT_MAX), p.top_k, p.top_p, p.min_p)
             probs = row.softmax(-1)
             gen = generators[i] or self.generator
             token_ids.append(int(torch.multinomial(probs, 1, generator=gen)))
