@@ -384,7 +384,8 @@ def test_gpt_oss_special_tokens_match_harmony(gpt_oss_tok: Tokenizer, harmony_en
 
 
 def _write_llama_gguf(path, pre: str) -> None:
-    """Model metadata hearth accepts, a 4-token byte-level vocabulary with pre-tokenizer `pre`, and no weights."""
+    """A whole one-layer Llama of zeros (the loader checks the metadata against the tensor table before the tokenizer)
+    with a 4-token byte-level vocabulary and pre-tokenizer `pre`."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
@@ -398,7 +399,12 @@ def _write_llama_gguf(path, pre: str) -> None:
     writer.add_token_types([1, 1, 1, 3])
     writer.add_token_merges(["a b"])
     writer.add_eos_token_id(3)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    shapes = {"token_embd.weight": (4, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+              "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 8), "blk.0.attn_v.weight": (8, 8),
+              "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8),
+              "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16)}  # fmt: skip
+    for name, shape in shapes.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -421,7 +427,7 @@ def test_unknown_pre_tokenizer_fails_before_the_weights(tmp_path, capsys, monkey
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("hearth: error:") and "'martian'" in err, err
     assert not touched  # no weight was read
-    # the same file with a known pre-tokenizer gets past the tokenizer (and fails later, on its missing weights)
+    # the same file with a known pre-tokenizer gets past the tokenizer
     _write_llama_gguf(path, "gpt-4o")
     assert load_tokenizer(str(path)).encode("abab") == [2, 2]
 
