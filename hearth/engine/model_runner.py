@@ -241,13 +241,14 @@ class ModelRunner:
             logits = self.run_fused_decode(sampled)
         else:
             input_ids, positions, sample_rows = self.prepare(batch)
+            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
             try:
                 hidden_states = self.model(input_ids, positions)
+                # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
+                logits = self.model.compute_logits(hidden_states[sample_rows]) if sampled else None
             finally:
                 reset_context()
-            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
             if not sampled:
                 return [], [], []
-            logits = self.model.compute_logits(hidden_states[sample_rows])
         token_ids, logprobs = self.sampler(logits, sampled, [getattr(s, "generator", None) for s in sampled])
         return sampled, token_ids, logprobs

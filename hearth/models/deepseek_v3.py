@@ -421,11 +421,15 @@ class DeepseekV3MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden_states)
-        out = torch.zeros_like(hidden_states)
-        for expert_id in torch.unique(ids).tolist():  # ascending, like HF's loop: the same sum order
-            token_idx, slot = torch.where(ids == expert_id)
-            y = self.experts[expert_id](hidden_states[token_idx])
-            out.index_add_(0, token_idx, y * weights[token_idx, slot, None].to(y.dtype))
+        num_tokens, top_k = ids.shape
+        flat_ids = ids.reshape(-1)
+        # each (token, slot) pair's expert output in its own row, then one weighted sum over the slots: no scatter-add
+        # per expert (index_add_ opens a parallel region even for one row)
+        ys = hidden_states.new_empty(num_tokens * top_k, hidden_states.shape[-1])
+        for expert_id in torch.unique(flat_ids).tolist():
+            pairs = torch.nonzero(flat_ids == expert_id).squeeze(1)
+            ys[pairs] = self.experts[expert_id](hidden_states[pairs // top_k])
+        out = (ys.view(num_tokens, top_k, -1) * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out
