@@ -293,8 +293,10 @@ def _serve(args, keys, has_keys: bool) -> int:
     print("Try:")
     print(f"  {curl_example(url, name, has_keys or args.require_key)}")
     sys.stdout.flush()
+    from hearth.api.errors import http_protocol
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)  # fmt: skip
+                            timeout_graceful_shutdown=5, http=http_protocol())  # fmt: skip
     server = uvicorn.Server(config)
     server.run()
     if engine.state == "failed":
