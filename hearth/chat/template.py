@@ -10,7 +10,9 @@ thread and the render raises TemplateError; nothing is left running.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -116,8 +118,61 @@ def _size(value: Any) -> int | None:
     return len(value) if isinstance(value, (str, list, tuple)) else None
 
 
+def _limit() -> int:
+    budget = _BUDGET.get()
+    return budget.max_output_chars if budget is not None else MAX_OUTPUT_CHARS
+
+
+_PERCENT_SPEC = re.compile(r"%[-+ #0]*(?:\d+|\*)?(?:\.(?:\d+|\*))?")
+_FORMAT_FIELD = re.compile(r"\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}")
+_NESTED_FIELD = re.compile(r"\{[^{}]*\{")
+_DIGITS = re.compile(r"\d+")
+
+
+def _check_width(value: Any, limit: int) -> None:
+    if isinstance(value, int) and abs(value) > limit:
+        raise TemplateError(f"chat template asked for a width or count of {value}, over its limit of {limit}")
+
+
+def _check_format(fmt: str, percent: bool, args: Any = ()) -> None:
+    """Widths and precisions in a %- or {}-format string (and the arguments that may supply them) stay within the
+    output limit, so `'%999999999d' % 1` or `'{:>999999999}'.format(1)` cannot allocate gigabytes."""
+    limit = _limit()
+    for spec in (_PERCENT_SPEC if percent else _FORMAT_FIELD).findall(fmt):
+        for digits in _DIGITS.findall(spec):
+            if len(digits) > 12 or int(digits) > limit:
+                raise TemplateError(f"chat template formats a value wider than its limit of {limit} characters")
+    if ("*" in fmt) if percent else _NESTED_FIELD.search(fmt):  # widths taken from the arguments
+        for arg in args if isinstance(args, (tuple, list)) else (args,):
+            _check_width(arg, limit)
+
+
+_SIZED_FILTERS = frozenset({"center", "indent", "truncate", "wordwrap", "slice", "batch"})  # take widths or counts
+
+
+def _bounded_filter(name: str, f: Any) -> Any:
+    """A filter that checks the deadline, is never folded while compiling, and (for those that take a width or a
+    count: `center(10**9)`, `slice(10**9)`) refuses one past the output limit."""
+    skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # the context or environment, then the value filtered
+
+    @functools.wraps(f)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is None:  # Jinja folding a filter over constants while compiling: leave it to the render
+            raise nodes.Impossible()
+        budget.check_time()
+        if name == "format" and isinstance(args[skip - 1], str):
+            _check_format(args[skip - 1], True, args[skip:])
+        elif name in _SIZED_FILTERS:
+            for arg in (*args[skip:], *kwargs.values()):
+                _check_width(arg, budget.max_output_chars)
+        return f(*args, **kwargs)
+
+    return bounded
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         # Jinja returns an Undefined that only fails when used further; fail at the first unsafe access instead
@@ -134,17 +189,35 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         budget = _BUDGET.get()
         if budget is not None:
             budget.check_time()
+            if isinstance(getattr(__obj, "__self__", None), str):  # str methods: center, ljust, zfill, expandtabs, ...
+                for arg in (*args, *kwargs.values()):
+                    _check_width(arg, budget.max_output_chars)
         return super().call(__context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value: Any) -> Any:
+        fmt = getattr(value, "__self__", None)
+        wrapped = super().wrap_str_format(value)
+        if not isinstance(fmt, str) or wrapped is None:
+            return wrapped
+        _check_format(fmt, False)
+
+        @functools.wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            _check_format(fmt, False, (*args, *kwargs.values()))
+            return wrapped(*args, **kwargs)
+
+        return checked
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        budget = _BUDGET.get()
-        limit = budget.max_output_chars if budget is not None else MAX_OUTPUT_CHARS
-        if operator == "*":
+        limit = _limit()
+        if operator == "%" and isinstance(left, str):
+            _check_format(left, True, right)
+        elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 size = _size(seq)
                 if size is not None and isinstance(times, int) and size * times > limit:
                     raise TemplateError(f"chat template built a value larger than its limit of {limit} items")
-        elif _power_bits(left, right) > MAX_POWER_BITS:
+        elif operator == "**" and _power_bits(left, right) > MAX_POWER_BITS:
             raise TemplateError(f"chat template computed a number larger than {MAX_POWER_BITS} bits")
         return super().call_binop(context, operator, left, right)
 
@@ -186,6 +259,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 def _environment() -> jinja2.Environment:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Limits])
     env.filters["tojson"] = _tojson
+    env.filters.update({name: _bounded_filter(name, f) for name, f in env.filters.items()})
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
     return env
 

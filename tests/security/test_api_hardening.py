@@ -272,6 +272,15 @@ RUNAWAY = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% 
     ("{{ 'x' * 10**9 }}", {}, "larger than its limit"),
     ("{{ [0] * 1000000000 }}", {}, "larger than its limit"),
     ("{{ 2 ** 100000000 }}", {}, "larger than 65536 bits"),
+    ("{{ '%100000d' % 1 }}", {"max_output_chars": 1000}, "wider than its limit of 1000"),
+    ("{{ '%*d' % (100000, 1) }}", {"max_output_chars": 1000}, "width or count of 100000"),
+    ("{{ '{:>100000}'.format(1) }}", {"max_output_chars": 1000}, "wider than its limit of 1000"),
+    ("{{ '{:>{w}}'.format(1, w=100000) }}", {"max_output_chars": 1000}, "width or count of 100000"),
+    ("{{ '%100000d'|format(1) }}", {"max_output_chars": 1000}, "wider than its limit of 1000"),
+    ("{{ 'x'.center(100000) }}", {"max_output_chars": 1000}, "width or count of 100000"),
+    ("{{ 'x'.zfill(100000) }}", {"max_output_chars": 1000}, "width or count of 100000"),
+    ("{{ 'x'|center(100000) }}", {"max_output_chars": 1000}, "width or count of 100000"),
+    ("{{ [1]|slice(100000)|list }}", {"max_output_chars": 1000}, "width or count of 100000"),
 ])  # fmt: skip
 def test_runaway_templates_stop_inside_the_render(source, limits, reason):
     # the other limits are far off (a minute), so the one named is the one that stops the render
@@ -285,6 +294,13 @@ def test_template_limits_leave_ordinary_loops_alone():
               "{% endfor %}{% for x in [] %}{% else %}E{% endfor %}")  # fmt: skip
     messages = HI + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]
     assert ChatTemplate(source).render(messages) == "1/2:Hi2/2:Bye.a1E"
+    formats = (
+        "{{ '%5d|%s' % (3, 'a') }} {{ '{} {}'.format(1, 10**20) }} {{ 'x'|center(5) }} {{ '%s'|format(10**20) }}"
+        " {{ (10**20)|string }} {{ [1, 2, 3]|slice(2)|list }} {{ 7 % 3 }} {{ 'ab'|indent(2, first=true) }}"
+    )
+    assert ChatTemplate(formats).render(HI) == (
+        "    3|a 1 100000000000000000000   x   100000000000000000000 100000000000000000000 [[1, 2], [3]] 1   ab"
+    )
     limited = ChatTemplate("{% for i in range(10) %}{{ i }}{% endfor %}", max_loop_iterations=9)
     with pytest.raises(TemplateError, match="limit of 9 loop iterations"):
         limited.render(HI)
