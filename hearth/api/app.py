@@ -35,10 +35,6 @@ PREP_WORKERS = 4  # threads rendering and tokenizing prompts; more requests wait
 T = TypeVar("T")
 
 
-def _prep_executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
-
-
 @dataclass
 class ServerState:
     """What every route needs: the engine, the tokenizer and template, the served name, the metrics."""
@@ -52,12 +48,20 @@ class ServerState:
     tool_parser: str | None = None
     _token_text: dict[int, str] = field(default_factory=dict)
     _chat_format: Any = None
-    prep_executor: ThreadPoolExecutor = field(default_factory=_prep_executor)
+    _prep_executor: ThreadPoolExecutor | None = None
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker thread. The tokenizer releases the GIL while it encodes, and a template render stops
         itself at its time limit, so neither stalls the loop nor keeps a thread busy after its request is answered."""
-        return await asyncio.get_running_loop().run_in_executor(self.prep_executor, functools.partial(fn, *args))
+        if self._prep_executor is None:
+            self._prep_executor = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
+        return await asyncio.get_running_loop().run_in_executor(self._prep_executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Let the worker threads go (each finishes what it is doing); `off_loop` starts new ones if needed."""
+        if self._prep_executor is not None:
+            self._prep_executor.shutdown(wait=False, cancel_futures=True)
+            self._prep_executor = None
 
     @property
     def chat_format(self) -> Any:
@@ -134,6 +138,7 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
             await engine.start()
         logger.info("serving %s", served_model_name)
         yield
+        state.close()
         if manage_engine and hasattr(engine, "shutdown"):
             engine.shutdown()
 

@@ -238,7 +238,8 @@ def http_protocol() -> type:
 
     class JSONErrorH11Protocol(H11Protocol):
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps(error_body(f"invalid HTTP request: {msg}", 400), ensure_ascii=True).encode("ascii")
+            message = "invalid HTTP request: the request line or a header (Content-Length, say) is malformed"
+            body = json.dumps(error_body(message, 400), ensure_ascii=True).encode("ascii")
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]  # fmt: skip
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),

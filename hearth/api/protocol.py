@@ -173,7 +173,8 @@ class SamplingFields(OpenAIModel):
     @model_validator(mode="before")
     @classmethod
     def _check_values(cls, data: Any) -> Any:
-        check_json_values(data)
+        if isinstance(data, dict):  # only the fields the model keeps: ignored ones are never read, so never walked
+            check_json_values({k: v for k, v in data.items() if k in cls.model_fields})
         return data
 
     @property

@@ -108,7 +108,7 @@ def test_lone_surrogates_are_400(real_tokenizer, path, text, param):
 
 @pytest.mark.parametrize("text", ['{"messages":[{"role":"user","content":"Hi"}],"temperature":NaN}',
                                   '{"messages":[{"role":"user","content":"Hi"}],"top_p":Infinity}',
-                                  '{"messages":[{"role":"user","content":"Hi"}],"logit_bias":{"1":-Infinity}}',
+                                  '{"messages":[{"role":"user","content":"Hi"}],"chat_template_kwargs":{"x":-Infinity}}',
                                   '{"messages":[{"role":"user","content":"Hi"}],"presence_penalty":1e999}'])  # fmt: skip
 def test_nan_and_infinity_are_400(client, text):
     error = assert_error(post_raw(client, "/v1/chat/completions", text))
