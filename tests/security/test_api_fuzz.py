@@ -9,10 +9,12 @@ real SmolLM2 engine behind uvicorn (marked slow). Hypothesis is derandomized, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
 import string
+import sys
 import threading
 import time
 
@@ -28,6 +30,7 @@ BODY_LIMIT = 256 * 1024
 VOCAB = 0x110000
 REQUEST_TIMEOUT = 20.0  # a liveness bound: a request still unanswered after this long counts as a hang
 CHECK_EVERY = 250  # cases between two normal requests within a batch
+SERVER_RECURSION_LIMIT = 1000  # Python's default, which uvicorn leaves alone
 # cases per batch against the stub: over 10,000 in all (the small raw kinds stop early, once every combination has
 # been tried: about 600 cases together)
 N = {"chat": 2500, "completions": 2000, "raw": 1750, "raw-small": 250, "headers": 1750, "routes": 1750}
@@ -61,6 +64,21 @@ class StubEngine(FakeEngine):
             yield delta
 
 
+@contextlib.contextmanager
+def server_recursion_limit():
+    """About as many stack frames for the app as a server gives it. Hypothesis raises the recursion limit while a test
+    runs, which would hide a RecursionError that the server (Python's default limit) answers with a 500."""
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    saved = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + SERVER_RECURSION_LIMIT)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(saved)
+
+
 class Fuzzer:
     """The stub app, one event loop and an in-process client; counts cases and checks every answer."""
 
@@ -79,7 +97,8 @@ class Fuzzer:
 
     def request(self, method: str, url: str, **kwargs) -> httpx.Response:
         start = time.monotonic()
-        r = self.runner.run(asyncio.wait_for(self.client.request(method, url, **kwargs), REQUEST_TIMEOUT))
+        with server_recursion_limit():
+            r = self.runner.run(asyncio.wait_for(self.client.request(method, url, **kwargs), REQUEST_TIMEOUT))
         elapsed = time.monotonic() - start
         assert elapsed < REQUEST_TIMEOUT, f"{method} {url} took {elapsed:.1f} s"
         self.cases += 1
