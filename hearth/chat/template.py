@@ -3,9 +3,11 @@
 Templates come from model files, so they are untrusted: they run in Jinja's immutable sandbox, and each render has
 limits the sandbox alone does not give. Jinja has no hook that runs per loop iteration, so `_Sandbox._parse` wraps the
 iterable of every `{% for %}` in a call to `_Limits.guard`, which counts iterations and checks the render's deadline as
-the template runs; every call made from the template checks the deadline too, `*` and `**` refuse results past the
-size limit, and the output is counted as it is generated. A runaway template therefore stops itself inside its own
-thread and the render raises TemplateError; nothing is left running.
+the template runs; every call and filter checks the deadline too; `*`, `**`, format widths and the width or count
+arguments of str methods and filters (`center`, `slice`, ...) refuse results past the size limit; filters never run
+while compiling (Jinja would fold them over constants, outside any limit); and the output is counted as it is
+generated. A runaway template therefore stops itself inside its own thread and the render raises TemplateError;
+nothing is left running.
 """
 
 from __future__ import annotations
@@ -44,21 +46,9 @@ MAX_POWER_BITS = 1 << 16  # `**` results larger than this many bits are refused
 
 # The names a render supplies itself (variables and helpers), which callers' extra variables must not replace;
 # `tokenizer` and `reasoning_effort` are parameters of ChatFormat.render, which passes the extras on.
-RESERVED_TEMPLATE_NAMES = frozenset(
-    {
-        "messages",
-        "tools",
-        "add_generation_prompt",
-        "bos_token",
-        "eos_token",
-        "documents",
-        "raise_exception",
-        "strftime_now",
-        "namespace",
-        "tokenizer",
-        "reasoning_effort",
-    }
-)
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents",
+                                     "raise_exception", "strftime_now", "namespace", "tokenizer",
+                                     "reasoning_effort"})  # fmt: skip
 
 
 class TemplateError(ValueError):
