@@ -112,8 +112,9 @@ class Tokenizer:
         return self.backend.token_to_id(s)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; special tokens written in the text become their ids. BOS only if the model asks."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special tokens written in the text become their ids. BOS only if the model asks.
+        Encodes through `encode_batch`, which releases the GIL (`encode` holds it), so other threads keep running."""
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos:
             ids = [self.bos_token_id, *ids]
         return ids

@@ -3,17 +3,21 @@
 Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: CORS (only when
 origins are given), metrics and the request log, keys + rate limits + audit log (hearth/governance/middleware.py;
 its PUBLIC_PATHS need no key), then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts
-it down.
+it down. CPU-heavy request work (chat template rendering, tokenizing prompts) runs in a small thread pool
+(`ServerState.off_loop`), so the event loop keeps answering other requests (/health included) meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -27,6 +31,8 @@ from hearth.engine.protocol import EngineClient
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"  # the web chat page
+PREP_WORKERS = 4  # threads rendering and tokenizing prompts; more requests wait their turn (off the loop)
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,6 +48,20 @@ class ServerState:
     tool_parser: str | None = None
     _token_text: dict[int, str] = field(default_factory=dict)
     _chat_format: Any = None
+    _prep_executor: ThreadPoolExecutor | None = None
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread. The tokenizer releases the GIL while it encodes, and a template render stops
+        itself at its time limit, so neither stalls the loop nor keeps a thread busy after its request is answered."""
+        if self._prep_executor is None:
+            self._prep_executor = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
+        return await asyncio.get_running_loop().run_in_executor(self._prep_executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Let the worker threads go (each finishes what it is doing); `off_loop` starts new ones if needed."""
+        if self._prep_executor is not None:
+            self._prep_executor.shutdown(wait=False, cancel_futures=True)
+            self._prep_executor = None
 
     @property
     def chat_format(self) -> Any:
@@ -121,6 +141,7 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
             await engine.start()
         logger.info("serving %s", served_model_name)
         yield
+        state.close()
         if manage_engine and hasattr(engine, "shutdown"):
             engine.shutdown()
 

@@ -33,6 +33,7 @@ from hearth.api.protocol import (
     ChatLogprob,
     ChatMessage,
     ChatResponseMessage,
+    NamedToolChoice,
     TopLogprob,
     Usage,
 )
@@ -62,28 +63,46 @@ def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
+def check_tool_choice(body: ChatCompletionRequest) -> None:
+    """400 when tool_choice asks for a tool the request does not offer: "required" or a named function with no tools,
+    or a name that is not among them ("auto" and "none" need no tools)."""
+    choice = body.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return
+    names = [t.function.name for t in body.tools or []]
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise APIError(f"tool_choice names a function {choice.function.name!r} that is not in tools", 400,
+                           "tool_choice")  # fmt: skip
+    elif not names:
+        raise APIError(f"tool_choice {choice!r} needs tools, but the request has none", 400, "tool_choice")
+
+
 def request_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     """The tools offered to the model: none with tool_choice "none"; only the named one for a named choice."""
     if not body.tools or body.tool_choice == "none":
         return None
-    tools = [t.model_dump(exclude_none=True) for t in body.tools]
     choice = body.tool_choice
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        tools = [t for t in tools if (t.get("function") or {}).get("name") == name]
-        if not tools:
-            raise APIError(f"tool_choice names a function {name!r} that is not in tools", 400, "tool_choice")
-    return tools
+    tools = body.tools
+    if isinstance(choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == choice.function.name]
+    return [t.model_dump(exclude_none=True) for t in tools]
 
 
-def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """The prompt's token ids. Rendering and tokenizing run in the server's worker threads, never on the event loop:
+    a long prompt or a slow template must not stall other requests (the template stops itself at its time limit)."""
     from hearth.chat.template import TemplateError
 
     messages = [message_dict(m, i) for i, m in enumerate(body.messages)]
+    tools = request_tools(body)
     kwargs = dict(body.chat_template_kwargs or {})
+
+    def render() -> list[int]:
+        return state.chat_format.render(state.tokenizer, messages, tools, body.reasoning_effort, **kwargs)
+
     try:
-        return state.chat_format.render(state.tokenizer, messages, request_tools(body), body.reasoning_effort,
-                                        **kwargs)  # fmt: skip
+        return await state.off_loop(render)
     except TemplateError as e:
         raise APIError(str(e), 400, "messages") from e
 
@@ -150,7 +169,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
-    prompt_ids = render_prompt(state, body)
+    check_tool_choice(body)
+    prompt_ids = await render_prompt(state, body)
     state.check_length(len(prompt_ids), body.max_new_tokens, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     n = body.n

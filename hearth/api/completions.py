@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hearth.api import sse
 from hearth.api.errors import APIError, error_body, from_engine_error
 from hearth.api.protocol import (
+    MAX_CHOICES,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -60,7 +61,7 @@ def sampling_params(body: SamplingFields, logprobs: int | None, choice: int) -> 
             ignore_eos=body.ignore_eos, repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         )  # fmt: skip
-    except ValueError as e:  # the message starts with the field's name
+    except (ValueError, OverflowError) as e:  # the message starts with the field's name
         name = str(e).split(" ", 1)[0]
         raise APIError(str(e), 400, name if name in SamplingFields.model_fields else None) from e
 
@@ -240,8 +241,8 @@ class UsageCounter:
 # --- /v1/completions ------------------------------------------------------------------------------------------------
 
 
-def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[list[int], str | None]]:
-    """(token ids, text or None) per prompt."""
+def _prompt_items(body: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts (texts or token id lists), checked for emptiness and count."""
     prompt = body.prompt
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
@@ -251,15 +252,19 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[tuple[list[int
         items = [prompt]
     else:
         items = list(prompt)
-    out = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            out.append((state.tokenizer.encode(item, add_special_tokens=True), item))
-        elif not item:
+        if not isinstance(item, str) and not item:
             raise APIError(f"prompt {i} is empty", 400, "prompt")
-        else:
-            out.append((list(item), None))
-    return out
+    if len(items) * body.n > MAX_CHOICES:
+        raise APIError(f"{len(items)} prompts × n={body.n} is more than {MAX_CHOICES} choices per request", 400,
+                       "prompt")  # fmt: skip
+    return items
+
+
+def _tokenize(tokenizer: Any, items: list[str | list[int]]) -> list[tuple[list[int], str | None]]:
+    """(token ids, text or None) per prompt. Runs in a worker thread (see ServerState.off_loop)."""
+    return [(tokenizer.encode(item, add_special_tokens=True), item) if isinstance(item, str) else (list(item), None)
+            for item in items]  # fmt: skip
 
 
 class CompletionLogprobBuilder:
@@ -295,7 +300,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         raise APIError("suffix is not supported", 400, "suffix")
     if body.echo and body.logprobs is not None:
         raise APIError("echo together with logprobs is not supported (prompt logprobs are not computed)", 400, "echo")
-    prompts = _prompts(state, body)
+    prompts = await state.off_loop(_tokenize, state.tokenizer, _prompt_items(body))
     for ids, _ in prompts:
         state.check_length(len(ids), body.max_new_tokens, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -304,17 +309,18 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         for j in range(body.n):
             index = p * body.n + j
             subs.append(SubRequest(index, f"{request_id}-{index}", ids, sampling_params(body, body.logprobs, j)))
-    echoes = []
-    for ids, text in prompts:
-        echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
-        echoes += [echo] * body.n
     model = state.served_model_name
 
     async def respond(fanout: Fanout) -> Response:
+        # token id prompts are decoded only now that the engine has accepted them (ids within the vocabulary)
+        echoes = []
+        for ids, text in prompts:
+            echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
+            echoes += [echo] * body.n
         counter = UsageCounter(subs, body.n, request)
         builders = [CompletionLogprobBuilder(state, len(echo)) for echo in echoes]
         if body.stream:
-            return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter, builders)),
+            return StreamingResponse(stream_with_cleanup(fanout, _stream(fanout, counter, builders, echoes)),
                                      media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)  # fmt: skip
         texts = list(echoes)
         logprobs = [CompletionLogprobs() if body.logprobs is not None else None for _ in subs]
@@ -341,7 +347,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         response = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
-    async def _stream(fanout: Fanout, counter: UsageCounter, builders: list) -> AsyncIterator[bytes]:
+    async def _stream(fanout: Fanout, counter: UsageCounter, builders: list, echoes: list[str]) -> AsyncIterator[bytes]:
         exclude = None if body.include_usage else {"usage"}
         created = int(time.time())
 

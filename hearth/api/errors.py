@@ -1,11 +1,14 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right HTTP status.
 
 Validation errors (FastAPI's 422) become 400s naming the field, as OpenAI answers them. Bodies over the limit are
-refused with 413 by an ASGI middleware that checks Content-Length and counts the bytes actually received.
+refused with 413 by an ASGI middleware that checks Content-Length and counts the bytes actually received. Requests
+too malformed to reach the app (uvicorn's HTTP parser refuses them) get the same JSON shape from `http_protocol()`,
+uvicorn's h11 protocol with its plain-text 400 replaced.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hearth.api.protocol import ErrorInfo, ErrorResponse
+from hearth.api.protocol import BODY_VALUE_ERROR, ErrorInfo, ErrorResponse
 from hearth.engine.protocol import EngineError
 
 logger = logging.getLogger(__name__)
@@ -58,12 +61,20 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return ErrorResponse(error=info).model_dump()
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote request text, and JSON's \\u escapes can carry any
+    string (a lone surrogate included), where UTF-8 cannot."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(message: str, status: int = 400, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     headers = dict(headers or {})
     if status == 429:
         headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
 
 
 def from_engine_error(e: EngineError) -> APIError:
@@ -99,6 +110,8 @@ def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[str, st
     """(message, param) for the first invalid field; a union's alternatives are folded into their field."""
     first = errors[0]
     loc = tuple(first.get("loc", ()))
+    if first.get("type") == BODY_VALUE_ERROR:  # protocol.py's checks: the message and the field are in the error
+        return str(first.get("msg")), (first.get("ctx") or {}).get("param")
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "invalid JSON")
         return f"malformed JSON in the request body: {reason}", None
@@ -175,13 +188,16 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                await error_response("invalid Content-Length header", 400)(scope, receive, send)
+        lengths = {value for name, value in scope.get("headers") or [] if name.lower() == b"content-length"}
+        if lengths:
+            # RFC 9110: one or more ASCII digits (int() would also take signs, spaces, underscores and other scripts'
+            # digits); repeated headers must agree
+            length = lengths.pop()
+            if lengths or not (length.isdigit() and length.isascii()):
+                await error_response("invalid Content-Length header: expected one non-negative integer", 400,
+                                     code="invalid_content_length")(scope, receive, send)  # fmt: skip
                 return
+            declared = int(length)
             if declared > limit:
                 await error_response(BodyTooLarge(limit).detail, 413)(scope, receive, send)
                 return
@@ -209,3 +225,26 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await error_response(e.detail, 413)(scope, receive, send)
+
+
+# --- requests uvicorn refuses before the app -----------------------------------------------------------------------
+
+
+def http_protocol() -> type:
+    """uvicorn's h11 protocol, answering requests it cannot parse (a malformed Content-Length, request line or header)
+    with the OpenAI error shape instead of plain text. Pass it as `uvicorn.Config(http=...)`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JSONErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            message = "invalid HTTP request: the request line or a header (Content-Length, say) is malformed"
+            body = json.dumps(error_body(message, 400), ensure_ascii=True).encode("ascii")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]  # fmt: skip
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):  # fmt: skip
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JSONErrorH11Protocol

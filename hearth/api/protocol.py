@@ -1,18 +1,83 @@
 """Pydantic models of the OpenAI API as Hearth serves it: chat and legacy completions, requests, responses, chunks.
 
 Field names, defaults and shapes follow OpenAI's API reference. Ranges are checked here, so a bad value comes back
-as a 400 naming the field (see errors.py).
+as a 400 naming the field (see errors.py). Before the fields are validated, `check_json_values` walks the raw body for
+what Python's JSON parser lets through but nothing downstream can handle: lone UTF-16 surrogates, NaN and infinities,
+and deep nesting inside the free-form fields (template kwargs, tool schemas, message parts).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from hearth.chat.template import RESERVED_TEMPLATE_NAMES
 
 MAX_N = 16  # choices per request
+MAX_CHOICES = 128  # prompts × n of one completions request
 MAX_LOGPROBS = 20
+MAX_NESTING = 64  # levels of objects and arrays in a request body
+
+BODY_VALUE_ERROR = "hearth_body_value"  # the error type of the checks below; ctx["param"] names the field
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INTS = {int, bool, type(None)}
+_NUMBERS = {int, float, bool}
+
+
+def _body_error(message: str, param: str | None) -> PydanticCustomError:
+    return PydanticCustomError(BODY_VALUE_ERROR, message, {"param": param})  # type: ignore[arg-type]
+
+
+def _path(parts: tuple) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content'; a key's lone surrogates are written as \\u escapes."""
+    out = ""
+    for part in parts:
+        if isinstance(part, str) and _SURROGATE.search(part):
+            part = part.encode("utf-8", "backslashreplace").decode()
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _check_str(value: str, parts: tuple) -> None:
+    if not value.isascii() and _SURROGATE.search(value):
+        param = _path(parts)
+        raise _body_error(f"{param or 'the request body'} contains a lone UTF-16 surrogate (an unpaired \\ud800-"
+                          "\\udfff escape), which is not valid Unicode text", param)  # fmt: skip
+
+
+def check_json_values(data: Any) -> None:
+    """Refuse lone surrogates (in strings and keys), NaN and ±Infinity, and nesting deeper than MAX_NESTING, naming
+    the first offending field. Iterative, so no depth overflows the stack; arrays of numbers are checked at C speed."""
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    while stack:
+        value, parts, depth = stack.pop()
+        kind = type(value)
+        if kind is str:
+            _check_str(value, parts)
+        elif kind is float:
+            if not math.isfinite(value):
+                param = _path(parts)
+                raise _body_error(f"{param or 'the request body'} is {value}; JSON numbers must be finite", param)
+        elif kind is dict or kind is list:
+            if depth >= MAX_NESTING:
+                param = _path(parts)
+                raise _body_error(f"{param or 'the request body'} is nested more than {MAX_NESTING} levels deep", param)
+            if kind is dict:
+                for key, item in value.items():
+                    _check_str(key, (*parts, key))
+                    stack.append((item, (*parts, key), depth + 1))
+                continue
+            kinds = set(map(type, value))
+            if kinds <= _INTS or (kinds <= _NUMBERS and all(map(math.isfinite, value))):
+                continue
+            if kinds == {str} and not _SURROGATE.search("".join(value)):
+                continue
+            stack.extend((item, (*parts, i), depth + 1) for i, item in enumerate(value))
 
 
 def _omit_none(value: Any) -> bool:
@@ -22,7 +87,7 @@ def _omit_none(value: Any) -> bool:
 class OpenAIModel(BaseModel):
     # unknown request fields (logit_bias, store, metadata, ...) are accepted and ignored, as most OpenAI-compatible
     # servers do, so clients written for OpenAI keep working
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 # --- requests -------------------------------------------------------------------------------------------------------
@@ -105,6 +170,13 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     ignore_eos: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_values(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # only the fields the model keeps: ignored ones are never read, so never walked
+            check_json_values({k: v for k, v in data.items() if k in cls.model_fields})
+        return data
+
     @property
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -127,6 +199,16 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, as vLLM accepts
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_names(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in kwargs or {}:
+            if name in RESERVED_TEMPLATE_NAMES:
+                hint = "; use the reasoning_effort field" if name == "reasoning_effort" else ""
+                raise _body_error(f"chat_template_kwargs may not set {name!r}: the server sets it{hint}",
+                                  f"chat_template_kwargs.{name}")  # fmt: skip
+        return kwargs
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -80,7 +80,12 @@ def chat_format(tokenizer, template, architecture: str | None = None, reasoning_
     if fmt.reasoning_parser is None and "<think>" in source:
         fmt.reasoning_parser = "think"
     if fmt.reasoning_parser == "think":
-        probe = template.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        from hearth.chat.template import TemplateError
+
+        try:
+            probe = template.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        except TemplateError:  # a broken template fails each request with a 400; it must not break the model card
+            probe = ""
         fmt.starts_in_reasoning = probe.rstrip().endswith("<think>")
     if fmt.tool_parser is None:
         if "tool▁calls▁begin" in source:

@@ -307,9 +307,11 @@ def _serve(args, keys, has_keys: bool) -> int:
     print("Try:")
     print(f"  {curl_example(url, name, has_keys or args.require_key)}")
     sys.stdout.flush()
+    from hearth.api.errors import http_protocol
+
     # loop="asyncio": uvloop, when installed, resolves and connects in C, out of the offline guard's sight
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, loop="asyncio")  # fmt: skip
+                            timeout_graceful_shutdown=5, loop="asyncio", http=http_protocol())  # fmt: skip
     server = uvicorn.Server(config)
     if args.sandbox:  # bound before the sandbox, in the host's network namespace
         server.run(sockets=[args.sandbox_socket])
