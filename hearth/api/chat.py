@@ -16,6 +16,7 @@ from hearth.api.completions import (
     Fanout,
     SubRequest,
     UsageCounter,
+    reserve_tokens,
     run_fanout,
     sampling_params,
     stream_with_cleanup,
@@ -172,10 +173,11 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     check_tool_choice(body)
     prompt_ids = await render_prompt(state, body)
     state.check_length(len(prompt_ids), body.max_new_tokens, "messages")
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
     n = body.n
+    max_tokens = reserve_tokens(state, request, [len(prompt_ids)], n, body.max_new_tokens)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fmt = state.chat_format
-    subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i))
+    subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i, max_tokens))
             for i in range(n)]  # fmt: skip
     for sub in subs:
         sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids

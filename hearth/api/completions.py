@@ -29,6 +29,7 @@ from hearth.api.protocol import (
     Usage,
 )
 from hearth.engine.protocol import Delta, EngineClient, EngineError
+from hearth.governance.ratelimit import TokenAsk, TokenLimitExceeded
 from hearth.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,19 +52,37 @@ class SubRequest:
     params: SamplingParams
 
 
-def sampling_params(body: SamplingFields, logprobs: int | None, choice: int) -> SamplingParams:
-    """The engine's parameters for one choice; with a seed, choice i samples with seed + i so choices differ."""
+def sampling_params(body: SamplingFields, logprobs: int | None, choice: int, max_tokens: int | None) -> SamplingParams:
+    """The engine's parameters for one choice; with a seed, choice i samples with seed + i so choices differ.
+    `max_tokens`: what `reserve_tokens` returned (the request's own, or the grant of its key's token limit)."""
     seed = None if body.seed is None else body.seed + choice
     try:
         return SamplingParams(
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            max_tokens=body.max_new_tokens, stop=body.stop_list, seed=seed, logprobs=logprobs,
+            max_tokens=max_tokens, stop=body.stop_list, seed=seed, logprobs=logprobs,
             ignore_eos=body.ignore_eos, repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         )  # fmt: skip
     except (ValueError, OverflowError) as e:  # the message starts with the field's name
         name = str(e).split(" ", 1)[0]
         raise APIError(str(e), 400, name if name in SamplingFields.model_fields else None) from e
+
+
+def reserve_tokens(state: ServerState, request: Request, prompt_lengths: list[int], n: int,
+                   max_tokens: int | None) -> int | None:  # fmt: skip
+    """The max_tokens the request runs with. Where its API key has a token limit, the governance middleware left a hook
+    in the request's state that reserves the request's tokens (each prompt once, prompts × n completions of max_tokens)
+    and grants a max_tokens when the request has none; a refusal is 429 with Retry-After. Called once the prompts are
+    tokenized and their lengths checked, before anything is submitted to the engine."""
+    reserve = request.scope.get("state", {}).get("reserve_tokens")
+    if reserve is None:
+        return max_tokens
+    most = state.engine.model_info.max_model_len - max(prompt_lengths)  # what fits the context after every prompt
+    ask = TokenAsk(sum(prompt_lengths), len(prompt_lengths) * n, max_tokens, most)
+    try:
+        return reserve(ask)
+    except TokenLimitExceeded as e:
+        raise APIError(e.message, 429, code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}) from e
 
 
 class Fanout:
@@ -303,12 +322,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     prompts = await state.off_loop(_tokenize, state.tokenizer, _prompt_items(body))
     for ids, _ in prompts:
         state.check_length(len(ids), body.max_new_tokens, "prompt")
+    max_tokens = reserve_tokens(state, request, [len(ids) for ids, _ in prompts], body.n, body.max_new_tokens)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     subs = []
     for p, (ids, _) in enumerate(prompts):
         for j in range(body.n):
             index = p * body.n + j
-            subs.append(SubRequest(index, f"{request_id}-{index}", ids, sampling_params(body, body.logprobs, j)))
+            subs.append(SubRequest(index, f"{request_id}-{index}", ids, sampling_params(body, body.logprobs, j, max_tokens)))
     model = state.served_model_name
 
     async def respond(fanout: Fanout) -> Response:

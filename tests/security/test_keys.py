@@ -619,42 +619,100 @@ def test_concurrent_requests_stay_within_the_token_limit(home, fast_kdf, num):
     assert 0 < served_tokens(responses) <= 50
 
 
+def test_token_limits_are_reserved_by_the_routes_after_one_tokenization(home, fast_kdf):
+    key, _ = create_key("tokens", tpm=50)
+    roomy, _ = create_key("roomy", tpm=200)
+    engine = FakeEngine()
+    app = make_app(engine, keys=KeyStore())
+    tokenizer = app.state.hearth.tokenizer
+    encoded = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda text, **kw: encoded.append(text) or encode(text, **kw)
+    with TestClient(app) as c:
+        # 2 prompts of 3 tokens, n=2, no max_tokens: 4 completions share the 44 left, 11 each
+        r = completion(c, key, prompt=["Hi", "Yo"], n=2)
+        assert r.status_code == 200, r.text
+        assert encoded == ["Hi", "Yo"]  # each prompt tokenized once, by the route
+        assert [params.max_tokens for _, params, _ in engine.calls] == [11] * 4
+        assert r.json()["usage"]["total_tokens"] == 50
+        assert {ch["finish_reason"] for ch in r.json()["choices"]} == {"length"}
+        calls = len(engine.calls)
+        r = completion(c, key, max_tokens=1)
+        assert r.status_code == 429 and len(engine.calls) == calls  # refused before reaching the engine
+        # chat: the ChatML prompt is 52 tokens; without max_completion_tokens it is granted the 148 left
+        r = c.post("/v1/chat/completions", json=CHAT, headers=bearer(roomy))
+        assert r.status_code == 200 and engine.calls[-1][1].max_tokens == 148
+        r = c.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 7}, headers=bearer(roomy))
+        assert r.status_code == 200 and engine.calls[-1][1].max_tokens == 7  # the request's own is kept
+
+
+def test_the_token_hook_reserves_once_and_not_after_its_request():
+    from hearth.governance.middleware import TokenHook
+    from hearth.governance.ratelimit import TokenAsk, TokenLimitExceeded
+
+    limiter = RateLimiter()
+    hook = TokenHook(limiter, "k", 100)
+    with pytest.raises(TokenLimitExceeded) as refused:
+        hook(TokenAsk(10, 1, 91, 500))
+    assert "request too large" in refused.value.message and refused.value.retry_after == 60
+    assert hook.reservation is None  # a refusal holds nothing
+    assert hook(TokenAsk(10, 1, None, 500)) == 90 and hook.reservation.tokens == 100
+    with pytest.raises(RuntimeError):
+        hook(TokenAsk(1, 1, 1, 500))
+    limiter.settle(hook.reservation, 0)
+    late = TokenHook(limiter, "k", 100)
+    late.closed = True  # the middleware closes it when the request ends
+    with pytest.raises(RuntimeError):
+        late(TokenAsk(1, 1, 1, 500))
+    assert limiter.reserve("k", 100, TokenAsk(0, 1, 100, 500)).tokens == 100  # nothing was left held
+
+
+def test_governance_does_not_import_the_api_routes():
+    import subprocess
+    import sys
+
+    code = ("import sys, hearth.governance.middleware; "
+            "assert not {'hearth.api.chat', 'hearth.api.completions', 'hearth.api.app'} & set(sys.modules)")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def test_rate_limiter_window():
     from hearth.governance.ratelimit import Refusal, Reservation, TokenAsk
 
     now = [1000.0]
     limiter = RateLimiter(clock=lambda: now[0])
-    assert isinstance(limiter.admit("k", 2, None), Reservation) and isinstance(limiter.admit("k", 2, None), Reservation)
-    refusal = limiter.admit("k", 2, None)
+    assert limiter.admit("k", 2) is None and limiter.admit("k", 2) is None
+    refusal = limiter.admit("k", 2)
     assert isinstance(refusal, Refusal) and refusal.retry_after == 60
     now[0] += 30
-    assert limiter.admit("k", 2, None).retry_after == 30
+    assert limiter.admit("k", 2).retry_after == 30
     now[0] += 30.5
-    assert isinstance(limiter.admit("k", 2, None), Reservation)
+    assert limiter.admit("k", 2) is None
+    assert all(limiter.admit("k", None) is None for _ in range(10))  # no rpm: never counted nor refused
 
-    # tokens: reserved at admission, settled at the end
-    a = limiter.admit("t", None, 100, TokenAsk(10, 2, 20, 500))  # 10 + 2 × 20
-    assert a.tokens == 50 and a.granted_max_tokens is None
-    b = limiter.admit("t", None, 100, TokenAsk(10, 1, None, 500))  # no max_tokens: granted the 40 left after its prompt
-    assert b.tokens == 50 and b.granted_max_tokens == 40
-    refusal = limiter.admit("t", None, 100, TokenAsk(1, 1, 1, 500))
+    # tokens: reserved by the route, settled at the end
+    a = limiter.reserve("t", 100, TokenAsk(10, 2, 20, 500))  # 10 + 2 × 20
+    assert isinstance(a, Reservation) and a.tokens == 50 and a.max_tokens == 20
+    b = limiter.reserve("t", 100, TokenAsk(10, 1, None, 500))  # no max_tokens: granted the 40 left after its prompt
+    assert b.tokens == 50 and b.max_tokens == 40
+    refusal = limiter.reserve("t", 100, TokenAsk(1, 1, 1, 500))
     assert isinstance(refusal, Refusal) and refusal.retry_after == 1  # only requests in flight stand in the way
     limiter.settle(a, 30)
     limiter.settle(a, 30)  # twice is once
     now[0] += 10
     limiter.settle(b, 50)
-    c = limiter.admit("t", None, 100, TokenAsk(5, 1, 15, 500))  # 20 left
+    c = limiter.reserve("t", 100, TokenAsk(5, 1, 15, 500))  # 20 left
     assert c.tokens == 20
     limiter.settle(c, 0)  # failed: nothing used
-    refusal = limiter.admit("t", None, 100, TokenAsk(5, 1, 20, 500))  # 25 > 20 left; frees when `a`'s 30 go
+    refusal = limiter.reserve("t", 100, TokenAsk(5, 1, 20, 500))  # 25 > 20 left; frees when `a`'s 30 go
     assert refusal.retry_after == 50 and "has 20 left" in refusal.message
-    d = limiter.admit("t", None, 100, TokenAsk(5, 1, None, 3))  # a grant is capped by the context's room
-    assert d.granted_max_tokens == 3 and d.tokens == 8
+    d = limiter.reserve("t", 100, TokenAsk(5, 1, None, 3))  # a grant is capped by the context's room
+    assert d.max_tokens == 3 and d.tokens == 8
     limiter.settle(d, 8)
-    too_big = limiter.admit("t", None, 100, TokenAsk(60, 1, 41, 500))
+    too_big = limiter.reserve("t", 100, TokenAsk(60, 1, 41, 500))
     assert "request too large" in too_big.message
     now[0] += 61
-    assert limiter.admit("t", None, 100, TokenAsk(60, 1, 40, 500)).tokens == 100  # the window has passed
+    assert limiter.reserve("t", 100, TokenAsk(60, 1, 40, 500)).tokens == 100  # the window has passed
 
 
 def test_a_granted_max_tokens_is_not_in_the_transcript_and_big_bodies_are_413(home, fast_kdf):
