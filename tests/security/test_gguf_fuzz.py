@@ -216,7 +216,9 @@ def load_case(path) -> None:
     try:
         llm = LLM(str(path), dtype="float32", max_num_seqs=1)
         out = llm.generate([[2, 3, 4]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-        assert len(out[0].token_ids) == 2
+        # a file whose metadata still describes valid tensors but moves their bytes (an alignment that shifts the
+        # data section) loads garbage; non-finite logits then fail that request alone (finish_reason "error")
+        assert len(out[0].token_ids) == 2 or (out[0].finish_reason == "error" and not out[0].token_ids), out[0]
     except (ModelLoadError, ValueError) as e:
         assert "\n" not in str(e), repr(e)
         if not isinstance(e, ModelLoadError):  # the tokenizer's own refusals; everything else is the loader's
@@ -370,9 +372,8 @@ CLI_SAMPLE = [("llama.block_count", 2**31 - 1), ("llama.attention.head_count", 0
 def test_cli_fails_in_one_line_with_bounded_memory(tmp_path):
     """Through `hearth run`: exit 1 and exactly one line on stderr for corrupt files (the misaligned and overlapping
     offsets too); a context_length of 2^31-1 loads and answers (the KV pool and rope tables are sized from the
-    memory budget); the children's peak RSS stays within 2x the file plus 1 GiB."""
+    memory budget); the child's peak RSS stays within 2x the file plus 1 GiB."""
     import os
-    import resource
     import subprocess
     import sys
 
@@ -396,7 +397,8 @@ def test_cli_fails_in_one_line_with_bounded_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CLI_SCRIPT, *map(str, files)], env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = report["results"]
     for path, (rc, stderr) in zip(files, results, strict=True):
         if path is files[-1]:  # the huge context: it loads and answers
             assert rc == 0, stderr
@@ -404,13 +406,13 @@ def test_cli_fails_in_one_line_with_bounded_memory(tmp_path):
         lines = stderr.strip().splitlines()
         assert rc == 1 and len(lines) == 1, (path.name, stderr)
         assert lines[0].startswith("hearth: error: ") and str(path) in lines[0], lines
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    peak = report["peak_rss"]  # the child's own: RUSAGE_CHILDREN here would also count earlier tests' children
     assert peak <= 2 * max(p.stat().st_size for p in files) + (1 << 30), f"peak RSS {peak >> 20} MiB"
 
 
 # `hearth run FILE hi` for each file in one process (torch imports once), with its exit status and stderr
 CLI_SCRIPT = """
-import contextlib, io, json, sys
+import contextlib, io, json, resource, sys
 from hearth.cli.main import main
 results = []
 for path in sys.argv[1:]:
@@ -418,5 +420,5 @@ for path in sys.argv[1:]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["run", path, "hi", "--max-tokens", "1"])
     results.append((rc, err.getvalue()))
-print(json.dumps(results))
+print(json.dumps({"results": results, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
