@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, TokenType, quants
-from r1_distill_gguf import byte_alphabet, random_merges
+from r1_distill_gguf import bench_file, byte_alphabet, random_merges, stored_nbytes, write_tensors
 
 F32 = GGMLQuantizationType.F32
 QUANT_TYPES = {"Q8_0": GGMLQuantizationType.Q8_0, "Q4_0": GGMLQuantizationType.Q4_0}
@@ -111,12 +111,6 @@ def tensor_plan(shape: DeepseekShape, qtype: GGMLQuantizationType) -> list[Tenso
     return plan
 
 
-def stored_nbytes(dims: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    if qtype == F32:
-        return 4 * int(np.prod(dims))
-    return int(np.prod(quants.quant_shape_to_byte_shape(dims, qtype)))
-
-
 def random_tensor(name: str, dims: tuple[int, ...], qtype: GGMLQuantizationType, type_name: str, seed: int,
                   favoured: list[int]) -> np.ndarray:  # fmt: skip
     """Stored bytes (quantized types: random codes under a fixed f16 scale) or float32 values, seeded by name."""
@@ -156,8 +150,7 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     plan = tensor_plan(shape, qtype)
     tokens, types, merges = build_vocab(shape.vocab_size, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    w = GGUFWriter(tmp, "deepseek2")
+    w = GGUFWriter(path + ".partial", "deepseek2")
     w.add_name(f"DeepSeek-V3-architecture MoE at V2-Lite's shape, random (seed {seed})")
     w.add_file_type(FILE_TYPES[type_name])
     w.add_quantization_version(2)
@@ -199,23 +192,15 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    for name, dims, t in plan:
-        w.add_tensor_info(name, dims, np.dtype(np.float32), stored_nbytes(dims, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
     favoured_rng = np.random.default_rng([seed, 7])
-    for i, (name, dims, t) in enumerate(plan):
+
+    def data(name: str, dims: tuple[int, ...], t: GGMLQuantizationType) -> np.ndarray:
         favoured = []
         if unambiguous_routing and name.endswith("exp_probs_b.bias"):
             favoured = sorted(favoured_rng.choice(shape.num_experts, shape.experts_per_token, replace=False).tolist())
-        w.write_tensor_data(random_tensor(name, dims, t, type_name, seed, favoured))
-        if log and (i % 40 == 0 or i == len(plan) - 1):
-            log(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - start:.0f} s")
-    w.close()
-    os.replace(tmp, path)
-    return {"path": path, "tensors": len(plan), "parameters": sum(int(np.prod(d)) for _, d, _ in plan),
-            "file_bytes": os.path.getsize(path), "write_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+        return random_tensor(name, dims, t, type_name, seed, favoured)
+
+    return write_tensors(w, plan, data, path, start, log, every=40)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,16 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary), file=sys.stderr)
     if not args.bench:
         return 0
-    from hearth.bench import run_bench
-
-    record = run_bench(out, args.vs, args.prompt_len, args.decode_len, args.repeat, threads=args.threads)
-    record["model_desc"] = f"DeepSeek-V3 architecture at V2-Lite's shape ({shape.num_hidden_layers} layers), {args.type}"
-    line = json.dumps(record)
-    print(line)
-    if args.out_json:
-        with open(args.out_json, "a") as f:
-            f.write(line + "\n")
-    return 0
+    desc = f"DeepSeek-V3 architecture at V2-Lite's shape ({shape.num_hidden_layers} layers), {args.type}"
+    return bench_file(out, args.vs, args, desc)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, TokenType, quants
-from r1_distill_gguf import byte_alphabet, random_merges
+from r1_distill_gguf import bench_file, byte_alphabet, random_merges, stored_nbytes, write_tensors
 
 DEFAULT_OUT = ".bench/gpt-oss-20b-random.gguf"
 F32, BF16, MXFP4 = GGMLQuantizationType.F32, GGMLQuantizationType.BF16, GGMLQuantizationType.MXFP4
@@ -97,12 +97,6 @@ def tensor_plan(shape: GptOssShape) -> list[TensorSpec]:
     return plan
 
 
-def stored_nbytes(dims: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    if qtype == F32:
-        return 4 * int(np.prod(dims))
-    return int(np.prod(quants.quant_shape_to_byte_shape(dims, qtype)))
-
-
 def random_tensor(name: str, dims: tuple[int, ...], qtype: GGMLQuantizationType, seed: int, std: float,
                   favoured: list[int]) -> np.ndarray:  # fmt: skip
     """The stored bytes (or float32 values) of tensor `name`, seeded by (seed, name)."""
@@ -142,8 +136,7 @@ def write_random_gguf(path: str, shape: GptOssShape = GPT_OSS_20B, seed: int = 0
     plan = tensor_plan(shape)
     tokens, types, merges = build_vocab(shape.vocab_size, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    w = GGUFWriter(tmp, "gpt-oss")
+    w = GGUFWriter(path + ".partial", "gpt-oss")
     w.add_name(f"gpt-oss-shaped random (seed {seed}, std {std})")
     w.add_file_type(LlamaFileType.MOSTLY_MXFP4_MOE)
     w.add_quantization_version(2)
@@ -173,23 +166,15 @@ def write_random_gguf(path: str, shape: GptOssShape = GPT_OSS_20B, seed: int = 0
     w.add_eos_token_id(EOS_ID)
     w.add_pad_token_id(PAD_ID)
     w.add_add_bos_token(False)
-    for name, dims, qtype in plan:  # tensor infos first; the data is then streamed one tensor at a time
-        w.add_tensor_info(name, dims, np.dtype(np.float32), stored_nbytes(dims, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
     favoured_rng = np.random.default_rng([seed, 7])
-    for i, (name, dims, qtype) in enumerate(plan):
+
+    def data(name: str, dims: tuple[int, ...], qtype: GGMLQuantizationType) -> np.ndarray:
         favoured = []
         if unambiguous_routing and name.endswith("ffn_gate_inp.bias"):
             favoured = sorted(favoured_rng.choice(shape.num_experts, shape.experts_per_token, replace=False).tolist())
-        w.write_tensor_data(random_tensor(name, dims, qtype, seed, std, favoured))
-        if log and (i % 19 == 0 or i == len(plan) - 1):
-            log(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - start:.0f} s")
-    w.close()
-    os.replace(tmp, path)
-    return {"path": path, "tensors": len(plan), "parameters": sum(int(np.prod(d)) for _, d, _ in plan),
-            "file_bytes": os.path.getsize(path), "write_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+        return random_tensor(name, dims, qtype, seed, std, favoured)
+
+    return write_tensors(w, plan, data, path, start, log, every=19)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,16 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary), file=sys.stderr)
     if not args.bench:
         return 0
-    from hearth.bench import run_bench
-
-    record = run_bench(args.out, args.vs, args.prompt_len, args.decode_len, args.repeat, threads=args.threads)
-    record["model_desc"] = f"gpt-oss-20b shapes ({shape.num_hidden_layers} layers), random weights, MXFP4 experts"
-    line = json.dumps(record)
-    print(line)
-    if args.out_json:
-        with open(args.out_json, "a") as f:
-            f.write(line + "\n")
-    return 0
+    desc = f"gpt-oss-20b shapes ({shape.num_hidden_layers} layers), random weights, MXFP4 experts"
+    return bench_file(args.out, args.vs, args, desc)
 
 
 if __name__ == "__main__":

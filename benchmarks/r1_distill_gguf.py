@@ -237,19 +237,45 @@ def write_random_gguf(path: str, shape: Qwen2Shape = R1_DISTILL_QWEN_1_5B, seed:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    for name, dims, qtype in plan:  # tensor infos first; the data is then streamed one tensor at a time
+    return write_tensors(
+        w, plan, lambda name, dims, qtype: encode(random_weight(name, dims, seed, std), qtype), path, start, log
+    )
+
+
+def write_tensors(w: GGUFWriter, plan: list[TensorSpec], data, path: str, start: float, log=None,
+                  every: int = 24) -> dict:  # fmt: skip
+    """Finish a GGUFWriter opened on `path + ".partial"` whose metadata is set: the tensor infos, then each tensor's
+    bytes from `data(name, dims, qtype)` streamed one at a time, then the file renamed into place. Returns a summary
+    (tensors, parameters, bytes, seconds since `start`)."""
+    for name, dims, qtype in plan:
         w.add_tensor_info(name, dims, np.dtype(np.float32), stored_nbytes(dims, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for i, (name, dims, qtype) in enumerate(plan):
-        w.write_tensor_data(encode(random_weight(name, dims, seed, std), qtype))
-        if log and (i % 24 == 0 or i == len(plan) - 1):
+        w.write_tensor_data(data(name, dims, qtype))
+        if log and (i % every == 0 or i == len(plan) - 1):
             log(f"  {i + 1}/{len(plan)} tensors, {time.perf_counter() - start:.0f} s")
     w.close()
-    os.replace(tmp, path)
+    os.replace(path + ".partial", path)
     return {"path": path, "tensors": len(plan), "parameters": sum(int(np.prod(d)) for _, d, _ in plan),
             "file_bytes": os.path.getsize(path), "write_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def bench_file(path: str, peers: list[str], args, desc: str, int8_prefill: bool = False) -> int:
+    """Hearth against `peers` on `path` (hearth.bench.run_bench); prints the JSON record, appends it to
+    args.out_json when given."""
+    from hearth.bench import run_bench
+
+    record = run_bench(path, peers, args.prompt_len, args.decode_len, args.repeat, threads=args.threads,
+                       int8_prefill=int8_prefill)  # fmt: skip
+    record["model_desc"] = desc
+    line = json.dumps(record)
+    print(line)
+    if args.out_json:
+        with open(args.out_json, "a") as f:
+            f.write(line + "\n")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -279,17 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary), file=sys.stderr)
     if not args.bench:
         return 0
-    from hearth.bench import run_bench
-
-    record = run_bench(args.out, ["llama.cpp"], args.prompt_len, args.decode_len, args.repeat, threads=args.threads,
-                       int8_prefill=args.int8_prefill)  # fmt: skip
-    record["model_desc"] = "R1-Distill-Qwen-1.5B shapes, random weights, Q4_0 (written by benchmarks/r1_distill_gguf.py)"
-    line = json.dumps(record)
-    print(line)
-    if args.out_json:
-        with open(args.out_json, "a") as f:
-            f.write(line + "\n")
-    return 0
+    desc = "R1-Distill-Qwen-1.5B shapes, random weights, Q4_0 (written by benchmarks/r1_distill_gguf.py)"
+    return bench_file(args.out, ["llama.cpp"], args, desc, int8_prefill=args.int8_prefill)
 
 
 if __name__ == "__main__":
