@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own `llama-server` (the strongest CPU serving peer) into .bench/, from the llama.cpp sources that
 # the llama-cpp-python sdist ships. Nothing here is committed. AMX is off: its kernels fault in these VMs
-# (../shared/BENCHMARKS.md). AVX-VNNI is off too: these EPYC CPUs have AVX512-VNNI but not AVX-VNNI, and
+# (docs/performance.md). AVX-VNNI is off too: these EPYC CPUs have AVX512-VNNI but not AVX-VNNI, and
 # -DGGML_AVX_VNNI=ON dies with SIGILL on the first eval. Takes several minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 """Single-request latency: prefill tok/s for a 512-token prompt and decode tok/s for 128 tokens, batch 1, optionally
-beside llama.cpp and transformers on the same GGUF (alternating, medians; see hearth/bench.py and BENCHMARKS.md).
+beside llama.cpp and transformers on the same GGUF (alternating, medians; see hearth/bench.py and docs/performance.md).
 
 Prints one JSON object (and appends it to --out).
     python benchmarks/latency.py --model smollm2 --vs llama.cpp --out bench.jsonl

@@ -1,7 +1,7 @@
 """DeepSeek-R1-Distill-Qwen-1.5B's shapes with random weights, written as a Q4_0 GGUF, and Hearth against llama.cpp
 on that file in the same run (issue 6).
 
-The file is arch `qwen2` at full depth (MODELS.md §3: hidden 1536, 28 layers, 12 heads over 2 KV heads, head_dim 128,
+The file is arch `qwen2` at full depth (docs/models.md §3: hidden 1536, 28 layers, 12 heads over 2 KV heads, head_dim 128,
 intermediate 8960, vocab 151936, rope_theta 1e4, rms eps 1e-6, q/k/v biases, untied output). Weights are normal with
 a fixed seed and std 0.02 (norm gains 1 + 0.02·N), so activations stay in range over 28 layers. Linear weights and
 token_embd are Q4_0 (gguf.quants), output is Q8_0 by default (llama-quantize gives a Q4_0 file a Q6_K output, which
@@ -10,8 +10,8 @@ gguf-py cannot write; `--output-type Q4_0` makes the file pure Q4_0), norms and 
 The tokenizer is byte-level BPE ("gpt2", pre-tokenizer "deepseek-r1-qwen") that llama.cpp and Hearth both read:
 the 256 byte tokens spelled through GPT-2's bytes_to_unicode, then merges drawn at random (letters after a space or
 a letter, so English text does merge) where each merge joins two tokens already in the vocabulary, up to id 151642;
-then R1-Distill-Qwen's special tokens at their ids (MODELS.md §2.6) and `[PADn]` fillers up to 151936, as llama.cpp's
-converter pads. The chat template is an R1-style one written from MODELS.md §2.6 (no tools).
+then R1-Distill-Qwen's special tokens at their ids (docs/models.md §2.6) and `[PADn]` fillers up to 151936, as llama.cpp's
+converter pads. The chat template is an R1-style one written from docs/models.md §2.6 (no tools).
 
     python benchmarks/r1_distill_gguf.py                       # write .bench/r1-distill-qwen-1.5b-random.Q4_0.gguf
     python benchmarks/r1_distill_gguf.py --bench --out-json bench.jsonl   # write if missing, then Hearth vs llama.cpp
@@ -40,7 +40,7 @@ QUANT_TYPES = {"Q4_0": GGMLQuantizationType.Q4_0, "Q8_0": GGMLQuantizationType.Q
 ROWS_PER_CHUNK = 4096  # rows quantized at a time (row-local formats: the bytes do not depend on it)
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-# R1-Distill-Qwen's added tokens from id 151643 (MODELS.md §2.6; <|EOT|> at 151647 is from memory)
+# R1-Distill-Qwen's added tokens from id 151643 (docs/models.md §2.6; <|EOT|> at 151647 is from memory)
 SPECIAL_TOKENS = [
     (EOS, TokenType.CONTROL),
     ("<｜User｜>", TokenType.CONTROL),
@@ -52,7 +52,7 @@ SPECIAL_TOKENS = [
 ]
 NUM_BPE_TOKENS = 151643  # bytes + merges before the first special token in the real vocabulary
 
-# R1-style chat template (MODELS.md §2.6): system prompts first with no role tag, <｜User｜>/<｜Assistant｜> turns,
+# R1-style chat template (docs/models.md §2.6): system prompts first with no role tag, <｜User｜>/<｜Assistant｜> turns,
 # past reasoning dropped, and a generation prompt that opens a thought.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='') -%}"

@@ -1,7 +1,7 @@
 """Single-request latency: Hearth beside llama.cpp (llama-cpp-python) and transformers on the same GGUF.
 
 Prefill tok/s for a `prompt_len`-token prompt and decode tok/s for `decode_len` tokens at batch 1. Each runtime runs
-in its own worker process, so each peak RSS is its own; the parent alternates them (A B A B …, BENCHMARKS.md), keeps
+in its own worker process, so each peak RSS is its own; the parent alternates them (A B A B …, docs/performance.md), keeps
 every run, and reports medians, spreads and ratios, the memory bandwidth measured in the same run and the decode
 roofline (weight bytes read per token ÷ bandwidth). `hearth bench` and benchmarks/latency.py both call `run_bench`.
 """

@@ -3,7 +3,7 @@ grouped noaux_tc routing, FP8 128×128 block weights with partial edge blocks, t
 `deepseek2`.
 
 Measured in float32 (seed 0): prefill logits differ from HF by ~2e-7 in both MLA forms, and the absorbed form differs
-from the naive one by ~2e-7; the assertions use 1e-4 (MODELS.md §5.2 allows 2e-4 for the absorbed form).
+from the naive one by ~2e-7; the assertions use 1e-4 (docs/models.md §5.2 allows 2e-4 for the absorbed form).
 """
 
 from __future__ import annotations

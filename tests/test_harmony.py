@@ -141,7 +141,7 @@ def test_rendered_ids_match_openai_harmony(case, harmony_encoding):
 
 
 def test_render_golden_simple_convo():
-    """harmony test-data/test_simple_convo.txt (MODELS.md §1.8)."""
+    """harmony test-data/test_simple_convo.txt (docs/models.md §1.8)."""
     expected = (
         "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: "
         "2024-06\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for "

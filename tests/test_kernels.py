@@ -1,4 +1,4 @@
-"""Fast CPU paths against their plain references (STYLE.md: kernels against *_ref), and the bf16 engine path against
+"""Fast CPU paths against their plain references (docs/architecture.md: kernels against *_ref), and the bf16 engine path against
 the float32 one by greedy agreement.
 
 | fast path                          | reference                         | tolerance (max |err| / max |ref|)          |

@@ -30,7 +30,7 @@ def random_weight(rows: int, cols: int, seed: int = 0, low: int = 118, high: int
 
 
 def spec_dequant(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """MODELS.md §1.6 spelled out: W[r, 32g+2k] = LUT[lo] · 2^(s−127), W[r, 32g+2k+1] = LUT[hi] · 2^(s−127)."""
+    """docs/models.md §1.6 spelled out: W[r, 32g+2k] = LUT[lo] · 2^(s−127), W[r, 32g+2k+1] = LUT[hi] · 2^(s−127)."""
     rows, groups, _ = blocks.shape
     out = torch.empty(rows, groups * 32, dtype=torch.float64)
     lut = torch.tensor(FP4_VALUES, dtype=torch.float64)

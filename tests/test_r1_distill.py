@@ -1,5 +1,5 @@
 """DeepSeek-R1-Distill: tiny random Qwen2 / Llama checkpoints with the distills' shape ratios against transformers,
-and R1's chat template (MODELS.md §2.6) rendered through hearth's ChatTemplate, tools included."""
+and R1's chat template (docs/models.md §2.6) rendered through hearth's ChatTemplate, tools included."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hearth.sampling_params import SamplingParams
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
-# An R1-style template written for these tests from the description in MODELS.md §2.6: system prompts first with no
+# An R1-style template written for these tests from the description in docs/models.md §2.6: system prompts first with no
 # role tag (tool definitions appended to them), <｜User｜>/<｜Assistant｜> turns, past thoughts dropped (only the text
 # after the last </think> is kept), DeepSeek's tool-call and tool-output tokens, and a generation prompt that opens
 # the thought.

@@ -1,7 +1,7 @@
 """gpt-oss harmony format: render OpenAI-style chats to harmony text / token ids, and parse the model's output
 incrementally into reasoning (analysis), content (final) and tool calls (commentary to=functions.x).
 
-Reference: openai-harmony 0.0.8 (MODELS.md §1.8); tests check rendered ids against it. Rendering keeps special tokens
+Reference: openai-harmony 0.0.8 (docs/models.md §1.8); tests check rendered ids against it. Rendering keeps special tokens
 as their literal strings (`<|start|>`…); `render_ids` encodes the text between them with the model's tokenizer and
 the special tokens by id, as harmony does. The parser reads detokenized text that keeps special tokens.
 """

@@ -5,7 +5,7 @@ parsing share one path and any chunking gives the same result. A call is emitted
 cannot be parsed (bad JSON, an unterminated call at the end) goes back into `content` unchanged. Registry:
 `TOOL_PARSERS`, chosen by model family or `--tool-call-parser`.
 
-Formats (MODELS.md §2.6):
+Formats (docs/models.md §2.6):
 - `deepseek_v3`: `<｜tool▁calls▁begin｜>`, then per call `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`, a newline
   and ARGS in a ```json fence, `<｜tool▁call▁end｜>`; finally `<｜tool▁calls▁end｜>`. The later
   `NAME<｜tool▁sep｜>ARGS` call form (V3.1) is accepted too.

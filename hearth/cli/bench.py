@@ -15,7 +15,7 @@ def register(sub) -> None:
         "same GGUF in the same run, alternating with Hearth, and report medians, spreads and ratios, the memory "
         "bandwidth and decode roofline, and each runtime's peak resident memory.",
         epilog="examples:\n  hearth bench smollm2 --vs llama.cpp --json\n  hearth bench smollm2 --vs all\n\n"
-        "llama.cpp needs the optional extra: pip install 'hearth[bench]' (see BENCHMARKS.md for the build flags)\n\n"
+        "llama.cpp needs the optional extra: pip install 'hearth[bench]' (docs/performance.md gives the build flags)\n\n"
         + env_epilog(["HEARTH_NUM_THREADS"]),
     )  # fmt: skip
     p.add_argument("model", help="smollm2, a .gguf file, an HF folder")

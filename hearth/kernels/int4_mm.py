@@ -2,7 +2,7 @@
 
 A group of 32 weights along K shares a scale and a zero: w = (q - 8) * scale + zero, q in [0, 16). GGUF Q4_0 and
 Q4_1 map onto this exactly (Q4_1: w = d*q + m, so zero = m + 8d); scales and zeros are held in bf16, which is what the
-kernel takes, and the kernel needs bf16 activations to be fast (BENCHMARKS.md).
+kernel takes, and the kernel needs bf16 activations to be fast (docs/performance.md, Method).
 
 For many tokens at once (prefill) a dense bf16 matmul beats the int4 kernel, so `dequantize_int4` unpacks the packed
 weight back to bf16 on the fly. It reads the CPU packing that `_convert_weight_to_int4pack_for_cpu` writes with

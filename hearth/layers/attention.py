@@ -2,7 +2,7 @@
 
 New keys/values are written to their cache slots, then prefill sequences attend one by one (causal, offset by the
 tokens already cached) and all single-token decode sequences attend in one batched call over their block tables.
-Sliding-window layers mask keys older than the window. With learned per-head sinks (gpt-oss, MODELS.md §1.3) the
+Sliding-window layers mask keys older than the window. With learned per-head sinks (gpt-oss, docs/models.md §1.3) the
 softmax denominator gains one extra logit per head; SDPA cannot do that, so those layers attend in plain torch.
 """
 

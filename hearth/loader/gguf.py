@@ -1,4 +1,4 @@
-"""GGUF files → metadata and memory-mapped tensors (layout: MODELS.md §4.1).
+"""GGUF files → metadata and memory-mapped tensors (layout: docs/models.md §4.1).
 
 One bounds-checked walk of the header parses everything: metadata as plain Python values and the tensor infos, so a
 corrupt file fails with one clear line instead of an exception (or an unbounded allocation) deep inside a parser.

@@ -1,4 +1,4 @@
-"""GGUF tensor names → HF names per architecture, and llama.cpp's Q/K row permutation (MODELS.md §4.2)."""
+"""GGUF tensor names → HF names per architecture, and llama.cpp's Q/K row permutation (docs/models.md §4.2)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# gpt-oss (MODELS.md §4.1): llama.cpp splits the interleaved gate/up experts into ffn_gate_exps / ffn_up_exps and stores
+# gpt-oss (docs/models.md §4.1): llama.cpp splits the interleaved gate/up experts into ffn_gate_exps / ffn_up_exps and stores
 # experts as (out, in), unlike HF's (in, out) `down_proj`; they map to their own kinds (`gate_proj_weight`, ...) that the
 # gpt-oss experts module re-interleaves. NOTE: GGUF MXFP4 nibble order differs from HF's (quant/mxfp4.py converts).
 GPT_OSS_BLOCK_NAMES = {
@@ -33,7 +33,7 @@ GPT_OSS_BLOCK_NAMES = {
     "ffn_gate_inp": "mlp.router",
 }
 GPT_OSS_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-# DeepSeek-V2/V3 (`deepseek2`, MODELS.md §2): MLA projections, shared experts and the router's correction bias. Newer
+# DeepSeek-V2/V3 (`deepseek2`, docs/models.md §2): MLA projections, shared experts and the router's correction bias. Newer
 # converters store kv_b split as attn_k_b [H, c, nope] (transposed) and attn_v_b [H, v, c]; they map to kinds `k_b` /
 # `v_b` of kv_b_proj, which joins them. Stacked experts map to kinds of `mlp.experts`, which splits them per expert.
 # MTP tensors (`blk.N.nextn.*`) are not mapped, so they are skipped.

@@ -2,7 +2,7 @@
 the mscale² softmax correction, the first dense layers, and MoE with shared experts and grouped routing (V3's sigmoid
 noaux_tc, or V2's softmax).
 
-Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/model.py; facts in MODELS.md §2.
+Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/model.py; facts in docs/models.md §2.
 The cache holds one vector per token per layer, [c_kv (kv_lora_rank, after kv_a_layernorm) | k_pe (rope dims, after
 rope)]. Prefill attends in the naive form (keys and values expanded through kv_b_proj); decode in the absorbed form
 (W_UK folded into the query, W_UV applied after attending over the latents), which never expands the cache.
@@ -132,7 +132,7 @@ def rope_row_permutation(num_heads: int, head_dim: int, rope_dim: int) -> torch.
 
 
 def softmax_scale(config: ModelConfig) -> float:
-    """qk_head_dim^-1/2, times mscale² when YaRN sets mscale_all_dim (HF's rule; MODELS.md §2.2)."""
+    """qk_head_dim^-1/2, times mscale² when YaRN sets mscale_all_dim (HF's rule; docs/models.md §2.2)."""
     scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     scaling = config.rope_scaling or {}
     mscale_all_dim = scaling.get("mscale_all_dim")

@@ -1,7 +1,7 @@
 """gpt-oss (20b, 120b): alternating sliding-window / full attention with learned sinks, top-k-then-softmax MoE with a
 clamped, interleaved SwiGLU, YaRN rope with concentration, MXFP4 experts kept packed. HF module names.
 
-Reference: transformers' modeling_gpt_oss.py and MODELS.md §1. Experts load from HF bf16 (`gate_up_proj` [E, H, 2I]),
+Reference: transformers' modeling_gpt_oss.py and docs/models.md §1. Experts load from HF bf16 (`gate_up_proj` [E, H, 2I]),
 HF MXFP4 (`*_blocks` / `*_scales`) or GGUF (split gate/up, GGUF nibble order; loader/names.py maps the names).
 
 NOTE: sliding layers attend only to their window but the paged cache still holds every token for them: the block

@@ -1,6 +1,6 @@
 """Exact parameter counts from each family's real tensor shapes, and weight bytes per storage format.
 
-Shapes follow the HF checkpoints (MODELS.md §1.6, §2.4, §3, §4). Stdlib only: the planner runs without torch.
+Shapes follow the HF checkpoints (docs/models.md §1.6, §2.4, §3, §4). Stdlib only: the planner runs without torch.
 """
 
 from __future__ import annotations
@@ -172,11 +172,11 @@ def tensor_bytes(group: TensorGroup, fmt: str) -> float:
     n, shape, kind = group.numel, group.shape, group.kind
     if fmt == "bf16":
         return 2.0 * n
-    if fmt == "fp8":  # e4m3 + one fp32 scale per 128×128 block (weight_scale_inv), MODELS.md §2.4
+    if fmt == "fp8":  # e4m3 + one fp32 scale per 128×128 block (weight_scale_inv), docs/models.md §2.4
         if kind in ("linear", "expert"):
             return n + 4.0 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
         return 2.0 * n
-    if fmt == "mxfp4":  # per row: ceil(in/32) blocks of 16 bytes + 1 e8m0 scale byte, MODELS.md §1.6
+    if fmt == "mxfp4":  # per row: ceil(in/32) blocks of 16 bytes + 1 e8m0 scale byte, docs/models.md §1.6
         return shape[0] * math.ceil(shape[1] / 32) * 17.0 if kind == "expert" else 2.0 * n
     if fmt in FORMATS:  # GGUF: matrices at the type's bits per weight, 1-D tensors in f32
         return n * FORMATS[fmt].bits / 8 if len(shape) >= 2 else 4.0 * n

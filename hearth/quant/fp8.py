@@ -1,5 +1,5 @@
 """Block-scaled FP8 weights as published by DeepSeek-V3/R1: float8_e4m3fn values with one float32 `weight_scale_inv`
-per 128×128 block (MODELS.md §2.4). `W[i, j] = float(Wq[i, j]) · S[i // 128, j // 128]`; edge blocks are partial.
+per 128×128 block (docs/models.md §2.4). `W[i, j] = float(Wq[i, j]) · S[i // 128, j // 128]`; edge blocks are partial.
 
 How a checkpoint's FP8 weights are held (`fp8_runtime_mode`): on a CUDA device with FP8 support they stay FP8 in
 memory (1 byte per weight) and each matmul dequantizes its weight to the compute dtype first ("fp8"); everywhere else

@@ -1,6 +1,6 @@
 """MXFP4 (OCP MX: e2m1 values, one e8m0 scale per 32) as published in gpt-oss checkpoints, and a packed matmul.
 
-HF/original layout (MODELS.md §1.6): `blocks` uint8 [..., rows, G, 16] and `scales` uint8 [..., rows, G], scaling along
+HF/original layout (docs/models.md §1.6): `blocks` uint8 [..., rows, G, 16] and `scales` uint8 [..., rows, G], scaling along
 the input dimension; byte k of a block holds value 2k in its low nibble and 2k+1 in its high nibble. GGUF MXFP4 packs
 the same numbers with the scale first and split halves (low nibbles → values 0..15, high → 16..31); `from_gguf`
 converts. `mxfp4_matmul` keeps the weight packed (a fused C kernel for small batches, else a cache-sized slab of rows
