@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "hk"
 SCOPES = ("chat", "admin")
-# scrypt cost: ~16 MiB and ~50-100 ms per hash here. The secret has 256 bits, so the KDF is defence in depth for a
-# leaked keys file; a server verifies each key once per process and remembers the result (see KeyStore.verify).
+# scrypt cost: 16 MiB (128·N·r bytes) per hash, and CPU time to match. The secret has 256 bits, so the KDF is defence
+# in depth for a leaked keys file; a server verifies each key once per process and remembers the result (see
+# KeyStore.verify).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 FILE_MODE = 0o600
 RECHECK_SECONDS = 2.0  # a running server rereads a keys file changed this recently on every request

@@ -1,6 +1,6 @@
 """bf16 matrix-vector products for decode steps (bf16_cpu.c), built by `cbuild.load_library`, called via ctypes.
 
-PyTorch's bf16 matmul reads a [N, K] weight at about 20 GB/s at one to eight rows on a 2-core AVX-512 machine; this
+PyTorch's bf16 matmul reads a [N, K] weight well below the memory's bandwidth at one to eight rows; this
 kernel (vdpbf16ps, float32 sums) streams it near the memory's bandwidth. `fast()` is True only where it was built
 with AVX-512 BF16; elsewhere callers keep torch. `gemv_ref` is the same arithmetic in float64.
 """
@@ -15,7 +15,7 @@ import torch
 from hearth.kernels.cbuild import Library
 
 SOURCE = os.path.join(os.path.dirname(__file__), "bf16_cpu.c")
-MAX_M = 4  # rows of x up to which the kernel beats torch (measured with 2 threads: 1.5x at 1 row, 1.1x at 4)
+MAX_M = 4  # rows of x up to which the kernel beats torch's matmul (docs/performance.md)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -1,7 +1,7 @@
 """bf16 elementwise kernels for CPU prefill (elementwise_cpu.c), built by `cbuild.load_library`, called via ctypes.
 
 Between the matmuls of a bf16 prefill, torch runs RMSNorm, SiLU-and-mul and the rotary embedding as chains of
-elementwise ops, each reading and writing a whole activation (about 15% of a SmolLM2 512-token step); each kernel here
+elementwise ops, each reading and writing a whole activation; each kernel here
 is one pass. Where the library is not built the `can_*` guards are False and the layers keep their torch code.
 
 - `rms_norm(x, weight, eps, residual)`: F.rms_norm's bf16 arithmetic (normalise and scale in float32, round once), the

@@ -23,7 +23,7 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Ten
     """A zero-filled cache tensor whose pages become resident only as they are written. On CPU torch.zeros writes
     every byte (a 3 GB default cache would be resident at start); an anonymous mapping is zero-filled lazily, 4 KiB
     at a time. (Not numpy's zeros: it asks for transparent huge pages, so the first token written to each layer's
-    cache made 2 MiB resident: +117 MB for SmolLM2's 60 cache tensors after one prompt.)"""
+    cache would make 2 MiB resident.)"""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -65,8 +65,8 @@ def batched_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     """One new token per sequence against its padded context, in float32 with the query heads grouped per KV head.
 
     q: [B, H, D]; keys, values: [B, L, KVH, D]; mask: bool [B, 1, 1, L] (True: in the context) -> [B, H, 1, D].
-    NOTE: CPU SDPA with a mask on these shapes takes the slow path (4 ms per layer at B=16 in bf16, 0.8 ms in
-    float32); two batched matmuls over [B, KVH, H/KVH, L] take 0.5 ms.
+    NOTE: CPU SDPA with a mask on these shapes takes its slow path, in bf16 and float32; two batched matmuls over
+    [B, KVH, H/KVH, L] are faster than either.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
@@ -159,14 +159,14 @@ class Attention(nn.Module):
                 )
                 out[start:end] = o[0].transpose(0, 1)
                 continue
-            if attention_cpu.can_run(q, keys, values):  # bf16 on AVX-512 BF16 CPUs: ~3.8x SDPA at 512 tokens
+            if attention_cpu.can_run(q, keys, values):  # bf16 on AVX-512 BF16 CPUs, faster than SDPA
                 attention_cpu.prefill(q[start:end], keys, values, self.scale, self.sliding_window, out=out[start:end])
                 continue
             if self.sliding_window is None and length == num_new:
                 mask, causal = None, True
             else:
                 mask, causal = self._mask(q_pos, k_pos), False
-            # 4-D inputs: with 3-D ones CPU SDPA takes its slow "math" path (2.7x slower at 512 tokens, SmolLM2)
+            # 4-D inputs: with 3-D ones CPU SDPA takes its slow "math" path
             o = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,

@@ -34,7 +34,7 @@ def quantized_rows(qt: QuantizedTensor):
 
 
 # from this many rows (tokens) on, a packed-int4 layer dequantizes its weight to bf16 and runs a dense matmul: at
-# prefill sizes that beats the int4 kernel (measured on SmolLM2's layers with 2 threads)
+# prefill sizes that beats the int4 kernel
 DENSE_MIN_TOKENS = 64
 # GGUF blocks in bf16 runs, in steps that prefill, dequantize to bf16 and run the dense matmul; fewer rows than this
 # are padded to it. oneDNN's bf16 result for a row then does not depend on how many rows share the matmul, so a
@@ -54,9 +54,9 @@ def gguf_blocks(qt: QuantizedTensor) -> gguf_cpu.R16Weight:
 
 
 def row_bucket(m: int) -> int:
-    """`m` rows rounded up to one of a few sizes. oneDNN compiles and caches kernels for every new matmul shape (about
-    0.6 MB per shape and weight shape, never given back): a server seeing prompts of every length grew by 2.6 MB per
-    distinct length. With buckets a 512-token step budget yields at most 20 row counts of 16 or more per weight shape;
+    """`m` rows rounded up to one of a few sizes. oneDNN compiles and caches kernels for every new matmul shape and
+    never gives that memory back, so without buckets a server's memory would grow with every distinct prompt length.
+    With buckets a 512-token step budget yields at most 20 row counts of 16 or more per weight shape;
     fewer rows (decode batches: at most 15 shapes) are left as they are."""
     if m < 16:
         return m
@@ -94,9 +94,8 @@ def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = F
 
 
 # A weight dequantized for one matmul goes into a buffer kept per thread, of at most this many bytes; larger weights go
-# in tiles of rows. A fresh tensor per call meant, for weights past malloc's mmap threshold, new pages faulted in on
-# every call: R1-Distill-1.5B's 17920x1536 MLP projection dequantized at 2.9 GB/s instead of 16.5, and a 128-row
-# matmul on it took 37.7 ms instead of 21.1.
+# in tiles of rows. A fresh tensor per call would, for weights past malloc's mmap threshold, fault in new pages on every
+# call.
 DEQUANT_SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 

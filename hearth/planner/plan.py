@@ -16,8 +16,8 @@ RUNTIME_OVERHEAD_BYTES = 1 << 30
 APPLE_GPU_FRACTION = 0.75  # Apple silicon: macOS lets the GPU wire ~75% of unified memory by default
 # Decode roofline: a step reads the touched weights once plus every sequence's KV cache; achieved bandwidth is taken as
 # 70% of the catalogue (or probed) figure. Plus a per-layer cost beyond the bandwidth share, per step: on CPU 20 µs
-# (the fused decode's barriers), calibrated on SmolLM2 (30 layers) on this project's 2-core machine, where Hearth
-# decodes ~271 tok/s (3.7 ms per token, at 78–89% of the read bandwidth); on accelerators a few kernel launches per layer.
+# (the fused decode's barriers), calibrated against SmolLM2's (30 layers) measured decode (docs/performance.md); on
+# accelerators a few kernel launches per layer.
 DECODE_EFFICIENCY = 0.70
 LAYER_OVERHEAD_S = {"cpu": 2e-5, "gpu": 2e-5, "apple": 5e-5, "npu": 5e-5}
 # Prefill: 2 FLOPs per active parameter per token (attention's context-dependent FLOPs left out, so long prompts
