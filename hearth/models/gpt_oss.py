@@ -62,10 +62,10 @@ class GptOssExperts(Mxfp4Experts):
     """gpt-oss's experts: MXFP4-capable experts with the clamped, interleaved SwiGLU (alpha, limit from the config)."""
 
     def __init__(self, config: ModelConfig):
-        self.alpha = float(config.extra.get("swiglu_alpha", 1.702))
-        self.limit = float(config.extra.get("swiglu_limit", 7.0))
+        alpha = float(config.extra.get("swiglu_alpha", 1.702))
+        limit = float(config.extra.get("swiglu_limit", 7.0))
         super().__init__(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                         partial(swiglu_oss, alpha=self.alpha, limit=self.limit))  # fmt: skip
+                         partial(swiglu_oss, alpha=alpha, limit=limit))  # fmt: skip
 
 
 class GptOssMLP(nn.Module):
