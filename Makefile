@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q -x --durations=15
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports
 
 fix: setup
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .

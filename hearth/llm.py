@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 from hearth.config import EngineConfig
 from hearth.engine.llm_engine import LLMEngine
-from hearth.engine.protocol import TokenLogprob
 from hearth.loader.resolve import resolve_model
-from hearth.sampling_params import SamplingParams
+from hearth.sampling_params import SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Per-request sampling parameters (vLLM's names). Stdlib only.
+"""Per-request sampling parameters (vLLM's names), and the per-token logprobs they may ask for. Stdlib only.
 
 Validation happens here, before a request is admitted, so that the sampler only ever sees numbers it computes with
 exactly (float32 logits): a value it cannot use is a ValueError, which the API answers with a 400.
@@ -50,6 +50,15 @@ def _integer(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

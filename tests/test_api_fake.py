@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from hearth.api.app import create_app
 from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate
-from hearth.engine.protocol import Delta, EngineError, EngineStats, ModelInfo, TokenLogprob
-from hearth.sampling_params import SamplingParams
+from hearth.engine.protocol import Delta, EngineError, EngineStats, ModelInfo
+from hearth.sampling_params import SamplingParams, TokenLogprob
 
 REPLY = "Hello world! This is hearth."
 BOS = 1

@@ -249,10 +249,11 @@ def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepsee
 
 def test_fp8_kept_in_memory_gives_the_same_logits(fp8_deepseek):
     """The keep-FP8 path (used on CUDA devices with FP8) forced on CPU: weights stay float8, results are identical."""
+    from hearth.layers.fp8_linear import Fp8Linear
     from hearth.loader.inspect import read_hf_config
     from hearth.loader.load import load_model
     from hearth.loader.resolve import ModelRef
-    from hearth.models.deepseek_v3 import DeepseekV3ForCausalLM, Fp8Linear
+    from hearth.models.deepseek_v3 import DeepseekV3ForCausalLM
 
     folder, reference = fp8_deepseek
     config = read_hf_config(folder)

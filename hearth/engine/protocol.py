@@ -7,19 +7,10 @@ The server holds an `EngineClient`; tests hand it a fake. The engine detokenizes
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from hearth.sampling_params import SamplingParams
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    """One generated token's log-probability, with the top alternatives (token id, logprob), best first."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+from hearth.sampling_params import SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)

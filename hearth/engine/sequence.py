@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum, auto
 
-from hearth.engine.protocol import TokenLogprob
-from hearth.sampling_params import SamplingParams
+from hearth.sampling_params import SamplingParams, TokenLogprob
 
 
 class SequenceStatus(Enum):

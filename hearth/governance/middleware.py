@@ -30,8 +30,8 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hearth.api.errors import error_response
 from hearth.governance.audit import AuditLog, utc_timestamp
+from hearth.governance.errors import error_response
 from hearth.governance.keys import KEYS_UNAVAILABLE, KeyStore
 from hearth.governance.ratelimit import RateLimiter, Refusal, Reservation, TokenAsk, TokenLimitExceeded
 

@@ -21,15 +21,6 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
     return torch.softmax(values, dim=-1, dtype=values.dtype), ids
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool = False):
-    """Mixtral/Qwen-MoE routing: softmax over all experts, keep the top k (optionally renormalised to sum to 1)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
-
-
 def moe_ref(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
     """Reference: for each expert hit, gather its tokens, run it, add the weighted output (HF's loop)."""
     out = torch.zeros_like(hidden_states)

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hearth.engine.protocol import TokenLogprob
-from hearth.sampling_params import SamplingParams
+from hearth.sampling_params import SamplingParams, TokenLogprob
 
 FLOAT_MAX = torch.finfo(torch.float32).max
 

@@ -16,7 +16,6 @@ skips its tensors.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -28,98 +27,13 @@ from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
+from hearth.layers.fp8_linear import Fp8Linear, default_fp8_mode, fp8_mode
 from hearth.layers.linear import Linear
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
-from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
-from hearth.quant.gguf_types import QuantizedTensor
-
-logger = logging.getLogger(__name__)
+from hearth.layers.weights import dense, stacked_part
 
 MLA_MODES = ("auto", "naive", "absorbed")  # auto: naive for prefill, absorbed for decode
-
-
-class Fp8Linear(Linear):
-    """Linear that also loads FP8 block weights (`weight` in float8_e4m3fn plus `weight_scale_inv`) and can reorder
-    its output rows at load (`row_perm`: new row j = checkpoint row row_perm[j]).
-
-    With `keep_fp8` (a CUDA device with FP8, see quant/fp8.py) the weight stays FP8 in memory; otherwise it is
-    dequantized in `finalize`, then held like any other weight.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None,
-                 row_perm: torch.Tensor | None = None):  # fmt: skip
-        super().__init__(in_features, out_features, bias, output_sizes)
-        if row_perm is not None and len(self.output_sizes) != 1:
-            raise ValueError("row_perm needs an unfused linear")
-        self.row_perm = row_perm
-        self.keep_fp8 = fp8_runtime_mode(torch.get_default_device()) == "fp8"
-        self._scale_invs: dict[int, torch.Tensor] = {}
-        self.fp8: Fp8Weight | None = None
-
-    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
-        if kind == "weight_scale_inv":
-            self._scale_invs[shard_id] = tensor
-            return
-        super().weight_loader(tensor, kind, shard_id)
-
-    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
-        fp8_ids = sorted(i for (kind, i), t in self._shards.items()
-                         if kind == "weight" and getattr(t, "dtype", None) == torch.float8_e4m3fn)  # fmt: skip
-        if fp8_ids != sorted(self._scale_invs):
-            raise ValueError(f"FP8 weight shards {fp8_ids} and weight_scale_inv shards {sorted(self._scale_invs)} "
-                             "do not pair up")  # fmt: skip
-        if fp8_ids:
-            self.quant_type = "fp8_block"
-            if keep_quantized and self.keep_fp8 and self._can_keep_fp8(fp8_ids):
-                self._keep_fp8(dtype)
-                return
-            for i in fp8_ids:
-                self._shards[("weight", i)] = dequantize_fp8_block(self._shards[("weight", i)], self._scale_invs[i])
-            self._scale_invs.clear()
-        if self.row_perm is not None:
-            for key in [k for k in self._shards]:
-                self._shards[key] = permute_rows(self._shards[key], self.row_perm)
-        super().finalize(dtype, keep_quantized)
-
-    def _can_keep_fp8(self, fp8_ids: list[int]) -> bool:
-        """All shards FP8, shard boundaries on block edges, and any row reordering inside blocks (scales stay put)."""
-        if len(fp8_ids) != len(self.output_sizes) or any(s % BLOCK for s in self.output_sizes[:-1]):
-            return False
-        if self.row_perm is None:
-            return True
-        return bool((self.row_perm // BLOCK == torch.arange(len(self.row_perm)) // BLOCK).all())
-
-    def _keep_fp8(self, dtype: torch.dtype) -> None:
-        n = len(self.output_sizes)
-        weight = torch.cat([self._shards[("weight", i)] for i in range(n)])
-        if self.row_perm is not None:
-            weight = weight[self.row_perm]
-        self.fp8 = Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)]))
-        if self.has_bias:
-            self.bias = torch.cat([self._shards[("bias", i)] for i in range(n)]).to(dtype)
-        self._shards.clear()
-        self._scale_invs.clear()
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor (for MLA's absorbed form, which needs per-head views)."""
-        if self.fp8 is not None:
-            return self.fp8.dequantize(dtype)
-        if self.weight is None:
-            raise ValueError("weight is held quantized; load this layer dense")
-        return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is not None:
-            return fp8_linear(x, self.fp8, self.bias)
-        return super().forward(x)
-
-
-def permute_rows(t, perm: torch.Tensor):
-    """Rows of a weight, bias or GGUF QuantizedTensor (blocks run along rows, so raw bytes move as whole rows)."""
-    if isinstance(t, QuantizedTensor):
-        return QuantizedTensor(t.data[perm].contiguous(), t.qtype, t.shape)
-    return t[perm].contiguous()
 
 
 def rope_row_permutation(num_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -164,7 +78,7 @@ class KvBProj(Fp8Linear):
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         if kind not in ("k_b", "v_b"):
             return super().weight_loader(tensor, kind, shard_id)
-        t = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor
+        t = dense(tensor)
         c, heads = self.in_features, self.num_heads
         want = (heads, c, self.nope_dim) if kind == "k_b" else (heads, self.v_dim, c)
         if tuple(t.shape) != want:
@@ -358,13 +272,8 @@ class DeepseekV3Experts(nn.ModuleList):
         if kind not in self.STACKED or tensor.shape[0] != len(self):
             raise ValueError(f"expected stacked experts ({len(self)}, out, in) as {sorted(self.STACKED)}")
         proj, shard = self.STACKED[kind]
-        rows = tensor.shape[1]
         for e, expert in enumerate(self):
-            if isinstance(tensor, QuantizedTensor):
-                part = QuantizedTensor(tensor.data[e * rows : (e + 1) * rows], tensor.qtype, tuple(tensor.shape[1:]))
-            else:
-                part = tensor[e]
-            getattr(expert, proj).weight_loader(part, "weight", shard)
+            getattr(expert, proj).weight_loader(stacked_part(tensor, e), "weight", shard)
 
 
 class MoEGate(nn.Module):
@@ -380,7 +289,7 @@ class MoEGate(nn.Module):
         want = self.shape if kind == "weight" else self.shape[:1]
         if kind not in ("weight", "e_score_correction_bias") or tuple(tensor.shape) != want:
             raise ValueError(f"router {kind}: expected shape {want}, got {tuple(tensor.shape)}")
-        t = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor
+        t = dense(tensor)
         setattr(self, kind, t.float().contiguous())
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
@@ -465,7 +374,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.model = DeepseekV3Model(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
-        self.fp8_mode = fp8_runtime_mode(torch.get_default_device())
+        self.fp8_mode = default_fp8_mode()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -473,14 +382,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self.lm_head is None:
             self.model.embed_tokens.tie_lm_head()
-        num_fp8 = sum(1 for m in self.modules() if getattr(m, "quant_type", None) == "fp8_block")
-        if num_fp8:
-            kept = sum(1 for m in self.modules() if getattr(m, "fp8", None) is not None)
-            self.fp8_mode = "fp8" if kept == num_fp8 else "dequantized" if not kept else "mixed"
-            logger.info("FP8 block weights: %d linears, %s", num_fp8,
-                        "kept FP8 in memory" if kept else f"dequantized to {dtype} at load")  # fmt: skip
-        else:
-            self.fp8_mode = None
+        self.fp8_mode = fp8_mode(self, dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -133,12 +133,6 @@ class Mxfp4Weight:
         return mxfp4_matmul(x, self.blocks, self.scales, bias)
 
 
-def quantize_codes_ref(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes [..., 32·G] (values 2k, 2k+1 into byte k) into HF blocks [..., G, 16]; used by tests."""
-    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // BLOCK, 16, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
 def from_gguf(data: torch.Tensor, shape: tuple[int, ...]) -> Mxfp4Weight:
     """GGUF MXFP4 bytes (17-byte blocks: e8m0 scale, then 16 bytes with values k / k+16 in the low / high nibbles)
     of a tensor of logical `shape` [..., rows, cols] → HF-layout Mxfp4Weight."""

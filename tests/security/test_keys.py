@@ -667,13 +667,31 @@ def test_the_token_hook_reserves_once_and_not_after_its_request():
     assert limiter.reserve("k", 100, TokenAsk(0, 1, 100, 500)).tokens == 100  # nothing was left held
 
 
-def test_governance_does_not_import_the_api_routes():
+def test_governance_does_not_import_the_api_package():
     import subprocess
     import sys
 
     code = ("import sys, hearth.governance.middleware; "
-            "assert not {'hearth.api.chat', 'hearth.api.completions', 'hearth.api.app'} & set(sys.modules)")  # fmt: skip
+            "assert not [m for m in sys.modules if m == 'hearth.api' or m.startswith('hearth.api.')]")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "message, status, code",
+    [("missing API key", 401, None), ("bad key \u00e9\ud800", 401, "invalid_api_key"),
+     ("needs an admin key", 403, "insufficient_scope"), ("slow down", 429, "rate_limit_exceeded"),
+     ("internal server error", 500, None), ("keys unavailable", 503, "keys_unavailable")],
+)  # fmt: skip
+def test_governance_refusals_carry_the_api_error_body(message, status, code):
+    from hearth.api.errors import error_response as api_error
+    from hearth.governance.errors import error_response as governance_error
+
+    ours = governance_error(message, status, code=code, headers={"WWW-Authenticate": "Bearer"})
+    theirs = api_error(message, status, code=code)
+    assert ours.status_code == status
+    assert json.loads(ours.body) == json.loads(theirs.body)
+    assert ours.body.isascii() and ours.headers["www-authenticate"] == "Bearer"
+    assert ours.headers["content-type"] == "application/json"
 
 
 def test_rate_limiter_window():

@@ -1,0 +1,111 @@
+"""Linear layers that load DeepSeek's FP8 block weights (float8_e4m3fn with 128×128 block scales, quant/fp8.py).
+
+The layer chooses the form: on a device with FP8 matmuls the weight stays FP8 in memory and runs through
+quant/fp8's `fp8_linear`; elsewhere it is dequantized at load and runs as any other `Linear`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hearth.layers.linear import Linear
+from hearth.layers.weights import permute_rows
+from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
+
+logger = logging.getLogger(__name__)
+
+
+def default_fp8_mode() -> str:
+    """What FP8 block weights become on the default device: "fp8" (kept) or "dequantized"."""
+    return fp8_runtime_mode(torch.get_default_device())
+
+
+class Fp8Linear(Linear):
+    """Linear that also loads FP8 block weights (`weight` in float8_e4m3fn plus `weight_scale_inv`) and can reorder
+    its output rows at load (`row_perm`: new row j = checkpoint row row_perm[j]).
+
+    With `keep_fp8` (a CUDA device with FP8, see quant/fp8.py) the weight stays FP8 in memory; otherwise it is
+    dequantized in `finalize`, then held like any other weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None,
+                 row_perm: torch.Tensor | None = None):  # fmt: skip
+        super().__init__(in_features, out_features, bias, output_sizes)
+        if row_perm is not None and len(self.output_sizes) != 1:
+            raise ValueError("row_perm needs an unfused linear")
+        self.row_perm = row_perm
+        self.keep_fp8 = default_fp8_mode() == "fp8"
+        self._scale_invs: dict[int, torch.Tensor] = {}
+        self.fp8: Fp8Weight | None = None
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if kind == "weight_scale_inv":
+            self._scale_invs[shard_id] = tensor
+            return
+        super().weight_loader(tensor, kind, shard_id)
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        fp8_ids = sorted(i for (kind, i), t in self._shards.items()
+                         if kind == "weight" and getattr(t, "dtype", None) == torch.float8_e4m3fn)  # fmt: skip
+        if fp8_ids != sorted(self._scale_invs):
+            raise ValueError(f"FP8 weight shards {fp8_ids} and weight_scale_inv shards {sorted(self._scale_invs)} "
+                             "do not pair up")  # fmt: skip
+        if fp8_ids:
+            self.quant_type = "fp8_block"
+            if keep_quantized and self.keep_fp8 and self._can_keep_fp8(fp8_ids):
+                self._keep_fp8(dtype)
+                return
+            for i in fp8_ids:
+                self._shards[("weight", i)] = dequantize_fp8_block(self._shards[("weight", i)], self._scale_invs[i])
+            self._scale_invs.clear()
+        if self.row_perm is not None:
+            for key in [k for k in self._shards]:
+                self._shards[key] = permute_rows(self._shards[key], self.row_perm)
+        super().finalize(dtype, keep_quantized)
+
+    def _can_keep_fp8(self, fp8_ids: list[int]) -> bool:
+        """All shards FP8, shard boundaries on block edges, and any row reordering inside blocks (scales stay put)."""
+        if len(fp8_ids) != len(self.output_sizes) or any(s % BLOCK for s in self.output_sizes[:-1]):
+            return False
+        if self.row_perm is None:
+            return True
+        return bool((self.row_perm // BLOCK == torch.arange(len(self.row_perm)) // BLOCK).all())
+
+    def _keep_fp8(self, dtype: torch.dtype) -> None:
+        n = len(self.output_sizes)
+        weight = torch.cat([self._shards[("weight", i)] for i in range(n)])
+        if self.row_perm is not None:
+            weight = weight[self.row_perm]
+        self.fp8 = Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)]))
+        if self.has_bias:
+            self.bias = torch.cat([self._shards[("bias", i)] for i in range(n)]).to(dtype)
+        self._shards.clear()
+        self._scale_invs.clear()
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense [out, in] tensor (for MLA's absorbed form, which needs per-head views)."""
+        if self.fp8 is not None:
+            return self.fp8.dequantize(dtype)
+        if self.weight is None:
+            raise ValueError("weight is held quantized; load this layer dense")
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return fp8_linear(x, self.fp8, self.bias)
+        return super().forward(x)
+
+
+def fp8_mode(model: nn.Module, dtype: torch.dtype) -> str | None:
+    """How a loaded model holds its FP8 block linears: "fp8" (all kept), "dequantized", "mixed", or None (none).
+    Logs the count once."""
+    num_fp8 = sum(1 for m in model.modules() if getattr(m, "quant_type", None) == "fp8_block")
+    if not num_fp8:
+        return None
+    kept = sum(1 for m in model.modules() if getattr(m, "fp8", None) is not None)
+    logger.info("FP8 block weights: %d linears, %s", num_fp8,
+                "kept FP8 in memory" if kept else f"dequantized to {dtype} at load")  # fmt: skip
+    return "fp8" if kept == num_fp8 else "dequantized" if not kept else "mixed"
