@@ -12,7 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hearth.api import sse
-from hearth.api.completions import (
+from hearth.api.errors import APIError
+from hearth.api.fanout import (
     Fanout,
     SubRequest,
     UsageCounter,
@@ -22,7 +23,6 @@ from hearth.api.completions import (
     stream_with_cleanup,
     until_disconnected,
 )
-from hearth.api.errors import APIError
 from hearth.api.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -41,7 +41,7 @@ from hearth.api.protocol import (
 from hearth.engine.protocol import Delta
 
 if TYPE_CHECKING:
-    from hearth.api.app import ServerState
+    from hearth.api.state import ServerState
 
 logger = logging.getLogger(__name__)
 

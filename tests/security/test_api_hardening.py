@@ -155,12 +155,12 @@ def test_a_named_tool_choice_offers_only_that_tool():
 
 
 def test_a_sampling_params_value_error_is_400_in_chat_and_completions(client, monkeypatch):
-    import hearth.api.completions as completions
+    import hearth.api.fanout as fanout
 
     def refuse(**kwargs):
         raise ValueError("seed must fit in 64 bits")
 
-    monkeypatch.setattr(completions, "SamplingParams", refuse)
+    monkeypatch.setattr(fanout, "SamplingParams", refuse)
     for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
         error = assert_error(client.post(path, json=body))
         assert error["message"] == "seed must fit in 64 bits"

@@ -672,7 +672,8 @@ def test_governance_does_not_import_the_api_routes():
     import sys
 
     code = ("import sys, hearth.governance.middleware; "
-            "assert not {'hearth.api.chat', 'hearth.api.completions', 'hearth.api.app'} & set(sys.modules)")  # fmt: skip
+            "assert not {'hearth.api.chat', 'hearth.api.completions', 'hearth.api.fanout', 'hearth.api.state', "
+            "'hearth.api.app'} & set(sys.modules)")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
