@@ -17,10 +17,10 @@ from hearth.api.fanout import (
     Fanout,
     SubRequest,
     UsageCounter,
-    reserve_tokens,
     run_fanout,
     sampling_params,
     stream_with_cleanup,
+    token_budget,
     until_disconnected,
 )
 from hearth.api.protocol import (
@@ -99,9 +99,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if body.echo and body.logprobs is not None:
         raise APIError("echo together with logprobs is not supported (prompt logprobs are not computed)", 400, "echo")
     prompts = await state.off_loop(_tokenize, state.tokenizer, _prompt_items(body))
-    for ids, _ in prompts:
-        state.check_length(len(ids), body.max_new_tokens, "prompt")
-    max_tokens = reserve_tokens(state, request, [len(ids) for ids, _ in prompts], body.n, body.max_new_tokens)
+    max_tokens = token_budget(state, request, [len(ids) for ids, _ in prompts], body.n, body.max_new_tokens, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     subs = []
     for p, (ids, _) in enumerate(prompts):

@@ -45,7 +45,7 @@ class SubRequest:
 
 def sampling_params(body: SamplingFields, logprobs: int | None, choice: int, max_tokens: int | None) -> SamplingParams:
     """The engine's parameters for one choice; with a seed, choice i samples with seed + i so choices differ.
-    `max_tokens`: what `reserve_tokens` returned (the request's own, or the grant of its key's token limit)."""
+    `max_tokens`: what `token_budget` returned (the request's own, or the grant of its key's token limit)."""
     seed = None if body.seed is None else body.seed + choice
     try:
         return SamplingParams(
@@ -59,17 +59,19 @@ def sampling_params(body: SamplingFields, logprobs: int | None, choice: int, max
         raise APIError(str(e), 400, name if name in SamplingFields.model_fields else None) from e
 
 
-def reserve_tokens(state: ServerState, request: Request, prompt_lengths: list[int], n: int,
-                   max_tokens: int | None) -> int | None:  # fmt: skip
-    """The max_tokens the request runs with. Where its API key has a token limit, the governance middleware left a hook
-    in the request's state that reserves the request's tokens (each prompt once, prompts × n completions of max_tokens)
-    and grants a max_tokens when the request has none; a refusal is 429 with Retry-After. Called once the prompts are
-    tokenized and their lengths checked, before anything is submitted to the engine."""
+def token_budget(state: ServerState, request: Request, prompt_lengths: list[int], n: int, max_tokens: int | None,
+                 param: str) -> int | None:  # fmt: skip
+    """The max_tokens the request runs with, called once the prompts are tokenized and before anything is submitted to
+    the engine. First every prompt must fit the context (`ServerState.check_length`: 400 naming `param` otherwise).
+    Then, where the request's API key has a token limit, the governance middleware left a hook in the request's state
+    that reserves the request's tokens (each prompt once, prompts × n completions of max_tokens) and grants a max_tokens
+    when the request has none, at most what fits the context after the longest prompt; a refusal is 429 with
+    Retry-After."""
+    room = state.check_length(prompt_lengths, max_tokens, param)
     reserve = request.scope.get("state", {}).get("reserve_tokens")
     if reserve is None:
         return max_tokens
-    most = state.engine.model_info.max_model_len - max(prompt_lengths)  # what fits the context after every prompt
-    ask = TokenAsk(sum(prompt_lengths), len(prompt_lengths) * n, max_tokens, most)
+    ask = TokenAsk(sum(prompt_lengths), len(prompt_lengths) * n, max_tokens, room)
     try:
         return reserve(ask)
     except TokenLimitExceeded as e:

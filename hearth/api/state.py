@@ -71,18 +71,22 @@ class ServerState:
             raise APIError(f"the model {model!r} does not exist; this server serves {self.served_model_name!r}", 404,
                            "model", "model_not_found")  # fmt: skip
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 when the prompt (plus max_tokens, when given) does not fit the context; states both counts."""
+    def check_length(self, prompt_lengths: list[int], max_tokens: int | None, param: str) -> int:
+        """The one place prompt lengths meet the context: 400 when a prompt (plus max_tokens, when given) does not fit,
+        stating both counts; otherwise the room left for a completion after the longest prompt."""
         max_len = self.engine.model_info.max_model_len
-        if num_prompt_tokens >= max_len:
-            raise APIError(f"This model's maximum context length is {max_len} tokens, but the prompt has "
-                           f"{num_prompt_tokens} tokens; shorten the prompt", 400, param,
-                           "context_length_exceeded")  # fmt: skip
-        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
-            total = num_prompt_tokens + max_tokens
-            raise APIError(f"This model's maximum context length is {max_len} tokens, but {total} tokens were "
-                           f"requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion); shorten "
-                           "the prompt or lower max_tokens", 400, "max_tokens", "context_length_exceeded")  # fmt: skip
+        for num_prompt_tokens in prompt_lengths:
+            if num_prompt_tokens >= max_len:
+                raise APIError(f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                               f"{num_prompt_tokens} tokens; shorten the prompt", 400, param,
+                               "context_length_exceeded")  # fmt: skip
+            if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+                total = num_prompt_tokens + max_tokens
+                raise APIError(f"This model's maximum context length is {max_len} tokens, but {total} tokens were "
+                               f"requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion); "
+                               "shorten the prompt or lower max_tokens", 400, "max_tokens",
+                               "context_length_exceeded")  # fmt: skip
+        return max_len - max(prompt_lengths)
 
     def token_text(self, token_id: int) -> str:
         """One token's text for logprobs (special tokens included)."""
