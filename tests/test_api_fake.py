@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hearth.api.app import create_app
 from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate
@@ -474,6 +476,34 @@ def test_prompt_longer_than_context_is_400_with_both_counts():
         assert "20" in err["message"] and err["param"] == "messages"
         err = error_of(client.post("/v1/completions", json={"prompt": "x" * 5, "max_tokens": 50}), 400)
         assert "20" in err["message"] and "6 in the prompt" in err["message"] and err["param"] == "max_tokens"
+
+
+def test_every_prompt_of_a_completion_must_fit_and_none_reaches_the_engine_when_one_does_not():
+    engine = FakeEngine(max_model_len=20)
+    with TestClient(make_app(engine)) as client:
+        err = error_of(client.post("/v1/completions", json={"prompt": ["short", "x" * 25, "y" * 30]}), 400)
+        assert "26 tokens" in err["message"] and err["param"] == "prompt" and err["code"] == "context_length_exceeded"
+        err = error_of(client.post("/v1/completions", json={"prompt": ["ab", "x" * 10], "max_tokens": 10}), 400)
+        assert "11 in the prompt" in err["message"] and err["param"] == "max_tokens"
+        assert engine.calls == []
+
+
+@given(max_len=st.integers(1, 64), lengths=st.lists(st.integers(1, 80), min_size=1, max_size=6),
+       max_tokens=st.none() | st.integers(1, 80))  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_check_length_fits_every_prompt_and_returns_the_room_after_the_longest(max_len, lengths, max_tokens):
+    from hearth.api.errors import APIError
+    from hearth.api.state import ServerState
+
+    state = ServerState(FakeEngine(max_model_len=max_len), FakeTokenizer(), None, "fake-model", None)
+    fits = all(n < max_len and (max_tokens is None or n + max_tokens <= max_len) for n in lengths)
+    if fits:
+        assert state.check_length(lengths, max_tokens, "prompt") == max_len - max(lengths)
+    else:
+        with pytest.raises(APIError) as refused:
+            state.check_length(lengths, max_tokens, "prompt")
+        assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
+        assert str(max_len) in refused.value.message
 
 
 def test_body_over_limit_is_413(client):

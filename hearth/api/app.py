@@ -3,117 +3,31 @@
 Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: CORS (only when
 origins are given), metrics and the request log, keys + rate limits + audit log (hearth/governance/middleware.py;
 its PUBLIC_PATHS need no key), then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts
-it down. CPU-heavy request work (chat template rendering, tokenizing prompts) runs in a small thread pool
-(`ServerState.off_loop`), so the event loop keeps answering other requests (/health included) meanwhile.
+it down. What the routes share lives in hearth/api/state.py (ServerState); the generating routes are hearth/api/chat.py
+and hearth/api/completions.py, both built on hearth/api/fanout.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, APIError, BodyLimitMiddleware, install_error_handlers
+from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, install_error_handlers
 from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from hearth.api.state import ServerState
 from hearth.engine.protocol import EngineClient
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"  # the web chat page
-PREP_WORKERS = 4  # threads rendering and tokenizing prompts; more requests wait their turn (off the loop)
-T = TypeVar("T")
-
-
-@dataclass
-class ServerState:
-    """What every route needs: the engine, the tokenizer and template, the served name, the metrics."""
-
-    engine: EngineClient
-    tokenizer: Any
-    chat_template: Any
-    served_model_name: str
-    metrics: Metrics
-    reasoning_parser: str | None = None
-    tool_parser: str | None = None
-    _token_text: dict[int, str] = field(default_factory=dict)
-    _chat_format: Any = None
-    _prep_executor: ThreadPoolExecutor | None = None
-
-    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a worker thread. The tokenizer releases the GIL while it encodes, and a template render stops
-        itself at its time limit, so neither stalls the loop nor keeps a thread busy after its request is answered."""
-        if self._prep_executor is None:
-            self._prep_executor = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
-        return await asyncio.get_running_loop().run_in_executor(self._prep_executor, functools.partial(fn, *args))
-
-    def close(self) -> None:
-        """Let the worker threads go (each finishes what it is doing); `off_loop` starts new ones if needed."""
-        if self._prep_executor is not None:
-            self._prep_executor.shutdown(wait=False, cancel_futures=True)
-            self._prep_executor = None
-
-    @property
-    def chat_format(self) -> Any:
-        """How chats are rendered and outputs parsed for this model (decided once the model is loaded)."""
-        if self._chat_format is None:
-            from hearth.chat.format import chat_format
-
-            self._chat_format = chat_format(self.tokenizer, self.chat_template, self.engine.model_info.architecture,
-                                            self.reasoning_parser, self.tool_parser)  # fmt: skip
-        return self._chat_format
-
-    def check_ready(self) -> None:
-        state = self.engine.state
-        if state == "dead":
-            raise APIError("the engine stopped after an internal error; the server is restarting, retry shortly", 503)
-        if state != "ready":
-            raise APIError(f"the model is {state}, not ready yet; retry shortly", 503)
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise APIError(f"the model {model!r} does not exist; this server serves {self.served_model_name!r}", 404,
-                           "model", "model_not_found")  # fmt: skip
-
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 when the prompt (plus max_tokens, when given) does not fit the context; states both counts."""
-        max_len = self.engine.model_info.max_model_len
-        if num_prompt_tokens >= max_len:
-            raise APIError(f"This model's maximum context length is {max_len} tokens, but the prompt has "
-                           f"{num_prompt_tokens} tokens; shorten the prompt", 400, param,
-                           "context_length_exceeded")  # fmt: skip
-        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
-            total = num_prompt_tokens + max_tokens
-            raise APIError(f"This model's maximum context length is {max_len} tokens, but {total} tokens were "
-                           f"requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion); shorten "
-                           "the prompt or lower max_tokens", 400, "max_tokens", "context_length_exceeded")  # fmt: skip
-
-    def token_text(self, token_id: int) -> str:
-        """One token's text for logprobs (special tokens included)."""
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-    def model_card(self) -> ModelCard:
-        if self.engine.state != "ready":
-            return ModelCard(id=self.served_model_name)
-        fmt = self.chat_format
-        capabilities = (["reasoning"] if fmt.has_reasoning else []) + (["reasoning_effort"] if fmt.harmony else [])
-        if fmt.harmony or fmt.tool_parser:
-            capabilities.append("tools")
-        return ModelCard(id=self.served_model_name, max_model_len=self.engine.model_info.max_model_len,
-                         capabilities=capabilities)  # fmt: skip
 
 
 def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,

@@ -12,17 +12,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hearth.api import sse
-from hearth.api.completions import (
+from hearth.api.errors import APIError
+from hearth.api.fanout import (
     Fanout,
     SubRequest,
     UsageCounter,
-    reserve_tokens,
     run_fanout,
     sampling_params,
     stream_with_cleanup,
+    token_budget,
     until_disconnected,
 )
-from hearth.api.errors import APIError
 from hearth.api.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -41,7 +41,7 @@ from hearth.api.protocol import (
 from hearth.engine.protocol import Delta
 
 if TYPE_CHECKING:
-    from hearth.api.app import ServerState
+    from hearth.api.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +172,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     check_tool_choice(body)
     prompt_ids = await render_prompt(state, body)
-    state.check_length(len(prompt_ids), body.max_new_tokens, "messages")
     n = body.n
-    max_tokens = reserve_tokens(state, request, [len(prompt_ids)], n, body.max_new_tokens)
+    max_tokens = token_budget(state, request, [len(prompt_ids)], n, body.max_new_tokens, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fmt = state.chat_format
     subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i, max_tokens))

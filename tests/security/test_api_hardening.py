@@ -21,7 +21,9 @@ from hearth.chat.template import ChatTemplate, TemplateError, load_chat_template
 from hearth.engine.protocol import EngineError
 
 HI = [{"role": "user", "content": "Hi"}]
-LIVENESS_BOUND = 0.5  # seconds for /health while a heavy request is in flight: a liveness check, not a benchmark
+# seconds for /health while a heavy request is in flight: a liveness check, not a benchmark. Tokenized on the event
+# loop, or with the GIL held, the 3.6 MB prompt stalls /health 1.3-2.3 s; 1 s leaves room for a busy machine
+LIVENESS_BOUND = 1.0
 
 
 def assert_error(r: httpx.Response, status: int = 400, param: str | None = None) -> dict:
@@ -155,12 +157,12 @@ def test_a_named_tool_choice_offers_only_that_tool():
 
 
 def test_a_sampling_params_value_error_is_400_in_chat_and_completions(client, monkeypatch):
-    import hearth.api.completions as completions
+    import hearth.api.fanout as fanout
 
     def refuse(**kwargs):
         raise ValueError("seed must fit in 64 bits")
 
-    monkeypatch.setattr(completions, "SamplingParams", refuse)
+    monkeypatch.setattr(fanout, "SamplingParams", refuse)
     for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
         error = assert_error(client.post(path, json=body))
         assert error["message"] == "seed must fit in 64 bits"

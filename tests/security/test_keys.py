@@ -646,6 +646,22 @@ def test_token_limits_are_reserved_by_the_routes_after_one_tokenization(home, fa
         assert r.status_code == 200 and engine.calls[-1][1].max_tokens == 7  # the request's own is kept
 
 
+def test_a_granted_max_tokens_is_capped_by_the_context_left_after_the_longest_prompt(home, fast_kdf):
+    key, _ = create_key("roomy", tpm=1000)
+    engine = FakeEngine(max_model_len=20)
+    with TestClient(make_app(engine, keys=KeyStore())) as c:
+        # prompts of 3 and 6 tokens: the key has room for far more, the context for 20 - 6 = 14 per completion
+        r = completion(c, key, prompt=["Hi", "Hello"])
+        assert r.status_code == 200, r.text
+        assert [params.max_tokens for _, params, _ in engine.calls] == [14, 14]
+        calls = len(engine.calls)
+        r = completion(c, key, prompt=["Hi", "x" * 19])  # 20 tokens: the length check refuses before any reservation
+        assert assert_openai_error(r, 400, "invalid_request_error")["code"] == "context_length_exceeded"
+        assert len(engine.calls) == calls
+        r = completion(c, key, prompt="Hi", max_tokens=17)  # and what it did not reserve is still there
+        assert r.status_code == 200 and engine.calls[-1][1].max_tokens == 17
+
+
 def test_the_token_hook_reserves_once_and_not_after_its_request():
     from hearth.governance.middleware import TokenHook
     from hearth.governance.ratelimit import TokenAsk, TokenLimitExceeded
