@@ -255,3 +255,14 @@ def test_async_engine_streams_and_aborts_free_blocks(tiny_engine):
     assert not engine.has_unfinished()
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_model_info_is_computed_once_at_construction(tiny_engine, monkeypatch):
+    # the API reads model_info from the event loop on every request: it must not walk the model's modules each time
+    def walk():
+        raise AssertionError("model_info walked the model's modules")
+
+    monkeypatch.setattr(tiny_engine.runner.model, "modules", walk)
+    info = AsyncEngine(tiny_engine).model_info
+    assert info is tiny_engine.model_info
+    assert (info.max_model_len, info.architecture, info.quantization) == (128, "LlamaForCausalLM", None)
