@@ -658,7 +658,7 @@ def test_serve_refuses_non_loopback_host(capsys, monkeypatch, tmp_path):
 
 
 def test_serve_loading_engine_states():
-    from hearth.cli.serve import LoadingEngine
+    from hearth.engine.loading import LoadingEngine
 
     gate = threading.Event()
     fake = FakeEngine()

@@ -95,6 +95,11 @@ def test_loading_then_ready(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ready", "model": MODEL}
 
 
+def test_the_app_and_the_engine_share_one_tokenizer(server):
+    async_engine = server.engine._engine  # LoadingEngine -> the loaded AsyncEngine
+    assert async_engine.engine.tokenizer is server.app.state.hearth.tokenizer
+
+
 def test_models(client):
     (model,) = client.models.list().data
     assert model.id == MODEL and model.owned_by == "hearth" and model.max_model_len == MAX_MODEL_LEN

@@ -51,7 +51,7 @@ def test_batched_equals_unbatched(engine):
         drain(engine, together)
     for i in range(len(ps)):
         assert together[f"together-{i}"] == alone[f"alone-{i}"], i
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 def test_prefix_cache_hit_gives_the_same_output(engine):
@@ -126,38 +126,6 @@ def test_prompt_too_long_is_refused(engine):
     assert e.value.status == 400 and "1024" in str(e.value)
 
 
-def test_async_engine_streams_and_aborts_free_blocks(engine):
-    async_engine = AsyncEngine(engine)
-
-    async def consume(request_id, max_tokens, stop_after=None):
-        chunks = []
-        gen = async_engine.generate(prompts(engine, 1, seed=7)[0], SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                                ignore_eos=True), request_id)  # fmt: skip
-        async for delta in gen:
-            chunks.append(delta)
-            if stop_after is not None and len(chunks) >= stop_after:
-                await gen.aclose()  # the client goes away
-                break
-        return chunks
-
-    async def scenario():
-        results = await asyncio.gather(consume("full", 6), *(consume(f"gone-{i}", 50, stop_after=2) for i in range(5)))
-        for _ in range(100):  # the engine thread processes the aborts
-            if engine.stats.num_running == 0 and not engine.has_unfinished():
-                break
-            await asyncio.sleep(0.05)
-        return results
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        async_engine.shutdown()
-    full = results[0]
-    assert full[-1].finished and full[-1].finish_reason == "length" and sum(len(d.token_ids) for d in full) == 6
-    assert not engine.has_unfinished()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-
-
 def test_async_engine_admits_a_follow_up_into_the_next_step(engine, monkeypatch):
     # A finishes while a long prompt is still being prefilled: the engine thread waits (admission_wait_ms) before the
     # next step, so the request the client sends on A's last token joins that very step
@@ -198,6 +166,30 @@ def test_async_engine_admits_a_follow_up_into_the_next_step(engine, monkeypatch)
     assert not engine.has_unfinished()
 
 
+def test_admission_wait_follows_a_finished_request_while_prefill_waits(engine, monkeypatch):
+    # the policy AsyncEngine asks before each step: wait only right after a step that finished a request, when the
+    # next step will prefill
+    monkeypatch.setattr(engine.engine_config, "admission_wait_ms", 50.0)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    long = [t for p in prompts(engine, 8, seed=4) for t in p][:300]  # over three steps of 96 tokens
+    engine.add_request(prompts(engine, 1, seed=5)[0][:8], params, "short")
+    engine.add_request(long, params, "long")
+    deltas = engine.step()  # "short" and the start of "long"
+    assert [d.request_id for d in deltas if d.finished] == ["short"]
+    assert engine.admission_wait_s() == 0.05
+    assert engine.step() == [] and engine.admission_wait_s() == 0  # prefill goes on, nothing finished
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.admission_wait_s() == 0  # "long" finished, but nothing waits to be prefilled
+    monkeypatch.setattr(engine.engine_config, "admission_wait_ms", 0.0)
+    engine.add_request(prompts(engine, 1, seed=5)[0][:8], params, "short-2")
+    engine.add_request(long, params, "long-2")
+    engine.step()
+    assert engine.admission_wait_s() == 0  # 0 ms: never wait
+    while engine.has_unfinished():
+        engine.step()
+
+
 def test_preemption_by_recompute_keeps_outputs(engine):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     ps = [sum(prompts(engine, n=6, seed=11 + i), [])[:120] for i in range(4)]  # 8 blocks each, 9 once decoding
@@ -209,7 +201,7 @@ def test_preemption_by_recompute_keeps_outputs(engine):
     # a pool of 16 blocks holds two 120-token prompts, not their continuations: one is preempted and recomputed
     small = LLMEngine(resolve_model("smollm2"), EngineConfig(max_model_len=256, max_num_seqs=4, dtype="float32",
                                                              kv_cache_memory=f"{256 * 23040 * 2}b"))  # fmt: skip
-    assert small.block_manager.num_blocks * small.engine_config.block_size == 256
+    assert small.scheduler.block_manager.num_blocks * small.engine_config.block_size == 256
     seqs = [small.add_request(p, params, f"tight-{i}") for i, p in enumerate(ps)]
     got: dict = {}
     while small.has_unfinished():
@@ -217,7 +209,7 @@ def test_preemption_by_recompute_keeps_outputs(engine):
     assert sum(s.num_preemptions for s in seqs) > 0
     for i in range(len(ps)):
         assert got[f"tight-{i}"] == expected[f"roomy-{i}"]
-    assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+    assert small.scheduler.block_manager.num_free_blocks == small.scheduler.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("bad", [{"admission_wait_ms": -1}, {"admission_wait_ms": 5000}, {"max_num_seqs": 0},

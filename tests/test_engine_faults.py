@@ -193,7 +193,7 @@ def batch_requests() -> list[tuple[str, SamplingParams]]:
 @pytest.mark.parametrize("where", ["forward", "sampler", "detokenizer"])
 @pytest.mark.parametrize("after_tokens", [0, 3])
 def test_a_fault_fails_only_its_request(engine, monkeypatch, where, after_tokens):
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     expected = run_all(engine, batch_requests())
     assert bm.num_free_blocks == bm.num_blocks
 
@@ -227,15 +227,15 @@ def test_a_fault_fails_only_its_request(engine, monkeypatch, where, after_tokens
 
         monkeypatch.setattr(engine.runner, "sampler", FaultySampler())
     else:
-        postprocess = engine._postprocess
+        output = engine._output
 
-        def faulty_postprocess(seq, token_id, lp):
+        def faulty_output(seq, token_id, lp):
             if seq.request_id == "bad" and seq.num_output_tokens > after_tokens:
                 steps_with_bad.append(1)
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
-            return postprocess(seq, token_id, lp)
+            return output(seq, token_id, lp)
 
-        monkeypatch.setattr(engine, "_postprocess", faulty_postprocess)
+        monkeypatch.setattr(engine, "_output", faulty_output)
 
     got = run_all(engine, [(f"{rid}", params) for rid, params in batch_requests()])
     assert steps_with_bad and (where == "detokenizer" or max(steps_with_bad) > 1)  # it was batched with others
@@ -265,7 +265,7 @@ def test_a_fault_every_sequence_hits_is_fatal(engine, monkeypatch):
         engine.step()
     for i in range(2):
         engine.abort(f"together-{i}")
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 def test_async_engine_fails_only_the_faulty_request(engine, monkeypatch):
@@ -297,7 +297,7 @@ def test_async_engine_fails_only_the_faulty_request(engine, monkeypatch):
     assert isinstance(bad, EngineError) and bad.status == 500
     assert good[-1].finish_reason == "length" and len(tokens(good)) == 5
     assert async_engine.state == "ready"
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 # --- a dead engine thread -------------------------------------------------------------------------------------------
@@ -309,10 +309,8 @@ class StubLLMEngine:
     def __init__(self) -> None:
         self.tokenizer = SimpleNamespace(bos_token="<s>", eos_token="</s>", eos_token_ids=[2],
                                          decode=lambda ids, skip_special_tokens=True: "x" * len(ids))  # fmt: skip
-        self.engine_config = EngineConfig(admission_wait_ms=0)
         self.model_info = ModelInfo("stub", 64, "StubForCausalLM")
         self.stats = EngineStats()
-        self.scheduler = SimpleNamespace(has_prefill_work=lambda: False)
         self.requests: dict[str, int] = {}
         self.hold = threading.Event()  # while clear, requests wait without producing tokens
         self.explode: BaseException | None = None
@@ -325,6 +323,9 @@ class StubLLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def admission_wait_s(self) -> float:
+        return 0.0
 
     def step(self) -> list[Delta]:
         if self.explode is not None:

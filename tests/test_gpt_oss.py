@@ -183,8 +183,8 @@ def test_sliding_layers_hold_only_their_window(tiny_gpt_oss):
                 # the window before the next token plus one step's 5 tokens, rounded out to blocks
                 assert held <= -(-(WINDOW - 1 + 5) // 4) + 1
         assert longest == 8 and most_held <= 3  # 32 tokens' blocks in the full group, at most 3 in the sliding one
-        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks - len(
-            [b for b in engine.block_manager.blocks if b.ref_count]
+        assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks - len(
+            [b for b in engine.scheduler.block_manager.blocks if b.ref_count]
         )
         runs.append((seq.num_cached_tokens, seq.output_token_ids, [lp.logprob for lp in seq.logprobs]))
         full_ids = torch.tensor(seq.token_ids)
@@ -197,7 +197,7 @@ def test_sliding_layers_hold_only_their_window(tiny_gpt_oss):
     assert runs[0][0] == 0 and runs[1][0] == 20  # the second run found 5 blocks in both groups
     assert runs[1][1] == runs[0][1]  # a hit gives the same tokens as a miss
     torch.testing.assert_close(torch.tensor(runs[1][2]), torch.tensor(runs[0][2]), atol=1e-5, rtol=0)
-    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    assert all(b.ref_count == 0 for b in engine.scheduler.block_manager.blocks)
 
 
 def test_sliding_layers_in_kv_spec(tiny_gpt_oss):

@@ -6,15 +6,18 @@ import random
 
 import pytest
 
+from hearth.config import EngineConfig
 from hearth.engine.block_manager import BlockManager, compute_hash
 from hearth.engine.scheduler import Scheduler
 from hearth.engine.sequence import Sequence, SequenceStatus
 from hearth.sampling_params import SamplingParams
 
 
-def make(num_blocks=16, block_size=4, max_num_seqs=4, budget=16, prefix=True, windows=(None,)):
-    bm = BlockManager(num_blocks, block_size, prefix, windows)
-    return bm, Scheduler(bm, max_num_seqs, budget)
+def make(num_blocks=16, block_size=4, max_num_seqs=4, budget=16, prefix=True, windows=(None,), **kwargs):
+    config = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                          enable_prefix_caching=prefix)  # fmt: skip
+    sched = Scheduler(config, num_blocks, windows, **kwargs)
+    return sched.block_manager, sched
 
 
 def seq(n, start=0, max_tokens=4):
@@ -22,17 +25,12 @@ def seq(n, start=0, max_tokens=4):
 
 
 def run_step(sched: Scheduler, bm: BlockManager, next_token=lambda s: 7, check=lambda batch: None):
-    """What the engine does after the model runs: advance computed tokens, sample where the prompt is done."""
+    """One engine step without a model: schedule, sample `next_token` for the sequences the runner would sample
+    (every token computed after this step), postprocess."""
     batch = sched.schedule()
     check(batch)
-    for s, n in zip(batch.seqs, batch.num_scheduled_tokens):
-        before = s.num_computed_tokens
-        s.num_computed_tokens += n
-        bm.commit(s, before)
-        if s.num_computed_tokens == s.num_tokens:
-            s.append_token(next_token(s))
-            if s.num_output_tokens >= s.params.max_tokens:
-                sched.finish(s, "length")
+    sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == s.num_tokens]
+    sched.postprocess(batch, sampled, [next_token(s) for s in sampled], [None] * len(sampled))
     return batch
 
 
@@ -249,3 +247,72 @@ def test_random_workload_leaks_nothing_and_nobody_starves(windows, policy):
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert sum(s.num_cached_tokens > 0 for s in seqs) > 50  # the shared prefix was hit
+
+
+def step_with(sched: Scheduler, token_id: int, logprob=None):
+    batch = sched.schedule()
+    sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == s.num_tokens]
+    sched.postprocess(batch, sampled, [token_id] * len(sampled), [logprob] * len(sampled))
+    return batch, sampled
+
+
+def test_postprocess_advances_chunks_and_samples_only_finished_prompts():
+    bm, sched = make(budget=6, num_blocks=16)
+    a = seq(10, max_tokens=5)
+    sched.add(a)
+    batch, sampled = step_with(sched, 42)
+    assert batch.num_scheduled_tokens == [6] and sampled == [] and a.num_computed_tokens == 6
+    assert len(a.block_hashes) == 1  # the first full block went into the prefix cache
+    _, sampled = step_with(sched, 42, logprob="lp")
+    assert sampled == [a] and a.token_ids[-1] == 42 and a.logprobs == ["lp"] and a.num_computed_tokens == 10
+    assert len(a.block_hashes) == 2 and not a.is_finished
+
+
+@pytest.mark.parametrize(
+    ("params", "eos", "token", "reason"),
+    [
+        (SamplingParams(max_tokens=9, stop_token_ids=[5]), set(), 5, "stop"),
+        (SamplingParams(max_tokens=9), {2}, 2, "stop"),
+        (SamplingParams(max_tokens=9, ignore_eos=True), {2}, 2, None),  # eos ignored
+        (SamplingParams(max_tokens=9, ignore_eos=True, stop_token_ids=[2]), {2}, 2, "stop"),  # stop ids still count
+        (SamplingParams(max_tokens=1), {2}, 3, "length"),
+        (SamplingParams(max_tokens=9), set(), 3, None),
+    ],
+)
+def test_postprocess_finishes_on_stop_tokens_and_max_tokens(params, eos, token, reason):
+    bm, sched = make(eos_token_ids=eos)
+    a = Sequence([10, 11, 12], params)
+    sched.add(a)
+    step_with(sched, token)
+    assert a.finish_reason == reason and a.is_finished == (reason is not None)
+    assert (bm.num_free_blocks == bm.num_blocks) == (reason is not None)  # a finished sequence's blocks are freed
+    assert (a in sched.running) == (reason is None)
+
+
+def test_postprocess_finishes_at_the_context_end():
+    bm, sched = make(max_model_len=6)
+    a = Sequence([10, 11, 12, 13], SamplingParams(max_tokens=100))
+    sched.add(a)
+    step_with(sched, 3)
+    assert not a.is_finished
+    step_with(sched, 3)
+    assert a.num_tokens == 6 and a.finish_reason == "length" and bm.num_free_blocks == bm.num_blocks
+
+
+def test_finish_twice_only_changes_the_reason():
+    bm, sched = make()
+    a = seq(6)
+    sched.add(a)
+    step_with(sched, 3)
+    sched.finish(a, "length")
+    sched.finish(a, "stop")
+    assert a.finish_reason == "stop" and bm.num_free_blocks == bm.num_blocks and not sched.has_unfinished()
+
+
+def test_the_scheduler_owns_a_block_manager_built_from_the_config():
+    config = EngineConfig(block_size=8, enable_prefix_caching=False, max_num_seqs=3, max_num_batched_tokens=40,
+                          scheduling_policy="shortest")  # fmt: skip
+    sched = Scheduler(config, 12, (None, 16))
+    bm = sched.block_manager
+    assert (bm.num_blocks, bm.block_size, bm.enable_prefix_caching, bm.windows) == (12, 8, False, (None, 16))
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens, sched.policy) == (3, 40, "shortest")

@@ -22,6 +22,7 @@ from hearth.engine.llm_engine import LLMEngine
 from hearth.engine.protocol import Delta, EngineError, EngineStats, ModelInfo
 from hearth.loader.resolve import ModelRef
 from hearth.sampling_params import SamplingParams
+from hearth.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ class AsyncEngine:
         self.on_dead: Callable[[BaseException], None] | None = None  # called on the engine thread when it dies
 
     @classmethod
-    def from_model(cls, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu") -> AsyncEngine:
-        return cls(LLMEngine(ref, engine_config, device))
+    def from_model(cls, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu",
+                   tokenizer: Tokenizer | None = None) -> AsyncEngine:  # fmt: skip
+        return cls(LLMEngine(ref, engine_config, device, tokenizer))
 
     @property
     def state(self) -> str:
@@ -160,15 +162,14 @@ class AsyncEngine:
     def _serve(self) -> None:
         """Drain the inbox, run a step, hand out the Deltas.
 
-        Idle, it sleeps on the inbox. After a step that finished a request, when the next step will prefill, it waits
-        up to `admission_wait_ms` for a new request (EngineConfig): clients that send their next request as soon as
-        one finishes then join that step rather than wait the whole of it."""
-        finished = False
-        wait_s = self.engine.engine_config.admission_wait_ms / 1000
+        Idle, it sleeps on the inbox; with work, it waits on the inbox as long as the engine's admission policy asks
+        (`LLMEngine.admission_wait_s`: new requests may join the next step), then steps."""
         while not self._stopping:
-            block, timeout = not self.engine.has_unfinished(), None
-            if not block and finished and wait_s > 0 and self._inbox.empty() and self.engine.scheduler.has_prefill_work():
-                block, timeout = True, wait_s
+            if self.engine.has_unfinished():
+                wait_s = self.engine.admission_wait_s()
+                block, timeout = wait_s > 0, wait_s
+            else:
+                block, timeout = True, None
             try:
                 while True:
                     kind, payload = self._inbox.get(block=block, timeout=timeout)
@@ -180,6 +181,5 @@ class AsyncEngine:
                 pass
             deltas = self.engine.step()  # a request's own failure comes back as its Delta; anything raised is fatal
             self._stats = self.engine.stats
-            finished = any(delta.finished for delta in deltas)
             for delta in deltas:
                 self._emit(delta.request_id, delta)

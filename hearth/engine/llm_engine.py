@@ -1,5 +1,6 @@
-"""LLMEngine: add_request / abort / step. step = schedule → run → postprocess. Works in token ids; the
-detokenizer turns each sequence's new tokens into text and applies stop strings.
+"""LLMEngine: add_request / abort / step. step = schedule → run → postprocess → outputs. Works in token ids; the
+scheduler advances and finishes sequences (stop tokens, length), the detokenizer turns each sequence's new tokens into
+text and applies stop strings.
 
 A step that raises fails only the sequence that caused it: the batch is run again in halves, down to single
 sequences, and a sequence that fails alone is finished with an error Delta (its blocks freed); the others keep their
@@ -17,7 +18,6 @@ import logging
 import torch
 
 from hearth.config import EngineConfig
-from hearth.engine.block_manager import BlockManager
 from hearth.engine.detokenizer import IncrementalDetokenizer
 from hearth.engine.model_runner import ModelRunner
 from hearth.engine.protocol import Delta, EngineError, EngineFatalError, EngineStats, ModelInfo
@@ -26,13 +26,15 @@ from hearth.engine.sequence import Sequence
 from hearth.loader.inspect import read_gguf_config, read_hf_config
 from hearth.loader.resolve import ModelRef
 from hearth.sampling_params import SamplingParams
-from hearth.tokenizer import load_tokenizer
+from hearth.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu"):
+    def __init__(self, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu",
+                 tokenizer: Tokenizer | None = None):  # fmt: skip
+        """`tokenizer`: the one the server already built for this model (None: loaded from `ref`)."""
         self.ref = ref
         self.engine_config = engine_config = engine_config or EngineConfig()
         if ref.format == "gguf":
@@ -41,26 +43,21 @@ class LLMEngine:
             self.model_config = read_gguf_config(open_gguf(ref.path))
         else:
             self.model_config = read_hf_config(ref.path)
-        self.tokenizer = load_tokenizer(ref.path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref.path)
         self.runner = ModelRunner(ref, self.model_config, engine_config, device)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, engine_config.block_size,
-                                          engine_config.enable_prefix_caching, self.runner.kv_windows)  # fmt: skip
-        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
-                                   engine_config.scheduling_policy)  # fmt: skip
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.scheduler = Scheduler(engine_config, self.runner.num_kvcache_blocks, self.runner.kv_windows,
+                                   self.max_model_len, self.eos_token_ids)  # fmt: skip
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
-        self.eos_token_ids = eos
-
-    @property
-    def model_info(self) -> ModelInfo:
         quant = sorted({m.quant_type for m in self.runner.model.modules() if getattr(m, "quant_type", None)})
-        return ModelInfo(self.ref.name, self.max_model_len, self.model_config.architecture, ",".join(quant) or None)
+        self.model_info = ModelInfo(ref.name, self.max_model_len, self.model_config.architecture, ",".join(quant) or None)
+        self._step_finished = False  # the last step finished a request (admission_wait_s)
 
     @property
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm = self.scheduler.block_manager
         used = bm.num_blocks - bm.num_free_blocks
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), used / bm.num_blocks, bm.num_blocks)
 
@@ -79,9 +76,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise EngineError(f"prompt token ids must be between 0 and {vocab - 1}", 400, "prompt")
-        seq = Sequence(prompt_ids, params, request_id)
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(prompt_ids, params, request_id, generator)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
         self.seqs[request_id] = seq  # registered only once nothing above can raise
         self.detokenizers[request_id] = detokenizer
@@ -99,6 +95,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def admission_wait_s(self) -> float:
+        """How long the caller should wait for new requests before the next step (0: step at once).
+
+        After a step that finished a request, when the next step will prefill (a long step on CPU), up to
+        `admission_wait_ms` (EngineConfig): clients that send their next request as soon as one finishes then join
+        that step rather than wait the whole of it."""
+        if not self._step_finished or not self.scheduler.has_prefill_work():
+            return 0.0
+        return self.engine_config.admission_wait_ms / 1000
+
     def _delta(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> Delta:
         return Delta(
             seq.request_id, token_ids, text, logprobs, seq.is_finished, seq.finish_reason,
@@ -108,23 +114,34 @@ class LLMEngine:
     def step(self) -> list[Delta]:
         """Run one scheduled batch and return a Delta for every sequence that produced a token or failed."""
         batch = self.scheduler.schedule()
+        self._step_finished = False
         if not batch:
             return []
-        # seeded generators as they were, so that a retried sequence draws what it would have drawn
-        saved = {seq.seq_id: seq.generator.get_state() for seq in batch.seqs if getattr(seq, "generator", None)}
-        deltas: list[Delta] = []
+        sampled: list[tuple[Sequence, int, object]] = []  # (sequence, token id, TokenLogprob or None)
         failed: list[tuple[Sequence, BaseException]] = []
-        self._run_isolating(batch, saved, deltas, failed)
+        self._run_isolating(batch, self._generator_states(batch), sampled, failed)  # run + scheduler.postprocess
+        deltas: list[Delta] = []
+        for seq, token_id, lp in sampled:
+            try:
+                deltas.append(self._output(seq, token_id, lp))
+            except Exception as e:
+                failed.append((seq, e))
         if failed and len(failed) == len(batch.seqs) > 1:
             raise EngineFatalError(f"all {len(batch.seqs)} sequences of the step failed on their own") from failed[0][1]
         deltas.extend(self._fail(seq, error) for seq, error in failed)
+        self._step_finished = any(delta.finished for delta in deltas)
         return deltas
 
-    def _run_isolating(self, batch: Batch, saved: dict, deltas: list[Delta], failed: list) -> None:
-        """Run `batch` and postprocess it into `deltas`; when the run raises, run each half of the batch on its own,
-        down to single sequences, and put those that fail alone in `failed`."""
+    @staticmethod
+    def _generator_states(batch: Batch) -> dict[int, torch.Tensor]:
+        """The seeded generators as they are before the step, so that a retried sequence draws what it would have."""
+        return {seq.seq_id: seq.generator.get_state() for seq in batch.seqs if seq.generator is not None}
+
+    def _run_isolating(self, batch: Batch, saved: dict, sampled: list, failed: list) -> None:
+        """Run `batch` and postprocess it, adding (sequence, token, logprob) to `sampled`; when the run raises, run
+        each half of the batch on its own, down to single sequences, and put those that fail alone in `failed`."""
         try:
-            sampled, token_ids, logprobs = self.runner.run(batch)
+            seqs, token_ids, logprobs = self.runner.run(batch)
         except Exception as e:
             if len(batch.seqs) == 1:
                 failed.append((batch.seqs[0], e))
@@ -137,20 +154,10 @@ class LLMEngine:
                 for seq in sub.seqs:
                     if seq.seq_id in saved:
                         seq.generator.set_state(saved[seq.seq_id])
-                self._run_isolating(sub, saved, deltas, failed)
+                self._run_isolating(sub, saved, sampled, failed)
             return
-        for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
-            start = seq.num_computed_tokens
-            seq.num_computed_tokens = start + num_new
-            self.block_manager.commit(seq, start)
-        for seq, token_id, lp in zip(sampled, token_ids, logprobs):
-            seq.append_token(token_id)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            try:
-                deltas.append(self._postprocess(seq, token_id, lp))
-            except Exception as e:
-                failed.append((seq, e))
+        self.scheduler.postprocess(batch, seqs, token_ids, logprobs)
+        sampled.extend(zip(seqs, token_ids, logprobs))
 
     def _fail(self, seq: Sequence, error: BaseException) -> Delta:
         """Finish `seq` with an error (its blocks freed); the Delta carries the EngineError for its client."""
@@ -163,21 +170,18 @@ class LLMEngine:
         delta.error = EngineError("internal error while generating this request", 500)
         return delta
 
-    def _postprocess(self, seq: Sequence, token_id: int, lp) -> Delta:
-        params = seq.params
+    def _output(self, seq: Sequence, token_id: int, lp) -> Delta:
+        """The Delta for the token `seq` got this step: its text (a stop token's text is not shown); a stop string in
+        the text finishes the sequence ("stop", over "length"); a finished sequence's detokenizer is flushed."""
         detok = self.detokenizers[seq.request_id]
-        reason = None
-        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
-            reason, text = "stop", detok.flush()
+        if seq.finish_reason == "stop":  # a stop or eos token
+            text = detok.flush()
         else:
             text, hit_stop = detok.step([token_id])
             if hit_stop:
-                reason = "stop"
-            elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
-                seq.num_tokens >= self.max_model_len
-            ):
-                reason, text = "length", text + detok.flush()
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+                self.scheduler.finish(seq, "stop")
+            elif seq.is_finished:
+                text += detok.flush()
+        if seq.is_finished:
             del self.seqs[seq.request_id], self.detokenizers[seq.request_id]
         return self._delta(seq, [token_id], text, None if lp is None else [lp])

@@ -5,6 +5,10 @@ running sequences still in (chunked) prefill; then waiting sequences, in arrival
 prompt tokens first, while the budget and `max_num_seqs` allow. When the cache runs out of blocks the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back to the front of the queue to be
 recomputed (its prefix may still be cached).
+
+The scheduler owns the block manager: it reserves cache slots when it schedules, and after the runner's step
+`postprocess` advances each sequence, registers the blocks that became full and finishes the sequences that sampled a
+stop token or reached their length limit (freeing their blocks). Stop strings need the text: the engine finishes those.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from hearth.config import SCHEDULING_POLICIES
+from hearth.config import SCHEDULING_POLICIES, EngineConfig
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.sequence import Sequence, SequenceStatus
 
@@ -33,14 +37,19 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs"):  # fmt: skip
-        if policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
-        self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.policy = policy
+    def __init__(self, config: EngineConfig, num_blocks: int, windows: tuple[int | None, ...] = (None,),
+                 max_model_len: int | None = None, eos_token_ids: set[int] | frozenset[int] = frozenset()):  # fmt: skip
+        """`num_blocks` KV blocks of `config.block_size` tokens, one table per KV group (`windows`, as BlockManager);
+        a sequence finishes at `max_model_len` tokens and on any of `eos_token_ids` (unless its params ignore eos)."""
+        if config.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {config.scheduling_policy!r}")  # fmt: skip
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, windows)
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.policy = config.scheduling_policy
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
@@ -127,8 +136,30 @@ class Scheduler:
         self.num_steps += 1
         return batch
 
+    def postprocess(self, batch: Batch, sampled: list[Sequence], token_ids: list[int],
+                    logprobs: list) -> None:  # fmt: skip
+        """After the runner computed `batch`: each sequence has its scheduled tokens in the cache (the blocks that
+        became full go into the prefix cache); `sampled` (those whose every token is now computed) get their new token
+        and logprob, and finish on a stop token ("stop") or at max_tokens or the context's end ("length")."""
+        for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens = start + num_new
+            self.block_manager.commit(seq, start)
+        for seq, token_id, lp in zip(sampled, token_ids, logprobs):
+            seq.append_token(token_id)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            params = seq.params
+            if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+                self.finish(seq, "stop")
+            elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+            ):
+                self.finish(seq, "length")
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark `seq` finished (or aborted) and free its blocks; works for waiting and running sequences."""
+        """Mark `seq` finished (or aborted) and free its blocks; works for waiting and running sequences, and on a
+        finished one only sets the reason (its blocks are already free)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq in self.running:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 from hearth.sampling_params import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(Enum):
@@ -15,9 +19,13 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
+    __slots__ = ("seq_id", "request_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
+                 "num_cached_tokens", "block_tables", "block_hashes", "params", "generator", "finish_reason", "logprobs",
+                 "num_preemptions", "arrival_step")  # fmt: skip
     _counter = itertools.count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 generator: torch.Generator | None = None):  # fmt: skip
         self.seq_id = next(Sequence._counter)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.status = SequenceStatus.WAITING
@@ -29,6 +37,7 @@ class Sequence:
         self.block_tables: list[list[int]] = [[]]
         self.block_hashes: list[int] = []  # chain hash of each full block of token_ids, as far as committed
         self.params = params
+        self.generator = generator  # the sequence's own random stream when its params carry a seed, else None
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
