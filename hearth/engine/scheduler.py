@@ -28,10 +28,6 @@ class Batch:
     seqs: list[Sequence] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
 
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
