@@ -1,4 +1,4 @@
-"""The C kernels on GGUF blocks (hearth/kernels/gguf_cpu.c) against plain-torch references.
+"""The C kernels on GGUF blocks (hearth/kernels/gguf_cpu.c, llama_decode.c) against plain-torch references.
 
 | fast path                                 | reference                                        | tolerance            |
 |-------------------------------------------|--------------------------------------------------|----------------------|
@@ -23,7 +23,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from hearth.kernels import gguf_cpu
+from hearth.kernels import gguf_cpu, llama_decode
 from hearth.quant.gguf_types import dequantize
 
 pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="no C compiler for the GGUF kernels")
@@ -311,8 +311,8 @@ def test_fused_decode_sliding_window_matches_torch_path(engines):
 
 def test_decoder_struct_matches_c_layout():
     # the ctypes mirrors against the C compiler's layout
-    sizes = (ctypes.sizeof(gguf_cpu.R16), ctypes.sizeof(gguf_cpu.LayerWeights), ctypes.sizeof(gguf_cpu.ModelWeights))
-    assert gguf_cpu.struct_sizes() == sizes
-    assert gguf_cpu.decoder_supports(576, 9, 3, 64, 1536)
-    assert not gguf_cpu.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
-    assert not gguf_cpu.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head
+    sizes = (ctypes.sizeof(gguf_cpu.R16), ctypes.sizeof(llama_decode.LayerWeights), ctypes.sizeof(llama_decode.ModelWeights))
+    assert llama_decode.struct_sizes() == sizes
+    assert llama_decode.decoder_supports(576, 9, 3, 64, 1536)
+    assert not llama_decode.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
+    assert not llama_decode.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hearth.config import ModelConfig
-from hearth.kernels import gguf_cpu
+from hearth.kernels import llama_decode
 from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
@@ -103,10 +103,10 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def fused_decode(self):
-        """The whole decode step in one C call (hearth/kernels/gguf_cpu.c), or None where it does not apply: it needs
+        """The whole decode step in one C call (hearth/kernels/llama_decode.c), or None where it does not apply: it needs
         the C kernels, every projection and the LM head held as GGUF blocks, and a bf16 KV cache (allocated first)."""
         cfg, m = self.config, self.model
-        if not gguf_cpu.available() or not gguf_cpu.decoder_supports(
+        if not llama_decode.available() or not llama_decode.decoder_supports(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
         ):
             return None
@@ -126,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
                          qkv_bias=attn.qkv_proj.bias, k_cache=attn.attn.k_cache, v_cache=attn.attn.v_cache,
                          window=attn.attn.sliding_window)  # fmt: skip
             layers.append(entry)
-        return gguf_cpu.LlamaDecoder(
+        return llama_decode.LlamaDecoder(
             layers=layers, final_norm=m.norm.weight, cos=m.rotary_emb.cos, sin=m.rotary_emb.sin, lm_head=lm_head,
             hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
