@@ -69,7 +69,8 @@ def decoder_supports(hidden: int, num_heads: int, num_kv_heads: int, head_dim: i
 
 
 class LlamaDecoder:
-    """The fused decode step over one model's weights (layers as dicts of tensors; LlamaForCausalLM.fused_decode).
+    """The fused decode step over one model's weights (layers as dicts of tensors), as
+    hearth.engine.fused_decode.build_fused_decode gathers them.
 
     Holds references to every tensor whose address it passes to C, so they outlive the calls."""
 
