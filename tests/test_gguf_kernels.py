@@ -1,4 +1,4 @@
-"""The C kernels on GGUF blocks (hearth/kernels/gguf_cpu.c) against plain-torch references.
+"""The C kernels on GGUF blocks (hearth/kernels/gguf_cpu.c, llama_decode.c) against plain-torch references.
 
 | fast path                                 | reference                                        | tolerance            |
 |-------------------------------------------|--------------------------------------------------|----------------------|
@@ -23,7 +23,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from hearth.kernels import gguf_cpu
+from hearth.engine.fused_decode import build_fused_decode
+from hearth.kernels import gguf_cpu, llama_decode
 from hearth.quant.gguf_types import dequantize
 
 pytestmark = pytest.mark.skipif(not gguf_cpu.available(), reason="no C compiler for the GGUF kernels")
@@ -232,6 +233,24 @@ def test_fused_decode_batched_equals_one_at_a_time(engines):
         assert torch.equal(runner.run_fused_decode([seq])[0], together[i])
 
 
+def test_build_fused_decode_applies_only_where_it_can(engines):
+    """The transform: a decoder for the GGUF-quantized Llama model over its bf16 cache, the same logits as the one the
+    runner built; None for the float32 model (no GGUF blocks) and for a module of another kind."""
+    fast, ref = engines
+    runner = fast.engine.runner
+    decoder = build_fused_decode(runner.model)
+    assert isinstance(decoder, llama_decode.LlamaDecoder)
+    assert build_fused_decode(ref.engine.runner.model) is None
+    assert build_fused_decode(torch.nn.Linear(32, 32)) is None
+    seqs = prefilled_sequences(fast, ref, [12, 70], seed=3)
+    expected = runner.run_fused_decode(seqs)
+    saved, runner.fused_decode = runner.fused_decode, decoder
+    try:
+        assert torch.equal(runner.run_fused_decode(seqs), expected)
+    finally:
+        runner.fused_decode = saved
+
+
 def test_fused_decode_is_no_less_exact_than_the_torch_path(engines):
     """Logits of 4 decoding sequences of real text: the fused C step and the bf16 torch path, each against the float32
     model (dequantized weights, float activations) on the same cache contents."""
@@ -290,7 +309,7 @@ def test_fused_decode_sliding_window_matches_torch_path(engines):
         for layer in model.model.layers:
             layer.self_attn.attn.sliding_window = window
     try:
-        decoder = fast.engine.runner.model.fused_decode()
+        decoder = build_fused_decode(fast.engine.runner.model)
         seqs = prefilled_sequences(fast, ref, [10, 100], seed=9)
         exact = torch_path_logits(ref.engine.runner, seqs)
         runner = fast.engine.runner
@@ -311,8 +330,8 @@ def test_fused_decode_sliding_window_matches_torch_path(engines):
 
 def test_decoder_struct_matches_c_layout():
     # the ctypes mirrors against the C compiler's layout
-    sizes = (ctypes.sizeof(gguf_cpu.R16), ctypes.sizeof(gguf_cpu.LayerWeights), ctypes.sizeof(gguf_cpu.ModelWeights))
-    assert gguf_cpu.struct_sizes() == sizes
-    assert gguf_cpu.decoder_supports(576, 9, 3, 64, 1536)
-    assert not gguf_cpu.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
-    assert not gguf_cpu.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head
+    sizes = (ctypes.sizeof(gguf_cpu.R16), ctypes.sizeof(llama_decode.LayerWeights), ctypes.sizeof(llama_decode.ModelWeights))
+    assert llama_decode.struct_sizes() == sizes
+    assert llama_decode.decoder_supports(576, 9, 3, 64, 1536)
+    assert not llama_decode.decoder_supports(576, 9, 3, 64, 1530)  # intermediate not a multiple of 32
+    assert not llama_decode.decoder_supports(576, 64, 2, 9, 1536)  # 32 query heads per KV head

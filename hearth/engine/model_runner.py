@@ -15,6 +15,7 @@ import os
 import torch
 
 from hearth.config import EngineConfig, KVPlan, ModelConfig, kv_spec, plan_kv_cache
+from hearth.engine.fused_decode import build_fused_decode
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, reset_context, set_context
 from hearth.layers.sampler import Sampler
@@ -108,11 +109,11 @@ class ModelRunner:
             logger.info("int8 activations for the %d GGUF-quantized projections, in prefill as in decode", len(held))
         self.sampler = Sampler(engine_config.seed)
         self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
-        # a family's one-call decode step over the allocated cache (CPU, GGUF blocks), when it has one
+        # the one-call decode step over the allocated cache (CPU, GGUF blocks), where the model's family has one
         self.fused_decode = None
         fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1  # it reads one block table per sequence
         if fused_ok and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
-            self.fused_decode = getattr(self.model, "fused_decode", lambda: None)()
+            self.fused_decode = build_fused_decode(self.model)
         release_freed_memory()
 
     def allocate_kv_cache(self, num_blocks: int) -> int:

@@ -1,7 +1,7 @@
-"""CPU kernels on GGUF-quantized weights (gguf_cpu.c): matmuls for Q4_0 / Q4_1 / Q8_0, and a fused Llama decode.
+"""CPU kernels on GGUF-quantized weights (gguf_cpu.c): matmuls and dequantization for Q4_0 / Q4_1 / Q8_0.
 
-Weights are repacked once at load from the file's blocks into a row-interleaved form (`R16Weight`, layout in the C
-source) that lets one VNNI instruction work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0
+Weights are repacked once at load from the file's blocks into a row-interleaved form (`R16Weight`, layout in
+r16_gemm.h) that lets one VNNI instruction work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0
 +1/9 and +1/17 for the extra f16 offset row). As in llama.cpp, activations are quantized per 32 values to int8 for
 integer dot products; `gemm_ref` is that computation in plain torch on the original blocks (quantize x the same way,
 dequantize W, float64 matmul), and `quantize_q8_ref` the activation step. Other GGUF types are requantized once to
@@ -23,26 +23,11 @@ from hearth.quant.gguf_types import dequantize
 SOURCE = os.path.join(os.path.dirname(__file__), "gguf_cpu.c")
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 class R16(ctypes.Structure):
     _fields_ = [("qs", ptr), ("sc", ptr), ("qtype", i64), ("N", i64), ("K", i64)]
-
-
-class LayerWeights(ctypes.Structure):
-    _fields_ = [
-        ("input_norm", ptr), ("post_norm", ptr), ("qkv", R16), ("o", R16), ("gate_up", R16), ("down", R16),
-        ("qkv_bias", ptr), ("k_cache", ptr), ("v_cache", ptr), ("window", i64),
-    ]  # fmt: skip
-
-
-class ModelWeights(ctypes.Structure):
-    _fields_ = [
-        ("num_layers", i64), ("hidden", i64), ("num_heads", i64), ("num_kv_heads", i64), ("head_dim", i64),
-        ("intermediate", i64), ("eps", c_float), ("scale", c_float), ("layers", ctypes.POINTER(LayerWeights)),
-        ("final_norm", ptr), ("cos", ptr), ("sin", ptr), ("lm_head", R16), ("vocab", i64),
-    ]  # fmt: skip
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -50,9 +35,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
     lib.r16_dequant.argtypes = [r16, i64, i64, ptr, c_int, c_int, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
-    lib.gguf_struct_sizes.argtypes = [ptr]
-    lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "gguf_struct_sizes", "llama_decode"):
+    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8"):
         getattr(lib, name).restype = None
 
 
@@ -225,80 +208,3 @@ def quantize_q8_0(rows, num_rows: int, k: int, chunk: int = 4096) -> torch.Tenso
         out[a:b, :, :2] = d.half().view(torch.uint8).reshape(b - a, k // 32, 2)
         out[a:b, :, 2:] = q.clamp(-127, 127).to(torch.int8).view(torch.uint8)
     return out.reshape(num_rows, -1)
-
-
-def struct_sizes() -> tuple[int, int, int]:
-    """sizeof(R16), sizeof(LayerWeights), sizeof(ModelWeights) as the C compiler laid them out."""
-    out = torch.zeros(3, dtype=torch.int64)
-    _get().gguf_struct_sizes(out.data_ptr())
-    return tuple(out.tolist())
-
-
-def _addr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-MAX_GROUP = 16  # query heads per KV head (MAX_GROUP in the C source)
-
-
-def decoder_supports(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int) -> bool:
-    """Shapes the fused decode handles: int8 activation blocks need every matmul input a multiple of 32."""
-    return (num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP and head_dim % 2 == 0
-            and all(k % 32 == 0 for k in (hidden, num_heads * head_dim, intermediate)))  # fmt: skip
-
-
-class LlamaDecoder:
-    """The fused decode step over one model's weights (layers as dicts of tensors; LlamaForCausalLM.fused_decode).
-
-    Holds references to every tensor whose address it passes to C, so they outlive the calls."""
-
-    def __init__(self, *, layers: list[dict], final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 lm_head: R16Weight, hidden: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, intermediate: int, eps: float, scale: float, vocab: int, embed):  # fmt: skip
-        self._keep: list[torch.Tensor] = []
-        self.embed = embed  # token ids [M] -> embeddings [M, hidden]
-
-        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            t = t.detach().float().contiguous()
-            self._keep.append(t)
-            return t
-
-        arr = (LayerWeights * len(layers))()
-        for i, lw in enumerate(layers):
-            for name in ("qkv", "o", "gate_up", "down"):
-                self._keep.append(lw[name])
-                setattr(arr[i], name, lw[name].struct())
-            for cache in (lw["k_cache"], lw["v_cache"]):
-                assert cache.dtype == torch.bfloat16 and cache.is_contiguous()
-            arr[i].input_norm = _addr(f32(lw["input_norm"]))
-            arr[i].post_norm = _addr(f32(lw["post_norm"]))
-            arr[i].qkv_bias = _addr(f32(lw.get("qkv_bias")))
-            arr[i].k_cache, arr[i].v_cache = lw["k_cache"].data_ptr(), lw["v_cache"].data_ptr()
-            arr[i].window = lw.get("window") or 0
-        self._layers = arr
-        self.vocab = vocab
-        self._keep.append(lm_head)
-        self.weights = ModelWeights(
-            num_layers=len(layers), hidden=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            intermediate=intermediate, eps=eps, scale=scale, layers=arr, final_norm=_addr(f32(final_norm)),
-            cos=_addr(f32(cos)), sin=_addr(f32(sin)), lm_head=lm_head.struct(), vocab=vocab,
-        )  # fmt: skip
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, block_size: int, context_lens: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The new tokens [M] of M sequences decoding one token each -> logits [M, vocab] float32. Row m's token sits
-        at positions[m], goes to cache slot slot_mapping[m], and attends to its context_lens[m] cached tokens
-        through block_tables[m]."""
-        m = input_ids.shape[0]
-        h = self.embed(input_ids).float().contiguous()
-        logits = torch.empty(m, self.vocab, dtype=torch.float32)
-        positions, slot_mapping, context_lens = (
-            t.to(torch.int64).contiguous() for t in (positions, slot_mapping, context_lens)
-        )
-        block_tables = block_tables.to(torch.int64).contiguous()
-        _get().llama_decode(ctypes.byref(self.weights), m, h.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
-                            block_tables.data_ptr(), block_tables.shape[1], block_size, context_lens.data_ptr(),
-                            logits.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return logits

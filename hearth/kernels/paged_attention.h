@@ -1,5 +1,5 @@
 // Decode attention over Hearth's paged bf16 KV cache: one new query token per sequence, flash-decoding style. Used by
-// the fused decode step (gguf_cpu.c) and, for the decode rows of mixed prefill/decode steps, by attention_cpu.c.
+// the fused decode step (llama_decode.c) and, for the decode rows of mixed prefill/decode steps, by attention_cpu.c.
 // cbuild.load_library hashes this header into each library's cache key.
 #pragma once
 

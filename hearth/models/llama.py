@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from hearth.config import ModelConfig
-from hearth.kernels import gguf_cpu
 from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
@@ -101,34 +100,3 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.as_lm_head(hidden_states)
         return self.lm_head(hidden_states)
-
-    def fused_decode(self):
-        """The whole decode step in one C call (hearth/kernels/gguf_cpu.c), or None where it does not apply: it needs
-        the C kernels, every projection and the LM head held as GGUF blocks, and a bf16 KV cache (allocated first)."""
-        cfg, m = self.config, self.model
-        if not gguf_cpu.available() or not gguf_cpu.decoder_supports(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-        ):
-            return None
-        lm_head = m.embed_tokens.lm_blocks if self.lm_head is None else self.lm_head.blocks
-        if lm_head is None:
-            return None
-        layers = []
-        for layer in m.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
-            if any(lin.blocks is None for lin in linears.values()) or attn.attn.k_cache is None:
-                return None
-            if attn.attn.k_cache.dtype != torch.bfloat16 or mlp.down_proj.bias is not None or attn.o_proj.bias is not None:
-                return None
-            entry = {name: lin.blocks for name, lin in linears.items()}
-            entry.update(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-                         qkv_bias=attn.qkv_proj.bias, k_cache=attn.attn.k_cache, v_cache=attn.attn.v_cache,
-                         window=attn.attn.sliding_window)  # fmt: skip
-            layers.append(entry)
-        return gguf_cpu.LlamaDecoder(
-            layers=layers, final_norm=m.norm.weight, cos=m.rotary_emb.cos, sin=m.rotary_emb.sin, lm_head=lm_head,
-            hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
-            scale=self.model.layers[0].self_attn.attn.scale, vocab=cfg.vocab_size, embed=m.embed_tokens,
-        )  # fmt: skip
