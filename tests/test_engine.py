@@ -171,8 +171,8 @@ def test_admission_wait_follows_a_finished_request_while_prefill_waits(engine, m
     # next step will prefill
     monkeypatch.setattr(engine.engine_config, "admission_wait_ms", 50.0)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    long = [t for p in prompts(engine, 8, seed=4) for t in p][:300]  # over three steps of 96 tokens
-    engine.add_request(prompts(engine, 1, seed=5)[0][:8], params, "short")
+    long = [t for p in prompts(engine, 8, seed=404) for t in p][:300]  # over three steps of 96 tokens
+    engine.add_request(prompts(engine, 1, seed=405)[0][:8], params, "short")
     engine.add_request(long, params, "long")
     deltas = engine.step()  # "short" and the start of "long"
     assert [d.request_id for d in deltas if d.finished] == ["short"]
@@ -182,7 +182,7 @@ def test_admission_wait_follows_a_finished_request_while_prefill_waits(engine, m
         engine.step()
     assert engine.admission_wait_s() == 0  # "long" finished, but nothing waits to be prefilled
     monkeypatch.setattr(engine.engine_config, "admission_wait_ms", 0.0)
-    engine.add_request(prompts(engine, 1, seed=5)[0][:8], params, "short-2")
+    engine.add_request(prompts(engine, 1, seed=405)[0][:8], params, "short-2")
     engine.add_request(long, params, "long-2")
     engine.step()
     assert engine.admission_wait_s() == 0  # 0 ms: never wait
