@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, TokenType, quants
-from r1_distill_gguf import bench_file, byte_alphabet, random_merges, stored_nbytes, write_tensors
+from r1_distill_gguf import CHAT_TEMPLATE, bench_file, byte_alphabet, random_merges, stored_nbytes, write_tensors
 
 F32 = GGMLQuantizationType.F32
 QUANT_TYPES = {"Q8_0": GGMLQuantizationType.Q8_0, "Q4_0": GGMLQuantizationType.Q4_0}
@@ -41,17 +41,6 @@ FILE_TYPES = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4
 BLOCK_SCALE = {"Q8_0": 0.02 / 74, "Q4_0": 0.02 / 4.6}
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 FIRST_SPECIAL = 100000
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{- m['content'] -}}"
-    "{%- elif m['role'] == 'user' -%}{{- '<｜User｜>' + m['content'] -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '<｜Assistant｜>' + (m['content'] or '').split('</think>')[-1] + '<｜end▁of▁sentence｜>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\n' -}}{%- endif -%}"
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -288,6 +288,19 @@ def test_unexpected_tensor_outside_the_mtp_layer_is_an_error(fp8_deepseek, tmp_p
 # ---- GGUF deepseek2 ---------------------------------------------------------------------------------------------
 
 
+def with_q8_experts(hf):
+    """A copy of the HF model whose routed experts hold the Q8_0 values write_deepseek2_gguf stores."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    reference = copy.deepcopy(hf)
+    with torch.no_grad():
+        for layer in reference.model.layers[1:]:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.copy_(torch.from_numpy(quants.dequantize(quants.quantize(p.numpy(), T.Q8_0), T.Q8_0)))
+    return reference
+
+
 def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True) -> None:
     """The tiny model as llama.cpp's converter lays it out: kv_b split into k_b (transposed) / v_b in layers ≥ 1 and
     whole in layer 0, experts stacked; expert weights in Q8_0, the rest float32. Rope rows stay interleaved.
@@ -375,8 +388,6 @@ def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool 
 
 
 def test_gguf_deepseek2_matches_transformers(tmp_path):
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
 
     from hearth.loader.inspect import read_gguf_config
     from hearth.loader.load import load_model
@@ -386,11 +397,7 @@ def test_gguf_deepseek2_matches_transformers(tmp_path):
     hf = build_hf(seed=7)
     path = tmp_path / "tiny-deepseek2.gguf"
     write_deepseek2_gguf(hf, path)
-    reference = copy.deepcopy(hf)
-    with torch.no_grad():  # the reference runs on the Q8_0 expert weights as stored
-        for layer in reference.model.layers[1:]:
-            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
-                p.copy_(torch.from_numpy(quants.dequantize(quants.quantize(p.numpy(), T.Q8_0), T.Q8_0)))
+    reference = with_q8_experts(hf)
     config = read_gguf_config(str(path))
     assert (config.kv_lora_rank, config.qk_nope_head_dim, config.v_head_dim) == (16, 16, 16)
     model = model_class(config)(config)
@@ -490,8 +497,6 @@ def test_hf_config_scoring_func_is_honoured(tmp_path):
 def test_gguf_deepseek2_softmax_gating_matches_transformers_v2_router(tmp_path, gating):
     """A V2-style file (softmax gating, no correction bias, weights not normalised) against the tiny model routed by
     transformers' DeepSeek-V2 router; the same file read as sigmoid gives other logits."""
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
 
     from hearth.loader.inspect import read_gguf_config
     from hearth.loader.load import load_model
@@ -501,11 +506,7 @@ def test_gguf_deepseek2_softmax_gating_matches_transformers_v2_router(tmp_path, 
     hf = v2_routed(build_hf(seed=9, norm_topk_prob=False))
     path = tmp_path / "tiny-deepseek2-softmax.gguf"
     write_deepseek2_gguf(hf, path, gating=gating, norm_topk_prob=False)
-    reference = copy.deepcopy(hf)
-    with torch.no_grad():  # the reference runs on the Q8_0 expert weights as stored
-        for layer in reference.model.layers[1:]:
-            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
-                p.copy_(torch.from_numpy(quants.dequantize(quants.quantize(p.numpy(), T.Q8_0), T.Q8_0)))
+    reference = with_q8_experts(hf)
     config = read_gguf_config(str(path))
     assert config.extra["scoring_func"] == "softmax" and not config.extra["norm_topk_prob"]
     model = model_class(config)(config)

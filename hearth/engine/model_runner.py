@@ -251,5 +251,5 @@ class ModelRunner:
                 reset_context()
             if not sampled:
                 return [], [], []
-        token_ids, logprobs = self.sampler(logits, sampled, [getattr(s, "generator", None) for s in sampled])
+        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled])
         return sampled, token_ids, logprobs

@@ -122,10 +122,9 @@ def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torc
 class StorePicker:
     """Plain or non-temporal ("streamed") stores for dequantizing to bf16, whichever has lately cost less per value.
 
-    The dequantization buffer is reused for every weight and read by both cores in the matmul that follows. While this
-    shared machine runs fast, plain stores cost what streamed ones do and leave the weight in cache for the matmul
-    (streamed: a 512-token SmolLM2 prefill step 345 -> 351 ms, a step of 64 prompt tokens and 15 decodes 92 -> 100).
-    While it runs slow, plain stores took 46 ms per 512-token step against 15 streamed (the step 412 -> 382 ms). So:
+    The dequantization buffer is reused for every weight and read by both cores in the matmul that follows. When
+    memory is not the bottleneck, plain stores cost what streamed ones do and leave the weight in cache for the
+    matmul; when it is, streamed stores are much cheaper (figures in docs/performance.md). So:
     plain, unless plain has cost more than `margin` times streamed; every `probe_every`-th call tries the other kind,
     so the choice follows the machine. The values written are the same either way."""
 
