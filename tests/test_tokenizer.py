@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import struct
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -211,6 +212,10 @@ texts = st.one_of(
     st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=14).map("".join),
     st.text(max_size=40),
 )
+# For encoders outside the HF `tokenizers` family (tiktoken, quicktok): their regex engines carry other Unicode
+# versions, so a code point assigned after this Python's tables (U+323B0, Unicode 17) is a letter to one engine and
+# not to the other. Such code points are dropped; every assigned one is kept.
+assigned_texts = texts.map(lambda t: "".join(c for c in t if unicodedata.category(c) != "Cn"))
 
 
 def _split(regex: str) -> dict:
@@ -358,7 +363,7 @@ def gpt_oss_tok(harmony_encoding) -> Tokenizer:
 
 def test_gpt_oss_vocab_matches_tiktoken(gpt_oss_tok: Tokenizer, harmony_encoding) -> None:
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(text=texts)
+    @given(text=assigned_texts)
     def check(text: str) -> None:
         ids = gpt_oss_tok.encode(text)
         assert ids == harmony_encoding.encode(text, disallowed_special=())
@@ -441,15 +446,13 @@ def test_llama3_and_qwen_vocabs_match_their_reference_encoders(vocab: str, pre: 
     `deepseek-r1-qwen` (digits one by one), against quicktok's encoders, which match the HF tokenizers id for id.
     Qwen's HF tokenizer also NFC-normalizes its input and a GGUF vocabulary does not (neither does llama.cpp), so
     Qwen's texts are compared in NFC."""
-    import unicodedata
-
     quicktok = pytest.importorskip("quicktok")
     tok = _load_from_metadata(_gguf_vocab(_quicktok_ranks(vocab), pre, {}))
     reference = quicktok.get_encoding(vocab)
     normalize = (lambda t: unicodedata.normalize("NFC", t)) if vocab == "qwen3" else (lambda t: t)
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(text=texts.map(normalize))
+    @given(text=assigned_texts.map(normalize))
     def check(text: str) -> None:
         assert tok.encode(text) == reference.encode_ordinary(text)
 
