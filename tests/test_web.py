@@ -33,6 +33,7 @@ TIMEOUT_MS = 30_000
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.serial,  # chromium's processes would compete with a parallel test for the two cores
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make test installs it)"),
 ]
 
