@@ -36,7 +36,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        # stable: among tied logits the lowest id comes first, the one argmax (greedy) picks
+        sorted_logits, order = torch.sort(logits, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens before it already reach top_p; the first is always kept (a top_p that rounds
         # to 0 in float32 would drop it too)

@@ -339,6 +339,7 @@ def health_latencies_while(c: TestClient, send) -> tuple[list[float], httpx.Resp
     return latencies, result["r"]
 
 
+@pytest.mark.serial  # LIVENESS_BOUND holds on an otherwise idle machine, not beside a parallel test
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_a_huge_prompts_tokenization_leaves_health_answering(real_tokenizer, endpoint):
     text = "hello world, this is a test of tokenization. " * 80_000  # 3.6 MB, about 800,000 tokens
@@ -355,6 +356,7 @@ def test_a_huge_prompts_tokenization_leaves_health_answering(real_tokenizer, end
     assert max(latencies) < LIVENESS_BOUND, latencies
 
 
+@pytest.mark.serial
 def test_a_runaway_template_is_400_leaves_health_answering_and_stops_its_thread():
     engine = FakeEngine()
     with TestClient(create_app(engine, FakeTokenizer(), ChatTemplate(RUNAWAY), "fake-model")) as c:

@@ -16,7 +16,7 @@ from gguf import GGUFReader, quants
 
 from hearth.sampling_params import SamplingParams
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "r1_distill_gguf.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "r1_distill_gguf.py")
 PROMPT = [5, 17, 100, 250, 42, 7, 3, 99, 260, 1]
 
 

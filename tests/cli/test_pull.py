@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hearth.cli.main import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = "test-org/tiny-llama"
 GGUF = "test-org/tiny-GGUF"
 GATED = "test-org/gated-llama"

@@ -447,7 +447,7 @@ def test_serve_exits_non_zero_when_the_engine_dies(tmp_path):
     port = free_port()
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "HEARTH_NUM_THREADS": "1", "PYTHONPATH": repo}
     proc = subprocess.Popen([sys.executable, str(launcher), "serve", "smollm2", "--port", str(port),
                              "--max-model-len", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -7,7 +7,7 @@ the float32 one by greedy agreement.
 | int4_mm_dense (dequant → bf16 mm)  | int4_mm_ref                       | 1e-2: bf16 weights and activations         |
 | dequantize_int4 (unpack)           | (q - 8) * scale + zero, float32   | exact nibbles; values within 1 bf16 ulp    |
 | int8_mm (per-row int8, bf16 act.)  | int8_mm_ref                       | 1e-2                                       |
-| gguf_cpu kernels                   | see tests/test_gguf_kernels.py    |                                            |
+| gguf_cpu kernels                   | see test_gguf_kernels.py          |                                            |
 | Linear on real SmolLM2 Q4_1 / Q8_0 | GGUF dequantize(), fp32 matmul    | 2e-2; 3e-2 for Q8_0 (per-row int8 requant) |
 |   (C kernels on the file's blocks) |                                   | 2e-2                                       |
 | single-sequence decode attention   | the batched decode path           | 1e-5 in float32                            |
