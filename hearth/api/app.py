@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, install_error_handlers
 from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from hearth.api.responses import ResponsesRequest
 from hearth.api.state import ServerState
 from hearth.engine.protocol import EngineClient
 
@@ -34,14 +35,16 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
                reasoning_parser: str | None = None, tool_parser: str | None = None, keys: Any = None,
                audit: Any = None, require_key: bool = False, ledger: Any = None,
-               cors_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
+               cors_origins: list[str] | None = None, responses_store: Any = None) -> FastAPI:  # fmt: skip
     """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
     lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
     `keys` (a governance KeyStore): once it holds a key (or with `require_key`), routes other than the public ones need
     one. `audit` (an AuditLog): one record per request. `cors_origins`: browser origins allowed (none by default).
+    `responses_store` (a ResponseStore): where /v1/responses keeps what `store` asks for (None: nothing is kept).
     """
     from hearth.api.chat import create_chat_completion
     from hearth.api.completions import create_completion
+    from hearth.api.responses import create_response, delete_response, get_response, list_input_items
 
     if chat_template is None:
         from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate
@@ -99,6 +102,23 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     @app.post("/v1/completions")
     async def post_completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(state, body, request)
+
+    @app.post("/v1/responses")
+    async def post_responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(state, responses_store, body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_responses(response_id: str, request: Request) -> Response:
+        return await get_response(responses_store, response_id, request)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def get_input_items(response_id: str, request: Request, limit: int = 20, order: str = "desc",
+                              after: str | None = None) -> Response:  # fmt: skip
+        return await list_input_items(responses_store, response_id, request, limit, order, after)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_responses(response_id: str, request: Request) -> Response:
+        return await delete_response(responses_store, response_id, request)
 
     @app.get("/metrics")
     async def get_metrics() -> Response:

@@ -165,22 +165,32 @@ def chat_logprobs(state: ServerState, delta: Delta) -> list[ChatLogprob]:
     return out
 
 
+async def chat_subrequests(state: ServerState, body: ChatCompletionRequest, request: Request, request_id: str,
+                           param: str = "messages") -> list[SubRequest]:  # fmt: skip
+    """The engine requests of a chat-shaped request (chat completions, and the endpoints translated into one): check
+    tool_choice, render the prompt, take the token budget (the one length check and the key's reservation; `param`
+    names the field a too-long prompt came from) and build the n sub-requests with the chat format's stop tokens."""
+    check_tool_choice(body)
+    prompt_ids = await render_prompt(state, body)
+    max_tokens = token_budget(state, request, [len(prompt_ids)], body.n, body.max_new_tokens, param)
+    fmt = state.chat_format
+    subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i, max_tokens))
+            for i in range(body.n)]  # fmt: skip
+    for sub in subs:
+        sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids
+        sub.params.skip_special_tokens = fmt.skip_special_tokens
+    return subs
+
+
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_ready()
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
-    check_tool_choice(body)
-    prompt_ids = await render_prompt(state, body)
     n = body.n
-    max_tokens = token_budget(state, request, [len(prompt_ids)], n, body.max_new_tokens, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    subs = await chat_subrequests(state, body, request, request_id)
     fmt = state.chat_format
-    subs = [SubRequest(i, f"{request_id}-{i}", prompt_ids, sampling_params(body, body.num_logprobs, i, max_tokens))
-            for i in range(n)]  # fmt: skip
-    for sub in subs:
-        sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids
-        sub.params.skip_special_tokens = fmt.skip_special_tokens
     model = state.served_model_name
     want_logprobs = body.logprobs
     with_tools = request_tools(body) is not None

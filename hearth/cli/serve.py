@@ -27,7 +27,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "serve", help="Start the OpenAI-compatible server", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a model under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, "
+        description="Serve a model under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, "
         "/health, /metrics). Listens on 127.0.0.1 only unless told otherwise.",
         epilog="examples:\n  hearth serve\n  hearth serve ./model.gguf --port 8080 --served-model-name my-model\n\n"
         "  hearth serve --host 0.0.0.0   (after `hearth keys create --name NAME`)\n\n"
@@ -80,6 +80,9 @@ def register(sub) -> None:
                         "native code included); the API stays reachable. Fails rather than serve without it")  # fmt: skip
     p.add_argument("--transcripts", action="store_true", help="keep request and response bodies, encrypted, beside "
                    "the audit log (off by default: the log holds counts only)")  # fmt: skip
+    p.add_argument("--no-store", action="store_true", help="keep no /v1/responses (by default a response whose "
+                   "request has store true, OpenAI's default, is kept with its conversation in $HEARTH_HOME/responses.db "
+                   "for previous_response_id)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
                    help="let web pages from ORIGIN call the API (repeatable; default: none)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
@@ -121,6 +124,7 @@ def build_app(
     ledger=None,
     require_key: bool = False,
     cors_origins: list[str] | None = None,
+    responses_store=None,
 ):
     """The app `hearth serve` runs: tokenizer and template now, the engine loading in the background once the app
     starts (with the same tokenizer). Returns (app, engine).
@@ -143,7 +147,7 @@ def build_app(
     app = create_app(engine, tokenizer, template, served_model_name or ref.name,
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
                      tool_parser=tool_parser, keys=keys, audit=audit, require_key=require_key,
-                     cors_origins=cors_origins, ledger=ledger)  # fmt: skip
+                     cors_origins=cors_origins, ledger=ledger, responses_store=responses_store)  # fmt: skip
     return app, engine
 
 
@@ -204,10 +208,15 @@ def _serve(args, keys, has_keys: bool) -> int:
 
     audit = AuditLog(transcripts=args.transcripts)
     ledger = UsageLedger()
+    responses_store = None
+    if not args.no_store:
+        from hearth.api.response_store import ResponseStore
+
+        responses_store = ResponseStore()
     app, engine = build_app(ref, engine_config, device=device, served_model_name=name,
                             max_body_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser,
                             tool_parser=args.tool_call_parser, on_failure=on_failure, keys=keys, audit=audit,
-                            ledger=ledger,
+                            ledger=ledger, responses_store=responses_store,
                             require_key=args.require_key, cors_origins=args.cors_origins)  # fmt: skip
     if not is_loopback(args.host) and not has_keys:
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
@@ -223,6 +232,8 @@ def _serve(args, keys, has_keys: bool) -> int:
         print("Sandbox: the process has a network namespace of its own; nothing in it can reach the network")
     auth = "required" if has_keys or args.require_key else "not required (no keys; `hearth keys create` adds one)"
     print(f"API keys: {auth}; audit log: {audit.path}" + (" (with encrypted transcripts)" if args.transcripts else ""))
+    print("Responses store: " + (f"{responses_store.path} (POST /v1/responses with store true; --no-store turns it off)"
+                                 if responses_store is not None else "off (--no-store)"))  # fmt: skip
     print("Try:")
     print(f"  {curl_example(url, name, has_keys or args.require_key)}")
     sys.stdout.flush()
