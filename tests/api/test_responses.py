@@ -555,3 +555,109 @@ def test_served_continuation_and_function_output(served):
     assert tool.output_text and tool.output[-1].type == "message"
     with pytest.raises(openai.BadRequestError):
         served.responses.create(model="smollm2", input="x", previous_response_id="resp_unknown")
+
+
+# --- any body: an answer or a 4xx, never a 500 --------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-3, 3) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+texts = st.text(max_size=6)
+
+
+def mostly(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """`valid` nine times in ten, any JSON value otherwise: most bodies get deep enough to reach the items."""
+    return st.integers(0, 9).flatmap(lambda k: json_values if k == 0 else valid)
+
+
+parts = st.lists(st.fixed_dictionaries({"type": mostly(st.sampled_from(["input_text", "output_text", "reasoning_text",
+                                                                        "summary_text", "refusal", "input_image"]))},
+                                       optional={"text": mostly(texts)}), max_size=2)  # fmt: skip
+items = st.fixed_dictionaries({}, optional={
+    "type": mostly(st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"])),
+    "role": mostly(st.sampled_from(["user", "system", "developer", "assistant", "tool"])),
+    "content": mostly(texts | parts), "summary": parts, "call_id": mostly(st.sampled_from(["c1", "c2"])),
+    "name": st.sampled_from(["get_weather", "f"]), "arguments": mostly(texts), "output": mostly(texts | parts),
+})  # fmt: skip
+bodies = st.fixed_dictionaries({"input": mostly(texts | st.lists(items, max_size=4))}, optional={
+    "instructions": mostly(texts),
+    "tools": mostly(st.lists(st.sampled_from([FUNCTION_TOOL, FUNCTION_TOOL, {"type": "web_search"},
+                                              {"type": "function", "name": 3}]), max_size=2)),
+    "tool_choice": mostly(st.sampled_from(["auto", "none", "required", {"type": "function", "name": "get_weather"},
+                                           {"type": "function"}])),
+    "text": mostly(st.fixed_dictionaries({"format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                                                     {"type": "json_schema", "name": "x", "schema": {}},
+                                                                     {"type": "json_schema"}])})),
+    "reasoning": mostly(st.fixed_dictionaries({}, optional={"effort": st.sampled_from(["low", "xhigh", "big"])})),
+    "max_output_tokens": mostly(st.integers(-1, 40)), "stream": st.booleans(), "store": st.booleans(),
+    "previous_response_id": mostly(st.sampled_from([None, None, None, "resp_x"])),
+    "metadata": mostly(st.dictionaries(texts, texts, max_size=2)),
+})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory):
+    store = ResponseStore(str(tmp_path_factory.mktemp("fuzz") / "responses.db"))
+    with TestClient(make_app(FakeEngine(), responses_store=store), raise_server_exceptions=False) as c:
+        yield c
+    store.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies)
+def test_any_body_is_answered_or_refused_with_a_4xx(fuzz_client, body):
+    r = fuzz_client.post("/v1/responses", content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert r.status_code in (200, 400), (r.status_code, r.text)
+    if r.status_code == 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream"):
+        assert r.text.rstrip().split("\n\n")[-1].startswith(("event: response.completed", "event: response.incomplete"))
+    else:
+        assert r.json()["status"] in ("completed", "incomplete")
+
+
+# --- hearth serve --no-store ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-store"]])
+def test_serve_keeps_responses_unless_no_store(monkeypatch, tmp_path, capsys, flags):
+    import logging
+    import os
+
+    import uvicorn
+
+    import hearth.cli.serve as serve
+    from hearth.cli.main import main
+
+    class NoServer:
+        def __init__(self, config) -> None:
+            self.should_exit = False
+
+        def run(self, sockets=None) -> None:
+            pass
+
+    seen: dict = {}
+
+    def build_app(*args, **kwargs):
+        seen.update(kwargs)
+        engine = FakeEngine()
+        return make_app(engine), engine
+
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path))
+    monkeypatch.setattr(uvicorn, "Server", NoServer)
+    monkeypatch.setattr(serve, "build_app", build_app)
+    logger = logging.getLogger("hearth")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        assert main(["serve", "smollm2", *flags]) == 0
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    out = capsys.readouterr().out
+    if flags:
+        assert seen["responses_store"] is None and "Responses store: off" in out
+    else:
+        path = str(tmp_path / "responses.db")
+        assert seen["responses_store"].path == path and os.path.exists(path) and f"Responses store: {path}" in out
+        seen["responses_store"].close()
