@@ -351,15 +351,23 @@ class OutputBuilder:
         return events
 
 
+def incomplete_reason(finish_reason: str | None) -> str | None:
+    """Why a response is incomplete: its token limit ("length"), or the engine ending it early ("abort" when the
+    request was aborted); None when it is complete (a stop token or string)."""
+    if finish_reason == "length":
+        return "max_output_tokens"
+    return None if finish_reason in ("stop", None) else finish_reason
+
+
 def response_object(body: ResponsesRequest, response_id: str, created_at: int, model: str, status: str,
                     output: list[dict[str, Any]], usage: dict[str, Any] | None, stored: bool,
-                    error: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                    error: dict[str, Any] | None = None, incomplete: str | None = None) -> dict[str, Any]:  # fmt: skip
     fmt = body.text.format if body.text is not None and body.text.format is not None else None
     choice = body.tool_choice if body.tool_choice is not None else "auto"
     return {
         "id": response_id, "object": "response", "created_at": created_at, "status": status, "background": False,
         "error": error,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "max_tool_calls": None,
         "model": model, "output": output,
         "parallel_tool_calls": body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
@@ -432,11 +440,12 @@ async def create_response(state: ServerState, store: ResponseStore | None, body:
 
     async def finish(counter: UsageCounter, reason: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The final response (stored when asked) and the events that close its last item."""
-        incomplete = reason == "length"
-        events = builder.finish(incomplete)
+        incomplete = incomplete_reason(reason)
+        events = builder.finish(incomplete is not None)
         counter.record(state.metrics)
-        status = "incomplete" if incomplete else "completed"
-        result = response_object(body, response_id, created_at, model, status, builder.items, usage(counter), keep)
+        status = "completed" if incomplete is None else "incomplete"
+        result = response_object(body, response_id, created_at, model, status, builder.items, usage(counter), keep,
+                                 incomplete=incomplete)  # fmt: skip
         logger.info("%s: %d input tokens, %d output tokens, %d items, %s", response_id, counter.prompt_tokens,
                     counter.completion_tokens, len(builder.items), status)  # fmt: skip
         if keep:

@@ -54,11 +54,12 @@ def decode(ids: list[int]) -> str:
 
 
 def stream_events(oai: openai.OpenAI, **kwargs) -> tuple[list, object]:
-    """Every event `client.responses.stream` yields, and its final response."""
+    """Every event `client.responses.stream` yields, and the response its last event carries (completed or
+    incomplete; the helper's get_final_response knows only completed ones)."""
     with oai.responses.stream(**kwargs) as stream:
         events = list(stream)
-        final = stream.get_final_response()
-    return events, final
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    return events, events[-1].response
 
 
 # --- shapes on the fake engine --------------------------------------------------------------------------------------
@@ -464,20 +465,26 @@ def test_streamed_items_in_any_chunking(chunked, script, cuts):
         assert final.usage.output_tokens_details.reasoning_tokens > 0
 
 
-def test_reasoning_only_when_cut_short():
-    """max_output_tokens inside the thought: an incomplete response with only its reasoning item."""
-    engine, test_client, oai = scripted("Qwen2ForCausalLM", [["Let", " me", " think"]], ChatTemplate(R1_TEMPLATE))
+@pytest.mark.parametrize(("finish", "reason"), [("length", "max_output_tokens"), ("abort", "abort")])
+def test_reasoning_only_when_cut_short(finish, reason):
+    """Cut short inside the thought (the token limit, or an aborted request): an incomplete response saying why, with
+    only its reasoning item."""
+    engine, test_client, oai = scripted("Qwen2ForCausalLM", [], ChatTemplate(R1_TEMPLATE))
 
     async def generate(prompt_ids, params, request_id):
         for k, piece in enumerate(["Let", " me", " think"]):
             last = k == 2
-            yield Delta(request_id, [1], piece, None, last, "length" if last else None, len(prompt_ids), 0, k + 1)
+            yield Delta(request_id, [1], piece, None, last, finish if last else None, len(prompt_ids), 0, k + 1)
 
     engine.generate = generate
     with test_client:
         out = oai.responses.create(model="m", input="?", max_output_tokens=3)
-    assert out.status == "incomplete" and [(i.type, i.status) for i in out.output] == [("reasoning", "incomplete")]
+        events, _ = stream_events(oai, model="m", input="?", max_output_tokens=3)
+    assert out.status == "incomplete" and out.incomplete_details.reason == reason
+    assert [(i.type, i.status) for i in out.output] == [("reasoning", "incomplete")]
     assert out.output[0].content[0].text == "Let me think" and out.output_text == ""
+    assert events[-1].type == "response.incomplete" and events[-1].response.incomplete_details.reason == reason
+    assert [(i.type, i.status) for i in events[-1].response.output] == [("reasoning", "incomplete")]
 
 
 # --- `hearth serve smollm2` -----------------------------------------------------------------------------------------
