@@ -115,11 +115,18 @@ def _text_parts(content: Any, param: str, allowed: tuple[str, ...]) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in allowed or not isinstance(part.get("text"), str):
+        text = part.get("refusal" if kind == "refusal" else "text") if kind in allowed else None
+        if not isinstance(text, str):
             raise APIError(f"content parts of type {kind!r} are not supported here; only {', '.join(allowed)} parts with "
                            "a text are", 400, f"{param}[{j}]")  # fmt: skip
-        texts.append(part["text"])
+        texts.append(text)
     return "\n".join(texts)
+
+
+def _item_id(item: dict[str, Any], prefix: str) -> str:
+    """The item's own id when it has one, else a new one: stored items all have ids (input_items pages by them)."""
+    given = item.get("id")
+    return given if isinstance(given, str) and given else _new_id(prefix)
 
 
 def _str_field(item: dict[str, Any], name: str, param: str) -> str:
@@ -151,21 +158,21 @@ def normalize_items(value: str | list[dict[str, Any]] | None, param: str = "inpu
             text = _text_parts(item.get("content"), f"{where}.content", allowed)
             part = {"type": "output_text", "text": text, "annotations": []} if assistant else {"type": "input_text",
                                                                                               "text": text}  # fmt: skip
-            items.append({"type": "message", "id": item.get("id") or _new_id("msg"), "role": role,
+            items.append({"type": "message", "id": _item_id(item, "msg"), "role": role,
                           "status": "completed", "content": [part]})  # fmt: skip
         elif kind == "function_call":
             call = {name: _str_field(item, name, where) for name in ("call_id", "name", "arguments")}
-            items.append({"type": "function_call", "id": item.get("id") or _new_id("fc"), **call, "status": "completed"})
+            items.append({"type": "function_call", "id": _item_id(item, "fc"), **call, "status": "completed"})
         elif kind == "function_call_output":
             output = item.get("output")
             text = output if isinstance(output, str) else _text_parts(output, f"{where}.output", ("input_text",))
-            items.append({"type": "function_call_output", "id": item.get("id") or _new_id("fco"),
+            items.append({"type": "function_call_output", "id": _item_id(item, "fco"),
                           "call_id": _str_field(item, "call_id", where), "output": text, "status": "completed"})  # fmt: skip
         elif kind == "reasoning":
             content = item.get("content") or item.get("summary") or []
             kinds = ("reasoning_text", "summary_text")
             text = _text_parts(content, f"{where}.{'content' if item.get('content') else 'summary'}", kinds)
-            items.append({"type": "reasoning", "id": item.get("id") or _new_id("rs"), "summary": [],
+            items.append({"type": "reasoning", "id": _item_id(item, "rs"), "summary": [],
                           "content": [{"type": "reasoning_text", "text": text}]})  # fmt: skip
         else:
             raise APIError(f"{where} has type {kind!r}; supported input items are message, function_call, "

@@ -98,6 +98,16 @@ def test_instructions_and_message_items(oai, engine):
     )
 
 
+def test_refusals_and_item_ids(oai, engine):
+    out = oai.responses.create(model="fake-model", input=[
+        {"role": "user", "content": "Do it.", "id": "msg_mine"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}], "id": 7},
+        {"role": "user", "content": "Please."}])  # fmt: skip
+    assert "<|im_start|>assistant\nNo.<|im_end|>" in decode(engine.calls[0][0])
+    ids = [item.id for item in oai.responses.input_items.list(out.id, order="asc").data]
+    assert ids[0] == "msg_mine" and all(isinstance(i, str) and i.startswith("msg_") for i in ids) and len(set(ids)) == 3
+
+
 def test_max_output_tokens_is_incomplete(oai, engine):
     out = oai.responses.create(model="fake-model", input="Hi", max_output_tokens=5)
     assert out.status == "incomplete" and out.incomplete_details.reason == "max_output_tokens"
