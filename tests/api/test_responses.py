@@ -171,8 +171,10 @@ def test_store_false_is_not_kept(oai, store):
     with pytest.raises(openai.BadRequestError) as e:
         oai.responses.create(model="fake-model", input="more", previous_response_id=out.id)
     assert e.value.code == "previous_response_not_found"
+    kept = oai.responses.create(model="fake-model", input="kept words")
     with open(store.path, "rb") as f:
-        assert b"secret words" not in f.read()
+        data = f.read()
+    assert b"secret words" not in data and b"kept words" in data and kept.store is True
 
 
 def test_previous_response_id_continues_the_conversation(oai, engine):
@@ -246,6 +248,15 @@ def test_store_file_is_private(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     assert s.get("resp_1", "other") is None and s.get("resp_1", "k").num_input == 1
     assert not s.delete("resp_1", "other") and s.delete("resp_1", "k") and s.get("resp_1", "k") is None
+    s.put("k", {"id": "resp_2", "output": [{"text": "distinctive-secret"}]}, [], 0)
+    s.put("k", {"id": "resp_3", "output": []}, [], 0)
+    assert b"distinctive-secret" in path.read_bytes()
+    s.delete("resp_2", "k")  # deleted rows are overwritten in the file, not just unlinked
+    assert b"distinctive-secret" not in path.read_bytes() and s.get("resp_3", "k") is not None
+    s._conn.execute("PRAGMA secure_delete=OFF")  # the control: without it, the deleted text stays in the file
+    s.put("k", {"id": "resp_4", "output": [{"text": "distinctive-secret"}]}, [], 0)
+    s.delete("resp_4", "k")
+    assert b"distinctive-secret" in path.read_bytes()
     s.close()
 
 
