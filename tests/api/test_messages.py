@@ -564,3 +564,17 @@ def test_served_tool_result_round_trip_and_bad_input(served):
     with pytest.raises(anthropic.BadRequestError):
         served.messages.create(model="smollm2", max_tokens=10**6, messages=QUESTION)
     assert served.messages.create(model="smollm2", max_tokens=2, messages=QUESTION).usage.output_tokens <= 2
+
+
+def test_official_client_stream_builds_thinking_and_tool_use():
+    """The client's own accumulation of the events: thinking and signature deltas, input_json_delta."""
+    engine, test_client = scripted("GptOssForCausalLM", [GPT_OSS_CALL])
+    kwargs = {"model": "m", "max_tokens": 64, "messages": HI, "tools": [WEATHER]}
+    with test_client, claude(test_client).messages.stream(**kwargs) as stream:
+        kinds = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert "thinking" in kinds and "signature" in kinds and "input_json" in kinds
+    thinking, call = message.content
+    assert thinking.type == "thinking" and thinking.thinking == "User wants the weather. Call the tool."
+    assert len(thinking.signature) == 64
+    assert call.type == "tool_use" and call.input == {"location": "Paris"} and message.stop_reason == "tool_use"
