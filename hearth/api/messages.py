@@ -89,7 +89,8 @@ def shows_thinking(body: CountTokensRequest) -> bool:
 def to_chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
     """The conversation as chat messages; 400 for what Anthropic's API refuses too: a tool_result that answers no
     tool_use of the assistant message right before it, a tool_use left unanswered by the next user message, blocks in
-    the wrong role's message, and a final assistant message (continuing one, "prefill", is not supported)."""
+    the wrong role's message, and a final assistant message (continuing one, "prefill", is not supported). A
+    tool_result marked is_error reaches the model as its text after "Error: "; redacted_thinking blocks are dropped."""
     out: list[ChatMessage] = []
     if body.system_text:
         out.append(ChatMessage(role="system", content=body.system_text))
@@ -112,7 +113,6 @@ def to_chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
                     thoughts.append(block.thinking)
                 elif block.type == "text":
                     texts.append(block.text)
-                # redacted_thinking: nothing Hearth can read; dropped
             out.append(ChatMessage(role="assistant", content="".join(texts), tool_calls=calls or None,
                                    reasoning_content="\n".join(thoughts) or None))  # fmt: skip
             continue
