@@ -336,8 +336,9 @@ def keyed(tmp_path, monkeypatch):
         yield c, key
 
 
-def test_x_api_key_works_and_refusals_are_in_anthropic_shape(keyed):
+def test_x_api_key_works_and_refusals_are_in_anthropic_shape(keyed, caplog):
     client, key = keyed
+    caplog.set_level("DEBUG")
     assert claude(client, api_key=key).messages.create(model="fake-model", max_tokens=8, messages=HI).content
     with pytest.raises(anthropic.AuthenticationError) as e:
         claude(client, api_key="hk_00000000_wrong").messages.count_tokens(model="fake-model", messages=HI)
@@ -350,6 +351,9 @@ def test_x_api_key_works_and_refusals_are_in_anthropic_shape(keyed):
     assert ok.status_code == 200  # the key's second request this minute, its last
     message = anthropic_error(client.post("/v1/messages", json={}, headers={"x-api-key": key}), 429, "rate_limit_error")
     assert "per minute" in message or "limit" in message
+    secret = key.split("_", 2)[2]
+    assert "prompt tokens" in caplog.text  # the request was logged, and the keys were not:
+    assert secret not in caplog.text and "wrong" not in caplog.text
 
 
 # --- scripted reasoning and tools ---------------------------------------------------------------------------------------
