@@ -103,13 +103,27 @@ def _check_blocks(messages: Any) -> None:
             if isinstance(kind, str) and kind not in BLOCK_TYPES:
                 raise _body_error(f"{param}.type: content blocks of type {kind!r} are not supported; supported: "
                                   f"{', '.join(BLOCK_TYPES)}", f"{param}.type")  # fmt: skip
+            inner = block.get("content") if kind == "tool_result" else None
+            for k, part in enumerate(inner if isinstance(inner, list) else []):
+                part_kind = part.get("type") if isinstance(part, dict) else None
+                if part_kind != "text":
+                    raise _body_error(f"{param}.content[{k}]: a tool_result's content blocks must be text blocks, not "
+                                      f"{part_kind!r}", f"{param}.content[{k}]")  # fmt: skip
             if kind in BLOCK_TYPES:
                 try:
                     BLOCK_MODELS[kind].model_validate(block)
                 except ValidationError as e:
-                    first = e.errors()[0]
-                    path = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-                    if first["type"] == "missing":
+                    errors = e.errors()
+                    first = errors[0]
+                    # a union's alternatives each report an error: name the field they share, not an alternative
+                    loc = tuple(first["loc"])
+                    for other in errors[1:]:
+                        n = 0
+                        while n < min(len(loc), len(other["loc"])) and loc[n] == other["loc"][n]:
+                            n += 1
+                        loc = loc[:n]
+                    path = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+                    if first["type"] == "missing" and len(errors) == 1:
                         raise _body_error(f"missing required field: {path}", path) from None
                     raise _body_error(f"invalid value for {path}: {first['msg']}", path) from None
 
