@@ -1,10 +1,11 @@
-"""The OpenAI-compatible HTTP app: `create_app(engine, tokenizer, chat_template, served_model_name)`.
+"""The HTTP app, OpenAI-compatible and with Anthropic's Messages API: `create_app(engine, tokenizer, chat_template,
+served_model_name)`.
 
 Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: CORS (only when
 origins are given), metrics and the request log, keys + rate limits + audit log (hearth/governance/middleware.py;
 its PUBLIC_PATHS need no key), then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts
 it down. What the routes share lives in hearth/api/state.py (ServerState); the generating routes are hearth/api/chat.py
-and hearth/api/completions.py, both built on hearth/api/fanout.py.
+and hearth/api/completions.py, both built on hearth/api/fanout.py, and hearth/api/messages.py, translated onto chat.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, install_error_handlers
+from hearth.api.messages_protocol import CountTokensRequest, MessagesRequest
 from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from hearth.api.responses import ResponsesRequest
@@ -44,6 +46,7 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     """
     from hearth.api.chat import create_chat_completion
     from hearth.api.completions import create_completion
+    from hearth.api.messages import count_message_tokens, create_message
     from hearth.api.responses import create_response, delete_response, get_response, list_input_items
 
     if chat_template is None:
@@ -78,7 +81,8 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version",
+                                          "anthropic-beta"])  # fmt: skip
 
     @app.get("/health")
     async def get_health() -> JSONResponse:
@@ -119,6 +123,14 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     @app.delete("/v1/responses/{response_id}")
     async def delete_responses(response_id: str, request: Request) -> Response:
         return await delete_response(responses_store, response_id, request)
+
+    @app.post("/v1/messages")
+    async def post_messages(body: MessagesRequest, request: Request) -> Response:
+        return await create_message(state, body, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def post_count_tokens(body: CountTokensRequest) -> Response:
+        return await count_message_tokens(state, body)
 
     @app.get("/metrics")
     async def get_metrics() -> Response:

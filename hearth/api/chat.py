@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -182,26 +183,51 @@ async def chat_subrequests(state: ServerState, body: ChatCompletionRequest, requ
     return subs
 
 
-async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+@dataclass
+class PreparedChat:
+    """A chat request made ready to run: its engine sub-requests (one per choice) and their output parsers. What
+    /v1/chat/completions and the endpoints translated onto it (/v1/messages) share up to the engine."""
+
+    request_id: str
+    subs: list[SubRequest]
+    parsers: list[ChoiceParser]
+    with_tools: bool
+    has_reasoning: bool
+
+    def usage(self, counter: UsageCounter) -> Usage:
+        """The counter's usage, with the reasoning tokens the parsers counted (for reasoning models)."""
+        usage = counter.usage()
+        if self.has_reasoning:
+            counter.reasoning_tokens = sum(p.num_reasoning_tokens for p in self.parsers)
+            usage.completion_tokens_details.reasoning_tokens = counter.reasoning_tokens
+        return usage
+
+
+async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request: Request,
+                       id_prefix: str = "chatcmpl-") -> PreparedChat:  # fmt: skip
+    """Validate, render and tokenize the chat, check its length and reserve its tokens (fanout.token_budget), and build
+    the sub-requests; nothing reaches the engine yet."""
     state.check_ready()
     state.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     n = body.n
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"{id_prefix}{uuid.uuid4().hex}"
     subs = await chat_subrequests(state, body, request, request_id)
+    fmt = state.chat_format
+    with_tools = request_tools(body) is not None
+    return PreparedChat(request_id, subs, [ChoiceParser(state, with_tools) for _ in range(n)], with_tools,
+                        fmt.has_reasoning)  # fmt: skip
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    prepared = await prepare_chat(state, body, request)
+    n = body.n
+    request_id, subs, parsers = prepared.request_id, prepared.subs, prepared.parsers
     fmt = state.chat_format
     model = state.served_model_name
     want_logprobs = body.logprobs
-    with_tools = request_tools(body) is not None
-    parsers = [ChoiceParser(state, with_tools) for _ in range(n)]
-
-    def usage_with_reasoning(counter: UsageCounter) -> Usage:
-        usage = counter.usage()
-        if fmt.has_reasoning:
-            counter.reasoning_tokens = sum(p.num_reasoning_tokens for p in parsers)
-            usage.completion_tokens_details.reasoning_tokens = counter.reasoning_tokens
-        return usage
+    usage_with_reasoning = prepared.usage
 
     async def respond(fanout: Fanout) -> Response:
         counter = UsageCounter(subs, n, request)

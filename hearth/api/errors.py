@@ -1,4 +1,6 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the right HTTP status.
+"""Errors in the shape of the route's API, with the right HTTP status: OpenAI's {"error": {"message", "type", "param",
+"code"}}, or Anthropic's {"type": "error", "error": {"type", "message"}} on the Messages routes (/v1/messages...; the
+choice by path is governance/errors.py's, shared with the key checks that answer before any route).
 
 Validation errors (FastAPI's 422) become 400s naming the field, as OpenAI answers them. Bodies over the limit are
 refused with 413 by an ASGI middleware that checks Content-Length and counts the bytes actually received. Requests
@@ -19,8 +21,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hearth.api.protocol import BODY_VALUE_ERROR, ErrorInfo, ErrorResponse
+from hearth.api.protocol import BODY_VALUE_ERROR
 from hearth.engine.protocol import EngineError
+from hearth.governance.errors import error_body as shaped_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,10 @@ class APIError(Exception):
         self.headers = headers
 
 
-def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    info = ErrorInfo(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"), param=param,
-                     code=code or ERROR_CODES.get(status))  # fmt: skip
-    return ErrorResponse(error=info).model_dump()
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None,
+               path: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The error body for a request to `path` (None: OpenAI's shape)."""
+    return shaped_error_body(message, status, param, code or ERROR_CODES.get(status), path, ERROR_TYPES)
 
 
 class ErrorJSONResponse(JSONResponse):
@@ -70,11 +73,11 @@ class ErrorJSONResponse(JSONResponse):
 
 
 def error_response(message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+                   headers: dict[str, str] | None = None, path: str | None = None) -> JSONResponse:  # fmt: skip
     headers = dict(headers or {})
     if status == 429:
         headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-    return ErrorJSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(message, status, param, code, path), status_code=status, headers=headers)
 
 
 def from_engine_error(e: EngineError) -> APIError:
@@ -134,28 +137,28 @@ def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[str, st
 
 async def _handle_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = describe_validation_error(exc.errors())
-    return error_response(message, 400, param)
+    return error_response(message, 400, param, path=request.url.path)
 
 
 async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.message, exc.status, exc.param, exc.code, exc.headers)
+    return error_response(exc.message, exc.status, exc.param, exc.code, exc.headers, request.url.path)
 
 
 async def _handle_engine_error(request: Request, exc: EngineError) -> JSONResponse:
-    return error_response(str(exc), exc.status, exc.param)
+    return error_response(str(exc), exc.status, exc.param, path=request.url.path)
 
 
 async def _handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such route: {request.method} {request.url.path}"
-    return error_response(message, exc.status_code, headers=getattr(exc, "headers", None))
+    return error_response(message, exc.status_code, headers=getattr(exc, "headers", None), path=request.url.path)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__,
                  exc_info=exc)  # fmt: skip
-    return error_response("internal server error", 500)
+    return error_response("internal server error", 500, path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -188,6 +191,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
+        path = scope.get("path")
         lengths = {value for name, value in scope.get("headers") or [] if name.lower() == b"content-length"}
         if lengths:
             # RFC 9110: one or more ASCII digits (int() would also take signs, spaces, underscores and other scripts'
@@ -195,11 +199,11 @@ class BodyLimitMiddleware:
             length = lengths.pop()
             if lengths or not (length.isdigit() and length.isascii()):
                 await error_response("invalid Content-Length header: expected one non-negative integer", 400,
-                                     code="invalid_content_length")(scope, receive, send)  # fmt: skip
+                                     code="invalid_content_length", path=path)(scope, receive, send)  # fmt: skip
                 return
             declared = int(length)
             if declared > limit:
-                await error_response(BodyTooLarge(limit).detail, 413)(scope, receive, send)
+                await error_response(BodyTooLarge(limit).detail, 413, path=path)(scope, receive, send)
                 return
         received = 0
         started = False
@@ -224,7 +228,7 @@ class BodyLimitMiddleware:
         except BodyTooLarge as e:  # raised where no handler turned it into a response
             if started:
                 raise
-            await error_response(e.detail, 413)(scope, receive, send)
+            await error_response(e.detail, 413, path=path)(scope, receive, send)
 
 
 # --- requests uvicorn refuses before the app -----------------------------------------------------------------------

@@ -198,14 +198,21 @@ async def run_fanout(state: ServerState, request: Request, subs: list[SubRequest
         raise
 
 
-async def stream_with_cleanup(fanout: Fanout, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """SSE body: the chunks, an in-stream error event if the engine fails, and abort on disconnect (cancellation)."""
+def openai_error_events(e: APIError) -> list[bytes]:
+    return [sse.event(error_body(e.message, e.status, e.param, e.code)), sse.DONE]
+
+
+async def stream_with_cleanup(fanout: Fanout, chunks: AsyncIterator[bytes],
+                              error_events: Callable[[APIError], list[bytes]] = openai_error_events,
+                              ) -> AsyncIterator[bytes]:  # fmt: skip
+    """SSE body: the chunks, in-stream error events if the engine fails (`error_events`: the endpoint's shape), and
+    abort on disconnect (cancellation)."""
     try:
         async for chunk in chunks:
             yield chunk
     except APIError as e:
-        yield sse.event(error_body(e.message, e.status, e.param, e.code))
-        yield sse.DONE
+        for event in error_events(e):
+            yield event
     finally:
         with anyio.CancelScope(shield=True):  # starlette cancels the body task when the client disconnects
             await fanout.abort()

@@ -152,9 +152,10 @@ def render(messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None
     the options). Assistant turns may carry `reasoning_content` (analysis), `content` (final) and `tool_calls`; `tool`
     messages are results from `functions.{name}` (name from the message or its tool_call_id).
 
-    `drop_reasoning`: "harmony" drops analysis before the first final message when the last assistant message is
-    final (openai-harmony's render_conversation); "turns" drops the analysis of every turn that ended with a final
-    message (harmony docs); "none" keeps all.
+    `drop_reasoning`: "harmony" (the default) drops every analysis message before the assistant's last final message
+    and keeps those after it: earlier turns lose their reasoning, while the turn still in its tool loop (analysis, call,
+    result, analysis, ...) keeps all of its own, as harmony's rules ask. "turns" drops the analysis of every turn that
+    ended with a final message (a turn that ended in a call without a final keeps its own); "none" keeps all.
     """
     instructions = "\n\n".join(_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
     out = [_message("system", system_content(reasoning_effort, current_date, bool(tools), knowledge_cutoff,
@@ -200,11 +201,8 @@ def _dropped(flat: list[tuple[str, str, str, str]], mode: str) -> set[int]:
     if mode == "none":
         return set()
     if mode == "harmony":
-        assistant = [i for i, k in enumerate(kinds) if k in ("analysis", "final", "call")]
-        if not assistant or kinds[assistant[-1]] != "final":
-            return set()
-        first_final = kinds.index("final")
-        return {i for i in range(first_final) if kinds[i] == "analysis"}
+        finals = [i for i, k in enumerate(kinds) if k == "final"]
+        return {i for i in range(finals[-1]) if kinds[i] == "analysis"} if finals else set()
     if mode == "turns":
         drop, pending = set(), []
         for i, k in enumerate(kinds):
@@ -249,6 +247,11 @@ def render_ids(messages: list[dict[str, Any]], encode: Callable[[str], list[int]
 
 _STOPS = ("<|end|>", "<|return|>", "<|call|>")
 MAX_HEADER_CHARS = 256  # a header longer than this is treated as malformed
+# a header that never reached <|message|>: its known parts, for _recover
+_LOOSE_HEADER = re.compile(r"(?:\s*assistant)?(?:\s*to=(?P<before>[\w.-]+))?\s*<\|channel\|>"
+                           r"(?P<channel>analysis|commentary|final)(?![\w.=-])(?:\s*to=(?P<after>[\w.-]+))?\s*")  # fmt: skip
+_LOOSE_CONSTRAIN = re.compile(r"(?:<\|constrain\|>)?\s*json(?!\w)\s*")
+_ROLE_BEFORE_CHANNEL = re.compile(r"^\s*assistant(?=\s*<\|channel\|>)")
 
 
 def _holdback(text: str) -> int:
@@ -265,9 +268,10 @@ class HarmonyParser:
 
     The completion starts inside a header (the prompt ended with `<|start|>assistant`). Analysis text streams out as
     reasoning, final (and commentary without a recipient, a "preamble") as content; a message with a recipient is a
-    tool call, emitted whole when it ends. Any split of the same text gives the same concatenated result. A header
-    that does not parse (no `<|message|>` within MAX_HEADER_CHARS, or a stop token inside it) and text outside any
-    message degrade to content; nothing raises.
+    tool call, emitted whole when it ends. Any split of the same text gives the same concatenated result. Output
+    garbled by sampling degrades, never raises: an unknown channel (`<|channel|>fnal`) or a header without one is
+    content; a header that never reaches `<|message|>` (a stop token first, or MAX_HEADER_CHARS of text) goes on in
+    the channel it names, or as content; text outside any message, and output with no markup at all, is content.
     """
 
     def __init__(self, call_id_prefix: str = "call_"):
@@ -299,7 +303,9 @@ class HarmonyParser:
         delta = ParsedDelta()
         self._run(delta, final=True)
         if self._state == "header" and self._buf:
-            delta.content += _SPECIAL_RE.sub("", self._buf)
+            self._recover()
+            self._emit(delta, _SPECIAL_RE.sub("", self._buf))
+            self._end_message(delta)
         elif self._state == "content":
             self._emit(delta, self._buf)
             self._end_message(delta)
@@ -353,20 +359,36 @@ class HarmonyParser:
                 self._buf = self._buf[i + skip :]
                 self._state = "header"
 
+    def _recover(self) -> None:
+        """A header that never reached its `<|message|>` (a stop token came first, or too much text): the message
+        goes on without it. When the header opens with a channel name, the header's words are dropped and the text
+        goes where they say: `<|channel|>final Paris.` is the answer "Paris.", `<|channel|>commentary
+        to=functions.f json{...}` a call of f; otherwise all of it is content."""
+        self._state, self._kind, self._recipient = "content", "content", ""
+        m = _LOOSE_HEADER.match(self._buf)
+        if m is None:
+            self._buf = _ROLE_BEFORE_CHANNEL.sub("", self._buf, count=1)
+            return
+        self._buf = self._buf[m.end() :]
+        recipient = m.group("before") or m.group("after") or ""
+        if recipient and recipient != "all":
+            self._kind, self._recipient = "tool", recipient
+            constrain = _LOOSE_CONSTRAIN.match(self._buf)
+            if constrain:
+                self._buf = self._buf[constrain.end() :]
+        elif m.group("channel") == "analysis":
+            self._kind = "reasoning"
+
     def _header(self, delta: ParsedDelta, final: bool) -> bool:
         """Consume one header if complete; returns whether progress was made."""
         i = self._buf.find("<|message|>")
         stop = min((j for j in (self._buf.find(s) for s in (*_STOPS, "<|start|>")) if j >= 0), default=-1)
         if stop >= 0 and (i < 0 or stop < i) and stop <= MAX_HEADER_CHARS:
-            # a stop token inside a header: malformed; the text so far becomes content
-            delta.content += _SPECIAL_RE.sub("", self._buf[:stop])
-            self._buf = self._buf[stop:]
-            self._state = "content"
-            self._kind = "content"
+            self._recover()  # a stop token inside a header: malformed
             return True
         if i < 0 or i > MAX_HEADER_CHARS:
             if i > MAX_HEADER_CHARS or len(self._buf) > MAX_HEADER_CHARS + len("<|message|>"):
-                self._state, self._kind = "content", "content"  # not a header: plain content from here
+                self._recover()  # not a header
                 return True
             return False
         self._parse_header(self._buf[:i])

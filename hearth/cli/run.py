@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import textwrap
 
 
 def register(sub) -> None:
@@ -37,9 +39,18 @@ def register(sub) -> None:
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def tool_call_text(call) -> str:
+    """A tool call as a labelled block: its name, then its arguments pretty-printed (as sent when not JSON)."""
+    try:
+        arguments = json.dumps(json.loads(call.arguments), indent=2, ensure_ascii=False)
+    except ValueError:
+        arguments = call.arguments
+    return f"\n[tool call] {call.name}\n{textwrap.indent(arguments, '  ')}\n"
+
+
 def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=None) -> str:
-    """Generate one answer, printing text as it comes (reasoning dimmed, apart from the answer); Ctrl-C aborts it.
-    Returns the answer text."""
+    """Generate one answer, printing text as it comes (reasoning dimmed, apart from the answer; tool calls the model
+    makes as labelled blocks, `tool_call_text`); Ctrl-C aborts it. Returns the answer text."""
     out = out or sys.stdout  # looked up now: sys.stdout may have been replaced since import
     request_id = "cli"
     engine.add_request(prompt_ids, params, request_id)
@@ -53,7 +64,7 @@ def stream_answer(engine, prompt_ids: list[int], params, parser=None, out=None) 
                 out.write((DIM if color else "") + "Thinking: ")
                 in_reasoning = True
             out.write(parsed.reasoning)
-        text = parsed.content + "".join(f"\n[tool call] {c.name}({c.arguments})" for c in parsed.tool_calls)
+        text = parsed.content + "".join(tool_call_text(c) for c in parsed.tool_calls)
         if text:
             if in_reasoning:
                 out.write((RESET if color else "") + "\n\n")

@@ -1,9 +1,10 @@
 """The ASGI middleware that enforces keys and limits and writes the audit record of each request.
 
 Order of checks: public paths pass; otherwise, when the key store is locked (it has seen a key, see keys.py) or a key is
-required, `Authorization: Bearer` must hold a good key (401; 503 while the keys file cannot be read), admin paths need
-an admin key (403), and the key's per-minute limits must have room (429). Anything unexpected while checking a key
-refuses the request (503): the check fails closed.
+required, `Authorization: Bearer` (or `x-api-key`, the header Anthropic's clients send) must hold a good key (401; 503
+while the keys file cannot be read), admin paths need an admin key (403), and the key's per-minute limits must have room
+(429). Anything unexpected while checking a key refuses the request (503): the check fails closed. Refusals take the
+error shape of the route asked for (errors.py: Anthropic's under /v1/messages, OpenAI's elsewhere).
 
 Token limits (see ratelimit.py): for a key with a token limit, the middleware leaves a hook in the request's state,
 `scope["state"]["reserve_tokens"]`, a callable that takes the request's TokenAsk, reserves its tokens and returns the
@@ -42,7 +43,10 @@ PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 # need a key with the admin scope
 ADMIN_PATHS = frozenset({"/metrics"})
-MISSING_KEY = "missing API key: send the header `Authorization: Bearer <key>` (keys are made with `hearth keys create`)"
+MISSING_KEY = (
+    "missing API key: send the header `Authorization: Bearer <key>` or `X-Api-Key: <key>` (keys are made "
+    "with `hearth keys create`)"
+)
 CLIENT_CLOSED = 499
 
 
@@ -51,15 +55,20 @@ def is_public(path: str) -> bool:
 
 
 def bearer_token(scope: Scope) -> str | None:
+    """The key presented: `Authorization: Bearer <key>`, else `x-api-key: <key>` (Anthropic's header); "" for a
+    malformed or empty header, None for neither."""
+    api_key = None
     for name, value in scope.get("headers") or []:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
-    return None
+        if name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1").strip()
+    return api_key
 
 
-def keys_unavailable() -> Any:
-    return error_response(KEYS_UNAVAILABLE, 503, code="keys_unavailable")
+def keys_unavailable(path: str | None = None) -> Any:
+    return error_response(KEYS_UNAVAILABLE, 503, code="keys_unavailable", path=path)
 
 
 class TokenHook:
@@ -100,28 +109,29 @@ class GovernanceMiddleware:
         """(key record or None, refusal response or None)."""
         if self.keys is None:
             if self.require_key:
-                return None, error_response("this server requires an API key, but no key store is configured", 401)
+                return None, error_response("this server requires an API key, but no key store is configured", 401,
+                                            path=path)  # fmt: skip
             return None, None
         locked, problem = self.keys.state()
         if not (self.require_key or locked):
             return None, None
         if problem is not None:
-            return None, keys_unavailable()
+            return None, keys_unavailable(path)
         token = bearer_token(scope)
         headers = {"WWW-Authenticate": "Bearer"}
         if not token:
             message = MISSING_KEY if token is None else "malformed Authorization header: expected `Bearer <key>`"
-            return None, error_response(message, 401, code="invalid_api_key", headers=headers)
+            return None, error_response(message, 401, code="invalid_api_key", headers=headers, path=path)
         result = await anyio.to_thread.run_sync(self.keys.verify, token)  # scrypt, the first time: off the loop
         record = result.record
         if record is None:
             if result.status == 503:
-                return None, keys_unavailable()
+                return None, keys_unavailable(path)
             return None, error_response(result.error or "invalid API key", 401, code="invalid_api_key",
-                                        headers=headers)  # fmt: skip
+                                        headers=headers, path=path)  # fmt: skip
         if path in ADMIN_PATHS and record.scope != "admin":
             return record, error_response(f"API key {record.id} has scope {record.scope!r}; {path} needs an admin key",
-                                          403, code="insufficient_scope")  # fmt: skip
+                                          403, code="insufficient_scope", path=path)  # fmt: skip
         return record, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,7 +173,8 @@ class GovernanceMiddleware:
                     rpm_refusal = self.limiter.admit(record.id, record.rpm)
                     if rpm_refusal is not None:
                         refusal = error_response(rpm_refusal.message, 429, code="rate_limit_exceeded",
-                                                 headers={"Retry-After": str(rpm_refusal.retry_after)})  # fmt: skip
+                                                 headers={"Retry-After": str(rpm_refusal.retry_after)},
+                                                 path=path)  # fmt: skip
                     elif record.tpm is not None:
                         hook = state["reserve_tokens"] = TokenHook(self.limiter, record.id, record.tpm)
             except Exception as e:  # a check that cannot finish refuses the request
@@ -171,7 +182,8 @@ class GovernanceMiddleware:
                 where = traceback.extract_tb(e.__traceback__)[-1]
                 logger.error("could not check the key or limits of a request to %s: %s at %s:%d", path,
                              type(e).__name__, where.filename, where.lineno)  # fmt: skip
-                refusal = keys_unavailable() if record is None else error_response("internal server error", 500)
+                refusal = (keys_unavailable(path) if record is None
+                           else error_response("internal server error", 500, path=path))  # fmt: skip
             if refusal is not None:
                 transcripts = False  # nothing reached the model
                 await refusal(scope, receive, tracked_send)

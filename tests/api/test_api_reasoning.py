@@ -313,3 +313,37 @@ class GroupedEngine(ScriptedEngine):
             await asyncio.sleep(0)
             last = k == len(self.pieces) - 1
             yield Delta(request_id, [1] * size, piece, None, last, "stop" if last else None, len(prompt_ids), 0, k + 1)
+
+
+GARBLED = [("<|channel|>fnal<|message|>Paris.", None, "Paris."),
+           ("no markup at all", None, "no markup at all"),
+           ("<|channel|>final Paris.<|end|>", None, "Paris."),
+           ("final<|message|>Header without channel.", None, "Header without channel."),
+           ("<|channel|>analysis<|message|>Hmm<|end|><|start|>assistant<|channel|>fi", "Hmm", "fi"),
+           ('<|channel|>commentary to=functions.get_weather json{"location": "Oslo"}', None, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_garbled_harmony_output_is_still_a_200(stream):
+    """gpt-oss sampled at temperature 1 may garble its channel markup: each answer still comes back, as content,
+    reasoning or a tool call."""
+    engine = ScriptedEngine("GptOssForCausalLM", [text for text, _, _ in GARBLED], seed=3)
+    test_client, oai = client_for(engine)
+    with test_client:
+        for text, reasoning, content in GARBLED:
+            kwargs = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}
+            if stream:
+                got_reasoning, got_content, calls = "", "", []
+                for chunk in oai.chat.completions.create(stream=True, **kwargs):
+                    for c in chunk.choices:
+                        got_reasoning += getattr(c.delta, "reasoning_content", None) or ""
+                        got_content += c.delta.content or ""
+                        calls += c.delta.tool_calls or []
+            else:
+                message = oai.chat.completions.create(**kwargs).choices[0].message
+                got_reasoning, got_content = message.reasoning_content or "", message.content or ""
+                calls = message.tool_calls or []
+            assert (got_reasoning or None, got_content or None) == (reasoning, content), text
+            if content is None:
+                assert calls[0].function.name == "get_weather"
+                assert json.loads(calls[0].function.arguments) == {"location": "Oslo"}

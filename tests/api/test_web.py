@@ -5,6 +5,7 @@ SmolLM2 under uvicorn (one torch thread), and against a scripted server for reas
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -370,3 +371,44 @@ def test_assets_need_no_key_and_reference_no_outside_host(scripted):
     for name, text in {"/": index, **served}.items():
         assert not re.search(r"[a-z]+://", text, re.IGNORECASE), name  # no absolute URL of any scheme
         assert not re.search(r"""(?:src|href|action)=["']?//|url\(\s*["']?//|@import""", text), name
+
+
+def test_tool_calls_and_json_answers_are_shown(scripted, page):
+    """The answer stream is replaced by a canned one (the route is intercepted): a thought, then two tool calls whose
+    arguments arrive in pieces; then an answer that is JSON. Both are shown as they are, pretty-printed."""
+    url, key, _ = scripted
+    chunks = [{"reasoning_content": "Look it up."},
+              {"tool_calls": [{"index": 0, "id": "c0", "type": "function",
+                               "function": {"name": "get_weather", "arguments": '{"location": '}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo", "days": [1, 2]}'}}]},
+              {"tool_calls": [{"index": 1, "id": "c1", "type": "function",
+                               "function": {"name": "get_time", "arguments": "not json"}}]}]  # fmt: skip
+    streams = [chunks, [{"content": '{"city": "Oslo", '}, {"content": '"sunny": true}'}]]
+
+    def fulfill(route):
+        deltas = streams.pop(0)
+        events = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if streams else "stop"}]})
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/chat/completions", fulfill)
+    page.goto(url + "/")
+    page.locator("#key-note").wait_for()
+    page.fill("#api-key", key)
+    page.press("#api-key", "Tab")
+    page.wait_for_selector("#model option[value='gpt-oss-scripted']", state="attached")
+    send(page, "Weather in Oslo?")
+    calls = last_answer(page).locator(".tool-call")
+    calls.nth(1).wait_for()
+    assert calls.locator(".tool-name").all_inner_texts() == ["Tool call: get_weather", "Tool call: get_time"]
+    assert calls.nth(0).locator("pre code").inner_text() == json.dumps({"location": "Oslo", "days": [1, 2]}, indent=2)
+    assert calls.nth(1).locator("pre code").inner_text() == "not json"
+    assert last_answer(page).locator("details.reasoning .thought").text_content() == "Look it up."
+    page.locator(".message.assistant .stats", has_text="tool_calls").wait_for()
+    send(page, "As JSON, please")
+    code = page.locator(".message.assistant").nth(1).locator(".body pre.code.json code")
+    code.wait_for()
+    assert code.inner_text() == json.dumps({"city": "Oslo", "sunny": True}, indent=2)
+    page.reload()  # kept in the conversation: shown the same after a reload
+    page.locator(".message.assistant .tool-call").nth(1).wait_for()

@@ -11,6 +11,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hearth.chat.harmony import HarmonyParser, ParsedDelta, ToolCall, parse, render, render_ids
 
@@ -58,6 +60,13 @@ CONVERSATIONS = [
       {"role": "user", "content": "Thanks! Tomorrow?"}], {"tools": [WEATHER], "current_date": "2025-01-02"}),
     ([{"role": "user", "content": "ünïcødé ✓ 日本語"}, {"role": "assistant", "content": "ok"},
       {"role": "user", "content": "again"}], {"reasoning_effort": "low"}),
+    # a finished turn, then a tool loop under way: the finished turn's analysis goes, the loop's stays
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "reasoning_content": "Greet.", "content": "Hello!"},
+      {"role": "user", "content": "Weather in SF?"},
+      {"role": "assistant", "reasoning_content": "Need the tool.", "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": "c1", "content": '{"sunny": true}'},
+      {"role": "assistant", "reasoning_content": "Check again.", "tool_calls": [{**CALL, "id": "c2"}]},
+      {"role": "tool", "tool_call_id": "c2", "content": '{"sunny": false}'}], {"tools": [WEATHER]}),
 ]  # fmt: skip
 
 
@@ -92,9 +101,14 @@ def harmony_encoding(tmp_path_factory):
 
 
 def to_harmony(messages, options):
-    """The same conversation built with openai-harmony's own types (harmony applies its own analysis dropping)."""
+    """The same conversation built with openai-harmony's own types, as harmony's rules say to send it: without the
+    analysis of turns that ended in a final answer (the library drops only what comes before the first final, and
+    only when the conversation ends in one)."""
     import openai_harmony as h
 
+    finals = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")]
+    messages = [{k: v for k, v in m.items() if k != "reasoning_content" or i > finals[-1]} for i, m in
+                enumerate(messages)] if finals else messages  # fmt: skip
     system = h.SystemContent.new().with_reasoning_effort(h.ReasoningEffort(options.get("reasoning_effort", "medium").title()))
     if options.get("current_date"):
         system = system.with_conversation_start_date(options["current_date"])
@@ -152,9 +166,17 @@ def test_render_golden_simple_convo():
 
 def test_drop_reasoning_modes():
     messages = CONVERSATIONS[8][0]
-    assert "r1" not in render(messages) and "r2" in render(messages)  # openai-harmony: only before the first final
+    assert "r1" not in render(messages) and "r2" not in render(messages)  # both turns ended with an answer
     assert "r1" not in render(messages, drop_reasoning="turns") and "r2" not in render(messages, drop_reasoning="turns")
     assert "r1" in render(messages, drop_reasoning="none")
+    loop = CONVERSATIONS[-1][0]  # an answered turn, then two rounds of a tool loop
+    text = render(loop, tools=[WEATHER])
+    assert "Greet." not in text and "Need the tool." in text and "Check again." in text
+    assert text.index("Need the tool.") < text.index('{"sunny": true}') < text.index("Check again.")
+    answered = render([*loop, {"role": "assistant", "reasoning_content": "Done.", "content": "Sunny, then not."},
+                       {"role": "user", "content": "Thanks"}], tools=[WEATHER])  # fmt: skip
+    assert not any(r in answered for r in ("Greet.", "Need the tool.", "Check again.", "Done."))
+    assert "Sunny, then not." in answered and '{"sunny": false}' in answered
     with pytest.raises(ValueError):
         render(messages, reasoning_effort="extreme")
 
@@ -177,6 +199,18 @@ OUTPUTS = {
     "garbled_header": ("<|channel|>fin<|end|>al answer<|start|>assistant<|channel|>final<|message|>ok<|return|>",
                        ParsedDelta("", "final answerok")),
     "long_garbage": ("x" * 400 + "<|message|>tail", ParsedDelta("", "x" * 400 + "tail")),
+    # sampling at temperature 1 garbles headers: each still ends as content, reasoning or a call, never an error
+    "unknown_channel": ("<|channel|>fnal<|message|>Paris.<|return|>", ParsedDelta("", "Paris.")),
+    "no_message_final": ("<|channel|>final Paris.<|return|>", ParsedDelta("", "Paris.")),
+    "no_message_analysis": ("<|channel|>analysis Hmm.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>",
+                            ParsedDelta("Hmm.", "4")),
+    "no_message_call": ('<|channel|>commentary to=functions.get_weather <|constrain|>json{"location": "Oslo"}<|call|>',
+                        ParsedDelta("", "", [ToolCall("get_weather", '{"location": "Oslo"}', id="call_0")])),
+    "no_channel": ("final<|message|>Header without channel.<|return|>", ParsedDelta("", "Header without channel.")),
+    "recipient_no_channel": ('to=functions.lookup<|message|>{"q": 1}<|call|>',
+                             ParsedDelta("", "", [ToolCall("lookup", '{"q": 1}', id="call_0")])),
+    "stray_end": ("Paris.<|end|>", ParsedDelta("", "Paris.")),
+    "unterminated_header": ("<|channel|>analysis Hmm", ParsedDelta("Hmm", "")),
 }  # fmt: skip
 
 
@@ -208,3 +242,23 @@ def test_reasoning_streams_before_the_message_ends():
 def test_tool_call_arguments_are_json():
     call = parse(OUTPUTS["tool"][0]).tool_calls[0]
     assert json.loads(call.arguments) == {"location": "San Francisco, CA"}
+
+
+PIECES = ["<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>", "analysis",
+          "final", "commentary", " to=functions.f", "json", "assistant", '{"a": 1}', "x", " ", "<|", "|>", "fnal"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30), sizes=st.lists(st.integers(1, 8), min_size=1))
+def test_any_garble_parses_the_same_whole_and_in_chunks(pieces, sizes):
+    """Random sequences of harmony's tokens and words: parsing never raises, and every chunking gives the result of
+    the whole text (call ids aside)."""
+    text = "".join(pieces)
+    whole = parse(text)
+    parser, result, pos, k = HarmonyParser(), ParsedDelta(), 0, 0
+    while pos < len(text):
+        result.extend(parser.feed(text[pos : pos + sizes[k % len(sizes)]]))
+        pos, k = pos + sizes[k % len(sizes)], k + 1
+    result.extend(parser.finish())
+    assert (result.reasoning, result.content) == (whole.reasoning, whole.content)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]

@@ -107,3 +107,50 @@ def test_help_does_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("False"), proc.stdout + proc.stderr
+
+
+class ScriptedStepEngine:
+    """LLMEngine's stepping interface over fixed output pieces, one Delta per step."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = list(pieces)
+
+    def add_request(self, prompt_ids, params, request_id) -> None:
+        self.request_id = request_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pieces)
+
+    def step(self):
+        from hearth.engine.protocol import Delta
+
+        piece = self.pieces.pop(0)
+        return [Delta(self.request_id, [1], piece, finished=not self.pieces, finish_reason="stop" if not self.pieces
+                      else None)]  # fmt: skip
+
+    def abort(self, request_id) -> None:
+        self.pieces = []
+
+
+def test_run_shows_tool_calls_as_labelled_blocks():
+    import io
+
+    from hearth.chat.harmony import HarmonyParser
+    from hearth.cli.run import stream_answer
+
+    output = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+              'to=functions.get_weather <|constrain|>json<|message|>{"location": "Oslo", "days": [1, 2]}<|call|>')  # fmt: skip
+    out = io.StringIO()
+    pieces = [output[i : i + 7] for i in range(0, len(output), 7)]
+    answer = stream_answer(ScriptedStepEngine(pieces), [1], None, HarmonyParser(), out)
+    text = out.getvalue()
+    assert text.startswith("Thinking: Need the weather.\n\n")
+    block = '[tool call] get_weather\n  {\n    "location": "Oslo",\n    "days": [\n      1,\n      2\n    ]\n  }\n'
+    assert block in text and answer == ""
+    out = io.StringIO()
+    stream_answer(ScriptedStepEngine(["<|channel|>final<|message|>", "{not json"]), [1], None, HarmonyParser(), out)
+    assert out.getvalue() == "{not json\n"
+    from hearth.chat.tool_calls import ToolCall
+    from hearth.cli.run import tool_call_text
+
+    assert tool_call_text(ToolCall("f", "{bad")) == "\n[tool call] f\n  {bad\n"  # arguments that are not JSON: as sent

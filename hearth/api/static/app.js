@@ -1,5 +1,6 @@
 // Hearth's web chat: conversations in localStorage, answers streamed from /v1/chat/completions (SSE over fetch),
-// reasoning_content in a collapsible block, a stop button that aborts the request (the server then frees it).
+// reasoning_content in a collapsible block, tool calls as labelled blocks and JSON answers pretty-printed, a stop
+// button that aborts the request (the server then frees it).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -15,7 +16,8 @@ const load = (key, fallback) => {
 const save = (key, value) => localStorage.setItem(key, JSON.stringify(value));
 
 const state = {
-  chats: load(STORE.chats, []),  // [{id, title, updated, messages: [{role, content, reasoning?, stats?, error?}]}]
+  // [{id, title, updated, messages: [{role, content, reasoning?, toolCalls?: [{name, arguments}], stats?, error?}]}]
+  chats: load(STORE.chats, []),
   currentId: load(STORE.current, null),
   settings: { system: "", temperature: 0.7, maxTokens: 512, effort: "", apiKey: "", model: "",
               ...load(STORE.settings, {}) },
@@ -151,7 +153,9 @@ function messageView(message) {
     summary.textContent = message.thinking ? "Thinking…" : "Reasoning";
     if (message.reasoning) thought.textContent = message.reasoning;
     if (message.role === "user") body.textContent = message.content;
+    else if (jsonAnswer(message.content)) body.replaceChildren(codeBlock("json", jsonAnswer(message.content)));
     else body.innerHTML = Markdown.render(message.content || "");
+    for (const call of message.toolCalls || []) body.append(toolCallView(call));
     if (message.error) {
       const err = document.createElement("p");
       err.className = "error";
@@ -163,6 +167,37 @@ function messageView(message) {
   };
   update();
   return { root, update, reasoning };
+}
+
+// A whole answer that is a JSON object or array (a structured answer): pretty-printed, or null for anything else.
+function jsonAnswer(text) {
+  const trimmed = (text || "").trim();
+  if (!/^[[{]/.test(trimmed)) return null;
+  try {
+    return JSON.stringify(JSON.parse(trimmed), null, 2);
+  } catch {
+    return null;  // not (yet) JSON: shown as Markdown
+  }
+}
+
+function codeBlock(lang, text) {
+  const pre = document.createElement("pre");
+  pre.className = `code ${lang}`;
+  const code = document.createElement("code");
+  code.textContent = text;
+  pre.append(code);
+  return pre;
+}
+
+// A tool call the model made: its name, then its arguments pretty-printed (as sent when they are not JSON).
+function toolCallView(call) {
+  const box = document.createElement("div");
+  box.className = "tool-call";
+  const label = document.createElement("div");
+  label.className = "tool-name";
+  label.textContent = `Tool call: ${call.name}`;
+  box.append(label, codeBlock("json", jsonAnswer(call.arguments) ?? call.arguments));
+  return box;
 }
 
 function statsText(s) {
@@ -316,8 +351,8 @@ async function send(text) {
       if (chunk.usage) usage = chunk.usage;
       const choice = chunk.choices?.[0];
       if (!choice) continue;
-      const { content, reasoning_content: reasoning } = choice.delta || {};
-      if (content || reasoning) {
+      const { content, reasoning_content: reasoning, tool_calls: calls } = choice.delta || {};
+      if (content || reasoning || calls) {
         firstToken ??= performance.now();
         numDeltas++;
       }
@@ -329,6 +364,14 @@ async function send(text) {
         if (answer.thinking) view.reasoning.open = false;  // the answer began: fold the thought away
         answer.thinking = false;
         answer.content += content;
+      }
+      for (const call of calls || []) {  // streamed by index: the name first, the arguments in pieces
+        answer.toolCalls ??= [];
+        const slot = (answer.toolCalls[call.index ?? answer.toolCalls.length] ??= { name: "", arguments: "" });
+        slot.name += call.function?.name || "";
+        slot.arguments += call.function?.arguments || "";
+        if (answer.thinking) view.reasoning.open = false;
+        answer.thinking = false;
       }
       if (choice.finish_reason) finish = choice.finish_reason;
       redraw();
