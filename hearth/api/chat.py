@@ -166,8 +166,7 @@ def chat_logprobs(state: ServerState, delta: Delta) -> list[ChatLogprob]:
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
-    state.check_ready()
-    state.check_model(body.model)
+    state = await state.engine_for(body.model, body.keep_alive)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     check_tool_choice(body)
