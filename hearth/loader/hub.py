@@ -288,10 +288,7 @@ def local_hub_model(ref: str) -> tuple[str, str] | None:
         if not files:
             raise ModelLoadError(ref, f"no cached GGUF file for tag {hub_ref.tag!r} (cached: "
                                       f"{', '.join(gguf_tags(ggufs)) or 'none'}; `hearth pull {ref}` fetches it)")  # fmt: skip
-    if _SPLIT_RE.search(files[0]):
-        raise ModelLoadError(ref, f"split GGUF ({len(files)} parts) is not loadable yet; merge it into one file with "
-                                  "llama.cpp's `llama-gguf-split --merge`")  # fmt: skip
-    return os.path.join(folder, files[0]), "gguf"
+    return os.path.join(folder, files[0]), "gguf"  # a split model: its first part (the loader opens them all)
 
 
 def cached_repos() -> list[dict]:

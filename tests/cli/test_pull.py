@@ -172,12 +172,11 @@ def test_pull_gguf_quant_tag(hub, cache, tag, expected, capsys):
     listed = f"{GGUF}:{(tag or 'Q4_K_M').upper()}"
     assert rows[listed]["size"] == sum(len(hub.repos[GGUF][f]) for f in expected)
     assert rows[listed]["format"] == ("gguf (2 parts)" if len(expected) == 2 else "gguf")
-    if len(expected) == 2:  # found, and refused with the reason
-        from hearth.loader import ModelLoadError
+    if len(expected) == 2:  # resolves to the first part, from which the loader opens them all
         from hearth.loader.resolve import resolve_model
 
-        with pytest.raises(ModelLoadError, match="split GGUF"):
-            resolve_model(f"{GGUF}:{tag}")
+        found = resolve_model(f"{GGUF}:{tag}")
+        assert found.format == "gguf" and found.path.endswith("tiny-Q2_K-00001-of-00002.gguf")
 
 
 def test_unknown_tag_lists_the_available_ones(hub, cache):
