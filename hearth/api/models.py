@@ -200,6 +200,7 @@ class Served:
     size: int = 0
     pinned: bool = False  # the preloaded default: never unloaded
     leases: int = 0  # requests holding it
+    phase: str = "loading"  # while it loads: "planning", "waiting for memory", "loading"
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = 0.0
 
@@ -231,7 +232,7 @@ class ModelRegistry:
         self._closing: dict[Served, asyncio.Task] = {}  # unloads in progress (their memory still counts)
         self._catalog: dict[str, Any] = {}
         self._catalog_time = -math.inf
-        self._changed: asyncio.Event | None = None
+        self._changed = asyncio.Event()  # set (and replaced) whenever memory is freed or a lease ends
         self._reaper: asyncio.Task | None = None
 
     # --- the default model (preloaded by `hearth serve MODEL`, or the one engine of `create_app`)
@@ -319,8 +320,12 @@ class ModelRegistry:
             try:
                 await asyncio.wait_for(asyncio.shield(entry.task), self.load_timeout)
             except TimeoutError:
-                raise APIError(f"the model {name!r} is still loading after {self.load_timeout:.0f} s; retry shortly",
-                               503, "model", "model_loading") from None  # fmt: skip
+                if entry.phase == "waiting for memory":
+                    message = (f"no memory for the model {name!r} yet: the loaded models in use hold the server's "
+                               "memory budget (--max-memory); retry shortly")  # fmt: skip
+                else:
+                    message = f"the model {name!r} is still {entry.phase} after {self.load_timeout:.0f} s; retry shortly"
+                raise APIError(message, 503, "model", "model_loading") from None
             except ModelLoadFailed as e:
                 raise APIError(f"the model {name!r} could not be loaded: {e}", 400, "model", "model_load_failed") from None
         state = entry.state
@@ -370,12 +375,15 @@ class ModelRegistry:
         assert self.source is not None
         start = time.perf_counter()
         try:
+            entry.phase = "planning"
             try:
                 size = await asyncio.to_thread(self.source.estimate, entry.ref)
             except Exception as e:
                 raise ModelLoadFailed(str(e)) from e
+            entry.phase = "waiting for memory"
             await self._make_room(entry, size)
             entry.size = size
+            entry.phase = "loading"
             try:
                 engine, tokenizer, template = await in_daemon_thread(lambda: self.source.load(entry.ref, entry.name))
                 await engine.start()
@@ -405,7 +413,10 @@ class ModelRegistry:
             raise ModelLoadFailed(f"it needs about {size / 2**30:.2f} GiB, more than the server's memory budget of "
                                   f"{budget / 2**30:.2f} GiB (--max-memory)")  # fmt: skip
         deadline = time.monotonic() + self.load_timeout
-        while self.used_bytes() + size > budget:
+        while True:
+            changed = self._changed  # taken before looking, so that no wake-up in between is missed
+            if self.used_bytes() + size <= budget:
+                return
             idle = [e for e in self._entries.values() if e is not entry and e.state is not None and not e.pinned
                     and e.leases == 0]  # fmt: skip
             if idle:
@@ -420,7 +431,7 @@ class ModelRegistry:
             if remaining <= 0:
                 raise APIError(f"no memory for {entry.name!r}: the loaded models in use hold the server's memory "
                                "budget; retry shortly", 503, "model", "model_loading")  # fmt: skip
-            await self._wait_change(remaining)
+            await self._wait(changed, remaining)
 
     async def _unload(self, entry: Served) -> None:
         if self._entries.get(entry.name) is entry:
@@ -458,18 +469,17 @@ class ModelRegistry:
     # --- keep-alive
 
     def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
-    async def _wait_change(self, timeout: float) -> None:
-        if self._changed is None:
-            self._changed = asyncio.Event()
+    @staticmethod
+    async def _wait(changed: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        self._changed.clear()
+            await asyncio.wait_for(changed.wait(), timeout)
 
     async def _reap(self) -> None:
         while True:
+            changed = self._changed
             now = time.monotonic()
             wait = 60.0
             for entry in list(self._entries.values()):
@@ -482,10 +492,9 @@ class ModelRegistry:
                         await self._unload(entry)
                 else:
                     wait = min(wait, expires - now)
-            await self._wait_change(max(wait, 0.01))
+            await self._wait(changed, max(wait, 0.01))
 
     async def start(self) -> None:
-        self._changed = asyncio.Event()
         self._reaper = asyncio.create_task(self._reap())
 
     async def shutdown(self) -> None:

@@ -13,6 +13,7 @@ engine thread dies, the server shuts down and the command exits with status 1, f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -168,6 +169,9 @@ def build_app(
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
                      tool_parser=tool_parser, keys=keys, audit=audit, require_key=require_key,
                      cors_origins=cors_origins, ledger=ledger, models=models)  # fmt: skip
+    if models is not None and models.source is not None:  # the default's memory counts against the budget too
+        with contextlib.suppress(Exception):  # a model that cannot be planned fails its load, with the reason
+            models.entry(served_model_name or ref.name).size = models.source.estimate(ref)
     return app, engine
 
 

@@ -315,3 +315,59 @@ def test_hearth_ps(tiny_models, capsys):
         thread.join(timeout=15)
     assert main(["ps", "--port", str(port)]) == 1  # no server: a one-line error
     assert "no server at" in capsys.readouterr().err
+
+
+def test_a_model_in_use_is_not_unloaded(tiny_models):
+    """A streaming response holds its model (LeaseMiddleware) until the last byte is sent: LRU under a one-model budget
+    must not take it, so the other model's load waits and then answers 503; once the stream ends it loads."""
+    import asyncio
+    import json
+
+    import httpx
+
+    source = Folders({n: tiny_models[n] for n in ("tiny-a", "tiny-b")})
+    one = source.estimate(tiny_models["tiny-a"])
+    registry = ModelRegistry(source, budget_bytes=int(1.5 * one), load_timeout=1.0)
+    app = create_app(None, None, None, None, models=registry)
+
+    async def scenario() -> None:
+        await registry.start()
+        held, first_chunk = asyncio.Event(), asyncio.Event()
+        body = json.dumps({"model": "tiny-a", "prompt": "hello", "max_tokens": 8, "stream": True}).encode()
+        received = False
+
+        async def receive():
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client never leaves
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                first_chunk.set()
+                await held.wait()  # a slow reader: the response stays in flight
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http"}  # fmt: skip
+        stream = asyncio.create_task(app(scope, receive, send))
+        try:
+            await asyncio.wait_for(first_chunk.wait(), 60)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+                r = await c.post("/v1/completions", json={"model": "tiny-b", "prompt": "hi", "max_tokens": 1})
+                assert r.status_code == 503 and "no memory" in r.json()["error"]["message"], r.text
+                assert [e.name for e in registry.loaded()] == ["tiny-a"] and registry.entry("tiny-a").leases == 1
+                held.set()
+                await asyncio.wait_for(stream, 60)
+                assert registry.entry("tiny-a").leases == 0
+                r = await c.post("/v1/completions", json={"model": "tiny-b", "prompt": "hi", "max_tokens": 1})
+                assert r.status_code == 200, r.text
+                assert [e.name for e in registry.loaded()] == ["tiny-b"]  # tiny-a made room once it was free
+        finally:
+            held.set()
+            stream.cancel()
+            await registry.shutdown()
+
+    asyncio.run(scenario())
