@@ -202,7 +202,6 @@ class Served:
     leases: int = 0  # requests holding it
     phase: str = "loading"  # while it loads: "planning", "waiting for memory", "loading"
     last_used: float = field(default_factory=time.monotonic)
-    loaded_at: float = 0.0
 
     def expires_at(self, now: float) -> float:
         """Monotonic time it unloads if nothing uses it meanwhile (inf: never)."""
@@ -394,11 +393,11 @@ class ModelRegistry:
                 del self._entries[entry.name]
             entry.size = 0
             self._wake()
-            logger.error("loading %s failed: %s", entry.name, e)
+            if not isinstance(e, asyncio.CancelledError):  # cancelled: the server is stopping
+                logger.error("loading %s failed: %s", entry.name, e)
             raise
         entry.state = ServerState(engine, tokenizer, chatml_if_none(tokenizer, template), entry.name, self.metrics,
                                   prep=self.prep, models=self)  # fmt: skip
-        entry.loaded_at = time.monotonic()
         logger.info("loaded %s in %.2f s (%.2f GiB planned)", entry.name, time.perf_counter() - start, size / 2**30)
         if self._entries.get(entry.name) is not entry:  # shut down while loading
             await self._unload(entry)
