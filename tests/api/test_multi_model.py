@@ -371,3 +371,32 @@ def test_a_model_in_use_is_not_unloaded(tiny_models):
             await registry.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_serve_command_builds_the_registry(monkeypatch, capsys):
+    """`hearth serve`'s flags reach the registry: no model serves the stores; --only serves one model alone."""
+    import uvicorn
+
+    from hearth.cli.main import main
+
+    apps = []
+
+    class FakeServer:
+        def __init__(self, config) -> None:
+            apps.append(config.app)
+
+        def run(self, sockets=None) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    assert main(["serve", "--keep-alive", "10m", "--max-memory", "2GiB", "--load-timeout", "7", "--port", "0"]) == 0
+    registry = apps[-1].state.models
+    assert isinstance(registry.source, LocalModels) and registry.default is None
+    assert (registry.keep_alive, registry.budget_bytes, registry.load_timeout) == (600, 2 << 30, 7)
+    assert "serving the local models" in capsys.readouterr().out
+    assert main(["serve", "--only", "--port", "0"]) == 0  # the old single-model server: smollm2 alone
+    registry = apps[-1].state.models
+    assert registry.source is None and registry.default == "smollm2"
+    for flags, needle in [(["--keep-alive", "soon"], "--keep-alive"), (["--max-memory", "lots"], "--max-memory")]:
+        assert main(["serve", *flags, "--port", "0"]) == 1
+        assert needle in capsys.readouterr().err
