@@ -133,7 +133,7 @@ def test_two_models_by_name_concurrently(tiny_models):
         assert sorted(source.loads) == ["tiny-a", "tiny-b"]
         cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert cards["tiny-a"]["loaded"] is True and cards["tiny-a"]["max_model_len"] == 128
-        # streams to both models interleave: both are served while the other one generates
+        # streams to both models at once: each answers under its own name
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             chats = list(pool.map(lambda n: c.post("/v1/chat/completions", json={
                 "model": n, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}),
