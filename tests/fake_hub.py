@@ -9,8 +9,12 @@ download a model repo, on 127.0.0.1 in a thread.
 - Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) as the hub sends them; a
   gated repo lists publicly (gated: "manual") and refuses its files without the right token.
 
+- GET /cdn/{repo}/{path}: the same file as served from a CDN, where `redirect` sends a file's GET (302 + Location),
+  as the hub sends large files to its CDN hosts.
+
 Faults for tests: `drop_once` (send half the body, then close the connection), `tamper` (serve other bytes of the same
-length, N times), fake listed sizes (`listed_size`). Every request is logged as (method, path, Range header).
+length, N times), fake listed sizes (`listed_size`), `redirect` to a base URL (this hub's own, or another host's).
+Every request is logged as (method, path, Range header).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class FakeHub:
         self.drop_once: set[tuple[str, str]] = set()
         self.tamper: dict[tuple[str, str], int] = {}  # (repo, path) -> times left to serve wrong bytes
         self.listed_size: dict[tuple[str, str], int] = {}
+        self.redirect: dict[tuple[str, str], str] = {}  # (repo, path) -> base URL its GET is redirected to (/cdn/...)
         self.log: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         hub = self
@@ -134,6 +139,12 @@ class FakeHub:
             if not head:
                 h.wfile.write(body)
             return
+        if parts[0] == "cdn" and len(parts) >= 4:
+            repo, file = "/".join(parts[1:3]), "/".join(parts[3:])
+            data = self.repos.get(repo, {}).get(file)
+            if data is None:
+                return self._error(h, 404, None)
+            return self._serve_file(h, repo, file, data, self.commits[repo], head)
         if len(parts) >= 5 and parts[2] == "resolve":
             repo, rev, file = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
             if not self._repo_access(h, repo):
@@ -144,6 +155,13 @@ class FakeHub:
             data = self.repos[repo].get(file)
             if data is None:
                 return self._error(h, 404, "EntryNotFound", commit)
+            target = self.redirect.get((repo, file))
+            if target is not None and not head:
+                h.send_response(302)
+                h.send_header("Location", f"{target}/cdn/{repo}/{file}")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
             return self._serve_file(h, repo, file, data, commit, head)
         self._error(h, 404, None)
 

@@ -104,8 +104,10 @@ def tokenizer_kvs(vocab: int) -> list[tuple[str, object, GGUFValueType]]:
             ("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}", V.STRING)]  # fmt: skip
 
 
-def write_model(path, arch: str, kvs, tensors) -> bytes:
-    writer = GGUFWriter(str(path), arch)
+def write_model(path, arch: str, kvs, tensors, split_max_tensors: int = 0) -> bytes:
+    """Write the model to `path`; with `split_max_tensors`, as llama.cpp's split parts (PATH-0000i-of-0000N.gguf, at
+    most that many tensors each) instead, and return the first part's bytes."""
+    writer = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     for key, value, vtype in kvs:
         sub = None
         if vtype == V.ARRAY:
@@ -117,4 +119,6 @@ def write_model(path, arch: str, kvs, tensors) -> bytes:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0].read_bytes()
     return path.read_bytes()

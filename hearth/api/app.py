@@ -1,11 +1,14 @@
 """The HTTP app, OpenAI-compatible and with Anthropic's Messages API: `create_app(engine, tokenizer, chat_template,
-served_model_name)`.
+served_model_name)` serves one model; with `models` (a ModelRegistry over the local stores) it serves every model
+there, loaded on first use (hearth/api/models.py), with `engine` (when given) as the preloaded default.
 
 Depends on the EngineClient protocol only; tests hand it a fake engine. Middleware, outermost first: CORS (only when
 origins are given), metrics and the request log, keys + rate limits + audit log (hearth/governance/middleware.py;
-its PUBLIC_PATHS need no key), then the body-size limit. The lifespan starts the engine (when it has `start`) and shuts
-it down. What the routes share lives in hearth/api/state.py (ServerState); the generating routes are hearth/api/chat.py
-and hearth/api/completions.py, both built on hearth/api/fanout.py, and hearth/api/messages.py, translated onto chat.
+its PUBLIC_PATHS need no key), then the body-size limit, then the model leases (LeaseMiddleware). The lifespan starts
+the engine (when it has `start`) and the registry's keep-alive reaper, and shuts both down. What the routes share
+lives in hearth/api/state.py (ServerState; `await state.engine_for(body.model)` is the one way a route gets its
+model); the generating routes are hearth/api/chat.py and hearth/api/completions.py, both built on
+hearth/api/fanout.py, and hearth/api/responses.py and hearth/api/messages.py, translated onto chat.
 """
 
 from __future__ import annotations
@@ -23,23 +26,40 @@ from fastapi.staticfiles import StaticFiles
 from hearth.api.errors import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, install_error_handlers
 from hearth.api.messages_protocol import CountTokensRequest, MessagesRequest
 from hearth.api.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from hearth.api.models import LeaseMiddleware, ModelRegistry
 from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from hearth.api.responses import ResponsesRequest
 from hearth.api.state import ServerState
-from hearth.engine.protocol import EngineClient
+from hearth.engine.protocol import EngineClient, EngineStats
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"  # the web chat page
 
 
-def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_model_name: str, *,
+def aggregate_stats(states: list[ServerState]) -> EngineStats:
+    """The engines' stats summed (the KV cache usage over all their blocks), for /metrics."""
+    total = EngineStats()
+    used = 0.0
+    for s in states:
+        stats = s.engine.stats
+        total.num_running += stats.num_running
+        total.num_waiting += stats.num_waiting
+        total.num_kvcache_blocks += stats.num_kvcache_blocks
+        used += stats.kv_cache_usage * stats.num_kvcache_blocks
+    total.kv_cache_usage = used / total.num_kvcache_blocks if total.num_kvcache_blocks else 0.0
+    return total
+
+
+def create_app(engine: EngineClient | None, tokenizer: Any, chat_template: Any, served_model_name: str | None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
                reasoning_parser: str | None = None, tool_parser: str | None = None, keys: Any = None,
                audit: Any = None, require_key: bool = False, ledger: Any = None,
-               cors_origins: list[str] | None = None, responses_store: Any = None) -> FastAPI:  # fmt: skip
+               cors_origins: list[str] | None = None, responses_store: Any = None,
+               models: ModelRegistry | None = None) -> FastAPI:  # fmt: skip
     """The ASGI app over `engine`. `chat_template` renders chat messages (None: ChatML). With `manage_engine`, the
-    lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them.
+    lifespan awaits `engine.start()` and calls `engine.shutdown()` where the engine has them. `models`: a registry
+    with a model source, to serve every model there (`engine`, when not None, is then the preloaded default).
     `keys` (a governance KeyStore): once it holds a key (or with `require_key`), routes other than the public ones need
     one. `audit` (an AuditLog): one record per request. `cors_origins`: browser origins allowed (none by default).
     `responses_store` (a ResponseStore): where /v1/responses keeps what `store` asks for (None: nothing is kept).
@@ -49,27 +69,32 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
     from hearth.api.messages import count_message_tokens, create_message
     from hearth.api.responses import create_response, delete_response, get_response, list_input_items
 
-    if chat_template is None:
-        from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate
-
-        chat_template = ChatTemplate(CHATML_TEMPLATE, getattr(tokenizer, "bos_token", None) or "",
-                                     getattr(tokenizer, "eos_token", None) or "")  # fmt: skip
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if manage_engine and hasattr(engine, "start"):
+        if manage_engine and engine is not None and hasattr(engine, "start"):
             await engine.start()
-        logger.info("serving %s", served_model_name)
+        await registry.start()
+        logger.info("serving %s", served_model_name or "the local models")
         yield
+        await registry.shutdown()
         state.close()
-        if manage_engine and hasattr(engine, "shutdown"):
+        if manage_engine and engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
 
     metrics = Metrics()
-    state = ServerState(engine, tokenizer, chat_template, served_model_name, metrics, reasoning_parser, tool_parser)
+    registry = models if models is not None else ModelRegistry()
+    registry.metrics = metrics
+    if engine is not None:
+        assert served_model_name is not None
+        state = registry.add_default(served_model_name, engine, tokenizer, chat_template, metrics, reasoning_parser,
+                                     tool_parser)  # fmt: skip
+    else:  # no default model: routes reach the registry's models through engine_for
+        state = ServerState(None, None, None, "", metrics, prep=registry.prep, models=registry)  # type: ignore[arg-type]
     app = FastAPI(title="Hearth", summary="OpenAI-compatible API of a local model", lifespan=lifespan)
     app.state.hearth = state
+    app.state.models = registry
     install_error_handlers(app)
+    app.add_middleware(LeaseMiddleware, registry=registry)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if keys is not None or audit is not None or require_key or ledger is not None:
         from hearth.governance.middleware import GovernanceMiddleware
@@ -86,18 +111,31 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
 
     @app.get("/health")
     async def get_health() -> JSONResponse:
+        if engine is None:  # the server is up; each model loads on its first request
+            return JSONResponse({"status": "ready", "models": [e.name for e in registry.loaded()]})
         status = engine.state
         code = 200 if status == "ready" else 503
         return JSONResponse({"status": status, "model": served_model_name}, status_code=code)
 
-    @app.get("/v1/models")
-    async def get_models() -> ModelList:
-        return ModelList(data=[state.model_card()])
+    def card_json(card: ModelCard) -> dict[str, Any]:
+        return card.model_dump(exclude={"loaded"} if card.loaded is None else None)
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> ModelCard:
-        state.check_model(model_id)
-        return state.model_card()
+    @app.get("/v1/models", response_model=ModelList)
+    async def get_models() -> JSONResponse:
+        cards = await registry.model_cards()
+        return JSONResponse({"object": "list", "data": [card_json(c) for c in cards]})
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> JSONResponse:
+        for card in await registry.model_cards():
+            if card.id == model_id:
+                return JSONResponse(card_json(card))
+        raise registry.not_found(model_id)
+
+    @app.get("/api/ps")
+    async def get_ps() -> JSONResponse:
+        """The loaded models: name, memory (bytes, as planned), processor, when each unloads (Unix time; null: never)."""
+        return JSONResponse({"models": registry.ps()})
 
     @app.post("/v1/chat/completions")
     async def post_chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -134,7 +172,7 @@ def create_app(engine: EngineClient, tokenizer: Any, chat_template: Any, served_
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        metrics.update_engine(engine.stats)
+        metrics.update_engine(aggregate_stats([e.state for e in registry.loaded() if e.state.engine is not None]))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # the web chat page and its assets: public (no key), so the page can load and then ask for one

@@ -188,6 +188,7 @@ class PreparedChat:
     """A chat request made ready to run: its engine sub-requests (one per choice) and their output parsers. What
     /v1/chat/completions and the endpoints translated onto it (/v1/messages) share up to the engine."""
 
+    state: ServerState  # the model's own (ServerState.engine_for)
     request_id: str
     subs: list[SubRequest]
     parsers: list[ChoiceParser]
@@ -207,8 +208,7 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request:
                        id_prefix: str = "chatcmpl-") -> PreparedChat:  # fmt: skip
     """Validate, render and tokenize the chat, check its length and reserve its tokens (fanout.token_budget), and build
     the sub-requests; nothing reaches the engine yet."""
-    state.check_ready()
-    state.check_model(body.model)
+    state = await state.engine_for(body.model, body.keep_alive)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     n = body.n
@@ -216,12 +216,13 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request:
     subs = await chat_subrequests(state, body, request, request_id)
     fmt = state.chat_format
     with_tools = request_tools(body) is not None
-    return PreparedChat(request_id, subs, [ChoiceParser(state, with_tools) for _ in range(n)], with_tools,
+    return PreparedChat(state, request_id, subs, [ChoiceParser(state, with_tools) for _ in range(n)], with_tools,
                         fmt.has_reasoning)  # fmt: skip
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     prepared = await prepare_chat(state, body, request)
+    state = prepared.state
     n = body.n
     request_id, subs, parsers = prepared.request_id, prepared.subs, prepared.parsers
     fmt = state.chat_format

@@ -92,8 +92,7 @@ def _merge_logprobs(into: CompletionLogprobs, more: CompletionLogprobs) -> None:
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
-    state.check_ready()
-    state.check_model(body.model)
+    state = await state.engine_for(body.model, body.keep_alive)
     if body.suffix:
         raise APIError("suffix is not supported", 400, "suffix")
     if body.echo and body.logprobs is not None:

@@ -186,6 +186,7 @@ async def until_disconnected(request: Request, work: Awaitable[T], on_disconnect
 async def run_fanout(state: ServerState, request: Request, subs: list[SubRequest],
                      respond: Callable[[Fanout], Awaitable[Response]]) -> Response:  # fmt: skip
     """Start the engine requests, wait for each one's first Delta (or a refusal), then build the response."""
+    request.state.model = state.served_model_name  # for the audit log and the usage ledger
     fanout = Fanout(state, subs)
     try:
         await until_disconnected(request, fanout.prime(), fanout.abort)

@@ -304,8 +304,7 @@ class BlockWriter:
 
 
 async def count_message_tokens(state: ServerState, body: CountTokensRequest) -> Response:
-    state.check_ready()
-    state.check_model(body.model)
+    state = await state.engine_for(body.model)
     chat_body = to_chat_request(body)
     check_tool_choice(chat_body)
     prompt_ids = await render_prompt(state, chat_body)
@@ -315,6 +314,7 @@ async def count_message_tokens(state: ServerState, body: CountTokensRequest) -> 
 async def create_message(state: ServerState, body: MessagesRequest, request: Request) -> Response:
     chat_body = to_chat_request(body)
     prepared: PreparedChat = await prepare_chat(state, chat_body, request, id_prefix="msg_")
+    state = prepared.state
     (parser,) = prepared.parsers
     fmt = state.chat_format
     model = state.served_model_name

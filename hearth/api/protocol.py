@@ -154,6 +154,7 @@ class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions requests."""
 
     model: str | None = None  # None: the served model
+    keep_alive: int | float | str | None = None  # how long the model stays loaded after this request ("10m", 0, -1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -350,6 +351,7 @@ class ModelCard(BaseModel):
     owned_by: str = "hearth"
     max_model_len: int | None = None
     capabilities: list[str] = Field(default_factory=list)  # "reasoning", "reasoning_effort", "tools"
+    loaded: bool | None = None  # a server of several models: whether this one is loaded now
 
 
 class ModelList(BaseModel):

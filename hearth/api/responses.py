@@ -410,8 +410,7 @@ async def find_response(store: ResponseStore | None, response_id: str, request: 
 
 async def create_response(state: ServerState, store: ResponseStore | None, body: ResponsesRequest,
                           request: Request) -> Response:  # fmt: skip
-    state.check_ready()
-    state.check_model(body.model)
+    state = await state.engine_for(body.model)
     if body.background:
         raise APIError("background responses are not supported", 400, "background")
     history: list[dict[str, Any]] = []

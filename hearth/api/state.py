@@ -1,6 +1,11 @@
-"""ServerState: what every route needs (the engine, the tokenizer and chat template, the served name, the metrics) and
-the checks they share. CPU-heavy request work (chat template rendering, tokenizing prompts) runs in a small thread pool
-(`ServerState.off_loop`), so the event loop keeps answering other requests (/health included) meanwhile.
+"""ServerState: what every route needs for one served model (the engine, the tokenizer and chat template, the served
+name, the metrics) and the checks they share. CPU-heavy request work (chat template rendering, tokenizing prompts) runs
+in a small thread pool (`ServerState.off_loop`, shared by the models of one server), so the event loop keeps answering
+other requests (/health included) meanwhile.
+
+Routes get the model a request names with `await state.engine_for(body.model)`: the ServerState of that model, ready
+to generate (loaded on first use when the server serves several, hearth/api/models.py), or an APIError (404 for a
+model the server does not have, 503 while it cannot be served yet).
 """
 
 from __future__ import annotations
@@ -21,6 +26,24 @@ PREP_WORKERS = 4  # threads rendering and tokenizing prompts; more requests wait
 T = TypeVar("T")
 
 
+class PrepPool:
+    """The worker threads that render and tokenize prompts, shared by every model of a server."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Let the worker threads go (each finishes what it is doing); `run` starts new ones if needed."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
 @dataclass
 class ServerState:
     """What every route needs: the engine, the tokenizer and template, the served name, the metrics."""
@@ -32,22 +55,29 @@ class ServerState:
     metrics: Metrics
     reasoning_parser: str | None = None
     tool_parser: str | None = None
+    prep: PrepPool = field(default_factory=PrepPool)
+    models: Any = None  # the server's ModelRegistry (hearth/api/models.py); None: this one model only
     _token_text: dict[int, str] = field(default_factory=dict)
     _chat_format: Any = None
-    _prep_executor: ThreadPoolExecutor | None = None
+
+    async def engine_for(self, model: str | None, keep_alive: float | str | None = None) -> ServerState:
+        """The state of the model a request names (None: this server's default model), ready to generate: the one
+        accessor routes use. `keep_alive` (seconds or a duration such as "10m"; 0 unloads after the request, -1
+        never) applies where the server loads models on demand."""
+        if self.models is not None:
+            return await self.models.get(model, keep_alive)
+        self.check_ready()
+        self.check_model(model)
+        return self
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker thread. The tokenizer releases the GIL while it encodes, and a template render stops
         itself at its time limit, so neither stalls the loop nor keeps a thread busy after its request is answered."""
-        if self._prep_executor is None:
-            self._prep_executor = ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="hearth-prep")
-        return await asyncio.get_running_loop().run_in_executor(self._prep_executor, functools.partial(fn, *args))
+        return await self.prep.run(fn, *args)
 
     def close(self) -> None:
         """Let the worker threads go (each finishes what it is doing); `off_loop` starts new ones if needed."""
-        if self._prep_executor is not None:
-            self._prep_executor.shutdown(wait=False, cancel_futures=True)
-            self._prep_executor = None
+        self.prep.close()
 
     @property
     def chat_format(self) -> Any:

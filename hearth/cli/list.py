@@ -4,7 +4,6 @@ LM Studio's folders) beside the known model cards. The NAME column is what `hear
 from __future__ import annotations
 
 import json
-import os
 
 
 def register(sub) -> None:
@@ -13,45 +12,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_list)
 
 
-def local_models() -> list[dict]:
-    from hearth.config import hearth_home
-    from hearth.loader import ModelLoadError
-    from hearth.loader.resolve import EMBEDDED, embedded_model_path
-
-    found = []
-    for name in EMBEDDED:
-        try:
-            path = embedded_model_path(name)
-            found.append({"name": name, "path": path, "size": os.path.getsize(path), "format": "gguf",
-                          "kind": "embedded"})  # fmt: skip
-        except ModelLoadError:
-            pass
-    models_dir = os.path.join(hearth_home(), "models")
-    if os.path.isdir(models_dir):
-        for entry in sorted(os.listdir(models_dir)):
-            path = os.path.join(models_dir, entry)
-            if entry.endswith(".gguf") and os.path.isfile(path):
-                found.append({"name": path, "path": path, "size": os.path.getsize(path), "format": "gguf",
-                              "kind": "gguf"})  # fmt: skip
-            elif os.path.isfile(os.path.join(path, "config.json")):
-                size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-                found.append({"name": path, "path": path, "size": size, "format": "safetensors", "kind": "hf"})
-    return found + stored_models()
-
-
-def stored_models() -> list[dict]:
-    """Pulled models in the Hugging Face cache, then Ollama's and LM Studio's models."""
-    from hearth.loader.hub import cached_repos
-    from hearth.loader.stores import lmstudio_models, ollama_models
-
-    return [{**r, "kind": "hf-cache"} for r in cached_repos()] + ollama_models() + lmstudio_models()
-
-
 def _size(n: int) -> str:
     return f"{n / 1e9:.1f}GB" if n >= 1e9 else f"{n / 1e6:.1f}MB"
 
 
 def cmd_list(args) -> int:
+    from hearth.loader.resolve import local_models
+
     models = local_models()
     try:
         from hearth.planner.cards import list_cards

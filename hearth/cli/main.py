@@ -14,7 +14,7 @@ import sys
 from hearth.config import ENV
 
 # subcommand modules, in the order `hearth --help` lists them
-COMMANDS = ["serve", "run", "pull", "list", "rm", "show", "plan", "bench", "keys", "audit", "usage"]
+COMMANDS = ["serve", "run", "pull", "list", "ps", "rm", "show", "plan", "bench", "keys", "audit", "usage"]
 
 
 class CliError(Exception):

@@ -57,27 +57,32 @@ def cmd_pull(args) -> int:
         raise CliError(f"pull: {args.model!r} is not a repo id (OWNER/NAME[:QUANT]) or a short name "
                        "(`hearth pull --names`)")  # fmt: skip
     try:
-        plan = hub.plan_pull(ref, args.revision, args.include)
-        total = sum(f.size for f in plan.files)
-        n = len(plan.files)
-        print(f"{ref.repo} @ {plan.commit[:12]}: {n} file{'s' if n != 1 else ''}, {hub._gb(total)}"
-              + ("" if plan.missing_bytes == total else f" ({hub._gb(plan.missing_bytes)} to download)"
-                 if plan.missing_bytes else " (all cached; checking)"))  # fmt: skip
-        for note in plan.notes:
-            print(f"  {note}")
-        fits, lines = hub.fit_report(plan)
-        for line in lines:
-            print(f"  {line}")
-        sys.stdout.flush()
-        hub.check_disk_space(plan)
-        if fits is False and not confirm("It does not fit this machine. Download anyway?", args.yes,
-                                         f"pull: {args.model} does not fit this machine (see the plan above); "
-                                         "pass --yes to download it anyway"):  # fmt: skip
-            print("not downloaded")
-            return 1
-        folder = hub.download(plan, args.revision)
+        with hub.endpoint_only():
+            return _pull(args, hub, ref)
     except hub.HubError as e:
         raise CliError(f"pull: {e}") from None
+
+
+def _pull(args, hub, ref) -> int:
+    plan = hub.plan_pull(ref, args.revision, args.include)
+    total = sum(f.size for f in plan.files)
+    n = len(plan.files)
+    print(f"{ref.repo} @ {plan.commit[:12]}: {n} file{'s' if n != 1 else ''}, {hub._gb(total)}"
+          + ("" if plan.missing_bytes == total else f" ({hub._gb(plan.missing_bytes)} to download)"
+             if plan.missing_bytes else " (all cached; checking)"))  # fmt: skip
+    for note in plan.notes:
+        print(f"  {note}")
+    fits, lines = hub.fit_report(plan)
+    for line in lines:
+        print(f"  {line}")
+    sys.stdout.flush()
+    hub.check_disk_space(plan)
+    if fits is False and not confirm("It does not fit this machine. Download anyway?", args.yes,
+                                     f"pull: {args.model} does not fit this machine (see the plan above); "
+                                     "pass --yes to download it anyway"):  # fmt: skip
+        print("not downloaded")
+        return 1
+    folder = hub.download(plan, args.revision)
     print(f"pulled {ref.repo} into {folder}")
     print(f"run it offline: hearth run {args.model}")
     return 0

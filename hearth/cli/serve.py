@@ -1,14 +1,19 @@
-"""`hearth serve [MODEL]`: the OpenAI-compatible server (uvicorn) over an AsyncEngine.
+"""`hearth serve [MODEL]`: the OpenAI-compatible server (uvicorn) over AsyncEngines.
 
-The server listens at once and loads the model in the background, so /health answers 503 "loading" until it is
-ready. It binds 127.0.0.1; any other address needs API keys (`hearth keys create`) or --insecure-no-auth. At start it
-installs the offline guard (no outbound connections; --allow-network lifts it) and opens the audit log. If the engine
-thread dies, the server shuts down and the command exits with status 1, for a supervisor to restart it.
+It serves every model `hearth list` shows, by name, each loaded on the first request that names it and unloaded after
+--keep-alive idle or when another needs the memory (hearth/api/models.py). MODEL, when given, is preloaded as the
+default (requests without a model go to it) and stays loaded; with --only it is the one model served. The server
+listens at once and loads MODEL in the background, so /health answers 503 "loading" until it is ready.
+
+It binds 127.0.0.1; any other address needs API keys (`hearth keys create`) or --insecure-no-auth. At start it installs
+the offline guard (no outbound connections; --allow-network lifts it) and opens the audit log. If the default model's
+engine thread dies, the server shuts down and the command exits with status 1, for a supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -18,7 +23,7 @@ from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL = "smollm2"  # what `hearth serve --only` serves when no MODEL is given
 
 
 def register(sub) -> None:
@@ -27,14 +32,27 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "serve", help="Start the OpenAI-compatible server", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a model under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, "
-        "/health, /metrics). Listens on 127.0.0.1 only unless told otherwise.",
-        epilog="examples:\n  hearth serve\n  hearth serve ./model.gguf --port 8080 --served-model-name my-model\n\n"
+        description="Serve the local models under the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, "
+        "/v1/models, /health, /metrics, /api/ps) and Anthropic's (/v1/messages): each loads on the first request naming "
+        "it. Listens on 127.0.0.1 only unless told otherwise.",
+        epilog="examples:\n  hearth serve\n  hearth serve smollm2 --keep-alive 30m\n"
+        "  hearth serve ./model.gguf --only --port 8080 --served-model-name my-model\n\n"
         "  hearth serve --host 0.0.0.0   (after `hearth keys create --name NAME`)\n\n"
         + env_epilog(["HEARTH_HOME", "HEARTH_NUM_THREADS", "HEARTH_LOG_LEVEL"]),
     )  # fmt: skip
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"smollm2, a .gguf file, an HF folder (default "
-                   f"{DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("model", nargs="?", help="a model to preload as the default: a name from `hearth list`, a .gguf file "
+                   "or an HF folder (default: none; every local model loads on its first request)")  # fmt: skip
+    p.add_argument("--only", action="store_true",
+                   help=f"serve MODEL alone (default {DEFAULT_MODEL}), not the other local models")  # fmt: skip
+    p.add_argument("--keep-alive", default="5m",
+                   help="how long a model stays loaded after its last request: seconds or a duration such as 10m or "
+                        "1h; 0 unloads at once, -1 never (default 5m; a request's keep_alive overrides it)")  # fmt: skip
+    p.add_argument("--max-memory",
+                   help="memory the loaded models may hold together (weights + KV cache, as planned): a size such as "
+                        "24GiB, or a fraction of RAM (< 1); least recently used models are unloaded to stay within "
+                        "it (default 0.75 of RAM)")  # fmt: skip
+    p.add_argument("--load-timeout", type=float, default=120.0,
+                   help="seconds a request waits for its model to load before a 503 (default 120)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", help="model id clients use (default: the model reference)")
@@ -125,9 +143,11 @@ def build_app(
     require_key: bool = False,
     cors_origins: list[str] | None = None,
     responses_store=None,
+    models=None,
 ):
     """The app `hearth serve` runs: tokenizer and template now, the engine loading in the background once the app
-    starts (with the same tokenizer). Returns (app, engine).
+    starts (with the same tokenizer). Returns (app, engine). `ref` None: no default model (needs `models`, a
+    ModelRegistry, whose models then load on demand); engine is then None.
     """
     from hearth.api.app import create_app
     from hearth.api.errors import DEFAULT_MAX_BODY_BYTES
@@ -135,6 +155,11 @@ def build_app(
     from hearth.engine.loading import LoadingEngine
     from hearth.tokenizer import load_tokenizer
 
+    if ref is None:
+        app = create_app(None, None, None, None, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, keys=keys,
+                         audit=audit, require_key=require_key, cors_origins=cors_origins, ledger=ledger,
+                         models=models)  # fmt: skip
+        return app, None
     tokenizer = load_tokenizer(ref.path)
     template = load_chat_template(tokenizer)
 
@@ -147,7 +172,11 @@ def build_app(
     app = create_app(engine, tokenizer, template, served_model_name or ref.name,
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, reasoning_parser=reasoning_parser,
                      tool_parser=tool_parser, keys=keys, audit=audit, require_key=require_key,
-                     cors_origins=cors_origins, ledger=ledger, responses_store=responses_store)  # fmt: skip
+                     cors_origins=cors_origins, ledger=ledger, models=models,
+                     responses_store=responses_store)  # fmt: skip
+    if models is not None and models.source is not None:  # the default's memory counts against the budget too
+        with contextlib.suppress(Exception):  # a model that cannot be planned fails its load, with the reason
+            models.entry(served_model_name or ref.name).size = models.source.estimate(ref)
     return app, engine
 
 
@@ -183,12 +212,18 @@ def cmd_serve(args) -> int:
 def _serve(args, keys, has_keys: bool) -> int:
     import uvicorn
 
+    from hearth.api.models import LocalModels, ModelRegistry, default_budget_bytes, parse_keep_alive
     from hearth.cli.main import CliError
-    from hearth.config import EngineConfig
+    from hearth.config import EngineConfig, kv_budget_bytes
     from hearth.governance.audit import AuditLog
     from hearth.loader.resolve import resolve_model
 
-    ref = resolve_model(args.model)
+    model = args.model or (DEFAULT_MODEL if args.only else None)
+    ref = resolve_model(model) if model is not None else None
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive)
+    except ValueError as e:
+        raise CliError(f"--keep-alive: {e}") from None
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype", "scheduling_policy",
              "int8_prefill", "admission_wait_ms")  # fmt: skip
     engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
@@ -197,7 +232,19 @@ def _serve(args, keys, has_keys: bool) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = args.served_model_name or ref.name
+    if args.served_model_name and ref is None:
+        raise CliError("--served-model-name names the preloaded MODEL; give one")
+    name = (args.served_model_name or ref.name) if ref is not None else None
+    models = None
+    if not args.only:
+        budget = default_budget_bytes(device)
+        if args.max_memory is not None:
+            try:
+                budget = kv_budget_bytes(args.max_memory, budget * 4 // 3)
+            except ValueError:
+                raise CliError(f"--max-memory: cannot read {args.max_memory!r} (try 24GiB, 512MiB or 0.5)") from None
+        models = ModelRegistry(LocalModels(engine_config, device), keep_alive=keep_alive, budget_bytes=budget,
+                               load_timeout=args.load_timeout)  # fmt: skip
     server: uvicorn.Server | None = None
 
     def on_failure(e: BaseException) -> None:
@@ -217,12 +264,19 @@ def _serve(args, keys, has_keys: bool) -> int:
                             max_body_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser,
                             tool_parser=args.tool_call_parser, on_failure=on_failure, keys=keys, audit=audit,
                             ledger=ledger, responses_store=responses_store,
-                            require_key=args.require_key, cors_origins=args.cors_origins)  # fmt: skip
+                            require_key=args.require_key, cors_origins=args.cors_origins, models=models)  # fmt: skip
     if not is_loopback(args.host) and not has_keys:
         logger.warning("listening on %s WITHOUT authentication (--insecure-no-auth): anyone who can reach this "
                        "address can use the model", args.host)  # fmt: skip
     url = base_url(args.host, args.port)
-    print(f"Hearth is serving {name} at {url} (OpenAI API at {url}/v1; loading the model, /health says when ready)")
+    if name is None:
+        print(f"Hearth is serving the local models at {url} (OpenAI API at {url}/v1; each loads on its first request, "
+              f"`hearth list` names them, `hearth ps` shows the loaded ones)")  # fmt: skip
+    elif models is None:
+        print(f"Hearth is serving {name} at {url} (OpenAI API at {url}/v1; loading the model, /health says when ready)")
+    else:
+        print(f"Hearth is serving {name} and the other local models at {url} (OpenAI API at {url}/v1; loading {name}, "
+              "/health says when ready; the others load on their first request)")  # fmt: skip
     print(f"Chat in your browser: {url}/")
     if args.allow_network:
         print("Network: outbound connections allowed (--allow-network)")
@@ -235,7 +289,7 @@ def _serve(args, keys, has_keys: bool) -> int:
     print("Responses store: " + (f"{responses_store.path} (POST /v1/responses with store true; --no-store turns it off)"
                                  if responses_store is not None else "off (--no-store)"))  # fmt: skip
     print("Try:")
-    print(f"  {curl_example(url, name, has_keys or args.require_key)}")
+    print(f"  {curl_example(url, name or DEFAULT_MODEL, has_keys or args.require_key)}")
     sys.stdout.flush()
     from hearth.api.errors import http_protocol
 
@@ -247,8 +301,10 @@ def _serve(args, keys, has_keys: bool) -> int:
         server.run(sockets=[args.sandbox_socket])
     else:
         server.run()
+    if engine is None:
+        return 0
     if engine.state == "failed":
-        raise CliError(f"could not load {args.model}; see the log above")
+        raise CliError(f"could not load {model}; see the log above")
     if engine.state == "dead":
         raise CliError("the engine stopped after an internal error (see the log above); exiting so that a supervisor "
                        "can restart the server")  # fmt: skip

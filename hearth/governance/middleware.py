@@ -202,7 +202,8 @@ class GovernanceMiddleware:
                             used = reservation.prompt_tokens if status == CLIENT_CLOSED or not started else 0
                         self.limiter.settle(reservation, used)
                 if self.ledger is not None and usage is not None and status == 200:
-                    await anyio.to_thread.run_sync(self.record_usage, usage, record, start)
+                    model = state.get("model") or self.served_model_name
+                    await anyio.to_thread.run_sync(self.record_usage, usage, record, start, model)
                 if self.audit is not None:
                     entry = self.entry(scope, state, record, status, time.perf_counter() - start, transcripts)
                     bodies = (b"".join(request_chunks), b"".join(response_chunks)) if transcripts else None
@@ -222,7 +223,7 @@ class GovernanceMiddleware:
             "client": client[0] if client else None,
             "method": scope.get("method"),
             "endpoint": scope.get("path"),
-            "model": self.served_model_name if usage is not None else None,
+            "model": (state.get("model") or self.served_model_name) if usage is not None else None,
             "prompt_tokens": usage.prompt_tokens if usage is not None else 0,
             "completion_tokens": usage.completion_tokens if usage is not None else 0,
             "cached_tokens": sum(usage.cached.values()) if usage is not None else 0,
@@ -232,10 +233,10 @@ class GovernanceMiddleware:
             "transcript": transcripts,
         }
 
-    def record_usage(self, usage: Any, record: Any, start: float) -> None:
+    def record_usage(self, usage: Any, record: Any, start: float, model: str | None = None) -> None:
         duration = time.perf_counter() - start
         try:
-            self.ledger.record(self.served_model_name, record.id if record is not None else None, usage.prompt_tokens,
+            self.ledger.record(model or self.served_model_name, record.id if record is not None else None, usage.prompt_tokens,
                                sum(usage.cached.values()), usage.completion_tokens, usage.reasoning_tokens,
                                time.time() - duration, duration)  # fmt: skip
         except Exception:

@@ -1,10 +1,12 @@
 """Per-step attention metadata set by the model runner and read by attention (nano-vllm's utils/context.py).
 
-Keeping it out of `forward` signatures keeps model code clean. Set and read only on the engine thread.
+Keeping it out of `forward` signatures keeps model code clean. Set and read on the engine thread that runs the step;
+it is thread-local, so several engines (one per loaded model, each on its own thread) never read each other's step.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -33,18 +35,20 @@ class Context:
     kv_groups: list[Context] = field(default_factory=list)
 
 
-_CONTEXT = Context()
+_LOCAL = threading.local()
 
 
 def get_context() -> Context:
-    return _CONTEXT
+    try:
+        return _LOCAL.context
+    except AttributeError:
+        _LOCAL.context = Context()
+        return _LOCAL.context
 
 
 def set_context(context: Context) -> None:
-    global _CONTEXT
-    _CONTEXT = context
+    _LOCAL.context = context
 
 
 def reset_context() -> None:
-    global _CONTEXT
-    _CONTEXT = Context()
+    _LOCAL.context = Context()

@@ -3,6 +3,11 @@
 One bounds-checked walk of the header parses everything: metadata as plain Python values and the tensor infos, so a
 corrupt file fails with one clear line instead of an exception (or an unbounded allocation) deep inside a parser.
 The file is mapped once, copy-on-write; tensors are views of that map, never copied or dequantized here.
+
+A split model (`NAME-00001-of-00003.gguf`, as llama.cpp's gguf-split writes it) opens from any of its parts: each part
+is a GGUF file of its own whose metadata says `split.no` (0-based) and `split.count`; the first also holds the model's
+metadata and `split.tensors.count`, the total over all parts. Every part is mapped and checked, and the tensors of all
+parts form one table (docs/models.md §4.1).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import struct
 import sys
 from collections.abc import Iterator
@@ -43,6 +49,8 @@ SCALAR_SIZES = {t: s.size for t, s in SCALAR_STRUCTS.items()}
 STRING, ARRAY, FLOAT32, UINT32 = (int(t) for t in (GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.FLOAT32,
                                                    GGUFValueType.UINT32))  # fmt: skip
 U64 = struct.Struct("<Q")
+SPLIT_NAME_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 
 @dataclass(slots=True)
@@ -52,6 +60,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # torch order: reversed GGUF dims, e.g. (out, in)
     nbytes: int
     offset: int  # absolute byte offset of the data in the file
+    part: int = 0  # which file of a split model holds it (0: the first, or the only one)
 
     @property
     def type_name(self) -> str:
@@ -228,13 +237,16 @@ def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorI
 class GGUFFile:
     """An open GGUF file: plain-Python `metadata`, `tensor_infos`, and `iter_tensors()` over memory-mapped data."""
 
-    def __init__(self, path: str, version: int, metadata: dict[str, Any], infos: list[TensorInfo], buf: mmap.mmap):
+    def __init__(self, path: str, version: int, metadata: dict[str, Any], infos: list[TensorInfo],
+                 buf: mmap.mmap | list[mmap.mmap], paths: list[str] | None = None):  # fmt: skip
         self.path = path
         self.version = version
         self.metadata = metadata
         self.tensor_infos = infos
-        self.file_size = len(buf)
-        self._buf = buf  # copy-on-write: tensors are writable views, and the file is never modified
+        # copy-on-write maps, one per part of a split model: tensors are writable views, and the files are never modified
+        self._bufs = buf if isinstance(buf, list) else [buf]
+        self.paths = paths or [path]  # every part's path, in order
+        self.file_size = sum(len(b) for b in self._bufs)
 
     def release_pages(self) -> None:
         """Drop the file's pages from this process's resident set (Linux MADV_PAGEOUT): after loading, weights that
@@ -242,8 +254,9 @@ class GGUFFile:
         file pages only; a page a tensor wrote to (its private copy) is kept."""
         if sys.platform != "linux":
             return
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # kernels before 5.4 lack MADV_PAGEOUT (21)
-            self._buf.madvise(getattr(mmap, "MADV_PAGEOUT", 21))
+        for buf in self._bufs:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # kernels before 5.4 lack MADV_PAGEOUT (21)
+                buf.madvise(getattr(mmap, "MADV_PAGEOUT", 21))
 
     @property
     def architecture(self) -> str:
@@ -261,7 +274,7 @@ class GGUFFile:
 
     def _tensor(self, info: TensorInfo) -> torch.Tensor | QuantizedTensor:
         if info.nbytes:  # a storage of exactly this tensor's bytes; it keeps the map alive
-            data = torch.frombuffer(self._buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+            data = torch.frombuffer(self._bufs[info.part], dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         else:
             data = torch.empty(0, dtype=torch.uint8)
         if info.ggml_type in FLOAT_TYPES:
@@ -289,8 +302,8 @@ def open_gguf(path: str | os.PathLike[str], *, check_types: bool = True) -> GGUF
     return g
 
 
-@functools.lru_cache(maxsize=2)
-def _open_cached(realpath: str, mtime_ns: int, size: int, path: str) -> GGUFFile:
+def _map(path: str, size: int) -> tuple[mmap.mmap, int, dict[str, Any], list[TensorInfo]]:
+    """One file mapped and parsed: (map, version, metadata, tensor infos)."""
     if size < 24:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -304,5 +317,69 @@ def _open_cached(realpath: str, mtime_ns: int, size: int, path: str) -> GGUFFile
         with contextlib.suppress(BufferError):
             buf.close()  # nothing views it yet
         raise
+    return buf, version, metadata, infos
+
+
+def split_parts(path: str, metadata: dict[str, Any]) -> list[str] | None:
+    """The paths of every part of a split model, in order, from one part's path and metadata; None when not split."""
+    count = metadata.get("split.count")
+    if count is None or count == 1:
+        return None
+    folder, name = os.path.split(path)
+    m = SPLIT_NAME_RE.match(name)
+    if not isinstance(count, int) or count < 1:
+        raise ModelLoadError(path, f"split.count is {count!r}: corrupt")
+    if m is None:
+        raise ModelLoadError(path, f"one part of a split model ({count} parts), but its name does not say which "
+                                   "(NAME-00001-of-0000N.gguf)")  # fmt: skip
+    if int(m[3]) != count:
+        raise ModelLoadError(path, f"named as one of {int(m[3])} parts, but its metadata says {count}")
+    return [os.path.join(folder, f"{m[1]}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _open_split(path: str, parts: list[str]) -> GGUFFile:
+    """All parts of a split model as one GGUFFile: the first part's metadata, every part's tensors."""
+    bufs: list[mmap.mmap] = []
+    infos: list[TensorInfo] = []
+    metadata: dict[str, Any] = {}
+    version = 0
+    try:
+        for i, part in enumerate(parts):
+            if not os.path.isfile(part):
+                raise ModelLoadError(path, f"part {i + 1} of {len(parts)} of this split model is missing: {part}")
+            buf, v, meta, part_infos = _map(part, os.path.getsize(part))
+            bufs.append(buf)
+            if meta.get("split.no") != i or meta.get("split.count") != len(parts):
+                raise ModelLoadError(part, f"expected part {i + 1} of {len(parts)} (split.no {i}), but its metadata says "
+                                           f"split.no {meta.get('split.no')!r} of {meta.get('split.count')!r}")  # fmt: skip
+            if i == 0:
+                version, metadata = v, {k: x for k, x in meta.items() if not k.startswith("split.")}
+                expected = meta.get("split.tensors.count")
+            infos += [TensorInfo(t.name, t.ggml_type, t.shape, t.nbytes, t.offset, i) for t in part_infos]
+        names = set()
+        for info in infos:
+            if info.name in names:
+                raise ModelLoadError(path, f"tensor {info.name!r} is in more than one part of this split model")
+            names.add(info.name)
+        if expected is not None and expected != len(infos):
+            raise ModelLoadError(path, f"split.tensors.count says {expected} tensors, but the {len(parts)} parts hold "
+                                       f"{len(infos)}: a part is missing or corrupt")  # fmt: skip
+    except BaseException:
+        for buf in bufs:
+            with contextlib.suppress(BufferError):
+                buf.close()
+        raise
+    logger.debug("opened %s: split GGUF v%d, %d parts, %d tensors", path, version, len(parts), len(infos))
+    return GGUFFile(parts[0], version, metadata, infos, bufs, parts)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(realpath: str, mtime_ns: int, size: int, path: str) -> GGUFFile:
+    buf, version, metadata, infos = _map(path, size)
+    parts = split_parts(path, metadata)
+    if parts is not None:
+        with contextlib.suppress(BufferError):
+            buf.close()
+        return _open_split(path, parts)
     logger.debug("opened %s: GGUF v%d, %d tensors, %d keys", path, version, len(infos), len(metadata))
     return GGUFFile(path, version, metadata, infos, buf)

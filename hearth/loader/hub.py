@@ -109,6 +109,54 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
+# the public hub serves large files from its own CDN domains; a mirror's (HF_ENDPOINT) CDN must be its own subdomains
+HUB_CDN_DOMAINS = {"huggingface.co": ("huggingface.co", "hf.co")}
+
+
+def endpoint_allows(url: str, endpoint: str | None = None) -> bool:
+    """Whether `pull` may send a request to `url`: the endpoint's own host (any port, any scheme) or one of its
+    subdomains (a mirror's CDN), plus the hub's CDN domains when the endpoint is the public hub."""
+    from urllib.parse import urlsplit
+
+    home = (urlsplit(endpoint or hub_endpoint()).hostname or "").lower()
+    host = (urlsplit(url).hostname or "").lower()
+    if not home or not host:
+        return False
+    domains = HUB_CDN_DOMAINS.get(home, (home,))
+    return host == home or any(host == d or host.endswith("." + d) for d in domains)
+
+
+@contextlib.contextmanager
+def endpoint_only():
+    """While it is open, huggingface_hub's HTTP requests (redirects included) go to the endpoint's hosts only
+    (`endpoint_allows`); any other is refused with a HubError before it connects. Its Xet transfer (native code this
+    check cannot see) is off meanwhile, so every byte comes over HTTP."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    endpoint = hub_endpoint()
+
+    def check(request) -> None:
+        if not endpoint_allows(str(request.url), endpoint):
+            raise HubError(f"refusing a request to {request.url.host}: `hearth pull` talks to {endpoint} (HF_ENDPOINT) "
+                           "and its own hosts only")  # fmt: skip
+
+    def factory():
+        client = _http.default_client_factory()
+        client.event_hooks["request"] = [*client.event_hooks["request"], check]
+        return client
+
+    previous, xet = _http._GLOBAL_CLIENT_FACTORY, constants.HF_HUB_DISABLE_XET
+    huggingface_hub.set_client_factory(factory)
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = xet
+        huggingface_hub.set_client_factory(previous)
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
@@ -240,10 +288,7 @@ def local_hub_model(ref: str) -> tuple[str, str] | None:
         if not files:
             raise ModelLoadError(ref, f"no cached GGUF file for tag {hub_ref.tag!r} (cached: "
                                       f"{', '.join(gguf_tags(ggufs)) or 'none'}; `hearth pull {ref}` fetches it)")  # fmt: skip
-    if _SPLIT_RE.search(files[0]):
-        raise ModelLoadError(ref, f"split GGUF ({len(files)} parts) is not loadable yet; merge it into one file with "
-                                  "llama.cpp's `llama-gguf-split --merge`")  # fmt: skip
-    return os.path.join(folder, files[0]), "gguf"
+    return os.path.join(folder, files[0]), "gguf"  # a split model: its first part (the loader opens them all)
 
 
 def cached_repos() -> list[dict]:

@@ -107,3 +107,37 @@ def resolve_stored(ref: str) -> ModelRef | None:
         if path is not None:
             return _checked_gguf(ref, path, "lmstudio")
     return None
+
+
+def local_models() -> list[dict]:
+    """Every model on this machine Hearth can run, as `hearth list` shows them: embedded, $HEARTH_HOME/models, then
+    the stores (`stored_models`). Each row: name (what `run`/`serve` take), path, size, format, kind."""
+    from hearth.config import hearth_home
+
+    found = []
+    for name in EMBEDDED:
+        try:
+            path = embedded_model_path(name)
+            found.append({"name": name, "path": path, "size": os.path.getsize(path), "format": "gguf",
+                          "kind": "embedded"})  # fmt: skip
+        except ModelLoadError:
+            pass
+    models_dir = os.path.join(hearth_home(), "models")
+    if os.path.isdir(models_dir):
+        for entry in sorted(os.listdir(models_dir)):
+            path = os.path.join(models_dir, entry)
+            if entry.endswith(".gguf") and os.path.isfile(path):
+                found.append({"name": path, "path": path, "size": os.path.getsize(path), "format": "gguf",
+                              "kind": "gguf"})  # fmt: skip
+            elif os.path.isfile(os.path.join(path, "config.json")):
+                size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+                found.append({"name": path, "path": path, "size": size, "format": "safetensors", "kind": "hf"})
+    return found + stored_models()
+
+
+def stored_models() -> list[dict]:
+    """Pulled models in the Hugging Face cache, then Ollama's and LM Studio's models."""
+    from hearth.loader.hub import cached_repos
+    from hearth.loader.stores import lmstudio_models, ollama_models
+
+    return [{**r, "kind": "hf-cache"} for r in cached_repos()] + ollama_models() + lmstudio_models()

@@ -690,8 +690,9 @@ def test_serve_help_and_curl_example():
     from hearth.cli.main import build_parser
     from hearth.cli.serve import base_url, curl_example
 
-    args = build_parser().parse_args(["serve"])
-    assert (args.model, args.host, args.port) == ("smollm2", "127.0.0.1", 8000)
+    args = build_parser().parse_args(["serve"])  # no model: every local model, each loaded on its first request
+    assert (args.model, args.only, args.host, args.port, args.keep_alive) == (None, False, "127.0.0.1", 8000, "5m")
+    assert build_parser().parse_args(["serve", "--only"]).only  # alone: the embedded smollm2, as before
     assert base_url("::1", 8000) == "http://[::1]:8000"
     example = curl_example("http://127.0.0.1:8000", "smollm2")
     assert example.startswith("curl http://127.0.0.1:8000/v1/chat/completions") and '"model": "smollm2"' in example

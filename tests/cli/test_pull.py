@@ -172,12 +172,11 @@ def test_pull_gguf_quant_tag(hub, cache, tag, expected, capsys):
     listed = f"{GGUF}:{(tag or 'Q4_K_M').upper()}"
     assert rows[listed]["size"] == sum(len(hub.repos[GGUF][f]) for f in expected)
     assert rows[listed]["format"] == ("gguf (2 parts)" if len(expected) == 2 else "gguf")
-    if len(expected) == 2:  # found, and refused with the reason
-        from hearth.loader import ModelLoadError
+    if len(expected) == 2:  # resolves to the first part, from which the loader opens them all
         from hearth.loader.resolve import resolve_model
 
-        with pytest.raises(ModelLoadError, match="split GGUF"):
-            resolve_model(f"{GGUF}:{tag}")
+        found = resolve_model(f"{GGUF}:{tag}")
+        assert found.format == "gguf" and found.path.endswith("tiny-Q2_K-00001-of-00002.gguf")
 
 
 def test_unknown_tag_lists_the_available_ones(hub, cache):
@@ -367,3 +366,42 @@ def test_quant_selection_picks_exactly_the_tag(parts, stem, sep, data):
     assert select_files(names, casing(tag)) == sorted(expected[tag])
     with pytest.raises(HubError, match="available: " + re.escape(", ".join(sorted(parts)))):
         select_files(names, "Q7_X")
+
+
+def test_pull_talks_to_the_endpoint_hosts_only(hub, cache):
+    """A redirect to the endpoint's own host (its CDN path) is followed; one to any other host is refused in one line
+    before it connects, and nothing is written."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(hub.url).port
+    key = (GGUF, "tiny-Q8_0.gguf")
+    try:
+        hub.redirect[key] = f"http://localhost:{port}"  # the same server under another name: refused all the same
+        line = assert_one_line_error(pull(hub, cache, f"{GGUF}:Q8_0"), "refusing a request to localhost", hub.url)
+        assert "HF_ENDPOINT" in line
+        assert not any(p.startswith("/cdn/") for _, p, _ in hub.log)
+        blobs = cache / f"models--{GGUF.replace('/', '--')}" / "blobs"
+        assert not blobs.exists() or not [p for p in blobs.iterdir() if p.stat().st_size > 0]
+        hub.redirect[key] = hub.url  # the endpoint's own host: followed, and the file checks out
+        proc = pull(hub, cache, f"{GGUF}:Q8_0")
+        assert proc.returncode == 0, proc.stderr
+        assert f"/cdn/{GGUF}/tiny-Q8_0.gguf" in [p for m, p, _ in hub.log if m == "GET"]
+        assert snapshot_files(cache, GGUF) == ["tiny-Q8_0.gguf"]
+    finally:
+        hub.redirect.pop(key, None)
+
+
+def test_endpoint_allows():
+    from hearth.loader.hub import endpoint_allows
+
+    hub = "https://huggingface.co"
+    for url in ["https://huggingface.co/api/models/x", "https://cdn-lfs.huggingface.co/x", "https://cas-bridge.xethub.hf.co/x",
+                "https://hf.co/x"]:  # fmt: skip
+        assert endpoint_allows(url, hub), url
+    for url in ["https://evil.com/x", "https://huggingface.co.evil.com/x", "https://xhf.co/x", "http:///x"]:
+        assert not endpoint_allows(url, hub), url
+    mirror = "http://mirror.example.org:8080"
+    assert endpoint_allows("http://mirror.example.org:9000/x", mirror)
+    assert endpoint_allows("https://cdn.mirror.example.org/x", mirror)
+    assert not endpoint_allows("https://cdn-lfs.huggingface.co/x", mirror)
+    assert not endpoint_allows("http://localhost:8080/x", "http://127.0.0.1:8080")
