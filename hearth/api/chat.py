@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -38,6 +39,7 @@ from hearth.api.protocol import (
     TopLogprob,
     Usage,
 )
+from hearth.api.structured import check_structured, grammar_for
 from hearth.engine.protocol import Delta
 
 if TYPE_CHECKING:
@@ -126,8 +128,12 @@ class ChoiceParser:
     say where it goes wait in `pending` until the parser decides.
     """
 
-    def __init__(self, state: ServerState, with_tools: bool):
-        self.parser = state.chat_format.parser(with_tools)
+    def __init__(self, state: ServerState, with_tools: bool, tool_parser: str | None = None):
+        """`tool_parser`: parse tool calls with this one (a forced call's syntax) where the chat format has none."""
+        fmt = state.chat_format
+        if tool_parser is not None and fmt.tool_parser is None and not fmt.harmony:
+            fmt = dataclasses.replace(fmt, tool_parser=tool_parser)
+        self.parser = fmt.parser(with_tools)
         self.num_tool_calls = 0
         self.num_reasoning_tokens = 0
         self.pending = 0
@@ -171,6 +177,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     check_tool_choice(body)
+    structured = grammar_for(body, state.chat_format, state.tokenizer)
+    if structured.grammar is not None:
+        await state.off_loop(check_structured, state.tokenizer, structured)
     prompt_ids = await render_prompt(state, body)
     n = body.n
     max_tokens = token_budget(state, request, [len(prompt_ids)], n, body.max_new_tokens, "messages")
@@ -181,10 +190,11 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     for sub in subs:
         sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids
         sub.params.skip_special_tokens = fmt.skip_special_tokens
+        sub.params.grammar = structured.grammar
     model = state.served_model_name
     want_logprobs = body.logprobs
     with_tools = request_tools(body) is not None
-    parsers = [ChoiceParser(state, with_tools) for _ in range(n)]
+    parsers = [ChoiceParser(state, with_tools, structured.tool_parser) for _ in range(n)]
 
     def usage_with_reasoning(counter: UsageCounter) -> Usage:
         usage = counter.usage()

@@ -234,15 +234,22 @@ class ModelRunner:
         return self.fused_decode(input_ids, pos, torch.tensor(slots), tables, bs, pos + 1)
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[list, list[int], list]:
-        """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
+    def run(self, batch: Batch, grammars=None) -> tuple[list, list[int], list]:
+        """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs).
+
+        `grammars` (engine/structured.py's Grammars, given only while some sequence has a grammar): the masks of the
+        constrained rows are computed on its thread during the forward and applied by the sampler."""
         all_decode = all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
-        if self.fused_decode is not None and all_decode:
+        fused = self.fused_decode is not None and all_decode
+        if fused:
             sampled = list(batch.seqs)
+        else:
+            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
+        masks = grammars.start(sampled, self.config.vocab_size) if grammars is not None else None
+        if fused:
             logits = self.run_fused_decode(sampled)
         else:
             input_ids, positions, sample_rows = self.prepare(batch)
-            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
             try:
                 hidden_states = self.model(input_ids, positions)
                 # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
@@ -251,5 +258,6 @@ class ModelRunner:
                 reset_context()
             if not sampled:
                 return [], [], []
-        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled])
+        allowed = masks.result() if masks is not None else None
+        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled], allowed)
         return sampled, token_ids, logprobs
