@@ -28,14 +28,14 @@ from hearth.sampling_params import Grammar, SamplingParams
 from hearth.tokenizer import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<think>", "</think>", "<|channel|>", "<|message|>", "<|end|>", "<|start|>",
-            "<|constrain|>", "<|call|>", "<|return|>"]  # fmt: skip
+            "<|constrain|>", "<|call|>", "<|return|>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+            "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"]  # fmt: skip
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "maximum": 9,
           "minimum": 0}}, "required": ["answer", "n"], "additionalProperties": False}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    """Bytes as tokens 0..255, then the special tokens of the think and harmony formats."""
+def byte_tokenizer() -> Tokenizer:
+    """Bytes as tokens 0..255, then the special tokens of the think, harmony and DeepSeek formats."""
     alphabet = sorted(ByteLevel.alphabet())[:256]
     backend = Backend(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,13 +44,20 @@ def tokenizer() -> Tokenizer:
     return Tokenizer(backend, eos_token_ids=[backend.token_to_id("<|endoftext|>")])
 
 
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return byte_tokenizer()
+
+
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def scripted_decode(tokenizer: Tokenizer, grammar: Grammar, script: list[int], prompt: list[int],
-                    stop_ids: tuple[int, ...] = (), max_tokens: int = 300) -> tuple[list[int], str]:  # fmt: skip
-    """Decode greedily with a model that wants `script` (then end of text); returns (output ids, finish reason)."""
+                    stop_ids: tuple[int, ...] = (), max_tokens: int = 300,
+                    fallback: str = "lowest") -> tuple[list[int], str]:  # fmt: skip
+    """Decode greedily with a model that wants `script` (then end of text); where the grammar masks the script's
+    token it takes the lowest (or "highest") allowed id. Returns (output ids, finish reason)."""
     eos = tokenizer.eos_token_ids[0]
     grammars = Grammars(tokenizer, {eos})
     seq = Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, grammar=grammar,
@@ -58,7 +65,7 @@ def scripted_decode(tokenizer: Tokenizer, grammar: Grammar, script: list[int], p
     seq.grammar = grammars.sequence_grammar(grammar)
     sampler, vocab = Sampler(0), tokenizer.vocab_size
     for step in range(max_tokens):
-        logits = -torch.arange(vocab, dtype=torch.float32)[None] / vocab  # where the script is masked: lowest id
+        logits = torch.arange(vocab, dtype=torch.float32)[None] / vocab * (1 if fallback == "highest" else -1)
         logits[0, script[step] if step < len(script) else eos] = 10.0
         job = grammars.start([seq], vocab)
         (token,), _ = sampler(logits, [seq], [None], job.result() if job else None)
