@@ -258,6 +258,6 @@ class ModelRunner:
                 reset_context()
             if not sampled:
                 return [], [], []
-        allowed = masks.result() if masks is not None else None
-        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled], allowed)
+        banned = masks.result() if masks is not None else None
+        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled], banned)
         return sampled, token_ids, logprobs

@@ -12,7 +12,7 @@ hand (an Earley parser over a lexer over the token trie) is what llguidance exis
   of the reasoning), then advances its matcher with each committed token and says when the grammar is complete.
 - `Grammars`, one per engine: `start(seqs)` computes the masks of a step's constrained rows in one llguidance call on a
   background thread while the model runs its forward pass; `MaskJob.result()` gives them to the sampler as a boolean
-  [rows, vocab] tensor. Sequences without a grammar never reach this module.
+  [rows, vocab] tensor of the tokens each row may not pick. Sequences without a grammar never reach this module.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from hearth.sampling_params import Grammar
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 # whitespace until max_tokens runs out, and the text reads like ordinary JSON
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 64  # compiled grammars kept per tokenizer
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -150,16 +150,19 @@ class SequenceGrammar:
         return self.complete
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, words] int32 (bit j of word w: token 32w + j) -> bool [rows, vocab]; tokens past the mask are off."""
-    bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(bitmask.shape[0], -1).bool()
+def banned_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, words] int32 of allowed tokens (bit j of word w: token 32w + j) -> bool [rows, vocab], True where a token
+    is NOT allowed (what the sampler sets to -inf); tokens past the mask are banned. Little-endian words read as bytes
+    in order are the tokens in order, so numpy's unpackbits does the work in one C loop."""
+    words = (~bitmask).numpy().view(np.uint8)
+    bits = torch.from_numpy(np.unpackbits(words, axis=1, bitorder="little")).view(torch.bool)
     if bits.shape[1] >= vocab:
         return bits[:, :vocab]
-    return torch.cat([bits, bits.new_zeros(bits.shape[0], vocab - bits.shape[1])], dim=1)
+    return torch.cat([bits, bits.new_ones(bits.shape[0], vocab - bits.shape[1])], dim=1)
 
 
 class MaskJob:
-    """The allowed tokens of one step's constrained rows, being computed; `result()` -> (row indices, bool mask)."""
+    """The banned tokens of one step's constrained rows, being computed; `result()` -> (row indices, bool mask)."""
 
     def __init__(self, future: Future) -> None:
         self.future = future
@@ -201,14 +204,14 @@ class Grammars:
         # one call for the whole step; llguidance spreads the rows over its threads without the GIL
         matchers = [(seq.grammar.matcher, k) for k, (_, seq) in enumerate(rows)]
         self.compiler.executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(rows))
-        allowed = unpack_bitmask(bitmask, vocab)
+        banned = banned_tokens(bitmask, vocab)
         for k, (_, seq) in enumerate(rows):
             if seq.grammar.matcher.is_accepting():  # complete: the request's stop tokens end it as well as eos
-                stops = [t for t in self._stop_ids(seq) if t < vocab]
-                allowed[k, stops] = True
-            if not bool(allowed[k].any()):
-                raise ValueError(f"the grammar of request {seq.request_id} allows no token")
-        return [i for i, _ in rows], allowed
+                banned[k, [t for t in self._stop_ids(seq) if t < vocab]] = False
+        stuck = banned.all(dim=1).nonzero().flatten().tolist()
+        if stuck:
+            raise ValueError(f"the grammar of request {rows[stuck[0]][1].request_id} allows no token")
+        return [i for i, _ in rows], banned
 
     def close(self) -> None:
         if self._pool is not None:

@@ -57,11 +57,11 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list, generators: list[torch.Generator | None],
-                 allowed: tuple[list[int], torch.Tensor] | None = None):  # fmt: skip
+                 banned: tuple[list[int], torch.Tensor] | None = None):  # fmt: skip
         """logits [num_seqs, vocab] -> (token ids, per-sequence TokenLogprob or None).
 
-        `allowed`: (rows, bool [len(rows), vocab]) the only tokens those rows may pick (a grammar's mask); the others
-        are set to -inf after the penalties, before greedy, temperature and top-k/p/min-p."""
+        `banned`: (rows, bool [len(rows), vocab]) tokens those rows may not pick (outside a grammar): set to -inf after
+        the penalties, before greedy, temperature and top-k/p/min-p."""
         logits = logits.float()
         bad = ~(logits < float("inf")).all(-1)  # a NaN or +inf logit: nothing sensible can be sampled from the row
         if bool(bad.any()):
@@ -74,9 +74,13 @@ class Sampler:
         greedy_rows = [i for i, seq in enumerate(seqs) if seq.params.is_greedy]
         for i, seq in enumerate(seqs):
             apply_penalties(logits[i], seq.token_ids, seq.num_prompt_tokens, seq.params)
-        if allowed is not None:
-            rows = torch.tensor(allowed[0], device=logits.device)
-            logits[rows] = logits[rows].masked_fill(~allowed[1].to(logits.device), float("-inf"))
+        if banned is not None:
+            rows, mask = banned[0], banned[1].to(logits.device)
+            if len(rows) == len(seqs):  # every row constrained: one call
+                logits.masked_fill_(mask, float("-inf"))
+            else:
+                for k, i in enumerate(rows):
+                    logits[i].masked_fill_(mask[k], float("-inf"))
         greedy = logits.argmax(-1).tolist() if greedy_rows else []
         for i, seq in enumerate(seqs):
             p = seq.params

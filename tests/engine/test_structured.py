@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.pre_tokenizers import ByteLevel
 
 from hearth.engine.sequence import Sequence
-from hearth.engine.structured import Grammars, SequenceGrammar, json_schema_text, unpack_bitmask
+from hearth.engine.structured import Grammars, SequenceGrammar, banned_tokens, json_schema_text
 from hearth.layers.sampler import Sampler
 from hearth.sampling_params import Grammar, SamplingParams
 from hearth.tokenizer import Tokenizer
@@ -146,12 +146,12 @@ def test_a_trigger_that_never_comes_leaves_the_output_free(tokenizer):
     assert reason == "stop" and out == script + tokenizer.eos_token_ids
 
 
-def test_unpack_bitmask_matches_bit_by_bit():
+def test_banned_tokens_are_the_unset_bits():
     gen = torch.Generator().manual_seed(0)
     words = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=gen)
     for vocab in (150, 160, 170):
-        got = unpack_bitmask(words, vocab)
-        want = [[t < 160 and bool((int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)] for r in range(3)]
+        got = banned_tokens(words, vocab)
+        want = [[not (t < 160 and (int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)] for r in range(3)]
         assert got.tolist() == want
 
 
@@ -225,3 +225,21 @@ def test_a_grammar_that_does_not_compile_is_refused_by_the_engine(llm):
     with pytest.raises(EngineError, match="uniqueItems") as info:
         llm.engine.add_request([1, 2, 3], bad, "bad")
     assert info.value.status == 400 and "bad" not in llm.engine.seqs
+
+
+def test_the_sampler_never_picks_a_banned_token():
+    class Row:
+        def __init__(self, temperature: float) -> None:
+            self.params, self.token_ids, self.num_prompt_tokens = SamplingParams(temperature=temperature), [1], 1
+
+    gen = torch.Generator().manual_seed(0)
+    seqs = [Row(0.0), Row(1.0), Row(0.0), Row(2.0)]
+    for rows in ([0, 1, 2, 3], [1, 2]):
+        for _ in range(20):
+            logits = torch.randn(4, 50, generator=gen) * 5
+            banned = torch.rand(len(rows), 50, generator=gen) < 0.9
+            banned[:, 7] = False  # at least one allowed token per row
+            tokens, _ = Sampler(0)(logits, seqs, [None] * 4, (rows, banned))
+            assert all(not banned[k, tokens[i]] for k, i in enumerate(rows))
+            free = [i for i in range(4) if i not in rows and seqs[i].params.is_greedy]
+            assert all(tokens[i] == int(logits[i].argmax()) for i in free)  # unconstrained rows as without a mask

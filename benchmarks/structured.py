@@ -1,0 +1,89 @@
+"""Structured-output overhead: decode throughput with and without a JSON-schema constraint, in the same run.
+
+N clients (--concurrency, default 1 and 16) each send --requests-per-client requests one after another straight to
+the engine (no HTTP: the constraint's cost is what is measured), greedy, --max-tokens tokens out. The constrained arm's
+schema is an array of short strings that cannot be complete within max_tokens, so both arms decode the same number
+of tokens and every step of the constrained arm computes masks. Arms alternate, --repeat times; printed: one JSON
+object with each arm's output tok/s (median) and the constrained/free ratio per concurrency.
+
+    python benchmarks/structured.py --concurrency 1 16 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+
+
+def run_arm(engine, prompt_ids: list[int], params, clients: int, per_client: int) -> float:
+    """Output tokens per second of `clients` closed-loop clients sending `per_client` requests each."""
+    ids = itertools.count()
+    left = {c: per_client for c in range(clients)}
+    owner: dict[str, int] = {}
+
+    def submit(client: int) -> None:
+        request_id = f"r{next(ids)}"
+        owner[request_id] = client
+        left[client] -= 1
+        engine.add_request(prompt_ids, params, request_id)
+
+    tokens = 0
+    start = time.perf_counter()
+    for client in range(clients):
+        submit(client)
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens += len(delta.token_ids)
+            if delta.finished:
+                client = owner.pop(delta.request_id)
+                if left[client]:
+                    submit(client)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("HEARTH_NUM_THREADS", str(args.threads))
+
+    from hearth.config import EngineConfig
+    from hearth.engine.llm_engine import LLMEngine
+    from hearth.engine.structured import json_schema_text
+    from hearth.loader.resolve import resolve_model
+    from hearth.sampling_params import Grammar, SamplingParams
+
+    engine = LLMEngine(resolve_model(args.model), EngineConfig(max_model_len=1024, max_num_seqs=max(args.concurrency)))
+    prompt = "<|im_start|>user\nList as many fruits as you can, as a JSON array.<|im_end|>\n<|im_start|>assistant\n"
+    prompt_ids = engine.tokenizer.encode(prompt)
+    schema = {"type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 4 * args.max_tokens}
+    arms = {
+        "free": SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True),
+        "json": SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                               grammar=Grammar("json_schema", json_schema_text(schema))),
+    }  # fmt: skip
+    run_arm(engine, prompt_ids, arms["json"], 1, 1)  # warm-up: compiles the grammar, builds the llguidance tokenizer
+    rows = {}
+    for clients in args.concurrency:
+        rates: dict[str, list[float]] = {arm: [] for arm in arms}
+        for _ in range(args.repeat):
+            for arm, params in arms.items():  # interleaved, so load from other processes hits both arms alike
+                rates[arm].append(run_arm(engine, prompt_ids, params, clients, args.requests_per_client))
+        free, constrained = statistics.median(rates["free"]), statistics.median(rates["json"])
+        rows[str(clients)] = {"free_tok_s": round(free, 1), "json_tok_s": round(constrained, 1),
+                              "ratio": round(constrained / free, 3), "runs": rates}  # fmt: skip
+    print(json.dumps({"bench": "structured", "model": args.model, "threads": args.threads,
+                      "max_tokens": args.max_tokens, "concurrency": rows}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
