@@ -139,6 +139,16 @@ def test_json_object_and_completions(client):  # noqa: F811
     assert all(valid(schema, c.text) for c in done.choices)
 
 
+def test_streamed_constrained_output_is_the_same_json(client):  # noqa: F811
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS[12]}}
+    kwargs = {"temperature": 0, "response_format": fmt}
+    messages = [{"role": "user", "content": "Some tagged items as JSON."}]
+    whole = ask(client, messages, **kwargs).choices[0]
+    chunks = [c for c in ask(client, messages, stream=True, **kwargs) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "stop" and valid(SCHEMAS[12], whole.message.content)
+
+
 class Step(pydantic.BaseModel):
     explanation: str = pydantic.Field(max_length=40)
     output: int
