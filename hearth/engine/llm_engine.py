@@ -55,7 +55,6 @@ class LLMEngine:
         self.model_info = ModelInfo(ref.name, self.max_model_len, self.model_config.architecture, ",".join(quant) or None)
         self._step_finished = False  # the last step finished a request (admission_wait_s)
         self.grammars = None  # structured.Grammars, built with the first request that has a grammar
-        self.constrained: set[str] = set()  # request ids of the unfinished sequences with a grammar
 
     @property
     def stats(self) -> EngineStats:
@@ -86,9 +85,13 @@ class LLMEngine:
         self.seqs[request_id] = seq  # registered only once nothing above can raise
         self.detokenizers[request_id] = detokenizer
         if seq.grammar is not None:
-            self.constrained.add(request_id)
+            self.grammars.live.add(request_id)
         self.scheduler.add(seq)
         return seq
+
+    def _unconstrain(self, request_id: str) -> None:
+        if self.grammars is not None:
+            self.grammars.live.discard(request_id)
 
     def _sequence_grammar(self, params: SamplingParams):
         """The sequence's matcher (its grammar compiled once per engine and kept); EngineError (400) for a grammar
@@ -97,7 +100,7 @@ class LLMEngine:
 
         try:
             if self.grammars is None:
-                self.grammars = Grammars(self.tokenizer, self.eos_token_ids)
+                self.grammars = self.runner.grammars = Grammars(self.tokenizer, self.eos_token_ids)
             return self.grammars.sequence_grammar(params.grammar)
         except GrammarError as e:
             raise EngineError(f"the grammar cannot be used: {e}", 400, "response_format") from None
@@ -107,7 +110,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.detokenizers.pop(request_id, None)
-        self.constrained.discard(request_id)
+        self._unconstrain(request_id)
         self.scheduler.finish(seq, "abort")
         return self._delta(seq, [], "", None)
 
@@ -160,7 +163,7 @@ class LLMEngine:
         """Run `batch` and postprocess it, adding (sequence, token, logprob) to `sampled`; when the run raises, run
         each half of the batch on its own, down to single sequences, and put those that fail alone in `failed`."""
         try:
-            seqs, token_ids, logprobs = self.runner.run(batch, self.grammars if self.constrained else None)
+            seqs, token_ids, logprobs = self.runner.run(batch)
         except Exception as e:
             if len(batch.seqs) == 1:
                 failed.append((batch.seqs[0], e))
@@ -185,7 +188,7 @@ class LLMEngine:
         self.scheduler.finish(seq, "error")
         self.seqs.pop(seq.request_id, None)
         self.detokenizers.pop(seq.request_id, None)
-        self.constrained.discard(seq.request_id)
+        self._unconstrain(seq.request_id)
         delta = self._delta(seq, [], "", None)
         delta.error = EngineError("internal error while generating this request", 500)
         return delta
@@ -205,5 +208,5 @@ class LLMEngine:
                 text += detok.flush()
         if seq.is_finished:
             del self.seqs[seq.request_id], self.detokenizers[seq.request_id]
-            self.constrained.discard(seq.request_id)
+            self._unconstrain(seq.request_id)
         return self._delta(seq, [token_id], text, None if lp is None else [lp])

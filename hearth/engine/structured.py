@@ -177,6 +177,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, eos_token_ids: set[int]) -> None:
         self.compiler = compiler_for(tokenizer)
         self.eos_token_ids = sorted(eos_token_ids)
+        self.live: set[str] = set()  # request ids of the unfinished sequences with a grammar (empty: no mask work)
         self._pool: ThreadPoolExecutor | None = None
 
     def sequence_grammar(self, grammar: Grammar) -> SequenceGrammar:

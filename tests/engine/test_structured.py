@@ -215,7 +215,7 @@ def test_a_constrained_request_leaves_its_unconstrained_neighbours_unchanged(llm
     for i in range(3):
         assert reasons[f"json-{i}"] == "stop"
         jsonschema.validate(json.loads(llm.tokenizer.decode(tokens[f"json-{i}"])), ANSWER)
-    assert not engine.constrained  # finished sequences leave the grammar path
+    assert not engine.grammars.live  # finished sequences leave the grammar path
 
 
 def test_a_grammar_that_does_not_compile_is_refused_by_the_engine(llm):
