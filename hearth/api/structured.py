@@ -6,7 +6,9 @@ the routes built on its request model) passes its `response_format`, `tools` and
 Where the constraint starts depends on the model's chat format, and only here is that known; the engine gets a
 trigger (token ids) and a grammar:
 - no reasoning: the whole output is constrained from its first token;
-- `<think>` reasoning: the trigger is `</think>`, so the thought stays free and the answer after it is constrained;
+- `<think>` reasoning opened by the prompt: the trigger is `</think>`, so the thought stays free and the answer after
+  it is constrained; where the prompt does not open it (the model may think first or answer at once), the grammar
+  starts with an optional free `<think>…</think>` before the answer;
 - harmony (gpt-oss): a plain response format triggers on the final channel's header (`<|channel|>final<|message|>`).
   When tools are involved, one Lark grammar covers the whole output instead: any number of free analysis messages,
   then the final answer or a call written `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS`.
@@ -28,7 +30,7 @@ from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, NamedT
 from hearth.engine.structured import JSON_STYLE, GrammarError, check_grammar, json_schema_text
 from hearth.sampling_params import Grammar
 
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 HARMONY_FINAL = "<|channel|>final<|message|>"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 HERMES_TOOLS = (None, "hermes")  # tool-call parsers whose syntax `<tool_call>` JSON is
@@ -122,9 +124,28 @@ def _trigger(tokenizer: Any, fmt: Any) -> tuple[int, ...]:
         return ()
     if fmt.harmony:
         return tuple(tokenizer.encode(HARMONY_FINAL, add_special_tokens=False))
-    if fmt.reasoning_parser == "think":
+    if fmt.reasoning_parser == "think" and fmt.starts_in_reasoning:
         return tuple(tokenizer.encode(THINK_END, add_special_tokens=False))
     return ()
+
+
+def _may_think(fmt: Any) -> bool:
+    """A `<think>` format whose prompt does not open the thought: the model may think first, or answer at once."""
+    return fmt is not None and not fmt.harmony and fmt.reasoning_parser == "think" and not fmt.starts_in_reasoning
+
+
+def _with_answer(syntax: _Syntax, answer_rules: str, fmt: Any, tokenizer: Any) -> Grammar:
+    """The grammar whose rule `answer` is what the model must answer. Where the model may open a thought itself, an
+    optional free thought comes first (no trigger could tell whether one comes); otherwise the trigger, if any."""
+    if not _may_think(fmt):
+        return Grammar("lark", f"start: answer\n{answer_rules}", _trigger(tokenizer, fmt))
+    thought = [
+        "start: thought? answer",
+        f"thought: {syntax.token(THINK_START)} THOUGHT {syntax.token(THINK_END)} WS?",
+        "THOUGHT: /(?s:.*)/ & ~/(?s:.*<\\/think>.*)/",
+        "WS: /[ \\t\\r\\n]+/",
+    ]
+    return Grammar("lark", "\n".join([*thought, answer_rules]))
 
 
 def grammar_for(request: ChatCompletionRequest | CompletionRequest, fmt: Any, tokenizer: Any) -> StructuredOutput:
@@ -141,6 +162,9 @@ def grammar_for(request: ChatCompletionRequest | CompletionRequest, fmt: Any, to
     if forced is None and not strict:  # tools, if any, are free: only the answer is constrained
         if answer is None:
             return StructuredOutput()
+        if _may_think(fmt):
+            return StructuredOutput(_with_answer(_Syntax(tokenizer), f"answer: {_lark_json(answer)}", fmt, tokenizer),
+                                    schemas=tuple(schemas))  # fmt: skip
         grammar = Grammar("json_schema", json_schema_text(answer), _trigger(tokenizer, fmt))
         return StructuredOutput(grammar, schemas=tuple(schemas))
     callable_tools = forced if forced is not None else tools
@@ -165,14 +189,14 @@ def grammar_for(request: ChatCompletionRequest | CompletionRequest, fmt: Any, to
         raise APIError(f"forced or strict tool calls are not supported for the {tool_parser!r} tool-call format", 400,
                        "tool_choice")  # fmt: skip
     if forced is not None:
-        start = "start: call"
+        answer_rule = "answer: call"
     elif answer is not None:
-        start = f"start: {_lark_json(answer)} | call"
+        answer_rule = f"answer: {_lark_json(answer)} | call"
     elif tool_parser == "deepseek_v3":  # free text (which cannot hold the special tokens that open calls), or a call
-        start = "start: TEXT | call\nTEXT: /(?s:.*)/"
+        answer_rule = "answer: TEXT | call\nTEXT: /(?s:.*)/"
     else:  # free text that does not open a call (a call must go through the call rule), or a call
-        start = "start: TEXT | call\nTEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/"
-    grammar = Grammar("lark", f"{start}\n{call_rule}", _trigger(tokenizer, fmt))
+        answer_rule = "answer: TEXT | call\nTEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/"
+    grammar = _with_answer(syntax, f"{answer_rule}\n{call_rule}", fmt, tokenizer)
     return StructuredOutput(grammar, tool_parser="hermes" if tool_parser is None else None, schemas=tuple(schemas))
 
 

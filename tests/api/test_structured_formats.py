@@ -150,3 +150,20 @@ def test_the_engine_gets_the_grammar_and_bad_schemas_are_400_without_a_vocabular
         assert '"if"' in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"prompt": "x", "response_format": bad})
         assert r.status_code == 400 and '"if"' in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("script", ["<think>hm, {not JSON}</think>\n\nSure: yes!", "Sure: yes!"])
+def test_a_think_format_the_prompt_does_not_open_may_think_first_or_answer_at_once(tokenizer, script):
+    from hearth.chat.reasoning import ThinkParser
+
+    fmt = ChatFormat(reasoning_parser="think", starts_in_reasoning=False)
+    body = request(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}})
+    assert grammar_for(body, fmt, tokenizer).grammar.trigger == ()  # the grammar itself holds the optional thought
+    text, reason = decode(tokenizer, fmt, body, script, prompt="user")
+    parsed = parse(ThinkParser(starts_in_reasoning=False), text)
+    assert reason == "stop" and parsed.reasoning == ("hm, {not JSON}" if "<think>" in script else "")
+    jsonschema.validate(json.loads(parsed.content), ANSWER)
+    forced = request(tools=[WEATHER], tool_choice="required")
+    text, reason = decode(tokenizer, fmt, forced, script, prompt="user")
+    (call,) = parse(ChainedParser(ThinkParser(), HermesToolParser()), text).tool_calls
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
