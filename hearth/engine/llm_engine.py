@@ -195,8 +195,8 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, token_id: int, lp) -> Delta:
         """The Delta for the token `seq` got this step: its text (a stop token's text is not shown; the token that
-        completed a grammar is text); a stop string in
-        the text finishes the sequence ("stop", over "length"); a finished sequence's detokenizer is flushed."""
+        completed a grammar is text); a stop string in the text finishes the sequence ("stop", over "length"); a
+        finished sequence's detokenizer is flushed."""
         detok = self.detokenizers[seq.request_id]
         if seq.finish_reason == "stop" and not (seq.grammar is not None and seq.grammar.complete):  # a stop or eos token
             text = detok.flush()

@@ -7,8 +7,8 @@ Every step is safe for the parameter ranges SamplingParams admits: a logit that 
 is clamped to float32's largest value once scaled (greedy rows take the argmax, which +inf does not disturb), top-p
 always keeps the most likely token and min-p never drops it, so each row keeps at least one finite logit and
 softmax/multinomial get a proper distribution (a grammar mask always allows at least one token: engine/structured.py
-checks). Logits the model itself made NaN or +inf raise a ValueError naming the
-rows, which the engine turns into an error for those requests alone.
+checks). Logits the model itself made NaN or +inf raise a ValueError naming the rows, which the engine turns into an
+error for those requests alone.
 """
 
 from __future__ import annotations
