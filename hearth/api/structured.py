@@ -71,7 +71,8 @@ def _args_schema(tool: Tool, constrained: bool) -> dict:
 
 def _lark_json(schema: dict) -> str:
     """A schema inlined in a Lark grammar, with the JSON style set inside it (inline JSON takes no options)."""
-    return "%json " + json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_STYLE}})
+    own = schema.get("x-guidance")
+    return "%json " + json.dumps({**schema, "x-guidance": {**(own if isinstance(own, dict) else {}), **JSON_STYLE}})
 
 
 def _lark_str(text: str) -> str:

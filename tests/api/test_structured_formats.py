@@ -124,6 +124,13 @@ def test_deepseek_forced_call(tokenizer):
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
 
 
+def test_an_odd_x_guidance_key_in_a_tool_schema_is_not_a_500(tokenizer):
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x-guidance": "compact"}}}
+    out = grammar_for(request(tools=[odd], tool_choice="required"), ChatFormat(), tokenizer)
+    check_structured(tokenizer, out)
+    assert out.grammar.kind == "lark" and out.tool_parser == "hermes"
+
+
 def test_what_needs_no_grammar_gets_none(tokenizer):
     fmt = ChatFormat(tool_parser="hermes")
     assert grammar_for(request(), fmt, tokenizer).grammar is None
