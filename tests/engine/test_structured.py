@@ -82,7 +82,10 @@ def chunks(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(points, points[1:])]
 
 
-THOUGHT = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40)
+# a thought that spells out markup as text would end the parsers' reasoning where the model did not
+THOUGHT = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40).filter(
+    lambda t: "<|" not in t and "think>" not in t
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -103,7 +106,7 @@ def test_think_reasoning_is_free_and_the_answer_after_it_is_constrained(tokenize
     for piece in chunks(text, cuts):
         parsed.extend(parser.feed(piece))
     parsed.extend(parser.finish())
-    assert parsed.reasoning == thought.strip()
+    assert parsed.reasoning == thought.lstrip()  # the parser drops the whitespace after <think>
     jsonschema.validate(json.loads(parsed.content), ANSWER)
 
 
