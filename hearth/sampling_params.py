@@ -61,6 +61,27 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on the generated text: `kind` (GRAMMAR_KINDS) and its `source` (a JSON Schema as JSON text, a
+    regular expression, a Lark grammar; unused for json_object).
+
+    `trigger`: token ids after which the constraint starts (the end of the model's reasoning, a harmony final-channel
+    header); the output is free until they first appear in it. Empty: constrained from the first generated token."""
+
+    kind: str
+    source: str = ""
+    trigger: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "trigger", tuple(_integer("trigger", t) for t in self.trigger))
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request.
@@ -68,7 +89,7 @@ class SamplingParams:
     temperature 0 is greedy, and so is any temperature below GREEDY_TEMPERATURE. `seed` makes sampling reproducible
     for this request alone. `logprobs` is the number of top alternatives to return with each sampled token's
     log-probability (None: no logprobs; 0: the sampled token's only). `stop` strings end generation and never appear
-    in the returned text.
+    in the returned text. `grammar`: the output must match it (from its trigger on); complete, the request stops.
 
     Every number must be finite. Ranges: temperature [0, MAX_TEMPERATURE]; top_p (0, 1] (however small, the most
     likely token is always kept); min_p [0, 1]; top_k -1, 0 or positive; repetition_penalty within
@@ -89,6 +110,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +121,8 @@ class SamplingParams:
         self.stop_token_ids = [_integer("stop_token_ids", t) for t in self.stop_token_ids]
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             setattr(self, name, _real(name, getattr(self, name)))
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ValueError(f"grammar must be a Grammar, got {type(self.grammar).__name__}")
         self.top_k = _integer("top_k", self.top_k)
         for name in ("max_tokens", "seed", "logprobs"):
             if getattr(self, name) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from hearth.api.protocol import (
     TopLogprob,
     Usage,
 )
+from hearth.api.structured import check_structured, grammar_for
 from hearth.engine.protocol import Delta
 
 if TYPE_CHECKING:
@@ -127,8 +129,12 @@ class ChoiceParser:
     say where it goes wait in `pending` until the parser decides.
     """
 
-    def __init__(self, state: ServerState, with_tools: bool):
-        self.parser = state.chat_format.parser(with_tools)
+    def __init__(self, state: ServerState, with_tools: bool, tool_parser: str | None = None):
+        """`tool_parser`: parse tool calls with this one (a forced call's syntax) where the chat format has none."""
+        fmt = state.chat_format
+        if tool_parser is not None and fmt.tool_parser is None and not fmt.harmony:
+            fmt = dataclasses.replace(fmt, tool_parser=tool_parser)
+        self.parser = fmt.parser(with_tools)
         self.num_tool_calls = 0
         self.num_reasoning_tokens = 0
         self.pending = 0
@@ -167,11 +173,16 @@ def chat_logprobs(state: ServerState, delta: Delta) -> list[ChatLogprob]:
 
 
 async def chat_subrequests(state: ServerState, body: ChatCompletionRequest, request: Request, request_id: str,
-                           param: str = "messages") -> list[SubRequest]:  # fmt: skip
+                           param: str = "messages") -> tuple[list[SubRequest], str | None]:  # fmt: skip
     """The engine requests of a chat-shaped request (chat completions, and the endpoints translated into one): check
     tool_choice, render the prompt, take the token budget (the one length check and the key's reservation; `param`
-    names the field a too-long prompt came from) and build the n sub-requests with the chat format's stop tokens."""
+    names the field a too-long prompt came from) and build the n sub-requests with the chat format's stop tokens and
+    the grammar of `response_format` / strict or forced tools (api/structured.py). Also returns the tool-call parser a
+    forced call's syntax needs where the chat format has none (ChoiceParser's `tool_parser`)."""
     check_tool_choice(body)
+    structured = grammar_for(body, state.chat_format, state.tokenizer)
+    if structured.grammar is not None:
+        await state.off_loop(check_structured, state.tokenizer, structured)
     prompt_ids = await render_prompt(state, body)
     max_tokens = token_budget(state, request, [len(prompt_ids)], body.n, body.max_new_tokens, param)
     fmt = state.chat_format
@@ -180,7 +191,8 @@ async def chat_subrequests(state: ServerState, body: ChatCompletionRequest, requ
     for sub in subs:
         sub.params.stop_token_ids = sub.params.stop_token_ids + fmt.stop_token_ids
         sub.params.skip_special_tokens = fmt.skip_special_tokens
-    return subs
+        sub.params.grammar = structured.grammar
+    return subs, structured.tool_parser
 
 
 @dataclass
@@ -213,10 +225,10 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request:
         raise APIError("top_logprobs needs logprobs set to true", 400, "top_logprobs")
     n = body.n
     request_id = f"{id_prefix}{uuid.uuid4().hex}"
-    subs = await chat_subrequests(state, body, request, request_id)
+    subs, tool_parser = await chat_subrequests(state, body, request, request_id)
     fmt = state.chat_format
     with_tools = request_tools(body) is not None
-    return PreparedChat(state, request_id, subs, [ChoiceParser(state, with_tools) for _ in range(n)], with_tools,
+    return PreparedChat(state, request_id, subs, [ChoiceParser(state, with_tools, tool_parser) for _ in range(n)], with_tools,
                         fmt.has_reasoning)  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from hearth.api.protocol import (
     CompletionResponse,
     Usage,
 )
+from hearth.api.structured import check_structured, grammar_for
 from hearth.engine.protocol import Delta
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         raise APIError("suffix is not supported", 400, "suffix")
     if body.echo and body.logprobs is not None:
         raise APIError("echo together with logprobs is not supported (prompt logprobs are not computed)", 400, "echo")
+    structured = grammar_for(body, None, state.tokenizer)
+    if structured.grammar is not None:
+        await state.off_loop(check_structured, state.tokenizer, structured)
     prompts = await state.off_loop(_tokenize, state.tokenizer, _prompt_items(body))
     max_tokens = token_budget(state, request, [len(ids) for ids, _ in prompts], body.n, body.max_new_tokens, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -104,7 +108,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     for p, (ids, _) in enumerate(prompts):
         for j in range(body.n):
             index = p * body.n + j
-            subs.append(SubRequest(index, f"{request_id}-{index}", ids, sampling_params(body, body.logprobs, j, max_tokens)))
+            params = sampling_params(body, body.logprobs, j, max_tokens)
+            params.grammar = structured.grammar
+            subs.append(SubRequest(index, f"{request_id}-{index}", ids, params))
     model = state.served_model_name
 
     async def respond(fanout: Fanout) -> Response:

@@ -425,9 +425,9 @@ async def create_response(state: ServerState, store: ResponseStore | None, body:
     conversation = history + input_items
     chat_body = chat_request(body, conversation)
     response_id = _new_id("resp")
-    subs = await chat_subrequests(state, chat_body, request, response_id, "input")
+    subs, tool_parser = await chat_subrequests(state, chat_body, request, response_id, "input")
     fmt = state.chat_format
-    parser = ChoiceParser(state, request_tools(chat_body) is not None)
+    parser = ChoiceParser(state, request_tools(chat_body) is not None, tool_parser)
     builder = OutputBuilder()
     model = state.served_model_name
     created_at = int(time.time())

@@ -54,6 +54,7 @@ class LLMEngine:
         quant = sorted({m.quant_type for m in self.runner.model.modules() if getattr(m, "quant_type", None)})
         self.model_info = ModelInfo(ref.name, self.max_model_len, self.model_config.architecture, ",".join(quant) or None)
         self._step_finished = False  # the last step finished a request (admission_wait_s)
+        self.grammars = None  # structured.Grammars, built with the first request that has a grammar
 
     @property
     def stats(self) -> EngineStats:
@@ -78,17 +79,38 @@ class LLMEngine:
             raise EngineError(f"prompt token ids must be between 0 and {vocab - 1}", 400, "prompt")
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(prompt_ids, params, request_id, generator)
+        if params.grammar is not None:
+            seq.grammar = self._sequence_grammar(params)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
         self.seqs[request_id] = seq  # registered only once nothing above can raise
         self.detokenizers[request_id] = detokenizer
+        if seq.grammar is not None:
+            self.grammars.live.add(request_id)
         self.scheduler.add(seq)
         return seq
+
+    def _unconstrain(self, request_id: str) -> None:
+        if self.grammars is not None:
+            self.grammars.live.discard(request_id)
+
+    def _sequence_grammar(self, params: SamplingParams):
+        """The sequence's matcher (its grammar compiled once per engine and kept); EngineError (400) for a grammar
+        that does not compile (the API checks before it submits; this is for direct callers)."""
+        from hearth.engine.structured import GrammarError, Grammars
+
+        try:
+            if self.grammars is None:
+                self.grammars = self.runner.grammars = Grammars(self.tokenizer, self.eos_token_ids)
+            return self.grammars.sequence_grammar(params.grammar)
+        except GrammarError as e:
+            raise EngineError(f"the grammar cannot be used: {e}", 400, "response_format") from None
 
     def abort(self, request_id: str) -> Delta | None:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
         self.detokenizers.pop(request_id, None)
+        self._unconstrain(request_id)
         self.scheduler.finish(seq, "abort")
         return self._delta(seq, [], "", None)
 
@@ -166,15 +188,17 @@ class LLMEngine:
         self.scheduler.finish(seq, "error")
         self.seqs.pop(seq.request_id, None)
         self.detokenizers.pop(seq.request_id, None)
+        self._unconstrain(seq.request_id)
         delta = self._delta(seq, [], "", None)
         delta.error = EngineError("internal error while generating this request", 500)
         return delta
 
     def _output(self, seq: Sequence, token_id: int, lp) -> Delta:
-        """The Delta for the token `seq` got this step: its text (a stop token's text is not shown); a stop string in
-        the text finishes the sequence ("stop", over "length"); a finished sequence's detokenizer is flushed."""
+        """The Delta for the token `seq` got this step: its text (a stop token's text is not shown; the token that
+        completed a grammar is text); a stop string in the text finishes the sequence ("stop", over "length"); a
+        finished sequence's detokenizer is flushed."""
         detok = self.detokenizers[seq.request_id]
-        if seq.finish_reason == "stop":  # a stop or eos token
+        if seq.finish_reason == "stop" and not (seq.grammar is not None and seq.grammar.complete):  # a stop or eos token
             text = detok.flush()
         else:
             text, hit_stop = detok.step([token_id])
@@ -184,4 +208,5 @@ class LLMEngine:
                 text += detok.flush()
         if seq.is_finished:
             del self.seqs[seq.request_id], self.detokenizers[seq.request_id]
+            self._unconstrain(seq.request_id)
         return self._delta(seq, [token_id], text, None if lp is None else [lp])

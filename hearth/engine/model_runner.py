@@ -108,6 +108,7 @@ class ModelRunner:
                 module.int8_activations = True
             logger.info("int8 activations for the %d GGUF-quantized projections, in prefill as in decode", len(held))
         self.sampler = Sampler(engine_config.seed)
+        self.grammars = None  # engine/structured.py's Grammars, once a request has a grammar
         self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
         # the one-call decode step over the allocated cache (CPU, GGUF blocks), where the model's family has one
         self.fused_decode = None
@@ -235,14 +236,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
-        """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
+        """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs).
+
+        While some sequence has a grammar (`self.grammars`, engine/structured.py's Grammars, set by the engine), the
+        masks of the constrained rows are computed on its thread during the forward and applied by the sampler."""
         all_decode = all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
-        if self.fused_decode is not None and all_decode:
+        fused = self.fused_decode is not None and all_decode
+        if fused:
             sampled = list(batch.seqs)
+        else:
+            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
+        grammars = self.grammars
+        masks = grammars.start(sampled, self.config.vocab_size) if grammars is not None and grammars.live else None
+        if fused:
             logits = self.run_fused_decode(sampled)
         else:
             input_ids, positions, sample_rows = self.prepare(batch)
-            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
             try:
                 hidden_states = self.model(input_ids, positions)
                 # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
@@ -251,5 +260,9 @@ class ModelRunner:
                 reset_context()
             if not sampled:
                 return [], [], []
-        token_ids, logprobs = self.sampler(logits, sampled, [s.generator for s in sampled])
+        generators = [s.generator for s in sampled]
+        if masks is None:
+            token_ids, logprobs = self.sampler(logits, sampled, generators)
+        else:
+            token_ids, logprobs = self.sampler(logits, sampled, generators, masks.result())
         return sampled, token_ids, logprobs

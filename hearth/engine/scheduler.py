@@ -136,7 +136,8 @@ class Scheduler:
                     logprobs: list) -> None:  # fmt: skip
         """After the runner computed `batch`: each sequence has its scheduled tokens in the cache (the blocks that
         became full go into the prefix cache); `sampled` (those whose every token is now computed) get their new token
-        and logprob, and finish on a stop token ("stop") or at max_tokens or the context's end ("length")."""
+        and logprob (and their grammar, if any, advances), and finish on a stop token or a completed grammar ("stop"), or
+        at max_tokens or the context's end ("length")."""
         for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
             start = seq.num_computed_tokens
             seq.num_computed_tokens = start + num_new
@@ -146,7 +147,9 @@ class Scheduler:
             if lp is not None:
                 seq.logprobs.append(lp)
             params = seq.params
-            if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+            stop_token = token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos)
+            # a grammar advances with every other token; once complete it ends the sequence as a stop token does
+            if stop_token or (seq.grammar is not None and seq.grammar.accept(seq, token_id)):
                 self.finish(seq, "stop")
             elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
                 self.max_model_len is not None and seq.num_tokens >= self.max_model_len

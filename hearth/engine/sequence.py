@@ -21,7 +21,7 @@ class SequenceStatus(Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "num_cached_tokens", "block_tables", "block_hashes", "params", "generator", "finish_reason", "logprobs",
-                 "num_preemptions", "arrival_step")  # fmt: skip
+                 "num_preemptions", "arrival_step", "grammar")  # fmt: skip
     _counter = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -42,6 +42,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
         self.arrival_step = 0  # the scheduler's step count when it was queued
+        self.grammar = None  # structured.SequenceGrammar when its params carry a grammar
 
     @property
     def block_table(self) -> list[int]:

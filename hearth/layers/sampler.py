@@ -1,12 +1,14 @@
-"""Batched sampling with per-sequence parameters: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Batched sampling with per-sequence parameters: penalties, grammar masks, temperature, top-k, top-p, min-p, seeds,
+logprobs.
 
 Logprobs are those of the model's raw distribution (before penalties and temperature), as OpenAI reports them.
 
 Every step is safe for the parameter ranges SamplingParams admits: a logit that penalties or temperature push to +inf
 is clamped to float32's largest value once scaled (greedy rows take the argmax, which +inf does not disturb), top-p
 always keeps the most likely token and min-p never drops it, so each row keeps at least one finite logit and
-softmax/multinomial get a proper distribution. Logits the model itself made NaN or +inf raise a ValueError naming the
-rows, which the engine turns into an error for those requests alone.
+softmax/multinomial get a proper distribution (a grammar mask always allows at least one token: engine/structured.py
+checks). Logits the model itself made NaN or +inf raise a ValueError naming the rows, which the engine turns into an
+error for those requests alone.
 """
 
 from __future__ import annotations
@@ -54,8 +56,12 @@ class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list, generators: list[torch.Generator | None]):
-        """logits [num_seqs, vocab] -> (token ids, per-sequence TokenLogprob or None)."""
+    def __call__(self, logits: torch.Tensor, seqs: list, generators: list[torch.Generator | None],
+                 banned: tuple[list[int], torch.Tensor] | None = None):  # fmt: skip
+        """logits [num_seqs, vocab] -> (token ids, per-sequence TokenLogprob or None).
+
+        `banned`: (rows, bool [len(rows), vocab]) tokens those rows may not pick (outside a grammar): set to -inf after
+        the penalties, before greedy, temperature and top-k/p/min-p."""
         logits = logits.float()
         bad = ~(logits < float("inf")).all(-1)  # a NaN or +inf logit: nothing sensible can be sampled from the row
         if bool(bad.any()):
@@ -68,6 +74,13 @@ class Sampler:
         greedy_rows = [i for i, seq in enumerate(seqs) if seq.params.is_greedy]
         for i, seq in enumerate(seqs):
             apply_penalties(logits[i], seq.token_ids, seq.num_prompt_tokens, seq.params)
+        if banned is not None:
+            rows, mask = banned[0], banned[1].to(logits.device)
+            if len(rows) == len(seqs):  # every row constrained: one call
+                logits.masked_fill_(mask, float("-inf"))
+            else:
+                for k, i in enumerate(rows):
+                    logits[i].masked_fill_(mask[k], float("-inf"))
         greedy = logits.argmax(-1).tolist() if greedy_rows else []
         for i, seq in enumerate(seqs):
             p = seq.params

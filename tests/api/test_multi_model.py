@@ -227,11 +227,13 @@ def test_requests_during_a_load_wait_for_it(tiny_models):
 def test_a_slow_load_is_503_not_a_hang(tiny_models):
     source = Folders({"tiny-a": tiny_models["tiny-a"]})
     source.gate = threading.Event()
-    with serve(source, load_timeout=0.5) as c:
+    registry = ModelRegistry(source, load_timeout=0.5)
+    with TestClient(create_app(None, None, None, None, models=registry)) as c:
         start = time.monotonic()
         r = c.post("/v1/completions", json={"model": "tiny-a", "prompt": "hi", "max_tokens": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         assert "still loading" in r.json()["error"]["message"] and time.monotonic() - start < 10
+        registry.load_timeout = 60.0  # the rest of the load may take longer than 0.5 s on a busy machine
         source.gate.set()  # the load goes on; a later request gets the model
         complete(c, "tiny-a")
         assert source.loads == ["tiny-a"]
@@ -362,6 +364,8 @@ def test_a_model_in_use_is_not_unloaded(tiny_models):
                 held.set()
                 await asyncio.wait_for(stream, 60)
                 assert registry.entry("tiny-a").leases == 0
+                # unloading tiny-a and loading tiny-b took 1.8 s on a busy machine: the 1 s bound was only for the 503
+                registry.load_timeout = 60.0
                 r = await c.post("/v1/completions", json={"model": "tiny-b", "prompt": "hi", "max_tokens": 1})
                 assert r.status_code == 200, r.text
                 assert [e.name for e in registry.loaded()] == ["tiny-b"]  # tiny-a made room once it was free
