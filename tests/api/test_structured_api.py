@@ -226,3 +226,33 @@ def test_unsupported_schemas_are_400_naming_the_keyword(server, body, param, key
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", **body}, timeout=60)
     if "response_format" in body:
         assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_responses_text_format_and_required_tools_hold(client):  # noqa: F811
+    """/v1/responses goes through the chat path's grammar: `text.format` and `tool_choice` hold there too."""
+    schema = SCHEMAS[2]
+    fmt = {"type": "json_schema", "name": "numbers", "schema": schema, "strict": True}
+    for seed in (1, 2):
+        out = client.responses.create(model=MODEL, input="Some numbers as JSON.", text={"format": fmt}, temperature=1,
+                                      max_output_tokens=MAX_TOKENS, store=False, extra_body={"seed": seed})  # fmt: skip
+        assert out.status == "completed" and valid(schema, out.output_text), out.output_text
+    tool = {"type": "function", **WEATHER["function"]}
+    out = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[tool],
+                                  tool_choice="required", temperature=1, store=False)  # fmt: skip
+    (call,) = [item for item in out.output if item.type == "function_call"]
+    assert call.name == "get_weather" and valid(TOOL_SCHEMAS["get_weather"], call.arguments)
+
+
+def test_messages_tool_choice_any_and_a_named_tool_hold(server):  # noqa: F811
+    """/v1/messages maps `tool_choice` any / tool onto the chat path's forced calls: a valid tool_use every time."""
+    anthropic = pytest.importorskip("anthropic")
+    messages = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120).messages
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in (WEATHER, TIME)]
+    ask_weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice, names in (({"type": "any"}, set(TOOL_SCHEMAS)), ({"type": "tool", "name": "get_time"}, {"get_time"})):
+        out = messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=ask_weather, tools=tools, tool_choice=choice,
+                              extra_body={"temperature": 1})  # fmt: skip
+        uses = [block for block in out.content if block.type == "tool_use"]
+        assert out.stop_reason == "tool_use" and uses, out
+        for use in uses:
+            assert use.name in names and jsonschema.Draft202012Validator(TOOL_SCHEMAS[use.name]).is_valid(use.input)
