@@ -180,8 +180,9 @@ class DraftModelProposer:
         mirror = self.mirrors.get(seq.seq_id)
         if mirror is None:
             mirror = self.mirrors[seq.seq_id] = Sequence(seq.token_ids[: seq.num_prompt_tokens], seq.params)
-        # keep what both agree on; the draft's own tokens past that are rolled back
-        common, limit = 0, min(mirror.num_computed_tokens, seq.num_tokens)
+        # keep what both agree on, short of the last token (its logits give the first draft); the draft's own tokens
+        # past that are rolled back
+        common, limit = 0, min(mirror.num_computed_tokens, seq.num_tokens - 1)
         while common < limit and mirror.token_ids[common] == seq.token_ids[common]:
             common += 1
         if mirror.num_computed_tokens > common:

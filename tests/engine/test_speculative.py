@@ -296,3 +296,52 @@ def test_no_block_leaks_with_random_requests_and_aborts(tiny_engine_factory):
     assert engine.scheduler.num_accepted_tokens > 0
     assert bm.num_free_blocks == bm.num_blocks
     assert not engine.seqs
+
+
+def test_smollm2_as_its_own_draft_model_gives_plain_greedy_output(smollm2_engine):
+    engine = smollm2_engine
+    path = resolve_model("smollm2").path
+    config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, dtype="float32",
+                          draft_model=path, num_speculative_tokens=3)  # fmt: skip
+    drafted = LLMEngine(resolve_model("smollm2"), config)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 8, seed=9)]
+    speculator, engine.speculator = engine.speculator, None
+    expected = run(engine, requests, arrivals=4)
+    engine.speculator = speculator
+    assert run(drafted, requests, arrivals=4) == expected
+    sched = drafted.scheduler
+    assert sched.num_accepted_tokens >= 0.9 * sched.num_draft_tokens > 0  # the same model guesses itself
+    proposer = drafted.speculator.proposer
+    assert not proposer.mirrors and proposer.block_manager.num_free_blocks == proposer.block_manager.num_blocks
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_llama3):
+    path, _ = tiny_llama3
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLMEngine(resolve_model(path), EngineConfig(max_model_len=64, dtype="float32", draft_model="smollm2"))
+
+
+def test_draft_model_through_preemption_aborts_and_sampling(tiny_engine_factory, tiny_llama3):
+    path, _ = tiny_llama3
+    plain = tiny_engine_factory(kv_cache_memory="60KiB")
+    spec = tiny_engine_factory(kv_cache_memory="60KiB", draft_model=path, speculative_max_batch=8)
+    rng = random.Random(4)
+    requests = [(p, SamplingParams(temperature=0, max_tokens=rng.randint(8, 30), ignore_eos=True))
+                for p in tiny_prompts(16, seed=5)]  # fmt: skip
+    seqs: list = []
+    assert run(spec, requests, arrivals=3, seqs=seqs) == run(plain, requests, arrivals=3)
+    assert sum(s.num_preemptions for s in seqs) > 0 and spec.scheduler.num_accepted_tokens > 0
+    sampled = [(p, SamplingParams(temperature=0.9, max_tokens=20, seed=i, ignore_eos=True)) for i, (p, _) in
+               enumerate(requests)]  # fmt: skip
+    assert run(spec, sampled, arrivals=3) == run(spec, sampled, arrivals=3)  # seeded: reproducible
+    for i, (p, params) in enumerate(sampled[:6]):
+        spec.add_request(p, params, f"a{i}")
+    for _ in range(4):
+        spec.step()
+    for i in range(6):
+        spec.abort(f"a{i}")
+    proposer = spec.speculator.proposer
+    for bm in (spec.scheduler.block_manager, proposer.block_manager):
+        assert bm.num_free_blocks == bm.num_blocks
+    assert not proposer.mirrors
