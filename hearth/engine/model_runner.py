@@ -233,22 +233,36 @@ class ModelRunner:
         )  # fmt: skip
 
     def run_fused_decode(self, seqs: list) -> torch.Tensor:
-        """Every sequence decodes its one next token: logits [len(seqs), vocab] from the fused decode step."""
+        """Every sequence decodes its one next token, or verifies its drafts: logits [rows, vocab] from the fused
+        decode step. A sequence with k drafts has 1 + k rows, each computed as the decode of that token at its
+        position (the step writes every row's KV before any row attends), so a verification computes exactly what
+        decoding those tokens one by one would."""
         bs = self.block_size
-        positions = [seq.num_computed_tokens for seq in seqs]
         tables = self.block_tables_tensor(seqs, 0)
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
-        input_ids = torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions)])
+        positions, slots, input_ids, table_rows = [], [], [], []
+        for i, seq in enumerate(seqs):
+            start = seq.num_computed_tokens
+            for j, token in enumerate(seq.token_ids[start:] + seq.spec_tokens):
+                p = start + j
+                positions.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                input_ids.append(token)
+                table_rows.append(i)
+        if len(table_rows) > len(seqs):
+            tables = tables[torch.tensor(table_rows)]
         pos = torch.tensor(positions)
-        return self.fused_decode(input_ids, pos, torch.tensor(slots), tables, bs, pos + 1)
+        return self.fused_decode(torch.tensor(input_ids), pos, torch.tensor(slots), tables, bs, pos + 1)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
         """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs)."""
-        all_decode = all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
+        all_decode = all(is_decode(s, n) or (s.spec_tokens and n == 1 + len(s.spec_tokens))
+                         for s, n in zip(batch.seqs, batch.num_scheduled_tokens))  # fmt: skip
         if self.fused_decode is not None and all_decode:
             sampled = list(batch.seqs)
             logits = self.run_fused_decode(sampled)
+            if any(s.spec_tokens for s in sampled):
+                return self.sample_with_drafts(logits, sampled)
         else:
             input_ids, positions, sample_rows = self.prepare(batch)
             sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens)

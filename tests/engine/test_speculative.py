@@ -345,3 +345,19 @@ def test_draft_model_through_preemption_aborts_and_sampling(tiny_engine_factory,
     for bm in (spec.scheduler.block_manager, proposer.block_manager):
         assert bm.num_free_blocks == bm.num_blocks
     assert not proposer.mirrors
+
+
+def test_fused_decode_verification_equals_plain_decoding_in_bf16():
+    """In the default dtype (GGUF blocks, bf16) decode steps take the fused C step; verification rows go through it
+    too, each computed as the decode of its token, so greedy output stays plain decoding's token for token."""
+    config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, speculative="ngram")
+    engine = LLMEngine(resolve_model("smollm2"), config)
+    if engine.runner.fused_decode is None:
+        pytest.skip("no fused decode step on this machine (C kernels)")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 6, seed=21)]
+    speculator, engine.speculator = engine.speculator, None
+    expected = run(engine, requests, arrivals=2)
+    engine.speculator = speculator
+    assert run(engine, requests, arrivals=2) == expected
+    assert engine.scheduler.num_accepted_tokens > 6
