@@ -1,15 +1,15 @@
 """Speculative decoding benchmark: prompt lookup (n-gram) against plain decoding, in the same run, on SmolLM2.
 
 1. Batch 1, temperature 0, on prompts written for it whose answers reuse their input (rewrite a paragraph, edit
-   code, extract fields from a document): each prompt runs on a plain engine and a speculating one, alternately (the
-   machine may be shared, so the arms interleave); reports decode tok/s of each arm (tokens after the first over the
-   time after the first), their ratio, the share of drafts kept and whether the texts are identical.
+   code, extract fields from a document): each prompt runs --repeat times on a plain engine and on a speculating one,
+   the arms alternating (the machine may be shared); per prompt and arm the median time after the first token; reports
+   decode tok/s of each arm over all prompts, their ratio, the share of drafts kept and whether the texts are identical.
 2. N concurrent clients (--clients, default 16): all requests submitted at once to each engine, aggregate output tok/s
    with and without speculation, in alternating rounds.
 3. --threshold: the cost of a verification step against a plain decode step at batch sizes 1..16, with every
    sequence carrying k forced drafts, to place EngineConfig.speculative_max_batch (docs/speculative.md).
 
-    python benchmarks/speculative.py --prompts 20 --max-tokens 96 --clients 16 --json out.jsonl
+    python benchmarks/speculative.py --max-tokens 64 --repeat 3 --clients 16 --threshold --json out.jsonl
 """
 
 from __future__ import annotations
@@ -106,31 +106,40 @@ def timed(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[li
     return tokens, first - start, time.perf_counter() - first
 
 
-def batch1(plain: LLMEngine, spec: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+def batch1(plain: LLMEngine, spec: LLMEngine, prompts: list[list[int]], max_tokens: int, repeat: int) -> dict:
+    """Each prompt `repeat` times on each arm, the arms alternating; per prompt and arm the median decode time."""
+    times: dict[tuple[int, str], list[float]] = {}
+    tokens: dict[tuple[int, str], list[int]] = {}
+    counts = {"drafted": 0, "kept": 0}
+    for r in range(repeat):
+        for i, ids in enumerate(prompts):
+            arms = [("plain", plain), ("spec", spec)]
+            for name, engine in arms if (i + r) % 2 == 0 else arms[::-1]:
+                before = (engine.scheduler.num_draft_tokens, engine.scheduler.num_accepted_tokens)
+                out, _, rest = timed(engine, ids, max_tokens)
+                if name == "spec":
+                    counts["drafted"] += engine.scheduler.num_draft_tokens - before[0]
+                    counts["kept"] += engine.scheduler.num_accepted_tokens - before[1]
+                times.setdefault((i, name), []).append(rest)
+                tokens[(i, name)] = out
     rows, identical = [], 0
-    for i, ids in enumerate(prompts):
-        arms = [("plain", plain), ("spec", spec)]
-        result = {}
-        for name, engine in arms if i % 2 == 0 else arms[::-1]:
-            before = (engine.scheduler.num_draft_tokens, engine.scheduler.num_accepted_tokens)
-            tokens, _, rest = timed(engine, ids, max_tokens)
-            drafted = engine.scheduler.num_draft_tokens - before[0]
-            kept = engine.scheduler.num_accepted_tokens - before[1]
-            result[name] = (tokens, (len(tokens) - 1) / rest if rest > 0 else 0.0, drafted, kept)
-        same = result["plain"][0] == result["spec"][0]
+    for i in range(len(prompts)):
+        n = len(tokens[(i, "plain")]) - 1
+        same = tokens[(i, "plain")] == tokens[(i, "spec")]
         identical += same
-        rows.append({"prompt": i, "tokens": len(result["plain"][0]), "plain_tok_s": round(result["plain"][1], 1),
-                     "spec_tok_s": round(result["spec"][1], 1), "ratio": round(result["spec"][1] / result["plain"][1], 2),
-                     "drafted": result["spec"][2], "kept": result["spec"][3], "identical": same})  # fmt: skip
+        t_plain, t_spec = statistics.median(times[(i, "plain")]), statistics.median(times[(i, "spec")])
+        rows.append({"prompt": i, "tokens": n + 1, "plain_s": round(t_plain, 4), "spec_s": round(t_spec, 4),
+                     "ratio": round(t_plain / t_spec, 2), "identical": same})  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr)
-    plain_total = sum(r["tokens"] - 1 for r in rows) / sum((r["tokens"] - 1) / r["plain_tok_s"] for r in rows)
-    spec_total = sum(r["tokens"] - 1 for r in rows) / sum((r["tokens"] - 1) / r["spec_tok_s"] for r in rows)
+    decoded = sum(r["tokens"] - 1 for r in rows)
+    plain_total = decoded / sum(r["plain_s"] for r in rows)
+    spec_total = decoded / sum(r["spec_s"] for r in rows)
     return {
-        "plain_tok_s": round(plain_total, 1), "spec_tok_s": round(spec_total, 1),
+        "repeat": repeat, "plain_tok_s": round(plain_total, 1), "spec_tok_s": round(spec_total, 1),
         "speedup": round(spec_total / plain_total, 2),
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "identical": f"{identical}/{len(rows)}",
-        "acceptance": round(sum(r["kept"] for r in rows) / max(1, sum(r["drafted"] for r in rows)), 3),
+        "acceptance": round(counts["kept"] / max(1, counts["drafted"]), 3),
         "per_prompt": rows,
     }  # fmt: skip
 
@@ -187,9 +196,11 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=21, help="prompts at batch 1 (of the 21 written here)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the prompts at batch 1 (0: skip)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent requests for the aggregate (0: skip)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the concurrent arms")
     ap.add_argument("--threshold", action="store_true", help="measure verification cost by batch size")
+    ap.add_argument("--threshold-repeat", type=int, default=15, help="steps timed per arm and batch size")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", help="append the JSON record to this file")
     args = ap.parse_args()
@@ -202,7 +213,8 @@ def main() -> int:
     record: dict = {"bench": "speculative", "model": ref.name, "max_tokens": args.max_tokens, "k": args.k,
                     "dtype": str(plain.runner.dtype).removeprefix("torch.")}  # fmt: skip
     timed(plain, prompts[0], 8), timed(spec, prompts[0], 8)  # warm-up
-    record["batch1"] = batch1(plain, spec, prompts, args.max_tokens)
+    if args.repeat:
+        record["batch1"] = batch1(plain, spec, prompts, args.max_tokens, args.repeat)
     if args.clients:
         runs: dict[str, list[float]] = {"plain": [], "spec": []}
         for r in range(args.rounds):
@@ -212,9 +224,10 @@ def main() -> int:
         record["concurrent"] = {"clients": args.clients, "plain_tok_s": round(p, 1), "spec_tok_s": round(s, 1),
                                 "ratio": round(s / p, 2), "runs": runs}  # fmt: skip
     if args.threshold:
-        record["threshold"] = threshold(plain, prompts, args.k, [1, 2, 4, 8, 16], repeat=5)
+        record["threshold"] = threshold(plain, prompts, args.k, [1, 2, 4, 8, 16], repeat=args.threshold_repeat)
     summary = {k: v for k, v in record.items() if k != "batch1"}
-    summary["batch1"] = {k: v for k, v in record["batch1"].items() if k != "per_prompt"}
+    if "batch1" in record:
+        summary["batch1"] = {k: v for k, v in record["batch1"].items() if k != "per_prompt"}
     print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "a") as f:

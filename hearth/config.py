@@ -366,7 +366,7 @@ class EngineConfig:
     prompt_lookup_max: int = 5
     draft_model: str | None = None  # a model reference, as for the target
     # no drafts in a step where more sequences decode than this: verification then costs more than it saves
-    speculative_max_batch: int = 4
+    speculative_max_batch: int = 2  # measured: docs/speculative.md
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):

@@ -188,7 +188,7 @@ def add_speculative_args(p) -> None:
     p.add_argument("--num-speculative-tokens", type=int, help="most draft tokens per step and sequence (default 4)")
     p.add_argument("--draft-model", help="draft model for --speculative draft (same tokenizer as the model)")
     p.add_argument("--speculative-max-batch", type=int,
-                   help="no drafts in a step where more sequences decode than this (default 4)")  # fmt: skip
+                   help="no drafts in a step where more sequences decode than this (default 2)")  # fmt: skip
 
 
 def speculative_kwargs(args) -> dict:
