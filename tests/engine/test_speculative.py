@@ -361,3 +361,20 @@ def test_fused_decode_verification_equals_plain_decoding_in_bf16():
     engine.speculator = speculator
     assert run(engine, requests, arrivals=2) == expected
     assert engine.scheduler.num_accepted_tokens > 6
+
+
+def test_logprobs_with_speculation_are_plain_decodings(tiny_engine_factory):
+    plain = tiny_engine_factory()
+    spec = tiny_engine_factory(speculative="ngram", prompt_lookup_min=1, speculative_max_batch=8)
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True)
+    prompts = tiny_prompts(4, seed=8)
+
+    def logprobs(engine):
+        seqs = [engine.add_request(p, params, f"lp{i}") for i, p in enumerate(prompts)]
+        while engine.has_unfinished():
+            engine.step()
+        return [[(lp.token_id, round(lp.logprob, 4), [t for t, _ in lp.top]) for lp in s.logprobs] for s in seqs]
+
+    expected = logprobs(plain)
+    assert logprobs(spec) == expected and all(len(x) == 20 for x in expected)
+    assert spec.scheduler.num_accepted_tokens > 0
