@@ -148,7 +148,8 @@ class HearthRunner(StreamingRunner):
 
         config = EngineConfig(max_model_len=opts["max_model_len"], max_num_seqs=1,
                               max_num_batched_tokens=max(opts["prompt_len"], 512), enable_prefix_caching=False,
-                              dtype=opts["dtype"], int8_prefill=opts.get("int8_prefill", False))  # fmt: skip
+                              dtype=opts["dtype"], int8_prefill=opts.get("int8_prefill", False),
+                              **opts.get("speculative", {}))  # fmt: skip
         self.engine = LLMEngine(resolve_model(model), config)
         self.vocab_size = self.engine.model_config.vocab_size
         self.decode_len = opts["decode_len"]
@@ -175,12 +176,17 @@ class HearthRunner(StreamingRunner):
         kv = block_bytes * runner.num_kvcache_blocks
         import torch
 
-        return {
+        info = {
             "weight_bytes": weight_bytes(runner.model), "kv_cache_mb": round(kv / 1e6, 1),
             "dtype": str(runner.dtype).removeprefix("torch."), "quant": self.engine.model_info.quantization,
             "int8_prefill": self.engine.engine_config.int8_prefill,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }  # fmt: skip
+        if self.engine.speculator is not None:  # speculative decoding: drafts scored and kept over the whole run
+            stats = self.engine.stats
+            info.update(spec_draft_tokens=stats.num_draft_tokens, spec_accepted_tokens=stats.num_accepted_tokens,
+                        spec_acceptance=round(stats.num_accepted_tokens / max(stats.num_draft_tokens, 1), 3))  # fmt: skip
+        return info
 
 
 class LlamaCppRunner(StreamingRunner):
@@ -308,8 +314,9 @@ def _summary(runs: list[float]) -> dict:
 
 def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len: int = 128, repeat: int = 3,
               dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048,
-              int8_prefill: bool = False) -> dict:  # fmt: skip
-    """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record."""
+              int8_prefill: bool = False, speculative: dict | None = None) -> dict:  # fmt: skip
+    """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record.
+    `speculative`: EngineConfig's speculative-decoding fields for Hearth ({"speculative": "ngram", ...})."""
     from hearth.loader.resolve import resolve_model
 
     ref = resolve_model(model)
@@ -321,12 +328,12 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or physical_cores()
     max_model_len = max(max_model_len, prompt_len + decode_len)  # a long --prompt-len must fit the context
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "dtype": dtype, "threads": threads,
-            "max_model_len": max_model_len, "int8_prefill": int8_prefill}  # fmt: skip
+            "max_model_len": max_model_len, "int8_prefill": int8_prefill, "speculative": speculative or {}}  # fmt: skip
     record = {
         "bench": "latency", "git": git_rev(), "date": datetime.date.today().isoformat(),
         "device": cpu_name(), "nproc": os.cpu_count(), "threads": threads, "model": ref.name,
         "model_file_mb": round(os.path.getsize(ref.path) / 1e6, 1) if os.path.isfile(ref.path) else None,
-        "prompt_len": prompt_len, "decode_len": decode_len, "repeat": repeat,
+        "prompt_len": prompt_len, "decode_len": decode_len, "repeat": repeat, "speculative": speculative or None,
     }  # fmt: skip
     record["bandwidth_probe_gb_s"] = round(memory_bandwidth(num_threads=threads), 1)  # copy: read + write
     record["read_bandwidth_gb_s"] = round(read_bandwidth(num_threads=threads), 1)

@@ -330,6 +330,7 @@ def plan_kv_cache(spec: KVSpec, engine_config: EngineConfig, context_length: int
 
 
 SCHEDULING_POLICIES = ("fcfs", "shortest")  # which waiting request the scheduler admits first
+SPECULATIVE_METHODS = (None, "ngram", "draft")  # how draft tokens are proposed (EngineConfig.speculative)
 
 
 @dataclass(slots=True)
@@ -357,6 +358,15 @@ class EngineConfig:
     # step (hundreds of ms on a CPU) behind it
     admission_wait_ms: float = 20.0
     seed: int = 0
+    # speculative decoding (engine/speculative.py, docs/speculative.md): None (off) | "ngram" (prompt lookup) |
+    # "draft" (a smaller model with the same tokenizer, `draft_model`; setting draft_model alone implies it)
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # the most draft tokens per sequence and step (each sequence adapts below it)
+    prompt_lookup_min: int = 2  # n-gram sizes the prompt-lookup proposer matches, longest first
+    prompt_lookup_max: int = 5
+    draft_model: str | None = None  # a model reference, as for the target
+    # no drafts in a step where more sequences decode than this: verification then costs more than it saves
+    speculative_max_batch: int = 2  # measured: docs/speculative.md
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -371,6 +381,20 @@ class EngineConfig:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")  # fmt: skip
+        if self.draft_model is not None and self.speculative is None:
+            self.speculative = "draft"
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(m for m in SPECULATIVE_METHODS if m)} or None, "
+                             f"got {self.speculative!r}")  # fmt: skip
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("speculative='draft' needs a draft_model")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be between 1 and 16, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                             f"{self.prompt_lookup_max}")  # fmt: skip
+        if self.speculative_max_batch < 1:
+            raise ValueError(f"speculative_max_batch must be at least 1, got {self.speculative_max_batch}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

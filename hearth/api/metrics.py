@@ -36,12 +36,25 @@ class Metrics:
         self.kv_cache_usage = Gauge("hearth_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
                                     registry=registry)  # fmt: skip
         self.num_kvcache_blocks = Gauge("hearth_num_kvcache_blocks", "KV-cache blocks allocated", registry=registry)
+        self.spec_draft_tokens = Counter("hearth_spec_decode_num_draft_tokens", "Speculative draft tokens scored",
+                                         registry=registry)  # fmt: skip
+        self.spec_accepted_tokens = Counter("hearth_spec_decode_num_accepted_tokens", "Speculative draft tokens kept",
+                                            registry=registry)  # fmt: skip
+        self._spec_seen = (0, 0)  # the engine's totals already counted
 
     def update_engine(self, stats: EngineStats) -> None:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.num_kvcache_blocks.set(stats.num_kvcache_blocks)
+        # the engine keeps running totals; the counters advance by what is new (a restarted engine starts over at 0)
+        drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+        seen_drafted, seen_accepted = self._spec_seen
+        if drafted < seen_drafted or accepted < seen_accepted:
+            seen_drafted = seen_accepted = 0
+        self.spec_draft_tokens.inc(drafted - seen_drafted)
+        self.spec_accepted_tokens.inc(accepted - seen_accepted)
+        self._spec_seen = (drafted, accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ import json
 
 def register(sub) -> None:
     from hearth.cli.main import env_epilog
+    from hearth.cli.serve import add_speculative_args
 
     p = sub.add_parser(
         "bench", help="Benchmark a model", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,6 +32,7 @@ def register(sub) -> None:
         action="store_true",
         help="Hearth prefills with int8 activations (llama.cpp's arithmetic), as serve --int8-prefill",
     )
+    add_speculative_args(p)
     p.add_argument("--json", action="store_true", help="print the JSON record")
     p.add_argument("--out", help="append the JSON line to this file")
     p.set_defaults(func=cmd_bench)
@@ -50,9 +52,10 @@ def peers(values: list[str]) -> list[str]:
 
 def cmd_bench(args) -> int:
     from hearth.bench import run_bench
+    from hearth.cli.serve import speculative_kwargs
 
     record = run_bench(args.model, peers(args.vs), args.prompt_len, args.decode_len, args.repeat, args.dtype,
-                       args.threads, int8_prefill=args.int8_prefill)  # fmt: skip
+                       args.threads, int8_prefill=args.int8_prefill, speculative=speculative_kwargs(args))  # fmt: skip
     line = json.dumps(record)
     if args.out:
         with open(args.out, "a") as f:
@@ -69,6 +72,10 @@ def cmd_bench(args) -> int:
     print(f"  read bandwidth {record['read_bandwidth_gb_s']} GB/s (copy {record['bandwidth_probe_gb_s']}), decode roofline "
           f"{record['roofline_decode_tok_s']} tok/s, Hearth at {record['decode_vs_roofline']:.0%} "
           f"({record['achieved_gb_s']} GB/s)")  # fmt: skip
+    if "spec_draft_tokens" in record["hearth"]:
+        h = record["hearth"]
+        print(f"  speculative: {h['spec_accepted_tokens']} of {h['spec_draft_tokens']} draft tokens kept "
+              f"({h['spec_acceptance']:.0%})")  # fmt: skip
     ratios = {k: v for k, v in record.items() if "_vs_" in k and k != "decode_vs_roofline"}
     if ratios:
         print("  " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))

@@ -10,6 +10,7 @@ import textwrap
 
 def register(sub) -> None:
     from hearth.cli.main import env_epilog
+    from hearth.cli.serve import add_speculative_args
 
     p = sub.add_parser(
         "run", help="Run a model", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--max-model-len", type=int, help="context length to allocate (default: the model's, at most 8192 "
                    "and what the KV budget holds)")  # fmt: skip
+    add_speculative_args(p)
     p.add_argument("--verbose", action="store_true", help="print timings after each answer (stderr)")
     p.add_argument("--allow-network", action="store_true",
                    help="lift the offline guard that refuses outbound (non-loopback) connections")  # fmt: skip
@@ -118,13 +120,16 @@ def _run(args) -> int:
 
     from hearth.chat.format import chat_format
     from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate, load_chat_template
+    from hearth.cli.serve import speculative_kwargs
     from hearth.config import EngineConfig
     from hearth.engine.llm_engine import LLMEngine
     from hearth.loader.resolve import resolve_model
     from hearth.sampling_params import SamplingParams
 
     ref = resolve_model(args.model)
-    engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1))  # None: sized to fit
+    engine = LLMEngine(
+        ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1, **speculative_kwargs(args))
+    )  # max_model_len None: sized to fit
     tokenizer = engine.tokenizer
     template = load_chat_template(tokenizer)
     if template is None:  # a file without its own template: ChatML, as the server does

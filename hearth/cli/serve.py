@@ -68,6 +68,7 @@ def register(sub) -> None:
     p.add_argument("--admission-wait-ms", type=float,
                    help="after a request finishes, while prompts wait to be prefilled, wait up to this long for new "
                         "requests to join the next (long) step (default 20; 0: never wait)")  # fmt: skip
+    add_speculative_args(p)
     p.add_argument(
         "--kv-cache-memory", help="KV cache: GiB (a number >= 1), a fraction of free memory (< 1), or a size such as 512MiB"
     )
@@ -209,6 +210,24 @@ def cmd_serve(args) -> int:
             guard.uninstall()
 
 
+SPECULATIVE_NAMES = ("speculative", "num_speculative_tokens", "draft_model", "speculative_max_batch")
+
+
+def add_speculative_args(p) -> None:
+    """The speculative-decoding flags `serve`, `run` and `bench` share (EngineConfig's fields of the same names)."""
+    p.add_argument("--speculative", choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup: drafts copied from the prompt and output; pays off "
+                        "when answers repeat their input) or draft (a smaller model, --draft-model)")  # fmt: skip
+    p.add_argument("--num-speculative-tokens", type=int, help="most draft tokens per step and sequence (default 4)")
+    p.add_argument("--draft-model", help="draft model for --speculative draft (same tokenizer as the model)")
+    p.add_argument("--speculative-max-batch", type=int,
+                   help="no drafts in a step where more sequences decode than this (default 2)")  # fmt: skip
+
+
+def speculative_kwargs(args) -> dict:
+    return {name: getattr(args, name) for name in SPECULATIVE_NAMES if getattr(args, name, None) is not None}
+
+
 def _serve(args, keys, has_keys: bool) -> int:
     import uvicorn
 
@@ -226,7 +245,8 @@ def _serve(args, keys, has_keys: bool) -> int:
         raise CliError(f"--keep-alive: {e}") from None
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype", "scheduling_policy",
              "int8_prefill", "admission_wait_ms")  # fmt: skip
-    engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None},
+                                 **speculative_kwargs(args))  # fmt: skip
     device = args.device
     if device == "auto":
         import torch

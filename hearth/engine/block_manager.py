@@ -191,6 +191,16 @@ class BlockManager:
                     block.hash, block.group, block.token_ids = prefix_hash, g, tuple(ids)
                     self.hash_to_block_id.setdefault((g, prefix_hash), block.block_id)
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past `seq.num_computed_tokens`: slots reserved for draft tokens that were rejected.
+        They were never registered in the prefix cache (commit only hashes blocks the computed tokens fill)."""
+        logical = -(-seq.num_computed_tokens // self.block_size)
+        for table in self._tables(seq):
+            while len(table) > logical:
+                block_id = table.pop()
+                if block_id != NULL_BLOCK:
+                    self._release(block_id)
+
     def free(self, seq: Sequence) -> None:
         for table in self._tables(seq):
             for block_id in reversed(table):

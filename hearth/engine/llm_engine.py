@@ -23,6 +23,7 @@ from hearth.engine.model_runner import ModelRunner
 from hearth.engine.protocol import Delta, EngineError, EngineFatalError, EngineStats, ModelInfo
 from hearth.engine.scheduler import Batch, Scheduler
 from hearth.engine.sequence import Sequence
+from hearth.engine.speculative import build_speculator
 from hearth.loader.inspect import read_gguf_config, read_hf_config
 from hearth.loader.resolve import ModelRef
 from hearth.sampling_params import SamplingParams
@@ -49,6 +50,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(engine_config, self.runner.num_kvcache_blocks, self.runner.kv_windows,
                                    self.max_model_len, self.eos_token_ids)  # fmt: skip
+        self.speculator = build_speculator(engine_config, self.max_model_len, self)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         quant = sorted({m.quant_type for m in self.runner.model.modules() if getattr(m, "quant_type", None)})
@@ -60,7 +62,9 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         used = bm.num_blocks - bm.num_free_blocks
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), used / bm.num_blocks, bm.num_blocks)
+        sched = self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), used / bm.num_blocks, bm.num_blocks,
+                           sched.num_draft_tokens, sched.num_accepted_tokens)  # fmt: skip
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Sequence:
         """Queue a request; raises EngineError (400) when it cannot fit the context, (429) when the queue is full."""
@@ -112,6 +116,8 @@ class LLMEngine:
         self.detokenizers.pop(request_id, None)
         self._unconstrain(request_id)
         self.scheduler.finish(seq, "abort")
+        if self.speculator is not None:
+            self.speculator.release(seq)
         return self._delta(seq, [], "", None)
 
     def has_unfinished(self) -> bool:
@@ -135,6 +141,8 @@ class LLMEngine:
 
     def step(self) -> list[Delta]:
         """Run one scheduled batch and return a Delta for every sequence that produced a token or failed."""
+        if self.speculator is not None:  # drafts for the decoding sequences, which the scheduler then schedules
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         self._step_finished = False
         if not batch:
@@ -151,6 +159,10 @@ class LLMEngine:
         if failed and len(failed) == len(batch.seqs) > 1:
             raise EngineFatalError(f"all {len(batch.seqs)} sequences of the step failed on their own") from failed[0][1]
         deltas.extend(self._fail(seq, error) for seq, error in failed)
+        if self.speculator is not None:
+            for seq in batch.seqs:
+                if seq.is_finished:
+                    self.speculator.release(seq)
         self._step_finished = any(delta.finished for delta in deltas)
         return deltas
 
@@ -193,20 +205,37 @@ class LLMEngine:
         delta.error = EngineError("internal error while generating this request", 500)
         return delta
 
-    def _output(self, seq: Sequence, token_id: int, lp) -> Delta:
+    def _output(self, seq: Sequence, token_id: int | list[int], lp) -> Delta:
         """The Delta for the token `seq` got this step: its text (a stop token's text is not shown; the token that
         completed a grammar is text); a stop string in the text finishes the sequence ("stop", over "length"); a
-        finished sequence's detokenizer is flushed."""
+        finished sequence's detokenizer is flushed.
+
+        After a verification of draft tokens `token_id` and `lp` are lists: the tokens go through one at a time, as
+        decoding would have produced them, and those after a stop string are taken back."""
+        ids = token_id if isinstance(token_id, list) else [token_id]
+        lps = lp if isinstance(lp, list) else [lp]
         detok = self.detokenizers[seq.request_id]
-        if seq.finish_reason == "stop" and not (seq.grammar is not None and seq.grammar.complete):  # a stop or eos token
-            text = detok.flush()
-        else:
-            text, hit_stop = detok.step([token_id])
+        text = ""
+        for i, tid in enumerate(ids):
+            last = i == len(ids) - 1
+            # a stop or eos token (postprocess ends the list there); not the token that completed a grammar
+            if last and seq.finish_reason == "stop" and not (seq.grammar is not None and seq.grammar.complete):
+                text += detok.flush()
+                break
+            chunk, hit_stop = detok.step([tid])
+            text += chunk
             if hit_stop:
+                dropped = len(ids) - 1 - i
+                if dropped:
+                    del seq.token_ids[-dropped:], ids[i + 1 :], lps[i + 1 :]
+                    if seq.params.logprobs is not None:
+                        del seq.logprobs[-dropped:]
                 self.scheduler.finish(seq, "stop")
-            elif seq.is_finished:
+                break
+            if last and seq.is_finished:
                 text += detok.flush()
         if seq.is_finished:
             del self.seqs[seq.request_id], self.detokenizers[seq.request_id]
             self._unconstrain(seq.request_id)
-        return self._delta(seq, [token_id], text, None if lp is None else [lp])
+        logprobs = None if lps[0] is None else lps
+        return self._delta(seq, ids, text, logprobs)

@@ -18,6 +18,7 @@ from hearth.config import EngineConfig, KVPlan, ModelConfig, kv_spec, plan_kv_ca
 from hearth.engine.fused_decode import build_fused_decode
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, reset_context, set_context
+from hearth.layers.rejection_sampler import token_logprobs, verify
 from hearth.layers.sampler import Sampler
 from hearth.loader.load import checkpoint_weight_bytes, load_model
 from hearth.loader.resolve import ModelRef
@@ -169,24 +170,32 @@ class ModelRunner:
         seq = batch.seqs[0]
         if (len(batch.seqs) == 1 and batch.num_scheduled_tokens[0] == 1 and self.device.type == "cpu"
                 and len(self.kv_windows) == 1 and is_decode(seq, 1)):  # fmt: skip
+            self.last_rows = [0]
             return self.prepare_single_decode(seq)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        self.last_rows: list[int] = []  # each sequence's last row (logits)
         ctx = Context(q_starts=[0], block_size=self.block_size)
         sample_rows: list[int] = []
         bs = self.block_size
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
+            if seq.spec_tokens:  # the last token and its drafts: a short chunk on the cache, every row scored
+                input_ids.extend(seq.token_ids[start:] + seq.spec_tokens)
+                sample_rows.extend(range(len(input_ids) - num_new, len(input_ids)))
+                ctx.num_spec_seqs += 1
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                if end == seq.num_tokens:
+                    sample_rows.append(len(input_ids) - 1)
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             ctx.q_starts.append(len(input_ids))
+            self.last_rows.append(len(input_ids) - 1)
             ctx.context_lens.append(end)
             (ctx.decode_seq_idx if is_decode(seq, num_new) else ctx.prefill_seq_idx).append(i)
-            if end == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
         dev = self.device
         ctx.block_tables = self.block_tables_tensor(batch.seqs, 0)
         ctx.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -225,27 +234,41 @@ class ModelRunner:
         )  # fmt: skip
 
     def run_fused_decode(self, seqs: list) -> torch.Tensor:
-        """Every sequence decodes its one next token: logits [len(seqs), vocab] from the fused decode step."""
+        """Every sequence decodes its one next token, or verifies its drafts: logits [rows, vocab] from the fused
+        decode step. A sequence with k drafts has 1 + k rows, each computed as the decode of that token at its
+        position (the step writes every row's KV before any row attends), so a verification computes exactly what
+        decoding those tokens one by one would."""
         bs = self.block_size
-        positions = [seq.num_computed_tokens for seq in seqs]
         tables = self.block_tables_tensor(seqs, 0)
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
-        input_ids = torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions)])
+        positions, slots, input_ids, table_rows = [], [], [], []
+        for i, seq in enumerate(seqs):
+            start = seq.num_computed_tokens
+            for j, token in enumerate(seq.token_ids[start:] + seq.spec_tokens):
+                p = start + j
+                positions.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                input_ids.append(token)
+                table_rows.append(i)
+        if len(table_rows) > len(seqs):
+            tables = tables[torch.tensor(table_rows)]
         pos = torch.tensor(positions)
-        return self.fused_decode(input_ids, pos, torch.tensor(slots), tables, bs, pos + 1)
+        return self.fused_decode(torch.tensor(input_ids), pos, torch.tensor(slots), tables, bs, pos + 1)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
         """One forward for the batch; returns (sequences sampled this step, their tokens, their logprobs).
 
         While some sequence has a grammar (`self.grammars`, engine/structured.py's Grammars, set by the engine), the
-        masks of the constrained rows are computed on its thread during the forward and applied by the sampler."""
-        all_decode = all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens))
+        masks of the constrained rows are computed on its thread during the forward and applied by the sampler. A
+        sequence with draft tokens (never one with a grammar: engine/speculative.py) is verified on its 1 + k rows."""
+        all_decode = all(is_decode(s, n) or (s.spec_tokens and n == 1 + len(s.spec_tokens))
+                         for s, n in zip(batch.seqs, batch.num_scheduled_tokens))  # fmt: skip
         fused = self.fused_decode is not None and all_decode
         if fused:
             sampled = list(batch.seqs)
         else:
-            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens) if s.num_computed_tokens + n == len(s)]
+            sampled = [s for s, n in zip(batch.seqs, batch.num_scheduled_tokens)
+                       if s.spec_tokens or s.num_computed_tokens + n == len(s)]  # fmt: skip
         grammars = self.grammars
         masks = grammars.start(sampled, self.config.vocab_size) if grammars is not None and grammars.live else None
         if fused:
@@ -260,9 +283,68 @@ class ModelRunner:
                 reset_context()
             if not sampled:
                 return [], [], []
+        banned = None if masks is None else masks.result()
+        if any(s.spec_tokens for s in sampled):
+            return self.sample_with_drafts(logits, sampled, banned)
         generators = [s.generator for s in sampled]
-        if masks is None:
+        if banned is None:  # the sampler's plain call (also what tests that replace the sampler take)
             token_ids, logprobs = self.sampler(logits, sampled, generators)
         else:
-            token_ids, logprobs = self.sampler(logits, sampled, generators, masks.result())
+            token_ids, logprobs = self.sampler(logits, sampled, generators, banned)
+        return sampled, token_ids, logprobs
+
+    @torch.inference_mode()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """One forward for the batch, no sampling: logits [len(batch.seqs), vocab] of each sequence's last scheduled
+        token (a draft model's step; every sequence computes up to its last token)."""
+        if self.fused_decode is not None and all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens)):
+            return self.run_fused_decode(list(batch.seqs))
+        input_ids, positions, _ = self.prepare(batch)
+        try:
+            hidden_states = self.model(input_ids, positions)
+            last = torch.tensor(self.last_rows, device=hidden_states.device)
+            return self.model.compute_logits(hidden_states[last])
+        finally:
+            reset_context()
+
+    def sample_with_drafts(self, logits: torch.Tensor, sampled: list,
+                           banned: tuple[list[int], torch.Tensor] | None = None) -> tuple[list, list, list]:  # fmt: skip
+        """`logits` has one row per plain sequence and 1 + k rows per sequence with k drafts, in order. Plain rows go
+        through the sampler together (with the grammar masks `banned`, whose rows index `sampled` and are all plain
+        ones); each sequence with drafts is verified on its rows (layers/rejection_sampler.py) and gets a list of
+        tokens and a list of logprobs."""
+        row, plain_rows, spans = 0, [], []
+        for seq in sampled:
+            n = 1 + len(seq.spec_tokens)
+            if seq.spec_tokens:
+                spans.append((row, n))
+            else:
+                plain_rows.append(row)
+                spans.append(None)
+            row += n
+        logits = logits.float()
+        bad = ~(logits < float("inf")).all(-1)
+        if bool(bad.any()):
+            raise ValueError(f"the model produced NaN or infinite logits for rows {bad.nonzero().flatten().tolist()}")
+        plain = [s for s, span in zip(sampled, spans) if span is None]
+        if banned is not None:  # rows of `sampled` -> rows of `plain`
+            position = {id(s): j for j, s in enumerate(plain)}
+            banned = ([position[id(sampled[i])] for i in banned[0]], banned[1])
+        plain_ids, plain_lps = [], []
+        if plain:
+            generators = [s.generator for s in plain]
+            plain_ids, plain_lps = (self.sampler(logits[plain_rows], plain, generators) if banned is None
+                                    else self.sampler(logits[plain_rows], plain, generators, banned))  # fmt: skip
+        token_ids, logprobs, j = [], [], 0
+        for seq, span in zip(sampled, spans):
+            if span is None:
+                token_ids.append(plain_ids[j])
+                logprobs.append(plain_lps[j])
+                j += 1
+                continue
+            rows = logits[span[0] : span[0] + span[1]]
+            tokens = verify(rows, seq.token_ids, seq.num_prompt_tokens, seq.params, seq.spec_tokens, seq.spec_probs,
+                            seq.generator or self.sampler.generator)  # fmt: skip
+            token_ids.append(tokens)
+            logprobs.append(token_logprobs(rows, tokens, seq.params.logprobs))
         return sampled, token_ids, logprobs

@@ -45,6 +45,9 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use
     num_kvcache_blocks: int = 0
+    # speculative decoding, since the engine started: draft tokens scored, and those kept
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class EngineError(Exception):

@@ -49,6 +49,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
+        self.num_draft_tokens = 0  # speculative decoding: drafts scored, and those kept, since the start
+        self.num_accepted_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         seq.arrival_step = self.num_steps
@@ -76,7 +78,15 @@ class Scheduler:
         CPU). A prompt with only its last token left is prefill too, but a short step: it does not count here."""
         return bool(self.waiting) or any(s.num_tokens - s.num_computed_tokens > 1 for s in self.running)
 
+    @staticmethod
+    def _keep_drafts(seq: Sequence, n: int) -> None:
+        if n < len(seq.spec_tokens):
+            del seq.spec_tokens[n:]
+            if seq.spec_probs is not None:
+                seq.spec_probs = seq.spec_probs[:n] if n else None
+
     def _preempt(self, seq: Sequence) -> None:
+        self._keep_drafts(seq, 0)
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -95,6 +105,11 @@ class Scheduler:
             if seq not in self.running:  # preempted below to make room for an earlier one
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_tokens:  # a decode with drafts: score them too, as far as the budget and the cache allow
+                num_new = min(1 + len(seq.spec_tokens), budget)
+                if not self.block_manager.can_append(seq, num_new):
+                    num_new = 1
+                self._keep_drafts(seq, num_new - 1)
             while not self.block_manager.can_append(seq, num_new):
                 # preempt the newest sequence not already in this batch, or this one if there is none
                 victim = next((s for s in reversed(self.running) if s is not seq and s not in batch.seqs), seq)
@@ -137,24 +152,56 @@ class Scheduler:
         """After the runner computed `batch`: each sequence has its scheduled tokens in the cache (the blocks that
         became full go into the prefix cache); `sampled` (those whose every token is now computed) get their new token
         and logprob (and their grammar, if any, advances), and finish on a stop token or a completed grammar ("stop"), or
-        at max_tokens or the context's end ("length")."""
+        at max_tokens or the context's end ("length").
+
+        A sequence that verified draft tokens gets a list of tokens (and a list of logprobs): the drafts it kept and
+        the one that follows them; only the kept drafts' KV stays in the cache."""
+        verified = {s.seq_id: ids for s, ids in zip(sampled, token_ids) if isinstance(ids, list)}
         for seq, num_new in zip(batch.seqs, batch.num_scheduled_tokens):
             start = seq.num_computed_tokens
+            if seq.spec_tokens:
+                # a verification: the last token and the kept drafts have their KV in the cache; the slots of the
+                # rejected ones are given back and will be overwritten
+                emitted = verified[seq.seq_id]
+                drafted, kept = len(seq.spec_tokens), len(emitted) - 1
+                seq.spec_last = (drafted, kept)
+                seq.num_draft_tokens += drafted
+                seq.num_accepted_tokens += kept
+                self.num_draft_tokens += drafted
+                self.num_accepted_tokens += kept
+                self._keep_drafts(seq, 0)
+                num_new = 1 + kept
+                seq.token_ids.extend(emitted[:kept])  # for commit's hashes; taken off again below
             seq.num_computed_tokens = start + num_new
             self.block_manager.commit(seq, start)
+            if seq.seq_id in verified:
+                self.block_manager.trim(seq)
+                del seq.token_ids[len(seq.token_ids) - (len(verified[seq.seq_id]) - 1) :]
         for seq, token_id, lp in zip(sampled, token_ids, logprobs):
-            seq.append_token(token_id)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            params = seq.params
-            stop_token = token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos)
-            # a grammar advances with every other token; once complete it ends the sequence as a stop token does
-            if stop_token or (seq.grammar is not None and seq.grammar.accept(seq, token_id)):
-                self.finish(seq, "stop")
-            elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
-                self.max_model_len is not None and seq.num_tokens >= self.max_model_len
-            ):
-                self.finish(seq, "length")
+            if not isinstance(token_id, list):
+                self._append(seq, token_id, lp)
+                continue
+            # several tokens: each is checked as if it came alone; what follows a finishing one is dropped, in place,
+            # so that the caller sees only what the sequence emitted
+            for i, (tid, tlp) in enumerate(zip(token_id, lp)):
+                self._append(seq, tid, tlp)
+                if seq.is_finished:
+                    del token_id[i + 1 :], lp[i + 1 :]
+                    break
+
+    def _append(self, seq: Sequence, token_id: int, lp) -> None:
+        seq.append_token(token_id)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        params = seq.params
+        stop_token = token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos)
+        # a grammar advances with every other token; once complete it ends the sequence as a stop token does
+        if stop_token or (seq.grammar is not None and seq.grammar.accept(seq, token_id)):
+            self.finish(seq, "stop")
+        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
+            self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+        ):
+            self.finish(seq, "length")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark `seq` finished (or aborted) and free its blocks; works for waiting and running sequences, and on a

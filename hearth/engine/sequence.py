@@ -21,7 +21,8 @@ class SequenceStatus(Enum):
 class Sequence:
     __slots__ = ("seq_id", "request_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "num_cached_tokens", "block_tables", "block_hashes", "params", "generator", "finish_reason", "logprobs",
-                 "num_preemptions", "arrival_step", "grammar")  # fmt: skip
+                 "num_preemptions", "arrival_step", "grammar", "spec_tokens", "spec_probs", "spec_k", "spec_skip",
+                 "spec_misses", "spec_pauses", "spec_last", "num_draft_tokens", "num_accepted_tokens")  # fmt: skip
     _counter = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -43,6 +44,17 @@ class Sequence:
         self.num_preemptions = 0
         self.arrival_step = 0  # the scheduler's step count when it was queued
         self.grammar = None  # structured.SequenceGrammar when its params carry a grammar
+        # speculative decoding (engine/speculative.py): this step's draft tokens, scored after the last token; the
+        # proposer's distributions for them ([k, vocab], None: a point mass on each)
+        self.spec_tokens: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
+        self.spec_k = -1  # drafts to ask for next (adapted to acceptance); -1: not set yet
+        self.spec_skip = 0  # steps left without drafts after repeated rejections
+        self.spec_misses = 0  # verifications in a row that kept no draft
+        self.spec_pauses = 0  # times speculation was paused for this sequence
+        self.spec_last: tuple[int, int] | None = None  # (drafted, accepted) of the last verification
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def block_table(self) -> list[int]:

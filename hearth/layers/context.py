@@ -27,6 +27,9 @@ class Context:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] key is in the context
     prefill_seq_idx: list[int] = field(default_factory=list)
+    # how many of the prefill sequences are speculative verifications (their last token and a few draft tokens):
+    # a step of decodes and verifications only computes its projections as a decode step does
+    num_spec_seqs: int = 0
     # a step that is one decode sequence and nothing else: the flat cache slots of its whole context, in order
     # ([context_len]); attention then gathers exactly those keys and needs no mask
     single_decode_slots: torch.Tensor | None = None

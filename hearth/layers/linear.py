@@ -74,9 +74,10 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def is_decode_step() -> bool:
-    """The model runner's step has decode rows only (one new token per sequence, nothing prefilling)."""
+    """The model runner's step has decode rows only (one new token per sequence, or a few when it verifies draft
+    tokens; nothing prefilling)."""
     ctx = get_context()
-    return bool(ctx.decode_seq_idx) and not ctx.prefill_seq_idx
+    return bool(ctx.decode_seq_idx or ctx.num_spec_seqs) and len(ctx.prefill_seq_idx) == ctx.num_spec_seqs
 
 
 def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = False) -> torch.Tensor:
@@ -203,8 +204,10 @@ class Linear(nn.Module):
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster. Not in a step that prefills: a prompt's
-        # last tokens after a prefix-cache hit must compute what the whole prompt's matmul did (oneDNN, row by row)
-        if bf16_cpu.can_run(x, self.weight) and not get_context().prefill_seq_idx:
+        # last tokens after a prefix-cache hit must compute what the whole prompt's matmul did (oneDNN, row by row).
+        # Draft verifications are decode rows here: they must compute what decoding those tokens would
+        ctx = get_context()
+        if bf16_cpu.can_run(x, self.weight) and len(ctx.prefill_seq_idx) == ctx.num_spec_seqs:
             out = bf16_cpu.gemv(x.reshape(-1, self.in_features), self.weight, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return cpu_linear(x, self.weight, self.bias)
