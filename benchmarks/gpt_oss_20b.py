@@ -19,7 +19,8 @@ up to id 199997, then the harmony specials at their ids (`<|return|>` 200002, `<
     python benchmarks/gpt_oss_20b.py --bench --out-json bench.jsonl --vs llama.cpp
     python benchmarks/gpt_oss_20b.py --layers 2 --out .bench/gpt-oss-2l.gguf   # a small file of the same layout
 
-`--bench` prints the JSON record of hearth.bench.run_bench (the two engines run in turn, never resident together).
+`--bench` prints the JSON record of hearth.bench.run_bench: on a file this size the engines run in turn, each loaded
+anew every round and never resident together (its sequential mode), so load time and peak memory are compared too.
 An existing file is reused unless `--force`.
 """
 

@@ -314,9 +314,12 @@ def _summary(runs: list[float]) -> dict:
 
 def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len: int = 128, repeat: int = 3,
               dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048,
-              int8_prefill: bool = False, speculative: dict | None = None) -> dict:  # fmt: skip
+              int8_prefill: bool = False, speculative: dict | None = None,
+              sequential: bool | None = None) -> dict:  # fmt: skip
     """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record.
-    `speculative`: EngineConfig's speculative-decoding fields for Hearth ({"speculative": "ngram", ...})."""
+    `speculative`: EngineConfig's speculative-decoding fields for Hearth ({"speculative": "ngram", ...}).
+    `sequential`: never two runtimes in memory at once, each round loads each anew (`_run_sequential`); None: so when
+    peers are compared on a file larger than a quarter of RAM."""
     from hearth.loader.resolve import resolve_model
 
     ref = resolve_model(model)
@@ -337,30 +340,15 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     }  # fmt: skip
     record["bandwidth_probe_gb_s"] = round(memory_bandwidth(num_threads=threads), 1)  # copy: read + write
     record["read_bandwidth_gb_s"] = round(read_bandwidth(num_threads=threads), 1)
-    workers = [Worker("hearth", model, opts)] + [Worker(p, ref.path, opts) for p in vs]
-    try:
-        vocab = workers[0].ready["vocab_size"]
-        rng = random.Random(0)
-        prompt = [rng.randrange(100, vocab) for _ in range(prompt_len)]
-        runs: dict[str, dict[str, list[float]]] = {w.name: {"prefill": [], "decode": []} for w in workers}
-        for rnd in range(repeat + 1):  # round 0 warms up
-            for op, ids in (("prefill", prompt), ("decode", prompt[:16])):
-                for w in workers:
-                    tok_s = w.call(op, prompt=ids)["tok_s"]
-                    if rnd and tok_s is not None:
-                        runs[w.name][op].append(tok_s)
-        for w in workers:
-            stats = w.call("stats")
-            entry = {"load_s": w.ready["load_s"], "runtime_rss_mb": w.ready["runtime_rss_mb"], **stats}
-            for op in ("prefill", "decode"):
-                if runs[w.name][op]:
-                    summary = _summary(runs[w.name][op])
-                    entry[f"{op}_tok_s"] = summary.pop("median")
-                    entry[f"{op}_spread"] = summary
-            record[w.name] = entry
-    finally:
-        for w in workers:
-            w.close()
+    if sequential is None:  # files that two runtimes could not hold at once
+        sequential = bool(vs) and bool(record["model_file_mb"]) and record["model_file_mb"] * 1e6 > total_ram() / 4
+    record["sequential"] = sequential
+    names = ["hearth", *vs]
+    paths = {"hearth": model, **{p: ref.path for p in vs}}
+    if sequential:
+        record.update(_run_sequential(names, paths, opts, repeat, prompt_len))
+    else:
+        record.update(_run_resident(names, paths, opts, repeat, prompt_len))
     hearth = record["hearth"]
     wbytes = hearth["weight_bytes"]
     record["roofline_decode_tok_s"] = round(record["read_bandwidth_gb_s"] * 1e9 / wbytes, 1)
@@ -373,7 +361,90 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
             theirs = record[peer].get(f"{op}_tok_s")
             if theirs:
                 record[f"{op}_vs_{peer}"] = round(hearth[f"{op}_tok_s"] / theirs, 2)
+        # below 1: Hearth loads faster / holds less
+        for key, name in (("load_s", "load_time"), ("peak_rss_mb", "peak_rss")):
+            if record[peer].get(key) and hearth.get(key):
+                record[f"{name}_vs_{peer}"] = round(hearth[key] / record[peer][key], 2)
     return record
+
+
+def _prompt(vocab: int, prompt_len: int) -> list[int]:
+    rng = random.Random(0)
+    return [rng.randrange(100, vocab) for _ in range(prompt_len)]
+
+
+def _entry(runs: dict[str, list[float]], base: dict) -> dict:
+    entry = dict(base)
+    for op in ("prefill", "decode"):
+        if runs[op]:
+            summary = _summary(runs[op])
+            entry[f"{op}_tok_s"] = summary.pop("median")
+            entry[f"{op}_spread"] = summary
+    return entry
+
+
+def _run_resident(names: list[str], paths: dict, opts: dict, repeat: int, prompt_len: int) -> dict:
+    """Every runtime loaded once, side by side; each round alternates them (round 0 warms up)."""
+    workers = [Worker(n, paths[n], opts) for n in names]
+    out = {}
+    try:
+        prompt = _prompt(workers[0].ready["vocab_size"], prompt_len)
+        runs = {w.name: {"prefill": [], "decode": []} for w in workers}
+        for rnd in range(repeat + 1):
+            for op, ids in (("prefill", prompt), ("decode", prompt[:16])):
+                for w in workers:
+                    tok_s = w.call(op, prompt=ids)["tok_s"]
+                    if rnd and tok_s is not None:
+                        runs[w.name][op].append(tok_s)
+        for w in workers:
+            base = {"load_s": w.ready["load_s"], "runtime_rss_mb": w.ready["runtime_rss_mb"], **w.call("stats")}
+            out[w.name] = _entry(runs[w.name], base)
+    finally:
+        for w in workers:
+            w.close()
+    return out
+
+
+def _run_sequential(names: list[str], paths: dict, opts: dict, repeat: int, prompt_len: int) -> dict:
+    """One runtime in memory at a time: each round starts every runtime in turn in a fresh process (load, an untimed
+    warm-up prefill, a timed prefill and decode, its stats) and stops it before the next one starts. Round 0 warms the
+    page cache and is not kept, so `load_s` is a load from a warm page cache (the median of the kept rounds) and
+    `peak_rss_mb` the largest peak of any round."""
+    runs = {n: {"prefill": [], "decode": [], "load_s": []} for n in names}
+    stats: dict[str, dict] = {}
+    prompt: list[int] | None = None
+    for rnd in range(repeat + 1):
+        for name in names:
+            w = Worker(name, paths[name], opts)
+            try:
+                prompt = prompt or _prompt(w.ready["vocab_size"], prompt_len)
+                w.call("prefill", prompt=prompt[:16])  # kernels and buffers warm
+                timed = {op: w.call(op, prompt=ids)["tok_s"] for op, ids in (("prefill", prompt), ("decode", prompt[:16]))}
+                st = {"runtime_rss_mb": w.ready["runtime_rss_mb"], **w.call("stats")}
+            finally:
+                w.close()
+            if not rnd:
+                continue
+            for op, tok_s in timed.items():
+                if tok_s is not None:
+                    runs[name][op].append(tok_s)
+            runs[name]["load_s"].append(w.ready["load_s"])
+            peak = max(stats.get(name, {}).get("peak_rss_mb", 0.0), st.get("peak_rss_mb", 0.0))
+            stats[name] = {**st, "peak_rss_mb": peak}
+    out = {}
+    for name in names:
+        loads = runs[name].pop("load_s")
+        base = {"load_s": round(statistics.median(loads), 2), "load_spread": _summary(loads), **stats[name]}
+        out[name] = _entry(runs[name], base)
+    return out
+
+
+def total_ram() -> int:
+    """Bytes of RAM on this machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def physical_cores() -> int:

@@ -33,6 +33,9 @@ def register(sub) -> None:
         help="Hearth prefills with int8 activations (llama.cpp's arithmetic), as serve --int8-prefill",
     )
     add_speculative_args(p)
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="one runtime in memory at a time, each loaded anew every round (default: when the file is "
+                   "larger than a quarter of RAM and peers are compared)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the JSON record")
     p.add_argument("--out", help="append the JSON line to this file")
     p.set_defaults(func=cmd_bench)
@@ -55,7 +58,8 @@ def cmd_bench(args) -> int:
     from hearth.cli.serve import speculative_kwargs
 
     record = run_bench(args.model, peers(args.vs), args.prompt_len, args.decode_len, args.repeat, args.dtype,
-                       args.threads, int8_prefill=args.int8_prefill, speculative=speculative_kwargs(args))  # fmt: skip
+                       args.threads, int8_prefill=args.int8_prefill, speculative=speculative_kwargs(args),
+                       sequential=args.sequential)  # fmt: skip
     line = json.dumps(record)
     if args.out:
         with open(args.out, "a") as f:
