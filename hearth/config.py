@@ -357,6 +357,17 @@ class EngineConfig:
     # step (hundreds of ms on a CPU) behind it
     admission_wait_ms: float = 20.0
     seed: int = 0
+    # tensor parallelism: ranks in all (over `nnodes` machines, the same number on each); rank 0 runs the scheduler and
+    # the API, the others run the same forward on their shard of the weights (engine/parallel.py)
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0  # this machine's place among the nnodes (0: the one that serves)
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others
+    master_port: int = 0  # 0: a free port (one machine only)
+    distributed_timeout_s: float = 120.0  # a collective that waits longer means a rank hung: the engine stops
+    # MoE models under tensor parallelism: each rank holds E/N whole experts, the router runs on every rank and one
+    # all-reduce sums the experts' outputs
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -371,6 +382,15 @@ class EngineConfig:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")  # fmt: skip
+        if self.tensor_parallel_size < 1 or self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a positive multiple of nnodes "
+                             f"({self.nnodes})")  # fmt: skip
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be between 0 and {self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and not self.master_port:
+            raise ValueError("several nodes need an explicit master_port (the same on every node)")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
