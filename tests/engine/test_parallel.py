@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
+import openai
 import pytest
 import torch
 from conftest import randomize_biases, save_tiny
@@ -193,3 +199,56 @@ def test_smollm2_gguf_tp2(smollm2_path):
             for token_id, logprob in a.logprobs[0].top:
                 if token_id in top_b:
                     assert abs(logprob - top_b[token_id]) <= tol, (dtype, token_id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_serve_then_a_node_dies(tiny_llama3):
+    """`hearth serve -tp 2 --nnodes 2`: node 0 serves, node 1 runs headless; an OpenAI completion comes back as tp=1
+    computes it. Then node 1 is killed during a streamed request: the client gets an error, node 0 exits with status 1
+    and a line saying a rank stopped answering, and no process is left."""
+    path, _ = tiny_llama3
+    api_port, master_port = free_port(), free_port()
+    common = [sys.executable, "-m", "hearth", "serve", path, "-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(master_port), "--dtype", "float32", "--max-model-len", "128"]  # fmt: skip
+    env = {**os.environ, "HEARTH_NUM_THREADS": "1"}
+    node1 = subprocess.Popen([*common, "--node-rank", "1", "--headless"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    node0 = subprocess.Popen([*common, "--node-rank", "0", "--port", str(api_port), "--served-model-name", "tiny"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{api_port}"
+        deadline = time.time() + 240
+        while True:
+            assert time.time() < deadline and node0.poll() is None and node1.poll() is None, "no ready server"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = [1, 2, 3, 4, 5]
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        with LLM(path, dtype="float32", max_model_len=128) as single:
+            want = single.generate([prompt], SamplingParams(temperature=0, max_tokens=6))[0].text
+        assert got.choices[0].text == want
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=100, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    node1.kill()
+        assert node0.wait(timeout=120) == 1
+        assert "rank" in node0.stderr.read()
+        with pytest.raises(openai.APIConnectionError):  # the server is gone
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
