@@ -35,6 +35,8 @@ from hearth.loader.resolve import ModelRef
 
 logger = logging.getLogger(__name__)
 
+_STEP_GROUP = None
+
 # flags that may differ between nodes (each says where it is); every other EngineConfig field must match
 NODE_LOCAL_FIELDS = ("node_rank",)
 
@@ -67,6 +69,11 @@ def init_group(rank: int, engine_config: EngineConfig, device: str, ref: ModelRe
     timeout = datetime.timedelta(seconds=engine_config.distributed_timeout_s)
     addr = f"tcp://{engine_config.master_addr}:{engine_config.master_port}"
     dist.init_process_group(backend_for(device), init_method=addr, rank=rank, world_size=world, timeout=timeout)
+    # the steps travel in a group of their own, whose timeout is each process's own: rank 0's sends time out as the
+    # collectives do (a rank hangs), while the other ranks wait for the next step as long as the server stays idle
+    global _STEP_GROUP
+    wait = timeout if rank == 0 else datetime.timedelta(days=365)
+    _STEP_GROUP = dist.new_group(backend="gloo", timeout=wait)
     hashes: list = [None] * world
     dist.all_gather_object(hashes, config_hash(ref, engine_config))
     differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
@@ -79,7 +86,7 @@ def broadcast_step(step: tuple | None) -> tuple | None:
     """Rank 0 sends a step (or None: stop) to every rank; the others receive it. Tensors travel on the CPU."""
     box = [step]
     start = time.perf_counter()
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_STEP_GROUP)
     get_tensor_parallel().collective_s += time.perf_counter() - start
     return box[0]
 

@@ -395,6 +395,8 @@ class ParallelLMHead(ColumnParallelLinear):
         self.part_sizes = [b - a for a, b in (split_range(vocab_size, r, tp.size) for r in range(tp.size))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.tp_size == 1:  # the layer's own size: a process may also hold a model built without parallelism
+            return super().forward(x)
         return gather_last_dim(super().forward(x), self.part_sizes)
 
 
@@ -486,4 +488,6 @@ class VocabParallelEmbedding(Embedding):
         return all_reduce(out.masked_fill(outside[:, None], 0))
 
     def as_lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.tp_size == 1:
+            return super().as_lm_head(hidden_states)
         return gather_last_dim(super().as_lm_head(hidden_states), self.part_sizes)

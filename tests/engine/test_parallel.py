@@ -201,6 +201,32 @@ def test_smollm2_gguf_tp2(smollm2_path):
                     assert abs(logprob - top_b[token_id]) <= tol, (dtype, token_id)
 
 
+def test_a_hung_rank_times_out(tiny_llama3):
+    """An idle server outlasts distributed_timeout_s (ranks wait for the next step without a timeout). Then rank 1
+    stopped (SIGSTOP) mid-request: the next step's collective times out after distributed_timeout_s and the step
+    raises an engine-fatal error saying a rank stopped answering; closing the engine leaves no process."""
+    path, _ = tiny_llama3
+    engine = LLMEngine(resolve_model(path), EngineConfig(dtype="float32", max_model_len=128, tensor_parallel_size=2,
+                                                         distributed_timeout_s=5))  # fmt: skip
+    (proc,) = engine.ranks.procs.values()
+    try:
+        time.sleep(7)  # idle, longer than the timeout
+        engine.add_request([9, 8, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), "hung")
+        engine.step()
+        engine.step()
+        os.kill(proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineFatalError, match="stopped answering"):
+            for _ in range(50):
+                engine.step()
+        assert time.monotonic() - start < 60
+        assert not proc.is_alive() and not torch.distributed.is_initialized()
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        engine.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
