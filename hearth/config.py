@@ -8,7 +8,7 @@ both always agree. Stdlib only: `hearth plan` must work without torch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # HF architecture name for each model_type; GGUF `general.architecture` maps to model_type in loader/inspect.py.
@@ -219,6 +219,42 @@ def kv_spec(cfg: ModelConfig) -> KVSpec:
         window = cfg.sliding_window if sliding else None
         layers.append(LayerKV(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim, sliding_window=window))
     return KVSpec(tuple(layers))
+
+
+# tensor parallel: how a model's heads and rows split over ranks (the layers, the engine and the planner share these)
+
+
+def split_range(total: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, end) of part `rank` when `total` items are split into `size` contiguous parts as evenly as possible."""
+    return total * rank // size, total * (rank + 1) // size
+
+
+def head_partition(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int, int]:
+    """(first query head, query heads, first KV head, KV heads) of `rank`'s attention shard.
+
+    With at least as many KV heads as ranks, each rank takes a contiguous run of KV heads (as evenly as the count
+    allows: 3 KV heads over 2 ranks are 1 + 2) with their query heads. With fewer, every rank holds one KV head, a copy
+    of the one its query heads read, and the query heads split evenly."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= size:
+        kv_start, kv_end = split_range(num_kv_heads, rank, size)
+        return kv_start * group, (kv_end - kv_start) * group, kv_start, kv_end - kv_start
+    per_rank = num_heads // size
+    if num_heads % size or group % per_rank:
+        raise ValueError(f"{num_heads} query heads over {num_kv_heads} KV heads cannot be split over {size} ranks "
+                         "(use a tensor-parallel size that divides the heads)")  # fmt: skip
+    q_start = rank * per_rank
+    return q_start, per_rank, q_start // group, 1
+
+
+def tensor_parallel_config(cfg: ModelConfig, rank: int, size: int) -> ModelConfig:
+    """`cfg` as one tensor-parallel rank's KV cache sees it: that rank's query and KV heads."""
+    if size == 1:
+        return cfg
+    _, num_heads, _, num_kv_heads = head_partition(cfg.num_attention_heads, cfg.num_key_value_heads, rank, size)
+    return replace(cfg, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "fp8": 1}

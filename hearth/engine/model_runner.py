@@ -15,10 +15,11 @@ import os
 import torch
 
 from hearth.config import EngineConfig, KVPlan, ModelConfig, kv_spec, plan_kv_cache
+from hearth.config import tensor_parallel_config as rank_config
 from hearth.engine.fused_decode import build_fused_decode
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, get_context, reset_context, set_context
-from hearth.layers.distributed import head_partition, set_tensor_parallel
+from hearth.layers.distributed import set_tensor_parallel
 from hearth.layers.sampler import Sampler
 from hearth.loader.load import checkpoint_weight_bytes, load_model
 from hearth.loader.resolve import ModelRef
@@ -75,14 +76,6 @@ def plan_memory(ref: ModelRef, config: ModelConfig, engine_config: EngineConfig,
                          f"{available / GIB:.2f} GiB of memory is available")  # fmt: skip
     dtype_name = str(dtype).removeprefix("torch.")
     return plan_kv_cache(kv_spec(config), engine_config, config.max_position_embeddings, available - weights, dtype_name)
-
-
-def rank_config(config: ModelConfig, rank: int, size: int) -> ModelConfig:
-    """The config as one tensor-parallel rank's KV cache sees it: its query and KV heads (layers/distributed.py)."""
-    if size == 1:
-        return config
-    _, num_heads, _, num_kv_heads = head_partition(config.num_attention_heads, config.num_key_value_heads, rank, size)
-    return dataclasses.replace(config, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 
 
 def runtime_config(config: ModelConfig, max_model_len: int) -> ModelConfig:

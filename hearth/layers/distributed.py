@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hearth.config import head_partition, split_range  # noqa: F401 (the layers' split rules, shared with the planner)
+
 
 @dataclass(slots=True)
 class TensorParallel:
@@ -34,11 +36,6 @@ def set_tensor_parallel(rank: int, size: int, expert_parallel: bool = False) -> 
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside a group of {size}")
     _TP.rank, _TP.size, _TP.expert_parallel, _TP.collective_s = rank, size, expert_parallel, 0.0
-
-
-def split_range(total: int, rank: int, size: int) -> tuple[int, int]:
-    """[start, end) of part `rank` when `total` items are split into `size` contiguous parts as evenly as possible."""
-    return total * rank // size, total * (rank + 1) // size
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -72,23 +69,3 @@ def gather_last_dim(x: torch.Tensor, part_sizes: list[int]) -> torch.Tensor | No
     if parts is None:
         return None
     return torch.cat([p[..., :n] for p, n in zip(parts, part_sizes)], dim=-1)
-
-
-def head_partition(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int, int]:
-    """(first query head, query heads, first KV head, KV heads) of `rank`'s attention shard.
-
-    With at least as many KV heads as ranks, each rank takes a contiguous run of KV heads (as evenly as the count
-    allows: 3 KV heads over 2 ranks are 1 + 2) with their query heads. With fewer, every rank holds one KV head, a copy
-    of the one its query heads read, and the query heads split evenly."""
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
-    group = num_heads // num_kv_heads
-    if num_kv_heads >= size:
-        kv_start, kv_end = split_range(num_kv_heads, rank, size)
-        return kv_start * group, (kv_end - kv_start) * group, kv_start, kv_end - kv_start
-    per_rank = num_heads // size
-    if num_heads % size or group % per_rank:
-        raise ValueError(f"{num_heads} query heads over {num_kv_heads} KV heads cannot be split over {size} ranks "
-                         "(use a tensor-parallel size that divides the heads)")  # fmt: skip
-    q_start = rank * per_rank
-    return q_start, per_rank, q_start // group, 1

@@ -63,7 +63,7 @@ def kv_block_bytes(engine: LLMEngine) -> int:
 @pytest.mark.parametrize("fixture", ["tiny_llama3", "tiny_qwen2"])
 def test_tp2_equals_tp1_float32(fixture, request):
     """Logits within 1e-5 and identical greedy continuations, through mixed prefill/decode steps and a prefix hit;
-    rank 0 holds about half the weights and half the KV bytes per block."""
+    rank 0 holds about half the weights and half the KV bytes per block, as the planner says for 2 devices."""
     path, _ = request.getfixturevalue(fixture)
     ref = resolve_model(path)
     shared = list(range(3, 40))  # two full blocks of 16 shared by the last prompts: a prefix-cache hit
@@ -87,6 +87,13 @@ def test_tp2_equals_tp1_float32(fixture, request):
         assert (a - b).abs().max().item() <= 1e-5
     assert 0.45 <= bytes2 / bytes1 <= 0.6, (bytes1, bytes2)
     assert kv2 * 2 == kv1
+    # `hearth plan --devices 2` says the same per device (its KV figure is bf16, this cache float32)
+    from hearth.engine.llm_engine import read_model_config
+    from hearth.planner.hardware import get_hardware
+    from hearth.planner.plan import plan
+
+    per_device = plan(read_model_config(ref), get_hardware("auto", 2)).kv_bytes_per_token_per_device
+    assert kv2 == per_device * EngineConfig().block_size * 2
 
 
 @pytest.fixture(scope="module")
