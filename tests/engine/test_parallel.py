@@ -285,3 +285,38 @@ def test_two_nodes_on_loopback_serve_then_a_node_dies(tiny_llama3):
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
+
+
+def test_ctrl_c_stops_every_rank(tiny_llama3):
+    """`hearth serve -tp 2`, then SIGINT to its process group (what Ctrl-C in a terminal sends): the server and the
+    rank it started exit (status 0, or 130 when the interrupt lands outside the server loop)."""
+    path, _ = tiny_llama3
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "hearth", "serve", path, "-tp", "2", "--dtype", "float32",
+                               "--max-model-len", "128", "--port", str(port)], env={**os.environ, "HEARTH_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert time.time() < deadline and server.poll() is None, "no ready server"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        os.killpg(server.pid, signal.SIGINT)
+        assert server.wait(timeout=60) in (0, 130)  # 130: the CLI's status for an interrupt
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the spawned rank, in the same process group, is gone too
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a rank outlived the server")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
