@@ -8,7 +8,7 @@ both always agree. Stdlib only: `hearth plan` must work without torch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # HF architecture name for each model_type; GGUF `general.architecture` maps to model_type in loader/inspect.py.
@@ -221,6 +221,42 @@ def kv_spec(cfg: ModelConfig) -> KVSpec:
     return KVSpec(tuple(layers))
 
 
+# tensor parallel: how a model's heads and rows split over ranks (the layers, the engine and the planner share these)
+
+
+def split_range(total: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, end) of part `rank` when `total` items are split into `size` contiguous parts as evenly as possible."""
+    return total * rank // size, total * (rank + 1) // size
+
+
+def head_partition(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int, int]:
+    """(first query head, query heads, first KV head, KV heads) of `rank`'s attention shard.
+
+    With at least as many KV heads as ranks, each rank takes a contiguous run of KV heads (as evenly as the count
+    allows: 3 KV heads over 2 ranks are 1 + 2) with their query heads. With fewer, every rank holds one KV head, a copy
+    of the one its query heads read, and the query heads split evenly."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= size:
+        kv_start, kv_end = split_range(num_kv_heads, rank, size)
+        return kv_start * group, (kv_end - kv_start) * group, kv_start, kv_end - kv_start
+    per_rank = num_heads // size
+    if num_heads % size or group % per_rank:
+        raise ValueError(f"{num_heads} query heads over {num_kv_heads} KV heads cannot be split over {size} ranks "
+                         "(use a tensor-parallel size that divides the heads)")  # fmt: skip
+    q_start = rank * per_rank
+    return q_start, per_rank, q_start // group, 1
+
+
+def tensor_parallel_config(cfg: ModelConfig, rank: int, size: int) -> ModelConfig:
+    """`cfg` as one tensor-parallel rank's KV cache sees it: that rank's query and KV heads."""
+    if size == 1:
+        return cfg
+    _, num_heads, _, num_kv_heads = head_partition(cfg.num_attention_heads, cfg.num_key_value_heads, rank, size)
+    return replace(cfg, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
+
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "fp8": 1}
 
 
@@ -367,6 +403,17 @@ class EngineConfig:
     draft_model: str | None = None  # a model reference, as for the target
     # no drafts in a step where more sequences decode than this: verification then costs more than it saves
     speculative_max_batch: int = 2  # measured: docs/speculative.md
+    # tensor parallelism: ranks in all (over `nnodes` machines, the same number on each); rank 0 runs the scheduler and
+    # the API, the others run the same forward on their shard of the weights (engine/parallel.py)
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0  # this machine's place among the nnodes (0: the one that serves)
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others
+    master_port: int = 0  # 0: a free port (one machine only)
+    distributed_timeout_s: float = 120.0  # a collective that waits longer means a rank hung: the engine stops
+    # MoE models under tensor parallelism: each rank holds E/N whole experts, the router runs on every rank and one
+    # all-reduce sums the experts' outputs
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
@@ -395,6 +442,17 @@ class EngineConfig:
                              f"{self.prompt_lookup_max}")  # fmt: skip
         if self.speculative_max_batch < 1:
             raise ValueError(f"speculative_max_batch must be at least 1, got {self.speculative_max_batch}")
+        if self.speculative is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative decoding does not run under tensor parallelism yet: use one or the other")
+        if self.tensor_parallel_size < 1 or self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a positive multiple of nnodes "
+                             f"({self.nnodes})")  # fmt: skip
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be between 0 and {self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and not self.master_port:
+            raise ValueError("several nodes need an explicit master_port (the same on every node)")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -30,6 +30,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (tensor_parallel_size > 1); nothing to do otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
         params = params or SamplingParams()

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--sandbox", action="store_true",
                    help="Linux: let the kernel keep the process off the network (a network namespace of its own; "
                         "native code included). Fails rather than run without it")  # fmt: skip
+    from hearth.cli.serve import add_parallel_args
+
+    add_parallel_args(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -116,20 +119,27 @@ def cmd_run(args) -> int:
 
 
 def _run(args) -> int:
+    from hearth.cli.serve import parallel_args, speculative_kwargs
+    from hearth.config import EngineConfig
+    from hearth.engine.llm_engine import LLMEngine
+    from hearth.loader.resolve import resolve_model
+
+    ref = resolve_model(args.model)
+    engine = LLMEngine(ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1, **parallel_args(args),
+                                         **speculative_kwargs(args)))  # max_model_len None: sized to fit  # fmt: skip
+    try:
+        return _chat(args, engine)
+    finally:
+        engine.close()  # the other tensor-parallel ranks, if any
+
+
+def _chat(args, engine) -> int:
     import time
 
     from hearth.chat.format import chat_format
     from hearth.chat.template import CHATML_TEMPLATE, ChatTemplate, load_chat_template
-    from hearth.cli.serve import speculative_kwargs
-    from hearth.config import EngineConfig
-    from hearth.engine.llm_engine import LLMEngine
-    from hearth.loader.resolve import resolve_model
     from hearth.sampling_params import SamplingParams
 
-    ref = resolve_model(args.model)
-    engine = LLMEngine(
-        ref, EngineConfig(max_model_len=args.max_model_len, max_num_seqs=1, **speculative_kwargs(args))
-    )  # max_model_len None: sized to fit
     tokenizer = engine.tokenizer
     template = load_chat_template(tokenizer)
     if template is None:  # a file without its own template: ChatML, as the server does

@@ -104,7 +104,41 @@ def register(sub) -> None:
                    "for previous_response_id)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
                    help="let web pages from ORIGIN call the API (repeatable; default: none)")  # fmt: skip
+    add_parallel_args(p)
+    p.add_argument("--headless", action="store_true",
+                   help="a node other than the first (--node-rank > 0): run this node's tensor-parallel ranks, serve "
+                        "no API")  # fmt: skip
     p.set_defaults(func=cmd_serve)
+
+
+PARALLEL_FIELDS = (
+    "tensor_parallel_size",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "distributed_timeout_s",
+    "enable_expert_parallel",
+)
+
+
+def add_parallel_args(p) -> None:
+    """The tensor-parallel flags `hearth serve` and `hearth run` share."""
+    g = p.add_argument_group("tensor parallel")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int,
+                   help="split the model over this many processes (ranks), in all nodes (default 1)")  # fmt: skip
+    g.add_argument("--nnodes", type=int, help="machines the ranks are spread over (default 1)")
+    g.add_argument("--node-rank", type=int, help="this machine's place among them (0: the one that serves)")
+    g.add_argument("--master-addr", help="address where node 0 listens for the others (default 127.0.0.1)")
+    g.add_argument("--master-port", type=int, help="its port (default: a free one; required with --nnodes)")
+    g.add_argument("--distributed-timeout", type=float, dest="distributed_timeout_s",
+                   help="seconds a rank may take to answer before the server stops (default 120)")  # fmt: skip
+    g.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                   help="MoE models (gpt-oss): each rank holds 1/N of the experts whole (needed at -tp > 1)")  # fmt: skip
+
+
+def parallel_args(args) -> dict:
+    return {name: getattr(args, name) for name in PARALLEL_FIELDS if getattr(args, name, None) is not None}
 
 
 def is_loopback(host: str) -> bool:
@@ -246,12 +280,27 @@ def _serve(args, keys, has_keys: bool) -> int:
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype", "scheduling_policy",
              "int8_prefill", "admission_wait_ms")  # fmt: skip
     engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None},
-                                 **speculative_kwargs(args))  # fmt: skip
+                                 **speculative_kwargs(args), **parallel_args(args))  # fmt: skip
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from hearth.engine import parallel
+
+    if parallel.torchrun_rank() is not None:
+        engine_config = parallel.torchrun_config(engine_config)
+    if args.headless or (parallel.torchrun_rank() or 0) > 0:
+        if ref is None:
+            raise CliError("--headless runs a model's tensor-parallel ranks: name the MODEL")
+        if engine_config.tensor_parallel_size == 1 or (engine_config.node_rank == 0 and parallel.torchrun_rank() is None):
+            raise CliError("--headless runs the ranks of a node other than the first: give --tensor-parallel-size, "
+                           "--nnodes, --node-rank (> 0), --master-addr and --master-port")  # fmt: skip
+        print(f"Hearth: node {engine_config.node_rank}'s tensor-parallel ranks of {ref.name} (headless; the API is "
+              f"served by node 0 at {engine_config.master_addr})")  # fmt: skip
+        sys.stdout.flush()
+        parallel.run_headless(ref, engine_config, device)
+        return 0
     if args.served_model_name and ref is None:
         raise CliError("--served-model-name names the preloaded MODEL; give one")
     name = (args.served_model_name or ref.name) if ref is not None else None
@@ -267,7 +316,10 @@ def _serve(args, keys, has_keys: bool) -> int:
                                load_timeout=args.load_timeout)  # fmt: skip
     server: uvicorn.Server | None = None
 
+    failures: list[BaseException] = []
+
     def on_failure(e: BaseException) -> None:
+        failures.append(e)
         if server is not None:
             server.should_exit = True
 
@@ -326,6 +378,7 @@ def _serve(args, keys, has_keys: bool) -> int:
     if engine.state == "failed":
         raise CliError(f"could not load {model}; see the log above")
     if engine.state == "dead":
-        raise CliError("the engine stopped after an internal error (see the log above); exiting so that a supervisor "
-                       "can restart the server")  # fmt: skip
+        cause = f": {str(failures[0]).splitlines()[0]}" if failures and str(failures[0]) else ""
+        raise CliError(f"the engine stopped after an internal error{cause} (see the log above); exiting so that a "
+                       "supervisor can restart the server")  # fmt: skip
     return 0

@@ -146,6 +146,10 @@ class AsyncEngine:
             self._serve()
         except BaseException as e:
             self._die(e)
+        finally:
+            close = getattr(self.engine, "close", None)  # other tensor-parallel ranks stop with this thread
+            if close is not None:
+                close()
 
     def _die(self, error: BaseException) -> None:
         """Mark the engine dead, fail every request waiting with a 503 and call `on_dead`."""

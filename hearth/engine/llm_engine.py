@@ -13,6 +13,7 @@ Not thread-safe: one thread owns an engine (AsyncEngine's engine thread, or the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -32,20 +33,44 @@ from hearth.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
+def read_model_config(ref: ModelRef):
+    if ref.format == "gguf":
+        from hearth.loader.gguf import open_gguf
+
+        return read_gguf_config(open_gguf(ref.path))
+    return read_hf_config(ref.path)
+
+
 class LLMEngine:
     def __init__(self, ref: ModelRef, engine_config: EngineConfig | None = None, device: str = "cpu",
                  tokenizer: Tokenizer | None = None):  # fmt: skip
-        """`tokenizer`: the one the server already built for this model (None: loaded from `ref`)."""
+        """`tokenizer`: the one the server already built for this model (None: loaded from `ref`).
+        With tensor_parallel_size > 1 this is rank 0: it starts this machine's other ranks (engine/parallel.py)."""
         self.ref = ref
         self.engine_config = engine_config = engine_config or EngineConfig()
-        if ref.format == "gguf":
-            from hearth.loader.gguf import open_gguf
-
-            self.model_config = read_gguf_config(open_gguf(ref.path))
-        else:
-            self.model_config = read_hf_config(ref.path)
+        self.model_config = read_model_config(ref)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref.path)
-        self.runner = ModelRunner(ref, self.model_config, engine_config, device)
+        self.ranks = None
+        if engine_config.tensor_parallel_size > 1:
+            from hearth.engine import parallel
+
+            if engine_config.node_rank != 0:
+                raise ValueError("node_rank > 0 serves no API: start it headless (hearth serve ... --headless)")
+            if not engine_config.master_port:
+                engine_config = self.engine_config = dataclasses.replace(engine_config, master_port=parallel.free_port())
+            if parallel.torchrun_rank() is None:  # under torchrun every rank is already running
+                self.ranks = parallel.LocalRanks(ref, engine_config, device, first_rank=0)
+            try:
+                parallel.init_group(0, engine_config, device, ref)
+            except BaseException:
+                if self.ranks is not None:
+                    self.ranks.stop(0)
+                raise
+        try:
+            self.runner = ModelRunner(ref, self.model_config, engine_config, device)
+        except BaseException:
+            self.close()
+            raise
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(engine_config, self.runner.num_kvcache_blocks, self.runner.kv_windows,
@@ -120,6 +145,17 @@ class LLMEngine:
             self.speculator.release(seq)
         return self._delta(seq, [], "", None)
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one rank)."""
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
+        elif self.ranks is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -177,6 +213,12 @@ class LLMEngine:
         try:
             seqs, token_ids, logprobs = self.runner.run(batch)
         except Exception as e:
+            if self.engine_config.tensor_parallel_size > 1:  # a collective failed, or the ranks now disagree: no retry
+                from hearth.engine.parallel import fault
+
+                error = fault(e, self.ranks, self.engine_config.distributed_timeout_s)
+                self.close()
+                raise error from e
             if len(batch.seqs) == 1:
                 failed.append((batch.seqs[0], e))
                 return

@@ -15,9 +15,11 @@ import os
 import torch
 
 from hearth.config import EngineConfig, KVPlan, ModelConfig, kv_spec, plan_kv_cache
+from hearth.config import tensor_parallel_config as rank_config
 from hearth.engine.fused_decode import build_fused_decode
 from hearth.engine.scheduler import Batch
-from hearth.layers.context import Context, reset_context, set_context
+from hearth.layers.context import Context, get_context, reset_context, set_context
+from hearth.layers.distributed import set_tensor_parallel
 from hearth.layers.rejection_sampler import token_logprobs, verify
 from hearth.layers.sampler import Sampler
 from hearth.loader.load import checkpoint_weight_bytes, load_model
@@ -65,10 +67,11 @@ def is_decode(seq, num_new: int) -> bool:
 
 
 def plan_memory(ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype,
-                keep_quantized: bool, available: int) -> KVPlan:  # fmt: skip
+                keep_quantized: bool, available: int, tp_size: int = 1) -> KVPlan:  # fmt: skip
     """The weights' memory and the KV plan (max_model_len, blocks), from metadata alone; ValueError with one line
-    naming the budget and the flag to change when something does not fit."""
-    weights = checkpoint_weight_bytes(ref, keep_quantized, torch.finfo(dtype).bits // 8)
+    naming the budget and the flag to change when something does not fit. Under tensor parallelism `config` is the
+    rank's (its KV heads) and a rank holds about 1/tp_size of the weights."""
+    weights = checkpoint_weight_bytes(ref, keep_quantized, torch.finfo(dtype).bits // 8) // tp_size
     if weights > available:
         raise ValueError(f"{ref.name}: the weights need about {weights / GIB:.2f} GiB, but only "
                          f"{available / GIB:.2f} GiB of memory is available")  # fmt: skip
@@ -86,19 +89,38 @@ def runtime_config(config: ModelConfig, max_model_len: int) -> ModelConfig:
 
 
 class ModelRunner:
-    def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu"):
+    """`rank`: this process's tensor-parallel rank (engine_config.tensor_parallel_size ranks in a process group that
+    engine/parallel.py set up); rank 0 samples, the others run `worker_loop`."""
+
+    def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu",
+                 rank: int = 0):  # fmt: skip
         self.config = config
         self.engine_config = engine_config
         self.device = torch.device(device)
+        self.rank, self.tp_size = rank, engine_config.tensor_parallel_size
+        self._saved_threads = torch.get_num_threads()
         if os.environ.get("HEARTH_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["HEARTH_NUM_THREADS"]))
+        elif self.tp_size > 1 and self.device.type == "cpu":  # the machine's cores shared among its ranks
+            local_ranks = self.tp_size // engine_config.nnodes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        if self.tp_size > 1 and not getattr(model_class(config), "supports_tensor_parallel", False):
+            raise ValueError(f"tensor parallelism is not supported for {config.architecture} yet (Llama family and "
+                             "gpt-oss only)")  # fmt: skip
+        self.kv_config = rank_config(config, rank, self.tp_size)  # this rank's heads
         self.dtype = resolve_dtype(engine_config.dtype, ref, config)
         keep_quantized = self.dtype != torch.float32
         # every check that can fail runs here, from the config and the tensor table, before any weight is read
-        plan = plan_memory(ref, config, engine_config, self.dtype, keep_quantized, available_memory(self.device))
+        plan = plan_memory(ref, self.kv_config, engine_config, self.dtype, keep_quantized,
+                           available_memory(self.device), self.tp_size)  # fmt: skip
+        if self.tp_size > 1:  # every rank holds the same block ids: the smallest pool and context any rank can hold
+            agreed = torch.tensor([plan.max_model_len, plan.num_blocks])
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            plan = dataclasses.replace(plan, max_model_len=int(agreed[0]), num_blocks=int(agreed[1]))
         self.max_model_len = plan.max_model_len
         self.block_size = engine_config.block_size
         logger.info("%s", plan.note)
+        set_tensor_parallel(rank, self.tp_size, engine_config.enable_expert_parallel)  # the layers read it when built
         with torch.device(self.device):
             self.model = model_class(config)(runtime_config(config, self.max_model_len))
         load_model(self.model, ref, self.dtype, keep_quantized=keep_quantized)
@@ -113,7 +135,8 @@ class ModelRunner:
         self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
         # the one-call decode step over the allocated cache (CPU, GGUF blocks), where the model's family has one
         self.fused_decode = None
-        fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1  # it reads one block table per sequence
+        # it reads one block table per sequence and runs whole (unsplit) weights
+        fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1 and self.tp_size == 1
         if fused_ok and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
             self.fused_decode = build_fused_decode(self.model)
         release_freed_memory()
@@ -123,7 +146,7 @@ class ModelRunner:
 
         Layers are paged in KV groups (KVSpec.groups: full attention, and one group per sliding window). A block id
         belongs to one group at a time, so layers of different groups share cache tensors (KVSpec.storage_slots)."""
-        spec = kv_spec(self.config)
+        spec = kv_spec(rank_config(self.config, self.rank, self.tp_size))  # the config as the model completed it
         self.kv_windows = tuple(group.sliding_window for group in spec.groups)
         block_bytes = spec.block_bytes(self.block_size, str(self.dtype).removeprefix("torch."))
         # every cache-holding layer (Attention, or a model's own such as MLA) has allocate_cache(), in layer order
@@ -275,12 +298,9 @@ class ModelRunner:
             logits = self.run_fused_decode(sampled)
         else:
             input_ids, positions, sample_rows = self.prepare(batch)
-            try:
-                hidden_states = self.model(input_ids, positions)
-                # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
-                logits = self.model.compute_logits(hidden_states[sample_rows]) if sampled else None
-            finally:
-                reset_context()
+            if self.tp_size > 1:  # the other ranks run the same forward
+                self.send_step(input_ids, positions, sample_rows if sampled else [])
+            logits = self.forward(input_ids, positions, sample_rows if sampled else [])
             if not sampled:
                 return [], [], []
         banned = None if masks is None else masks.result()
@@ -348,3 +368,54 @@ class ModelRunner:
             token_ids.append(tokens)
             logprobs.append(token_logprobs(rows, tokens, seq.params.logprobs))
         return sampled, token_ids, logprobs
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: list[int]) -> torch.Tensor | None:
+        """The model under the step's context (set by prepare): logits of `sample_rows` (None on ranks other than 0)."""
+        try:
+            hidden_states = self.model(input_ids, positions)
+            # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
+            return self.model.compute_logits(hidden_states[sample_rows]) if sample_rows else None
+        finally:
+            reset_context()
+
+    def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: list[int]) -> None:
+        """Rank 0: the step's inputs and forward Context to the other ranks (engine/parallel.py)."""
+        from hearth.engine.parallel import broadcast_step
+
+        broadcast_step((_to(input_ids, "cpu"), _to(positions, "cpu"), sample_rows, _context_to(get_context(), "cpu")))
+
+    @torch.inference_mode()
+    def worker_loop(self) -> None:
+        """Ranks other than 0: run each step rank 0 sends, until it sends None."""
+        from hearth.engine.parallel import broadcast_step
+
+        while (step := broadcast_step(None)) is not None:
+            input_ids, positions, sample_rows, ctx = step
+            set_context(_context_to(ctx, self.device))
+            self.forward(_to(input_ids, self.device), _to(positions, self.device), sample_rows)
+
+    def close(self) -> None:
+        """Rank 0: tell the other ranks to stop; every rank: leave the process group and the tensor-parallel state."""
+        if self.tp_size == 1 or not torch.distributed.is_initialized():
+            return
+        if self.rank == 0:
+            from hearth.engine.parallel import broadcast_step
+
+            with contextlib.suppress(Exception):  # a rank already gone: nothing to stop
+                broadcast_step(None)
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+        set_tensor_parallel(0, 1)
+        torch.set_num_threads(self._saved_threads)
+
+
+def _to(t, device):
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def _context_to(ctx: Context, device) -> Context:
+    """`ctx` with its tensors on `device` (the step travels between ranks on the CPU)."""
+    fields = {f.name: _to(getattr(ctx, f.name), device) for f in dataclasses.fields(ctx) if f.name != "kv_groups"}
+    moved = Context(**fields)
+    moved.kv_groups = [moved] + [_context_to(g, device) for g in ctx.kv_groups[1:]] if ctx.kv_groups else []
+    return moved

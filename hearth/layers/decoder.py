@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hearth.config import ModelConfig
-from hearth.layers.linear import Embedding
+from hearth.layers.linear import VocabParallelEmbedding
 from hearth.layers.rotary import RotaryEmbedding
 
 
@@ -36,7 +36,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, layer_cls: Callable[[ModelConfig, int], nn.Module],
                  norm_cls: Callable[[int, float], nn.Module], rotary: RotaryEmbedding):  # fmt: skip
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
         self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = rotary

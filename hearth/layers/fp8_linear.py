@@ -7,11 +7,12 @@ quant/fp8's `fp8_linear`; elsewhere it is dequantized at load and runs as any ot
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from hearth.layers.linear import Linear
+from hearth.layers.linear import Linear, LinearMethod
 from hearth.layers.weights import permute_rows
 from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
 
@@ -21,6 +22,16 @@ logger = logging.getLogger(__name__)
 def default_fp8_mode() -> str:
     """What FP8 block weights become on the default device: "fp8" (kept) or "dequantized"."""
     return fp8_runtime_mode(torch.get_default_device())
+
+
+@dataclass(eq=False)
+class Fp8Method(LinearMethod):
+    """FP8 block weights kept FP8 in memory (a device with FP8 matmuls)."""
+
+    fp8: Fp8Weight
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(x, self.fp8, bias)
 
 
 class Fp8Linear(Linear):
@@ -39,7 +50,8 @@ class Fp8Linear(Linear):
         self.row_perm = row_perm
         self.keep_fp8 = default_fp8_mode() == "fp8"
         self._scale_invs: dict[int, torch.Tensor] = {}
-        self.fp8: Fp8Weight | None = None
+
+    fp8 = property(lambda self: self._held(Fp8Method, "fp8"))
 
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         if kind == "weight_scale_inv":
@@ -79,7 +91,7 @@ class Fp8Linear(Linear):
         weight = torch.cat([self._shards[("weight", i)] for i in range(n)])
         if self.row_perm is not None:
             weight = weight[self.row_perm]
-        self.fp8 = Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)]))
+        self.method = Fp8Method(Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)])))
         if self.has_bias:
             self.bias = torch.cat([self._shards[("bias", i)] for i in range(n)]).to(dtype)
         self._shards.clear()
@@ -92,11 +104,6 @@ class Fp8Linear(Linear):
         if self.weight is None:
             raise ValueError("weight is held quantized; load this layer dense")
         return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is not None:
-            return fp8_linear(x, self.fp8, self.bias)
-        return super().forward(x)
 
 
 def fp8_mode(model: nn.Module, dtype: torch.dtype) -> str | None:

@@ -14,16 +14,20 @@ rows (decode steps) on CPUs with AVX-512 BF16, where a C kernel (hearth/kernels/
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
 from torch import nn
 
 from hearth.kernels import bf16_cpu, gguf_cpu
 from hearth.kernels.int4_mm import can_dequantize, int4_mm, int4_mm_dense, pack_int4
 from hearth.kernels.int8_mm import int8_mm, quantize_per_row
 from hearth.layers.context import get_context
-from hearth.quant.gguf_types import QuantizedTensor, split_q4_blocks
+from hearth.layers.distributed import all_reduce, gather_last_dim, get_tensor_parallel, head_partition, split_range
+from hearth.quant.gguf_types import QuantizedTensor, row_nbytes, split_q4_blocks
 
 INT4_TYPES = ("Q4_0", "Q4_1")
 
@@ -101,18 +105,23 @@ DEQUANT_SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 
 
-def dequant_linear(x: torch.Tensor, w: gguf_cpu.R16Weight) -> torch.Tensor:
-    """bf16 x [M >= 16, K] times W dequantized to bf16 (in tiles of rows when W is large) -> [M, N] bf16."""
+def dequant_linear(x: torch.Tensor, w: gguf_cpu.R16Weight, wide: bool = False) -> torch.Tensor:
+    """bf16 x [M >= 16, K] times W dequantized to bf16 (in tiles of rows when W is large) -> [M, N] bf16, or with
+    `wide` float32: the same products, summed in float32 and not rounded to bf16 (a row-parallel partial sum)."""
     tile = min(w.n, max(16, DEQUANT_SCRATCH_BYTES // (2 * w.k) // 16 * 16))
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < tile * w.k:
         buf = _scratch.buf = torch.empty(tile * w.k, dtype=torch.bfloat16)
+
+    def mm(weight: torch.Tensor) -> torch.Tensor:
+        return cpu_linear(x.float(), weight.float()) if wide else cpu_linear(x, weight)
+
     if tile == w.n:
-        return cpu_linear(x, gguf_cpu.dequant(w, out=buf))
-    out = torch.empty(x.shape[0], w.n, dtype=torch.bfloat16)
+        return mm(gguf_cpu.dequant(w, out=buf))
+    out = torch.empty(x.shape[0], w.n, dtype=torch.float32 if wide else torch.bfloat16)
     for a in range(0, w.n, tile):
         b = min(a + tile, w.n)
-        out[:, a:b] = cpu_linear(x, gguf_cpu.dequant(w, rows=(a, b), out=buf))
+        out[:, a:b] = mm(gguf_cpu.dequant(w, rows=(a, b), out=buf))
     return out
 
 
@@ -126,8 +135,116 @@ def _join(parts: list):
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 
+class LinearMethod:
+    """How one Linear holds its weight and multiplies by it, chosen once at load by `select_method` (one subclass per
+    weight format); the Linear classes (plain, column- and row-parallel) combine with any of them."""
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_wide(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in float32, without the final rounding to x's dtype where the method can (a row-parallel layer's
+        partial sum, so that the sum over ranks rounds once, as one whole matmul does)."""
+        return self.apply(x, None).float()
+
+
+@dataclass(eq=False)
+class DenseMethod(LinearMethod):
+    """A dense weight in the compute dtype."""
+
+    weight: torch.Tensor
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster. Not in a step that prefills: a prompt's
+        # last tokens after a prefix-cache hit must compute what the whole prompt's matmul did (oneDNN, row by row).
+        # Draft verifications are decode rows here: they must compute what decoding those tokens would
+        ctx = get_context()
+        if bf16_cpu.can_run(x, self.weight) and len(ctx.prefill_seq_idx) == ctx.num_spec_seqs:
+            out = bf16_cpu.gemv(x.reshape(-1, self.weight.shape[1]), self.weight, bias)
+            return out.reshape(*x.shape[:-1], self.weight.shape[0])
+        return cpu_linear(x, self.weight, bias)
+
+
+@dataclass(eq=False)
+class BlocksMethod(LinearMethod):
+    """GGUF blocks in the C kernels' row-interleaved form (`blocks_mm`)."""
+
+    blocks: gguf_cpu.R16Weight
+    int8_activations: bool = False  # int8 activations at every M (EngineConfig.int8_prefill)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = blocks_mm(x.reshape(-1, self.blocks.k), self.blocks, self.int8_activations)
+        out = out.reshape(*x.shape[:-1], self.blocks.n)
+        return out if bias is None else out + bias
+
+    def apply_wide(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.blocks.k)
+        if self.int8_activations or is_decode_step():
+            out = gguf_cpu.gemm(x2d, self.blocks).float()
+        else:
+            m = x2d.shape[0]
+            xb = F.pad(x2d.to(torch.bfloat16), (0, 0, 0, max(0, BLOCKS_DENSE_MIN_TOKENS - m)))
+            out = dequant_linear(xb, self.blocks, wide=True)[:m]
+        return out.reshape(*x.shape[:-1], self.blocks.n)
+
+
+@dataclass(eq=False)
+class Int4Method(LinearMethod):
+    """Q4_0/Q4_1 as PyTorch's packed int4 (exact), without the C kernels."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    out_features: int
+    in_features: int
+    can_dense: bool = False  # the packed weight can be dequantized for large-M matmuls
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.can_dense and x2d.shape[0] >= DENSE_MIN_TOKENS:
+            out = int4_mm_dense(x2d, self.packed, self.scales_and_zeros, 32)
+        else:
+            out = int4_mm(x2d, self.packed, self.scales_and_zeros, 32)
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if bias is None else out + bias
+
+
+@dataclass(eq=False)
+class Int8Method(LinearMethod):
+    """Other GGUF types as per-row int8, without the C kernels."""
+
+    int8_weight: torch.Tensor
+    int8_scales: torch.Tensor
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = int8_mm(x.reshape(-1, self.int8_weight.shape[1]), self.int8_weight, self.int8_scales)
+        out = out.reshape(*x.shape[:-1], self.int8_weight.shape[0])
+        return out if bias is None else out + bias
+
+
+def select_method(weight: torch.Tensor | QuantizedTensor, dtype: torch.dtype, keep_quantized: bool) -> LinearMethod:
+    """The method for a loaded [out, in] weight: GGUF blocks stay quantized in bf16 runs (C kernels' form, else packed
+    int4 or per-row int8), anything else is held dense in `dtype`."""
+    if isinstance(weight, QuantizedTensor):
+        out_features, in_features = weight.shape
+        if keep_quantized and dtype == torch.bfloat16:
+            if gguf_cpu.available() and in_features % 32 == 0:
+                return BlocksMethod(gguf_blocks(weight))
+            if weight.type_name in INT4_TYPES:
+                nibbles, scales, mins = split_q4_blocks(weight)
+                # w = d*nib + min = (nib - 8)*d + (min + 8d)
+                packed, scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
+                return Int4Method(packed, scales_and_zeros, out_features, in_features,
+                                  can_dequantize(out_features, in_features))  # fmt: skip
+            q, scales = quantize_per_row(quantized_rows(weight), weight.shape[0])
+            return Int8Method(q, scales.to(torch.bfloat16))
+        weight = weight.dequantize()
+    return DenseMethod(weight.to(dtype).contiguous())
+
+
 class Linear(nn.Module):
-    """y = x W^T + b. `output_sizes` lists the row counts of fused shards (e.g. q, k, v); a plain layer has one."""
+    """y = x W^T + b. `output_sizes` lists the row counts of fused shards (e.g. q, k, v); a plain layer has one.
+    The weight's format decides the `method` (set in `finalize`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
         super().__init__()
@@ -137,16 +254,30 @@ class Linear(nn.Module):
         assert sum(self.output_sizes) == out_features
         self.has_bias = bias
         self._shards: dict[tuple[str, int], torch.Tensor | QuantizedTensor] = {}
-        self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
-        self.packed: torch.Tensor | None = None
-        self.scales_and_zeros: torch.Tensor | None = None
-        self.int8_weight: torch.Tensor | None = None
-        self.int8_scales: torch.Tensor | None = None
         self.quant_type: str | None = None
-        self.blocks: gguf_cpu.R16Weight | None = None  # the weight in the C kernels' form
-        self.int8_activations = False  # blocks with int8 activations at every M (EngineConfig.int8_prefill)
-        self.can_dense = False  # the packed int4 weight can be dequantized for large-M matmuls
+        self.method: LinearMethod | None = None
+
+    # the held weight by format, None where another method holds it (the fused decode and benchmarks read these)
+    def _held(self, cls: type, field: str):
+        return getattr(self.method, field) if isinstance(self.method, cls) else None
+
+    weight = property(lambda self: self._held(DenseMethod, "weight"))
+    blocks = property(lambda self: self._held(BlocksMethod, "blocks"))
+    packed = property(lambda self: self._held(Int4Method, "packed"))
+    scales_and_zeros = property(lambda self: self._held(Int4Method, "scales_and_zeros"))
+    can_dense = property(lambda self: bool(self._held(Int4Method, "can_dense")))
+    int8_weight = property(lambda self: self._held(Int8Method, "int8_weight"))
+    int8_scales = property(lambda self: self._held(Int8Method, "int8_scales"))
+
+    @property
+    def int8_activations(self) -> bool:
+        return bool(self._held(BlocksMethod, "int8_activations"))
+
+    @int8_activations.setter
+    def int8_activations(self, value: bool) -> None:
+        if isinstance(self.method, BlocksMethod):
+            self.method.int8_activations = value
 
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
         size = self.output_sizes[shard_id]
@@ -170,47 +301,106 @@ class Linear(nn.Module):
         self._shards.clear()
         if isinstance(weight, QuantizedTensor):
             self.quant_type = weight.type_name
-            if keep_quantized and dtype == torch.bfloat16:
-                if gguf_cpu.available() and self.in_features % 32 == 0:
-                    self.blocks = gguf_blocks(weight)
-                elif weight.type_name in INT4_TYPES:
-                    nibbles, scales, mins = split_q4_blocks(weight)
-                    # w = d*nib + min = (nib - 8)*d + (min + 8d)
-                    self.packed, self.scales_and_zeros = pack_int4(nibbles, scales, mins + 8 * scales)
-                    self.can_dense = can_dequantize(self.out_features, self.in_features)
-                else:
-                    q, scales = quantize_per_row(quantized_rows(weight), weight.shape[0])
-                    self.int8_weight, self.int8_scales = q, scales.to(torch.bfloat16)
-                return
-            weight = weight.dequantize()
-        self.weight = weight.to(dtype).contiguous()
+        self.method = select_method(weight, dtype, keep_quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None:
-            out = blocks_mm(x.reshape(-1, self.in_features), self.blocks, self.int8_activations)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
-        if self.packed is not None:
-            x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            if self.can_dense and x2d.shape[0] >= DENSE_MIN_TOKENS:
-                out = int4_mm_dense(x2d, self.packed, self.scales_and_zeros, 32)
-            else:
-                out = int4_mm(x2d, self.packed, self.scales_and_zeros, 32)
-            if x.dim() != 2:
-                out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
-        if self.int8_weight is not None:
-            out = int8_mm(x.reshape(-1, self.in_features), self.int8_weight, self.int8_scales)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
-        # a decode step's few bf16 rows: the AVX-512 BF16 kernel reads W faster. Not in a step that prefills: a prompt's
-        # last tokens after a prefix-cache hit must compute what the whole prompt's matmul did (oneDNN, row by row).
-        # Draft verifications are decode rows here: they must compute what decoding those tokens would
-        ctx = get_context()
-        if bf16_cpu.can_run(x, self.weight) and len(ctx.prefill_seq_idx) == ctx.num_spec_seqs:
-            out = bf16_cpu.gemv(x.reshape(-1, self.in_features), self.weight, self.bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return cpu_linear(x, self.weight, self.bias)
+        return self.method.apply(x, self.bias)
+
+
+def _rows(t, a: int, b: int):
+    """Rows a:b of a weight, bias or GGUF QuantizedTensor, copied: a rank keeps only its shard in memory."""
+    if isinstance(t, QuantizedTensor):
+        return QuantizedTensor(t.data[a:b].clone(), t.qtype, (b - a, *t.shape[1:]))
+    return t[a:b].clone()
+
+
+def _columns(t, a: int, b: int):
+    """Input columns a:b of a [out, in] weight. GGUF blocks run along the input: the cut must fall on block edges."""
+    if isinstance(t, QuantizedTensor):
+        block = GGML_QUANT_SIZES[GGMLQuantizationType(t.qtype)][0]
+        if a % block or b % block:
+            raise ValueError(f"a tensor-parallel shard of the input columns ({a}:{b}) does not fall on the {block}-value "
+                             f"blocks of this {t.type_name} weight; use another tensor-parallel size")  # fmt: skip
+        lo, hi = row_nbytes(t.qtype, a), row_nbytes(t.qtype, b)
+        return QuantizedTensor(t.data[:, lo:hi].clone(), t.qtype, (t.shape[0], b - a))
+    return t[:, a:b].clone()
+
+
+class ColumnParallelLinear(Linear):
+    """A Linear whose output rows are split over the tensor-parallel ranks: each fused shard (`output_sizes`, the
+    checkpoint's sizes) keeps the rows `shard_ranges[i]` (default: an even split), and the output stays split."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 shard_ranges: list[tuple[int, int]] | None = None):  # fmt: skip
+        tp = get_tensor_parallel()
+        ranges = shard_ranges or [split_range(size, tp.rank, tp.size) for size in output_sizes]
+        local = [b - a for a, b in ranges]
+        super().__init__(in_features, sum(local), bias, local)
+        self.tp_size = tp.size
+        self.full_sizes = list(output_sizes)
+        self.shard_ranges = ranges
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if self.tp_size > 1 and kind in ("weight", "bias"):
+            if tensor.shape[0] != self.full_sizes[shard_id]:
+                raise ValueError(f"{kind} shard {shard_id}: expected {self.full_sizes[shard_id]} rows, got {tensor.shape[0]}")
+            tensor = _rows(tensor, *self.shard_ranges[shard_id])
+        super().weight_loader(tensor, kind, shard_id)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by attention heads (`head_partition`): each rank holds its query heads and the
+    KV heads they read."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = get_tensor_parallel()
+        q0, nq, k0, nkv = head_partition(num_heads, num_kv_heads, tp.rank, tp.size)
+        kv = (k0 * head_dim, (k0 + nkv) * head_dim)
+        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias,
+                         [(q0 * head_dim, (q0 + nq) * head_dim), kv, kv])  # fmt: skip
+        self.num_heads, self.num_kv_heads = nq, nkv  # this rank's
+        self.q_range = (q0 * head_dim, (q0 + nq) * head_dim)  # this rank's columns of the attention output
+
+
+class RowParallelLinear(Linear):
+    """A Linear whose input columns are split over the ranks (`input_range` of the checkpoint's `in_features`,
+    default an even split): each rank multiplies its part of the input, one all-reduce sums the parts, and the bias
+    is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, input_range: tuple[int, int] | None = None):
+        tp = get_tensor_parallel()
+        self_range = input_range or split_range(in_features, tp.rank, tp.size)
+        super().__init__(self_range[1] - self_range[0], out_features, bias)
+        self.tp_size = tp.size
+        self.full_in_features = in_features
+        self.input_range = self_range
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if self.tp_size > 1 and kind == "weight":
+            if len(tensor.shape) != 2 or tensor.shape[1] != self.full_in_features:
+                raise ValueError(f"weight: expected {self.full_in_features} input columns, got {tuple(tensor.shape)}")
+            tensor = _columns(tensor, *self.input_range)
+        super().weight_loader(tensor, kind, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward(x)
+        out = all_reduce(self.method.apply_wide(x)).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The LM head split by vocabulary rows; rank 0 gets the whole logits (other ranks None)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, [vocab_size])
+        tp = get_tensor_parallel()
+        self.part_sizes = [b - a for a, b in (split_range(vocab_size, r, tp.size) for r in range(tp.size))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.tp_size == 1:  # the layer's own size: a process may also hold a model built without parallelism
+            return super().forward(x)
+        return gather_last_dim(super().forward(x), self.part_sizes)
 
 
 class Embedding(nn.Module):
@@ -271,3 +461,36 @@ class Embedding(nn.Module):
                 return gguf_cpu.gemm(hidden_states, self.lm_blocks).to(hidden_states.dtype)
             return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
         return hidden_states @ self.weight.t()
+
+
+class VocabParallelEmbedding(Embedding):
+    """Token embeddings split by vocabulary rows over the tensor-parallel ranks: a rank looks up the ids in its range
+    (zeros elsewhere) and one all-reduce joins them; as a tied LM head, rank 0 gathers the ranks' logits."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        tp = get_tensor_parallel()
+        start, end = split_range(num_embeddings, tp.rank, tp.size)
+        super().__init__(end - start, embedding_dim)
+        self.vocab_start, self.vocab_end = start, end
+        self.tp_size = tp.size
+        self.full_vocab = num_embeddings
+        self.part_sizes = [b - a for a, b in (split_range(num_embeddings, r, tp.size) for r in range(tp.size))]
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if self.tp_size > 1:
+            if tuple(tensor.shape) != (self.full_vocab, self.embedding_dim):
+                raise ValueError(f"embedding: expected {(self.full_vocab, self.embedding_dim)}, got {tuple(tensor.shape)}")
+            tensor = _rows(tensor, self.vocab_start, self.vocab_end)
+        super().weight_loader(tensor, kind, shard_id)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward(input_ids)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        out = super().forward((input_ids - self.vocab_start).masked_fill(outside, 0))
+        return all_reduce(out.masked_fill(outside[:, None], 0))
+
+    def as_lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.tp_size == 1:
+            return super().as_lm_head(hidden_states)
+        return gather_last_dim(super().as_lm_head(hidden_states), self.part_sizes)

@@ -15,6 +15,7 @@ from torch import nn
 
 from hearth.kernels import mxfp4_cpu
 from hearth.kernels.mxfp4_cpu import R16Mxfp4
+from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
 from hearth.layers.moe import fused_moe, grouped_moe, moe_ref
 from hearth.quant import mxfp4
 from hearth.quant.gguf_types import QuantizedTensor
@@ -32,10 +33,19 @@ class Mxfp4Experts(nn.Module):
 
     Checkpoint layouts: HF MXFP4 (`{name}_blocks` / `{name}_scales`), HF dense (`{name}` as (E, in, out)) and GGUF's
     split gate / up (`gate_proj_weight`, `up_proj_weight`, `down_proj_weight` as (E, out, in), MXFP4 or other types),
-    with biases `{name}_bias` or GGUF's `gate_proj_bias` / `up_proj_bias`."""
+    with biases `{name}_bias` or GGUF's `gate_proj_bias` / `up_proj_bias`.
+
+    Under tensor parallelism with expert parallel (layers/distributed.py) a rank keeps experts
+    [expert_start, expert_end) whole, runs the (token, expert) pairs routed to them and one all-reduce sums the ranks'
+    outputs; a split of each expert's matrices is not implemented, so tensor parallelism without it is refused."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation):
         super().__init__()
+        tp = get_tensor_parallel()
+        if tp.size > 1 and not tp.expert_parallel:
+            raise ValueError("MoE experts under tensor parallelism need expert parallel (--enable-expert-parallel)")
+        self.ep_size = tp.size
+        self.expert_start, self.expert_end = split_range(num_experts, tp.rank, tp.size)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -104,6 +114,10 @@ class Mxfp4Experts(nn.Module):
         self.down_bias = self._bias("down_proj").to(dtype).contiguous()
         if self._parts:
             raise ValueError(f"unexpected expert tensors {sorted(self._parts)}")
+        if self.ep_size > 1:  # this rank's experts only, copied out of the checkpoint's
+            a, b = self.expert_start, self.expert_end
+            gate_up, down = _experts(gate_up, a, b), _experts(down, a, b)
+            self.gate_up_bias, self.down_bias = self.gate_up_bias[a:b].clone(), self.down_bias[a:b].clone()
         self.gate_up = gate_up if isinstance(gate_up, Mxfp4Weight) else _dense(gate_up).to(dtype).contiguous()
         self.down = down if isinstance(down, Mxfp4Weight) else _dense(down).to(dtype).contiguous()
         packed = isinstance(gate_up, Mxfp4Weight) and isinstance(down, Mxfp4Weight)
@@ -141,11 +155,35 @@ class Mxfp4Experts(nn.Module):
         return mxfp4_cpu.moe_q8(h, self.down, expert_ids, counts) + self.down_bias[rows].float()
 
     def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.ep_size > 1:
+            return self._forward_expert_parallel(hidden_states, weights, ids)
+        return self._forward(hidden_states, weights, ids)
+
+    def _forward_expert_parallel(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """The pairs routed to this rank's experts, one per row, summed per token, then over the ranks."""
+        flat = ids.reshape(-1)
+        pairs = ((flat >= self.expert_start) & (flat < self.expert_end)).nonzero().squeeze(1)
+        token = pairs // ids.shape[1]
+        out = torch.zeros_like(hidden_states)
+        if pairs.numel():
+            local = self._forward(hidden_states[token], weights.reshape(-1)[pairs, None],
+                                  (flat[pairs] - self.expert_start)[:, None])  # fmt: skip
+            out.index_add_(0, token, local.to(out.dtype))
+        return all_reduce(out)
+
+    def _forward(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.use_reference:
             return moe_ref(hidden_states, weights, ids, self.expert_ref)
         if isinstance(self.gate_up, R16Mxfp4) and isinstance(self.down, R16Mxfp4):
             return grouped_moe(hidden_states, weights, ids, self.experts_q8)
         return fused_moe(hidden_states, weights, ids, self.expert)
+
+
+def _experts(w, a: int, b: int):
+    """Experts a:b of stacked (E, out, in) weights, dense or MXFP4, copied."""
+    if isinstance(w, Mxfp4Weight):
+        return Mxfp4Weight(w.blocks[a:b].clone(), w.scales[a:b].clone())
+    return _dense(w)[a:b].clone()
 
 
 def _unpack(w: R16Mxfp4) -> Mxfp4Weight:

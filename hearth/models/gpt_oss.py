@@ -15,11 +15,12 @@ from torch import nn
 from hearth.config import ModelConfig
 from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
-from hearth.layers.linear import Linear
+from hearth.layers.linear import Linear, ParallelLMHead, QKVParallelLinear, RowParallelLinear
 from hearth.layers.moe import topk_softmax
 from hearth.layers.mxfp4_experts import Mxfp4Experts
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.layers.weights import dense
 
 
 def GptOssRMSNorm(hidden_size: int, eps: float = 1e-5) -> RMSNorm:
@@ -37,16 +38,34 @@ def swiglu_oss(h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> tor
 class GptOssAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # this rank's heads (all of them without tensor parallelism), with their sinks
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)  # fmt: skip
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
-                               output_sizes=[self.q_size, self.kv_size, self.kv_size])  # fmt: skip
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=config.attention_bias, input_range=self.qkv_proj.q_range)  # fmt: skip
+        self.total_heads = config.num_attention_heads
         self.sinks = nn.Parameter(torch.zeros(self.num_heads), requires_grad=False)
+        self._sinks = None
         window = config.sliding_window if layer_types(config)[layer_idx] == "sliding_attention" else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, window)
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        """The checkpoint's `sinks` [num_attention_heads]; this rank keeps its heads' (placed in finalize)."""
+        if kind != "sinks":
+            raise ValueError(f"unexpected tensor kind {kind!r}")
+        if tuple(tensor.shape) != (self.total_heads,):
+            raise ValueError(f"sinks: expected shape {(self.total_heads,)}, got {tuple(tensor.shape)}")
+        first = self.qkv_proj.q_range[0] // self.head_dim
+        self._sinks = dense(tensor)[first : first + self.num_heads]
+
+    def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
+        if self._sinks is None:
+            raise ValueError("missing sinks")
+        self.sinks.data = self._sinks.to(dtype).clone()
+        self._sinks = None
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
@@ -112,6 +131,7 @@ class GptOssModel(DecoderModel):
 
 
 class GptOssForCausalLM(nn.Module):
+    supports_tensor_parallel = True  # experts: with expert parallel (layers/mxfp4_experts.py)
     packed_modules_mapping = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
 
     def __init__(self, config: ModelConfig):
@@ -120,12 +140,12 @@ class GptOssForCausalLM(nn.Module):
             config.layer_types = layer_types(config)  # so kv_spec() marks the sliding layers
         self.config = config
         self.model = GptOssModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden_states)
 
     def set_moe_reference(self, enabled: bool = True) -> None:

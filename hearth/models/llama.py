@@ -1,7 +1,8 @@
 """Llama family: Llama 2/3.x, SmolLM2, Qwen2 (q/k/v biases) and the R1-Distill models, with HF module names.
 
 Reference: transformers' modeling_llama.py / modeling_qwen2.py. q/k/v and gate/up are fused at load through
-`packed_modules_mapping`.
+`packed_modules_mapping`. Tensor parallel as declared by the layers: q/k/v and gate/up split by output rows (heads),
+o and down by input columns with one all-reduce each, embeddings and LM head by vocabulary.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import Attention
 from hearth.layers.decoder import DecoderLayer, DecoderModel
-from hearth.layers.linear import Linear
+from hearth.layers.linear import ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 
@@ -21,13 +22,14 @@ from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # this rank's heads (all of them without tensor parallelism)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)  # fmt: skip
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
-                               output_sizes=[q_size, kv_size, kv_size])  # fmt: skip
-        self.o_proj = Linear(q_size, config.hidden_size)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        input_range=self.qkv_proj.q_range)  # fmt: skip
         window = None
         if config.layer_types is not None and config.layer_types[layer_idx] == "sliding_attention":
             window = config.sliding_window
@@ -48,8 +50,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, output_sizes=[inter, inter])
-        self.down_proj = Linear(inter, config.hidden_size)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter])
+        self.down_proj = RowParallelLinear(inter, config.hidden_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,7 @@ class LlamaModel(DecoderModel):
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_tensor_parallel = True
     # HF checkpoint module name -> (fused module name, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", 0),
@@ -86,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -96,7 +99,8 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             self.model.embed_tokens.tie_lm_head()
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab]; under tensor parallelism rank 0 gets them whole, other ranks None."""
         if self.lm_head is None:
             return self.model.embed_tokens.as_lm_head(hidden_states)
         return self.lm_head(hidden_states)

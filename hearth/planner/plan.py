@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from hearth.config import ModelConfig, kv_bytes, kv_bytes_per_token, kv_spec
+from hearth.config import ModelConfig, kv_bytes, kv_bytes_per_token, kv_spec, tensor_parallel_config
 from hearth.planner.hardware import Hardware
 from hearth.planner.params import ParamCount, allowed_formats, count_params, native_format, touched_bytes, weight_bytes
 
@@ -60,6 +60,9 @@ class Plan:
     prefill_tok_s: float | None  # None when the device's FLOP/s are unknown
     advice: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    # per device under `hearth serve -tp devices` (the rank holding the most heads), as the engine sizes each rank
+    weights_bytes_per_device: int = 0
+    kv_bytes_per_token_per_device: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +100,16 @@ def decode_tok_s(cfg: ModelConfig, params: ParamCount, fmt: str, hw: Hardware, c
     return 1.0 / step_s
 
 
+def per_device_kv_bytes_per_token(config: ModelConfig, devices: int) -> int:
+    """KV bytes per token on the rank that holds the most KV heads under tensor parallelism over `devices` ranks (the
+    engine's split); an even share when the heads do not split over that many."""
+    try:
+        return max(kv_bytes_per_token(kv_spec(tensor_parallel_config(config, r, devices)), KV_DTYPE)
+                   for r in range(devices))  # fmt: skip
+    except ValueError:
+        return -(-kv_bytes_per_token(kv_spec(config), KV_DTYPE) // devices)
+
+
 def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, concurrency: int = 1,
          format: str | None = None, model: str = "", weights_bytes_override: int | None = None) -> Plan:  # fmt: skip
     """Memory, fit and speed of `config` in `format` on `hardware`. `weights_bytes_override`: the real size of a
@@ -131,6 +144,8 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
         max_context=_max_context(config, usable - weights, concurrency),
         max_concurrency=max(0, (usable - weights) // per_seq) if per_seq else 0,
         decode_tok_s=decode, decode_tok_s_total=decode * concurrency,
+        weights_bytes_per_device=weights // hardware.devices,
+        kv_bytes_per_token_per_device=per_device_kv_bytes_per_token(config, hardware.devices),
         prefill_tok_s=flops * PREFILL_EFFICIENCY / (2 * params.active) if flops else None,
         assumptions=[
             f"usable memory = {usable_bytes(hardware) / hardware.memory_bytes:.0%} of memory "

@@ -172,9 +172,10 @@ def repeating_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def smollm2_engine():
-    # float32: the reference path, so that the rows' layout cannot change a greedy choice through rounding
+    # float32: the reference path, so that the rows' layout cannot change a greedy choice through rounding;
+    # speculative_max_batch above max_num_seqs: every step may speculate (the default turns it off above 2 decoding)
     config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, dtype="float32",
-                          speculative="ngram", num_speculative_tokens=4)  # fmt: skip
+                          speculative="ngram", num_speculative_tokens=4, speculative_max_batch=8)  # fmt: skip
     return LLMEngine(resolve_model("smollm2"), config)
 
 
@@ -303,7 +304,7 @@ def test_smollm2_as_its_own_draft_model_gives_plain_greedy_output(smollm2_engine
     engine = smollm2_engine
     path = resolve_model("smollm2").path
     config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, dtype="float32",
-                          draft_model=path, num_speculative_tokens=3)  # fmt: skip
+                          draft_model=path, num_speculative_tokens=3, speculative_max_batch=8)  # fmt: skip
     drafted = LLMEngine(resolve_model("smollm2"), config)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 8, seed=9)]
@@ -351,7 +352,8 @@ def test_draft_model_through_preemption_aborts_and_sampling(tiny_engine_factory,
 def test_fused_decode_verification_equals_plain_decoding_in_bf16():
     """In the default dtype (GGUF blocks, bf16) decode steps take the fused C step; verification rows go through it
     too, each computed as the decode of its token, so greedy output stays plain decoding's token for token."""
-    config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, speculative="ngram")
+    config = EngineConfig(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256, speculative="ngram",
+                          speculative_max_batch=8)  # fmt: skip
     engine = LLMEngine(resolve_model("smollm2"), config)
     if engine.runner.fused_decode is None:
         pytest.skip("no fused decode step on this machine (C kernels)")
