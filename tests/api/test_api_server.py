@@ -5,6 +5,7 @@ driven by the official `openai` client (raw httpx where the client would hide th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,42 @@ def free_port() -> int:
 class Server:
     def __init__(self, app, engine, url: str, while_loading: dict) -> None:
         self.app, self.engine, self.url, self.while_loading = app, engine, url, while_loading
+
+
+@contextlib.contextmanager
+def serve_smollm2(**build_kwargs):
+    """`hearth serve smollm2`'s app (max_model_len 512, 4 sequences) on a free port, on one torch thread unless
+    HEARTH_NUM_THREADS says otherwise; yields its URL once /health answers 200, and stops it afterwards. For the
+    modules that drive one server with their own client (test_messages, test_responses)."""
+    import uvicorn
+
+    from hearth.cli.serve import build_app
+    from hearth.loader.resolve import resolve_model
+
+    num_threads = torch.get_num_threads()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("HEARTH_NUM_THREADS", os.environ.get("HEARTH_NUM_THREADS", "1"))
+    app, _ = build_app(resolve_model(MODEL), EngineConfig(max_model_len=512, max_num_seqs=4), **build_kwargs)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{uv.config.port}"
+    deadline = time.time() + 240
+    try:
+        while True:
+            assert time.time() < deadline and thread.is_alive(), "server did not become ready"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+        monkeypatch.undo()
+        torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import threading
-import time
 
 import anthropic
 import httpx
@@ -33,7 +30,7 @@ from test_api_reasoning import (
     GroupedEngine,
     ScriptedEngine,
 )
-from test_api_server import free_port
+from test_api_server import serve_smollm2
 
 from hearth.api.app import create_app
 from hearth.api.errors import APIError
@@ -510,36 +507,8 @@ def test_to_chat_request_wraps_a_rule_the_chat_request_adds():
 
 @pytest.fixture(scope="module")
 def served():
-    import torch
-    import uvicorn
-
-    from hearth.cli.serve import build_app
-    from hearth.config import EngineConfig
-    from hearth.loader.resolve import resolve_model
-
-    num_threads = torch.get_num_threads()
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("HEARTH_NUM_THREADS", os.environ.get("HEARTH_NUM_THREADS", "1"))
-    app, _ = build_app(resolve_model("smollm2"), EngineConfig(max_model_len=512, max_num_seqs=4))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        assert time.time() < deadline and thread.is_alive(), "server did not become ready"
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    yield anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
-    uv.should_exit = True
-    thread.join(timeout=15)
-    monkeypatch.undo()
-    torch.set_num_threads(num_threads)
+    with serve_smollm2() as url:
+        yield anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

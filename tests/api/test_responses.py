@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -513,45 +512,14 @@ def test_reasoning_only_when_cut_short(finish, reason):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import os
-    import threading
-    import time
+    from test_api_server import serve_smollm2
 
-    import torch
-    import uvicorn
-
-    from hearth.cli.serve import build_app
-    from hearth.config import EngineConfig
-    from hearth.loader.resolve import resolve_model
-
-    num_threads = torch.get_num_threads()
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("HEARTH_NUM_THREADS", os.environ.get("HEARTH_NUM_THREADS", "1"))
     store = ResponseStore(str(tmp_path_factory.mktemp("responses") / "responses.db"))
-    app, _ = build_app(resolve_model("smollm2"), EngineConfig(max_model_len=512, max_num_seqs=4),
-                       responses_store=store)  # fmt: skip
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        assert time.time() < deadline and thread.is_alive(), "server did not become ready"
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    uv.should_exit = True
-    thread.join(timeout=15)
-    store.close()
-    monkeypatch.undo()
-    torch.set_num_threads(num_threads)
+    try:
+        with serve_smollm2(responses_store=store) as url:
+            yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        store.close()
 
 
 @pytest.mark.slow
