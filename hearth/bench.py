@@ -149,6 +149,7 @@ class HearthRunner(StreamingRunner):
         config = EngineConfig(max_model_len=opts["max_model_len"], max_num_seqs=1,
                               max_num_batched_tokens=max(opts["prompt_len"], 512), enable_prefix_caching=False,
                               dtype=opts["dtype"], int8_prefill=opts.get("int8_prefill", False),
+                              lm_head_int8=opts.get("lm_head_int8", False),
                               **opts.get("speculative", {}))  # fmt: skip
         self.engine = LLMEngine(resolve_model(model), config)
         self.vocab_size = self.engine.model_config.vocab_size
@@ -180,6 +181,7 @@ class HearthRunner(StreamingRunner):
             "weight_bytes": weight_bytes(runner.model), "kv_cache_mb": round(kv / 1e6, 1),
             "dtype": str(runner.dtype).removeprefix("torch."), "quant": self.engine.model_info.quantization,
             "int8_prefill": self.engine.engine_config.int8_prefill,
+            "lm_head_int8": self.engine.engine_config.lm_head_int8,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }  # fmt: skip
         if self.engine.speculator is not None:  # speculative decoding: drafts scored and kept over the whole run
@@ -314,7 +316,7 @@ def _summary(runs: list[float]) -> dict:
 
 def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len: int = 128, repeat: int = 3,
               dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048,
-              int8_prefill: bool = False, speculative: dict | None = None,
+              int8_prefill: bool = False, speculative: dict | None = None, lm_head_int8: bool = False,
               sequential: bool | None = None) -> dict:  # fmt: skip
     """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record.
     `speculative`: EngineConfig's speculative-decoding fields for Hearth ({"speculative": "ngram", ...}).
@@ -331,7 +333,8 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or physical_cores()
     max_model_len = max(max_model_len, prompt_len + decode_len)  # a long --prompt-len must fit the context
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "dtype": dtype, "threads": threads,
-            "max_model_len": max_model_len, "int8_prefill": int8_prefill, "speculative": speculative or {}}  # fmt: skip
+            "max_model_len": max_model_len, "int8_prefill": int8_prefill, "speculative": speculative or {},
+            "lm_head_int8": lm_head_int8}  # fmt: skip
     record = {
         "bench": "latency", "git": git_rev(), "date": datetime.date.today().isoformat(),
         "device": cpu_name(), "nproc": os.cpu_count(), "threads": threads, "model": ref.name,

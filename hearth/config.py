@@ -388,6 +388,9 @@ class EngineConfig:
     # GGUF weights in prefill with int8 activations, as llama.cpp computes (and as decode steps already do): faster
     # prefill, a little less exact than bf16 activations
     int8_prefill: bool = False
+    # an untied LM head held in bf16 (gpt-oss's) is requantized once to Q8_0 blocks and read with int8 activations:
+    # about half the bytes a decode step reads for it, at a small logit error (docs/performance.md)
+    lm_head_int8: bool = False
     # after a step that finished a request while prefill work waits (so the next step is a long one), the server's
     # engine thread waits up to this long for new requests before starting it: a client that answers a finished
     # request with its next one (a chat turn, an agent's tool loop) then joins that step instead of waiting a whole

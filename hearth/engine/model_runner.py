@@ -125,6 +125,13 @@ class ModelRunner:
             self.model = model_class(config)(runtime_config(config, self.max_model_len))
         load_model(self.model, ref, self.dtype, keep_quantized=keep_quantized)
         self.model.eval()
+        if engine_config.lm_head_int8:
+            head = getattr(self.model, "lm_head", None)
+            if head is not None and hasattr(head, "requantize_q8_0") and head.requantize_q8_0():
+                logger.info("LM head requantized to Q8_0 (--lm-head-int8)")
+            else:
+                logger.info("--lm-head-int8: no bf16 LM head of its own here (a tied or quantized head is already read "
+                            "in its packed form by decode steps)")  # fmt: skip
         if engine_config.int8_prefill:
             held = [m for m in self.model.modules() if getattr(m, "blocks", None) is not None]
             for module in held:

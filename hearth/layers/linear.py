@@ -279,6 +279,21 @@ class Linear(nn.Module):
         if isinstance(self.method, BlocksMethod):
             self.method.int8_activations = value
 
+    def requantize_q8_0(self) -> bool:
+        """A dense bf16 weight as Q8_0 blocks in the C kernels' form (read with int8 activations in decode steps, as a
+        GGUF Q8_0 weight is); False where there is no dense bf16 weight or no C kernels."""
+        method = self.method
+        if not (isinstance(method, DenseMethod) and method.weight.dtype == torch.bfloat16 and gguf_cpu.available()):
+            return False
+        n, k = method.weight.shape
+        if not gguf_cpu.supports(gguf_cpu.Q8_0, k):
+            return False
+        w = method.weight
+        blocks = gguf_cpu.quantize_q8_0(lambda a, b: w[a:b].float(), n, k)
+        self.method = BlocksMethod(gguf_cpu.repack(blocks, gguf_cpu.Q8_0, n, k))
+        self.quant_type = "Q8_0"
+        return True
+
     def weight_loader(self, tensor: torch.Tensor | QuantizedTensor, kind: str = "weight", shard_id: int = 0) -> None:
         size = self.output_sizes[shard_id]
         rows = tensor.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
@@ -48,3 +49,50 @@ def test_permute_rows_moves_whole_rows_of_blocks(rows, seed):
 def test_dense_leaves_plain_tensors_alone():
     t = torch.arange(6.0).reshape(2, 3)
     assert dense(t) is t
+
+
+def test_a_bf16_weight_requantized_to_q8_0_reads_its_blocks_within_q8_0_error() -> None:
+    """--lm-head-int8: a dense bf16 weight becomes Q8_0 blocks in the C kernels' form; outputs stay within Q8_0's
+    rounding of the dense product, in prefill (dequantized) and decode (int8 activations) arithmetic alike."""
+    from hearth.kernels import gguf_cpu
+    from hearth.layers.context import Context, reset_context, set_context
+    from hearth.layers.linear import BlocksMethod, Linear
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler: the Q8_0 blocks need the C kernels")
+    torch.manual_seed(0)
+    lin = Linear(256, 96)
+    lin.weight_loader(torch.randn(96, 256).to(torch.bfloat16))
+    lin.finalize(torch.bfloat16)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    dense = lin(x).float()
+    assert lin.requantize_q8_0() and isinstance(lin.method, BlocksMethod) and lin.quant_type == "Q8_0"
+    scale = dense.abs().max()
+    assert (lin(x).float() - dense).abs().max() / scale < 0.02
+    set_context(Context(decode_seq_idx=[0, 1, 2]))  # a decode step: int8 activations on the packed weight
+    try:
+        assert (lin(x).float() - dense).abs().max() / scale < 0.03
+    finally:
+        reset_context()
+    assert not lin.requantize_q8_0()  # already blocks
+    f32 = Linear(256, 96)
+    f32.weight_loader(torch.randn(96, 256))
+    f32.finalize(torch.float32)
+    assert not f32.requantize_q8_0()  # the float32 reference mode keeps its dense weight
+
+
+def test_lm_head_int8_requantizes_an_untied_head(tiny_llama3) -> None:
+    from hearth import LLM, SamplingParams
+    from hearth.kernels import gguf_cpu
+    from hearth.layers.linear import BlocksMethod, DenseMethod
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler: the Q8_0 blocks need the C kernels")
+    path, _ = tiny_llama3
+    plain = LLM(path, max_model_len=64, dtype="bfloat16")
+    quant = LLM(path, max_model_len=64, dtype="bfloat16", lm_head_int8=True)
+    assert isinstance(plain.engine.runner.model.lm_head.method, DenseMethod)
+    assert isinstance(quant.engine.runner.model.lm_head.method, BlocksMethod)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = quant.generate([[1, 2, 3, 4]], params)[0]
+    assert len(out.token_ids) == 4
