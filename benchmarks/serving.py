@@ -5,6 +5,11 @@ tokens out. Reports aggregate output tok/s, time to first token p50/p99 (and eve
 latency p50 per server and concurrency, as JSON lines (and a PNG plot with --plot).
 
     python benchmarks/serving.py --concurrency 1 4 16 64 --peers llama-server llama-cpp-python --plot serving.png
+    python benchmarks/serving.py --model FILE.gguf --chat --concurrency 4 --peers llama-server \
+        --llama-server-arg=--chat-template=gpt-oss      # chat clients on a gpt-oss file, llama-server with 4 slots
+
+`--chat` sends the prompts as one user message to /v1/chat/completions and counts every streamed delta (content,
+reasoning or tool-call text); tokens come from the final usage chunk where the server sends one.
 
 Peers (optional, never installed by the tests): `llama-cpp-python` needs the `bench` extra; `llama-server` needs a
 binary (--llama-server PATH, default .bench/llama-server, built by benchmarks/build_llama_server.sh).
@@ -91,7 +96,8 @@ def make_servers(args, model_path: str, concurrency: int) -> dict[str, Server]:
         port = free_port()
         servers["llama-server"] = Server("llama-server", [
             args.llama_server, "-m", model_path, "-t", str(args.threads), "-np", str(concurrency),
-            "-c", str(ctx * concurrency), "--port", str(port), "--host", "127.0.0.1"], port, "model")  # fmt: skip
+            "-c", str(ctx * concurrency), "--port", str(port), "--host", "127.0.0.1", *args.llama_server_args],
+            port, "model")  # fmt: skip
     return servers
 
 
@@ -116,15 +122,30 @@ class Result:
     errors: int = 0
 
 
-async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int, result: Result) -> None:
-    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def delta_text(choice: dict) -> str:
+    """The text a streamed choice carries: a completion's `text`, or a chat delta's content, reasoning or tool call."""
+    if "text" in choice:
+        return choice["text"] or ""
+    delta = choice.get("delta") or {}
+    calls = "".join(json.dumps(c.get("function", {})) for c in delta.get("tool_calls") or [])
+    return (delta.get("content") or "") + (delta.get("reasoning_content") or delta.get("reasoning") or "") + calls
+
+
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int, result: Result,
+                      chat: bool = False) -> None:  # fmt: skip
+    body = {"model": server.model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if chat else "/v1/completions"
     start = time.perf_counter()
     last = None
     chunks = 0
     usage_tokens = None
     try:
-        async with client.stream("POST", f"http://127.0.0.1:{server.port}/v1/completions", json=body) as r:
+        async with client.stream("POST", f"http://127.0.0.1:{server.port}{path}", json=body) as r:
             if r.status_code != 200:
                 result.errors += 1
                 return
@@ -134,7 +155,7 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
                 data = json.loads(line[6:])
                 if data.get("usage"):
                     usage_tokens = data["usage"].get("completion_tokens")
-                if not any(c.get("text") for c in data.get("choices", [])):
+                if not any(delta_text(c) for c in data.get("choices", [])):
                     continue
                 now = time.perf_counter()
                 if last is None:
@@ -149,14 +170,16 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
     result.tokens += usage_tokens if usage_tokens else chunks
 
 
-async def run_load(server: Server, prompts: list[str], concurrency: int, per_client: int, max_tokens: int) -> dict:
+async def run_load(server: Server, prompts: list[str], concurrency: int, per_client: int, max_tokens: int,
+                   chat: bool = False) -> dict:  # fmt: skip
     result = Result()
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
 
         async def user(k: int) -> None:
             for j in range(per_client):
-                await one_request(client, server, prompts[(k * per_client + j) % len(prompts)], max_tokens, result)
+                prompt = prompts[(k * per_client + j) % len(prompts)]
+                await one_request(client, server, prompt, max_tokens, result, chat)
 
         start = time.perf_counter()
         await asyncio.gather(*(user(k) for k in range(concurrency)))
@@ -173,7 +196,7 @@ async def run_load(server: Server, prompts: list[str], concurrency: int, per_cli
             "ttft_s": sorted(round(t, 3) for t in result.ttft)}  # fmt: skip
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, title: str = "SmolLM2-135M Q4_1, 2 CPU threads, 128 tokens out") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +214,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("SmolLM2-135M Q4_1, 2 CPU threads, 128 tokens out")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -214,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hearth-arg", action="append", default=[], dest="hearth_args", metavar="ARG",
                         help="an extra `hearth serve` option, repeatable: --hearth-arg=--scheduling-policy=shortest "
                              "--hearth-arg=--int8-prefill")  # fmt: skip
+    parser.add_argument(
+        "--llama-server-arg",
+        action="append",
+        default=[],
+        dest="llama_server_args",
+        metavar="ARG",
+        help="an extra llama-server option, repeatable: --llama-server-arg=--chat-template=gpt-oss",
+    )
+    parser.add_argument("--chat", action="store_true", help="chat clients (/v1/chat/completions) instead of completions")
     parser.add_argument("--out", help="append JSON lines here")
     parser.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency")
     args = parser.parse_args(argv)
@@ -232,19 +264,23 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 server.start()
-                asyncio.run(run_load(server, prompts[:4], 1, 1, 8))  # warm-up
-                row = asyncio.run(run_load(server, prompts, concurrency, args.requests_per_client, args.max_tokens))
+                asyncio.run(run_load(server, prompts[:4], 1, 1, 8, args.chat))  # warm-up
+                row = asyncio.run(run_load(server, prompts, concurrency, args.requests_per_client, args.max_tokens,
+                                           args.chat))  # fmt: skip
             finally:
                 server.stop()
             rows.append(row)
             extra = {"hearth_args": args.hearth_args} if name == "hearth" and args.hearth_args else {}
+            extra |= {"llama_server_args": args.llama_server_args} if name == "llama-server" and args.llama_server_args else {}
+            extra |= {"api": "chat"} if args.chat else {}
             line = json.dumps({"bench": "serving", "model": args.model, "threads": args.threads, **extra, **row})
             print(line, flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
     if args.plot:
-        plot(rows, args.plot)
+        title = None if args.model == "smollm2" else f"{os.path.basename(args.model)}, {args.threads} CPU threads"
+        plot(rows, args.plot, *([title] if title else []))
     return 0
 
 
