@@ -3,6 +3,8 @@
 //
 // attn_prefill: out[i, h] = softmax_j(scale * q[i, h] . k[j, h/G]) v[j, h/G] over the keys j with
 // q0 + i - window < j <= q0 + i (no lower bound when window == 0), G = H / Hkv query heads per KV head.
+// With `sinks` (H floats, or NULL) head h's softmax denominator gains exp(sinks[h]): a logit with no value. The
+// running max starts at the sink, so exp(sink - max) <= 1 is added once at the end.
 // K and V of each KV head are first repacked (zero-padded to a multiple of KC keys):
 //   Kp[16-key group][dim pair][16 keys][2 dims]  -> one vdpbf16ps gives 16 keys' partial dots over 2 dims;
 //   Vp[key pair][D dims][2 keys]                 -> one vdpbf16ps adds 2 keys' weighted values to 16 output dims.
@@ -124,7 +126,7 @@ static void repack(int64_t L, int64_t Lpad, int64_t Hkv, int64_t D, const uint16
 // Returns 0 when the shape is not supported (the caller raises).
 int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_t q0, int64_t window, float scale,
                  const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
-                 int64_t v_stride, uint16_t *out, int64_t o_stride, int nthreads) {
+                 int64_t v_stride, uint16_t *out, int64_t o_stride, const float *sinks, int nthreads) {
 #if defined(__AVX512BF16__)
     const int64_t G = H / Hkv;
     if ((D != 64 && D != 128) || G * Hkv != H || G > MAXR / 4 || n <= 0 || n > L) return 0;
@@ -152,7 +154,7 @@ int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_
             for (int64_t r = 0; r < rows4; r++) {
                 if (r < rows) memcpy(qloc + r * D, q + (i0 + r / G) * q_stride + (g * G + r % G) * D, D * 2);
                 else memset(qloc + r * D, 0, D * 2);
-                m[r] = -INFINITY, lsum[r] = _mm512_setzero_ps();
+                m[r] = sinks && r < rows ? sinks[g * G + r % G] : -INFINITY, lsum[r] = _mm512_setzero_ps();
                 memset(O + r * D, 0, D * 4);
             }
             const int64_t pmin = q0 + i0, pmax = q0 + i0 + nq - 1;  // key index of the block's first / last query
@@ -198,7 +200,8 @@ int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_
                 else pv_d(128, P, alpha, rows4, vg + j0 * D, O);
             }
             for (int64_t r = 0; r < rows; r++) {
-                const float inv = 1.0f / _mm512_reduce_add_ps(lsum[r]);
+                const float sink = sinks ? expf(sinks[g * G + r % G] - m[r]) : 0.0f;
+                const float inv = 1.0f / (_mm512_reduce_add_ps(lsum[r]) + sink);
                 uint16_t *o = out + (i0 + r / G) * o_stride + (g * G + r % G) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = float_to_bf16(O[r * D + d] * inv);
             }
@@ -208,24 +211,25 @@ int attn_prefill(int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t L, int64_
     return 1;
 #else
     (void)n, (void)H, (void)Hkv, (void)D, (void)L, (void)q0, (void)window, (void)scale, (void)q, (void)q_stride;
-    (void)k, (void)k_stride, (void)v, (void)v_stride, (void)out, (void)o_stride, (void)nthreads;
+    (void)k, (void)k_stride, (void)v, (void)v_stride, (void)out, (void)o_stride, (void)sinks, (void)nthreads;
     return 0;
 #endif
 }
 
 // attn_decode: out[m] = attention of M single query tokens q[m] (Hq x D float32 each) over their sequences' keys in
 // the paged bf16 cache kc/vc [blocks, bs, Hkv, D] (decode_attention in paged_attention.h); out float32 [M, Hq, D].
+// sinks: Hq floats (a value-less logit per head in the softmax denominator) or NULL.
 void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, const uint16_t *kc, const uint16_t *vc,
                  const int64_t *tables, int64_t max_blocks, int64_t bs, const int64_t *lens, int64_t window, float scale,
-                 float *out, int nthreads) {
+                 const float *sinks, float *out, int nthreads) {
     int64_t max_len = 1;
     for (int64_t m = 0; m < M; m++) max_len = lens[m] > max_len ? lens[m] : max_len;
     const int64_t G = Hq / Hkv, nchunks = decode_chunks(max_len);
     float *abuf = malloc(sizeof(float) * (size_t)(nthreads * decode_scratch_floats(G, D)));
     float *parts = malloc(sizeof(float) * (size_t)(M * Hkv * nchunks * G * (2 + D)));
 #pragma omp parallel num_threads(nthreads)
-    decode_attention(M, q, Hq * D, Hq, Hkv, D, kc, vc, Hkv * D, tables, max_blocks, bs, lens, window, scale, nchunks,
-                     abuf, parts, out, Hq * D, TID);
+    decode_attention(M, q, Hq * D, Hq, Hkv, D, kc, vc, Hkv * D, tables, max_blocks, bs, lens, window, scale, sinks,
+                     nchunks, abuf, parts, out, Hq * D, TID);
     free(abuf);
     free(parts);
 }

@@ -8,6 +8,8 @@ query heads of a KV head. `can_run()` is False where it was not built with AVX-5
 `decode` attends one new query token per sequence over the paged bf16 KV cache through the block tables, without
 gathering the keys (paged_attention.h, the fused decode step's attention): the decode rows of mixed prefill/decode
 steps. It needs only a C compiler (AVX-512 where present); `decode_ref` is the same in float64 on gathered keys.
+
+Both take optional per-head `sinks` (gpt-oss): one more logit per head in the softmax denominator with no value.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ MAX_GROUP = 16  # query heads per KV head the kernel handles
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.attn_prefill.argtypes = [i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
-                                 ptr, i64, ptr, i64, ptr, i64, ptr, i64, ctypes.c_int]  # fmt: skip
+                                 ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]  # fmt: skip
     lib.attn_prefill.restype = ctypes.c_int
     lib.attn_prefill_fast.restype = ctypes.c_int
     lib.attn_decode.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_float, ptr,
-                                ctypes.c_int]  # fmt: skip
+                                ptr, ctypes.c_int]  # fmt: skip
     lib.attn_decode.restype = None
 
 
@@ -55,15 +57,24 @@ def can_run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
             and q.shape[1] // keys.shape[1] <= MAX_GROUP and fast())  # fmt: skip
 
 
+def _sinks(sinks: torch.Tensor | None, num_heads: int) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    if sinks.shape != (num_heads,):
+        raise ValueError(f"sinks: expected shape {(num_heads,)}, got {tuple(sinks.shape)}")
+    return sinks.float().contiguous()
+
+
 def prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            out: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Causal attention of q [n, H, D] (the last n of L positions) over keys/values [L, Hkv, D] -> [n, H, D] bf16.
 
     Query i attends key j when j <= L - n + i and, with `window`, j > L - n + i - window. `out` ([n, H, D], heads
-    D apart) receives the result in place when given.
+    D apart) receives the result in place when given. `sinks` [H]: a value-less logit per head in the denominator.
     """
     n, num_heads, d = q.shape
     length, num_kv_heads = keys.shape[0], keys.shape[1]
+    sinks = _sinks(sinks, num_heads)
     q, keys, values = (x if _rows_ok(x) else x.contiguous() for x in (q, keys, values))
     if out is None or not _rows_ok(out):
         result = torch.empty(n, num_heads, d, dtype=torch.bfloat16)
@@ -71,7 +82,8 @@ def prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
         result = out
     ok = _get().attn_prefill(n, num_heads, num_kv_heads, d, length, length - n, window or 0, scale,
                              q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), values.data_ptr(),
-                             values.stride(0), result.data_ptr(), result.stride(0), torch.get_num_threads())  # fmt: skip
+                             values.stride(0), result.data_ptr(), result.stride(0),
+                             None if sinks is None else sinks.data_ptr(), torch.get_num_threads())  # fmt: skip
     if not ok:
         raise ValueError(f"attn_prefill cannot run q {tuple(q.shape)} over keys {tuple(keys.shape)}")
     if out is not None and result is not out:
@@ -79,9 +91,10 @@ def prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     return result if out is None else out
 
 
-def prefill_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                window: int | None = None) -> torch.Tensor:  # fmt: skip
-    """The same attention in float64 with the softmax materialised: [n, H, D] float64."""
+def prefill_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The same attention in float64 with the softmax materialised (and the sink column dropped after it):
+    [n, H, D] float64."""
     n, num_heads, _ = q.shape
     length, num_kv_heads = keys.shape[0], keys.shape[1]
     group = num_heads // num_kv_heads
@@ -93,7 +106,12 @@ def prefill_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
-    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.double().view(num_heads, 1, 1).expand(num_heads, n, 1)
+        p = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        p = scores.softmax(-1)
     return (p @ v).transpose(0, 1)
 
 
@@ -106,11 +124,13 @@ def can_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) ->
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:  # fmt: skip
+           context_lens: torch.Tensor, scale: float, window: int | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Sequence b's query heads q[b] [H, D] attend the keys of positions [0, context_lens[b]) (the last `window` of
     them with a window), found through block_tables[b] in the caches [blocks, block_size, Hkv, D]. -> float32 [B, H, D]
-    (scores, softmax and the weighted sum in float32)."""
+    (scores, softmax and the weighted sum in float32). `sinks` [H]: a value-less logit per head in the denominator."""
     batch, num_heads, d = q.shape
+    sinks = _sinks(sinks, num_heads)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     qf = q.float().contiguous()
     tables = block_tables.to(torch.long).contiguous()
@@ -120,12 +140,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     out = torch.empty(batch, num_heads, d, dtype=torch.float32)
     _get().attn_decode(batch, num_heads, num_kv_heads, d, qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                        tables.data_ptr(), tables.shape[1], block_size, lens.data_ptr(), window or 0, scale,
-                       out.data_ptr(), torch.get_num_threads())  # fmt: skip
+                       None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
     return out
 
 
 def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:  # fmt: skip
+               context_lens: torch.Tensor, scale: float, window: int | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """`decode` in float64, one sequence at a time on its gathered keys: [B, H, D] float64."""
     block_size = k_cache.shape[1]
     outs = []
@@ -135,5 +156,5 @@ def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
         slots = (block_tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[first:length]
         keys = k_cache.flatten(0, 1)[slots]
         values = v_cache.flatten(0, 1)[slots]
-        outs.append(prefill_ref(q[b][None], keys, values, scale)[0])
+        outs.append(prefill_ref(q[b][None], keys, values, scale, sinks=sinks)[0])
     return torch.stack(outs)

@@ -100,7 +100,7 @@ void llama_decode(const ModelWeights *mw, int64_t M, float *h, const int64_t *po
                 }
             }
             decode_attention(M, qkv, nqkv, Hq, Hkv, D, L->k_cache, L->v_cache, kvsz, block_tables, max_blocks,
-                             block_size, context_lens, L->window, mw->scale, nchunks, abuf, parts, att, qsz, tid);
+                             block_size, context_lens, L->window, mw->scale, NULL, nchunks, abuf, parts, att, qsz, tid);
             lx.K = qsz;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (qsz / QK); i++) qx_block(&lx, att, qsz, qsz, i / (qsz / QK), i % (qsz / QK));

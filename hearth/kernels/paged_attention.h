@@ -193,11 +193,12 @@ static void attend_chunk(const float *q, int64_t G, const uint16_t *kc, const ui
     }
 }
 
-// out[d] of one query head from its nc chunk partials (each `pstride` floats apart)
-static void merge_heads(const float *part, int64_t nc, int64_t pstride, int64_t d, float *out) {
-    float mx = -INFINITY;
+// out[d] of one query head from its nc chunk partials (each `pstride` floats apart); `sink` is a logit with no value
+// that joins the softmax denominator (-INFINITY: none)
+static void merge_heads(const float *part, int64_t nc, int64_t pstride, int64_t d, float sink, float *out) {
+    float mx = sink;
     for (int64_t c = 0; c < nc; c++) mx = part[c * pstride] > mx ? part[c * pstride] : mx;
-    float denom = 0.0f;
+    float denom = sink == -INFINITY ? 0.0f : expf(sink - mx);
     for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t c = 0; c < nc; c++) {
         const float *pc = part + c * pstride, w = expf(pc[0] - mx);
@@ -215,13 +216,14 @@ static inline int64_t decode_chunks(int64_t max_len) { return (max_len + ATT_CHU
 // M sequences' query heads q[m] (Hq x D floats, `qstride` apart) against their cached keys and values: kc/vc point
 // at KV head 0 of slot 0, slots `kvstride` values apart, KV head g at + g*D; sequence m reads keys [start, len) of
 // lens[m] through its block table tables + m * max_blocks (start = len - window with a window, else 0). out[m]:
-// Hq x D floats `ostride` apart. Call from inside an OpenMP parallel region (its loops are orphaned `omp for`s);
+// Hq x D floats `ostride` apart. sinks: Hq floats (a value-less logit per head in the denominator) or NULL. Call from inside an OpenMP parallel region (its loops are orphaned `omp for`s);
 // abuf: decode_scratch_floats per thread, parts: M * Hkv * nchunks * G * (2 + D) floats (nchunks = decode_chunks of
 // the longest context).
 static void decode_attention(int64_t M, const float *q, int64_t qstride, int64_t Hq, int64_t Hkv, int64_t D,
                              const uint16_t *kc, const uint16_t *vc, int64_t kvstride, const int64_t *tables,
                              int64_t max_blocks, int64_t bs, const int64_t *lens, int64_t window, float scale,
-                             int64_t nchunks, float *abuf, float *parts, float *out, int64_t ostride, int tid) {
+                             const float *sinks, int64_t nchunks, float *abuf, float *parts, float *out,
+                             int64_t ostride, int tid) {
     const int64_t G = Hq / Hkv, pstride = G * (2 + D);
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < M * Hkv * nchunks; i++) {
@@ -238,6 +240,6 @@ static void decode_attention(int64_t M, const float *q, int64_t qstride, int64_t
         const int64_t start = window > 0 && len > window ? len - window : 0;
         const int64_t nc = (len - start + ATT_CHUNK - 1) / ATT_CHUNK;
         merge_heads(parts + (m * Hkv + g) * nchunks * pstride + (hh % G) * (2 + D), nc, pstride, D,
-                    out + m * ostride + hh * D);
+                    sinks ? sinks[hh] : -INFINITY, out + m * ostride + hh * D);
     }
 }

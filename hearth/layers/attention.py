@@ -3,7 +3,8 @@
 New keys/values are written to their cache slots, then prefill sequences attend one by one (causal, offset by the
 tokens already cached) and all single-token decode sequences attend in one batched call over their block tables.
 Sliding-window layers mask keys older than the window. With learned per-head sinks (gpt-oss, docs/models.md §1.3) the
-softmax denominator gains one extra logit per head; SDPA cannot do that, so those layers attend in plain torch.
+softmax denominator gains one extra logit per head; SDPA cannot do that, so those layers attend through the C kernels
+(which take the sinks) where they run, else in plain torch (`attention_with_sinks`).
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class Attention(nn.Module):
                 values = gather_kv(v_cache, table, length - first).to(q.dtype)
             k_pos = torch.arange(first, length, device=q.device)
             q_pos = torch.arange(length - num_new, length, device=q.device)
+            if attention_cpu.can_run(q, keys, values):  # bf16 on AVX-512 BF16 CPUs, faster than SDPA
+                attention_cpu.prefill(q[start:end], keys, values, self.scale, self.sliding_window, out=out[start:end],
+                                      sinks=sinks)  # fmt: skip
+                continue
             if sinks is not None:
                 o = attention_with_sinks(
                     q[None, start:end].transpose(1, 2),
@@ -158,9 +163,6 @@ class Attention(nn.Module):
                     self.scale,
                 )
                 out[start:end] = o[0].transpose(0, 1)
-                continue
-            if attention_cpu.can_run(q, keys, values):  # bf16 on AVX-512 BF16 CPUs, faster than SDPA
-                attention_cpu.prefill(q[start:end], keys, values, self.scale, self.sliding_window, out=out[start:end])
                 continue
             if self.sliding_window is None and length == num_new:
                 mask, causal = None, True
@@ -176,8 +178,9 @@ class Attention(nn.Module):
             rows = ctx.decode_rows
             lens = ctx.decode_context_lens  # [B]
             tables = ctx.decode_block_tables  # [B, max_blocks]
-            if sinks is None and attention_cpu.can_decode(q, k_cache, v_cache):  # through the block tables, in C
-                o = attention_cpu.decode(q[rows], k_cache, v_cache, tables, lens, self.scale, self.sliding_window)
+            if attention_cpu.can_decode(q, k_cache, v_cache):  # through the block tables, in C
+                o = attention_cpu.decode(q[rows], k_cache, v_cache, tables, lens, self.scale, self.sliding_window,
+                                         sinks)  # fmt: skip
                 out[rows] = o.to(out.dtype)
                 return out.flatten(1)
             if self.sliding_window is None:

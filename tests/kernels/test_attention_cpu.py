@@ -114,3 +114,31 @@ def test_attention_layer_prefix_hit(window, monkeypatch):
     sdpa_err = (outs["sdpa"].double() - ref).abs().max().item()
     assert err <= 2**-8 * ref.abs().max().item() + 2**-8
     assert err <= 1.5 * sdpa_err + 1e-6, (err, sdpa_err)
+
+
+@pytest.mark.parametrize("n,length,window", [(1, 1, None), (33, 33, None), (513, 513, None), (33, 513, 64), (200, 513, 128)])
+@pytest.mark.parametrize("sink_scale", [1.0, 8.0])
+def test_prefill_with_sinks(n, length, window, sink_scale):
+    """gpt-oss's sinks (a value-less logit per head; 8.0 makes some heads put most of the mass on it) against the float64
+    reference and against the plain-torch path the layer used before (attention_with_sinks, float32 throughout)."""
+    from hearth.layers.attention import attention_with_sinks
+
+    torch.manual_seed(n + length)
+    num_kv_heads, group, head_dim = 2, 8, 64
+    q = torch.randn(n, num_kv_heads * group, head_dim).bfloat16()
+    keys = torch.randn(length, num_kv_heads, head_dim).bfloat16()
+    values = torch.randn(length, num_kv_heads, head_dim).bfloat16()
+    sinks = (torch.randn(num_kv_heads * group) * sink_scale).bfloat16()
+    scale = head_dim**-0.5
+    ref = attention_cpu.prefill_ref(q, keys, values, scale, window, sinks=sinks)
+    out = attention_cpu.prefill(q, keys, values, scale, window, sinks=sinks)
+    tol = 2**-8 * ref.abs().max().item() + 2**-8
+    assert (out.double() - ref).abs().max().item() <= tol
+    q_pos, k_pos = torch.arange(length - n, length)[:, None], torch.arange(length)[None, :]
+    mask = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window else True)
+    torch_path = attention_with_sinks(q[None].transpose(1, 2), keys[None].transpose(1, 2), values[None].transpose(1, 2),
+                                      mask, sinks, scale)[0].transpose(0, 1)  # fmt: skip
+    assert (torch_path.double() - ref).abs().max().item() <= tol
+    no_sink = attention_cpu.prefill_ref(q, keys, values, scale, window)
+    if sink_scale > 1:  # large sinks take visible mass from every head's keys
+        assert (no_sink - ref).abs().max().item() > 3 * tol

@@ -53,9 +53,11 @@ def test_decode_checks_tables():
     assert not attention_cpu.can_decode(q, k_cache.float(), v_cache.float())
 
 
+@pytest.mark.parametrize("with_sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 24])
-def test_mixed_step_decode_rows(window, monkeypatch):
-    # one sequence prefilling 9 tokens after 20 cached, three decoding: the C decode rows against the torch path
+def test_mixed_step_decode_rows(window, with_sinks, monkeypatch):
+    # one sequence prefilling 9 tokens after 20 cached, three decoding: the C kernels against the torch path (with
+    # gpt-oss's sinks too), both against the float64 references
     from hearth.layers.attention import Attention
     from hearth.layers.context import Context, reset_context, set_context
 
@@ -71,6 +73,7 @@ def test_mixed_step_decode_rows(window, monkeypatch):
     q = torch.randn(12, heads, d).bfloat16()
     k = torch.randn(12, kv_heads, d).bfloat16()
     v = torch.randn(12, kv_heads, d).bfloat16()
+    sinks = (torch.randn(heads) * 4).bfloat16() if with_sinks else None
     decode_idx = [1, 2, 3]
     dec_lens = lens[decode_idx]
     k_pos = torch.arange(tables.shape[1] * bs)
@@ -78,6 +81,7 @@ def test_mixed_step_decode_rows(window, monkeypatch):
     for name in ("kernel", "torch"):
         if name == "torch":
             monkeypatch.setattr(attention_cpu, "can_decode", lambda *args: False)
+            monkeypatch.setattr(attention_cpu, "can_run", lambda *args: False)
         layer.k_cache, layer.v_cache = k_cache.clone(), v_cache.clone()
         set_context(Context(q_starts=q_starts, context_lens=lengths, slot_mapping=slots, block_tables=tables,
                             block_size=bs, prefill_seq_idx=[0], decode_seq_idx=decode_idx,
@@ -85,10 +89,32 @@ def test_mixed_step_decode_rows(window, monkeypatch):
                             decode_block_tables=tables[decode_idx],
                             decode_mask=(k_pos[None, :] < dec_lens[:, None])[:, None, None, :]))  # fmt: skip
         try:
-            outs[name] = layer(q, k, v).view(12, heads, d)
+            outs[name] = layer(q, k, v, sinks=sinks).view(12, heads, d)
         finally:
             reset_context()
-    ref = attention_cpu.decode_ref(q[9:], layer.k_cache, layer.v_cache, tables[decode_idx], dec_lens, 0.125, window)
-    assert torch.equal(outs["kernel"][:9], outs["torch"][:9])  # the prefill rows are untouched
-    for name in outs:  # both round the float32 result to bf16 once
+    ref = attention_cpu.decode_ref(q[9:], layer.k_cache, layer.v_cache, tables[decode_idx], dec_lens, 0.125, window,
+                                   sinks)  # fmt: skip
+    seq0 = (tables[0][:, None] * bs + torch.arange(bs)).flatten()[: lengths[0]]
+    keys, values = layer.k_cache.flatten(0, 1)[seq0], layer.v_cache.flatten(0, 1)[seq0]
+    prefill_ref = attention_cpu.prefill_ref(q[:9], keys, values, 0.125, window, sinks)
+    for name in outs:  # both round the float32 result to bf16 once (the C prefill also rounds P to bf16)
         assert (outs[name][9:].double() - ref).abs().max().item() <= 2**-8 * ref.abs().max().item(), name
+        tol = 2**-8 * prefill_ref.abs().max().item() + 2**-8
+        assert (outs[name][:9].double() - prefill_ref).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("sink_scale", [1.0, 8.0])
+def test_decode_with_sinks(window, sink_scale):
+    """gpt-oss's per-head sinks join the denominator of the merged chunks (one chunk or several)."""
+    lengths = [1, 17, 300, 700]
+    num_kv_heads, group, head_dim = 2, 8, 64
+    k_cache, v_cache, tables, lens = paged(lengths, num_kv_heads, head_dim, 16, seed=7)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim).bfloat16()
+    sinks = torch.randn(num_kv_heads * group) * sink_scale
+    scale = head_dim**-0.5
+    out = attention_cpu.decode(q, k_cache, v_cache, tables, lens, scale, window, sinks)
+    ref = attention_cpu.decode_ref(q, k_cache, v_cache, tables, lens, scale, window, sinks)
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
+    plain = attention_cpu.decode_ref(q, k_cache, v_cache, tables, lens, scale, window)
+    assert (plain - ref).abs().max().item() > 1e-2
