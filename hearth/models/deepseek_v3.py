@@ -296,7 +296,7 @@ class DeepseekV3MLP(nn.Module):
 
 
 class RemoteExpert(nn.Module):
-    """A routed expert that lives on another rank (expert parallel): its tensors are read past and dropped."""
+    """A routed expert that lives on another rank (expert parallel): its tensors are passed over at load."""
 
     def __init__(self):
         super().__init__()
@@ -304,6 +304,8 @@ class RemoteExpert(nn.Module):
 
 
 class _Dropped(nn.Module):
+    drops_weights = True  # the loader does not even read them (safetensors)
+
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         pass
 

@@ -18,7 +18,7 @@ from hearth.config import EngineConfig
 from hearth.engine.llm_engine import LLMEngine, read_model_config
 from hearth.loader import ModelLoadError
 from hearth.loader.load import model_nbytes
-from hearth.loader.resolve import resolve_model
+from hearth.loader.resolve import ModelRef, resolve_model
 from hearth.planner.hardware import get_hardware
 from hearth.planner.plan import plan
 from hearth.sampling_params import SamplingParams
@@ -106,6 +106,69 @@ def test_tp2_equals_tp1_with_and_without_expert_parallel(tiny_deepseek_tp):
     per_device = plan(read_model_config(ref), get_hardware("auto", 2)).kv_bytes_per_token_per_device
     assert split["kv_block"] == per_device * EngineConfig().block_size * 2  # the planner's figure is bf16, this float32
     assert not torch.distributed.is_initialized()
+
+
+def test_rank_1_keeps_its_shard_and_reads_no_other_ranks_expert(tiny_deepseek_tp, monkeypatch):
+    """Rank 1 of 2 built and loaded in this process (no collective runs at load): its heads 2-3 of q_b / kv_b and
+    their o_proj columns, replicated latent projections, the second half of each MLP's intermediate rows and of the
+    vocabulary, and with expert parallel experts 4-7 whole; the safetensors reader never reads experts 0-3."""
+    from safetensors import safe_open
+
+    from hearth.layers.distributed import set_tensor_parallel
+    from hearth.loader import safetensors as st
+    from hearth.loader.inspect import read_hf_config
+    from hearth.loader.load import load_model
+    from hearth.models.deepseek_v3 import DeepseekV3ForCausalLM, RemoteExpert, rope_row_permutation
+
+    read: list[str] = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.f = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(st, "safe_open", Recording)
+    with safe_open(f"{tiny_deepseek_tp}/model.safetensors", "pt") as f:
+        hf = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    set_tensor_parallel(1, 2, expert_parallel=True)
+    try:
+        config = read_hf_config(tiny_deepseek_tp)
+        model = DeepseekV3ForCausalLM(config)
+        load_model(model, ModelRef(tiny_deepseek_tp, tiny_deepseek_tp, "hf"), torch.float32, keep_quantized=False)
+    finally:
+        set_tensor_parallel(0, 1)
+    assert read and not [n for n in read if any(f".experts.{e}." in n for e in range(4))]
+    layer, p = model.model.layers[1], "model.layers.1."
+    attn = layer.self_attn
+    assert attn.num_heads == 2 and attn.w_uk.shape == (2, 16, 16)
+    perm = rope_row_permutation(2, 24, 8)
+    assert torch.equal(attn.q_b_proj.weight, hf[p + "self_attn.q_b_proj.weight"][48:96][perm])
+    assert torch.equal(attn.kv_b_proj.weight, hf[p + "self_attn.kv_b_proj.weight"][64:128])
+    assert torch.equal(attn.o_proj.weight, hf[p + "self_attn.o_proj.weight"][:, 32:64])
+    assert attn.q_a_proj.weight.shape == hf[p + "self_attn.q_a_proj.weight"].shape  # replicated
+    assert attn.kv_a_proj_with_mqa.weight.shape == hf[p + "self_attn.kv_a_proj_with_mqa.weight"].shape
+    experts = layer.mlp.experts
+    assert all(isinstance(experts[e], RemoteExpert) for e in range(4))
+    gate, up = hf[p + "mlp.experts.5.gate_proj.weight"], hf[p + "mlp.experts.5.up_proj.weight"]
+    assert torch.equal(experts[5].gate_up_proj.weight, torch.cat([gate, up]))
+    shared = layer.mlp.shared_experts
+    assert torch.equal(shared.down_proj.weight, hf[p + "mlp.shared_experts.down_proj.weight"][:, 16:32])
+    assert torch.equal(model.lm_head.weight, hf["lm_head.weight"][128:256])
+    dense = model.model.layers[0].mlp
+    assert torch.equal(dense.gate_up_proj.weight[:64], hf["model.layers.0.mlp.gate_proj.weight"][64:128])
 
 
 def fp8_hf(**overrides):
