@@ -13,7 +13,7 @@ reordered once at load to [even | odd] so the shared rotate_half rope applies (H
 same de-interleave at run time). The MTP layer (`model.layers.{num_hidden_layers}`) has no module here, so the loader
 skips its tensors.
 
-Tensor parallel (docs/parallel.md): MLA splits by query heads. q_a_proj / kv_a_proj_with_mqa and their norms are
+Tensor parallel (docs/architecture.md): MLA splits by query heads. q_a_proj / kv_a_proj_with_mqa and their norms are
 replicated, so every rank writes and reads the whole latent cache (it is not divided); q_b_proj (q_proj), kv_b_proj
 (GGUF's attn_k_b / attn_v_b) keep the rank's heads and o_proj its heads' input columns, with one all-reduce. Dense MLPs
 and the shared experts split the intermediate dim; routed experts either split it too or, with expert parallel, live
@@ -463,7 +463,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.model.embed_tokens.tie_lm_head()
         self.fp8_mode = fp8_mode(self, dtype)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab]; under tensor parallelism rank 0 gets them whole, other ranks None."""
         if self.lm_head is None:
             return self.model.embed_tokens.as_lm_head(hidden_states)
         return self.lm_head(hidden_states)
