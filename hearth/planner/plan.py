@@ -7,7 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 from hearth.config import ModelConfig, kv_bytes, kv_bytes_per_token, kv_spec, tensor_parallel_config
 from hearth.planner.hardware import Hardware
-from hearth.planner.params import ParamCount, allowed_formats, count_params, native_format, touched_bytes, weight_bytes
+from hearth.planner.params import (
+    ParamCount,
+    allowed_formats,
+    count_params,
+    native_format,
+    tensor_bytes,
+    touched_bytes,
+    weight_bytes,
+)
 
 # Headroom rule: plan against 90% of memory, less 1 GiB per device for the runtime (CUDA context / allocator slack,
 # activations, sampler buffers). Weights + KV cache must fit in what is left.
@@ -87,6 +95,19 @@ def _max_context(cfg: ModelConfig, budget: int, concurrency: int) -> int:
     return lo
 
 
+# tensors every rank holds whole under tensor parallelism: MLA's latent projections and their norms (and MoE routers)
+REPLICATED_GROUPS = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
+
+
+def per_device_weight_bytes(params: ParamCount, fmt: str, devices: int, weights: int) -> int:
+    """Weight bytes on each of `devices` ranks: an even share of what splits plus the replicated groups whole.
+    `weights`: the model's real total (a file's size), the groups' estimate rescaled to it."""
+    estimate = weight_bytes(params, fmt)
+    whole = sum(g.count * tensor_bytes(g, fmt) for g in params.groups if g.name in REPLICATED_GROUPS or g.kind == "router")
+    scale = weights / estimate if estimate else 1.0
+    return round(((estimate - whole) / devices + whole) * scale)
+
+
 def kv_copies(config: ModelConfig, devices: int) -> int:
     """How many devices hold each cached token under tensor parallelism: MLA's latent cache (one vector per token per
     layer, read by every query head) is whole on every device, other caches split by KV heads."""
@@ -153,7 +174,8 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
         max_context=_max_context(config, (usable - weights) // copies, concurrency),
         max_concurrency=max(0, (usable - weights) // (per_seq * copies)) if per_seq else 0,
         decode_tok_s=decode, decode_tok_s_total=decode * concurrency,
-        weights_bytes_per_device=weights // hardware.devices,
+        weights_bytes_per_device=per_device_weight_bytes(params, fmt if fmt in allowed_formats(config) else "bf16",
+                                                         hardware.devices, weights),  # fmt: skip
         kv_bytes_per_token_per_device=per_device_kv_bytes_per_token(config, hardware.devices),
         prefill_tok_s=flops * PREFILL_EFFICIENCY / (2 * params.active) if flops else None,
         assumptions=[
