@@ -250,9 +250,13 @@ def head_partition(num_heads: int, num_kv_heads: int, rank: int, size: int) -> t
 
 
 def tensor_parallel_config(cfg: ModelConfig, rank: int, size: int) -> ModelConfig:
-    """`cfg` as one tensor-parallel rank's KV cache sees it: that rank's query and KV heads."""
+    """`cfg` as one tensor-parallel rank's KV cache sees it: that rank's query and KV heads (MLA: its query heads, and
+    the whole latent cache, which is not divided)."""
     if size == 1:
         return cfg
+    if cfg.kv_lora_rank:  # MLA: the query heads split evenly; the latent cache (one vector per token) is every rank's
+        start, end = split_range(cfg.num_attention_heads, rank, size)
+        return replace(cfg, num_attention_heads=end - start, num_key_value_heads=end - start)
     _, num_heads, _, num_kv_heads = head_partition(cfg.num_attention_heads, cfg.num_key_value_heads, rank, size)
     return replace(cfg, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 

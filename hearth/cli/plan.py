@@ -87,7 +87,9 @@ def cmd_plan(args) -> int:
                      f"sequence at {p.context} tokens"),
         ("memory needed", f"{_gb(p.memory_bytes)} for {p.concurrency} × {p.context} tokens"),
         *([("per device", f"weights {_gb(p.weights_bytes_per_device)}, KV cache "
-                          f"{p.kv_bytes_per_token_per_device / 1024:.1f} KiB/token (hearth serve -tp {p.devices})")]
+                          f"{p.kv_bytes_per_token_per_device / 1024:.1f} KiB/token"
+                          f"{' (MLA latent, replicated: not divided)' if cfg.kv_lora_rank else ''} "
+                          f"(hearth serve -tp {p.devices})")]
           if p.devices > 1 else []),
         ("hardware", f"{p.hardware}: {_gb(p.hardware_memory_bytes)}, usable {_gb(p.usable_bytes)}"),
         ("fits", "yes" if p.fits else "NO"),

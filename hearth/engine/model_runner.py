@@ -105,8 +105,8 @@ class ModelRunner:
             local_ranks = self.tp_size // engine_config.nnodes
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         if self.tp_size > 1 and not getattr(model_class(config), "supports_tensor_parallel", False):
-            raise ValueError(f"tensor parallelism is not supported for {config.architecture} yet (Llama family and "
-                             "gpt-oss only)")  # fmt: skip
+            raise ValueError(f"tensor parallelism is not supported for {config.architecture} yet (Llama family, "
+                             "gpt-oss and DeepSeek-V3 only)")  # fmt: skip
         self.kv_config = rank_config(config, rank, self.tp_size)  # this rank's heads
         self.dtype = resolve_dtype(engine_config.dtype, ref, config)
         keep_quantized = self.dtype != torch.float32

@@ -2,6 +2,11 @@
 
 The layer chooses the form: on a device with FP8 matmuls the weight stays FP8 in memory and runs through
 quant/fp8's `fp8_linear`; elsewhere it is dequantized at load and runs as any other `Linear`.
+
+Under tensor parallelism `Fp8ColumnParallelLinear` / `Fp8RowParallelLinear` keep a rank's rows / input columns of the
+FP8 values and the matching rows / columns of block scales. A shard must start and end on the 128×128 block edges (or
+at the tensor's end), so that every scale belongs to one rank; a tensor-parallel size that would cut a block is
+refused at load with the tensor's name.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hearth.layers.linear import Linear, LinearMethod
+from hearth.layers.linear import ColumnParallelLinear, Linear, LinearMethod, RowParallelLinear
 from hearth.layers.weights import permute_rows
 from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
 
@@ -116,3 +121,54 @@ def fp8_mode(model: nn.Module, dtype: torch.dtype) -> str | None:
     logger.info("FP8 block weights: %d linears, %s", num_fp8,
                 "kept FP8 in memory" if kept else f"dequantized to {dtype} at load")  # fmt: skip
     return "fp8" if kept == num_fp8 else "dequantized" if not kept else "mixed"
+
+
+def _is_fp8(tensor) -> bool:
+    return getattr(tensor, "dtype", None) == torch.float8_e4m3fn
+
+
+def fp8_shard(tensor: torch.Tensor, kind: str, dim: int, start: int, end: int, full: int) -> torch.Tensor:
+    """Rows (dim 0) or input columns (dim 1) start:end of an FP8 `weight` out of `full`, or the block scales
+    (`weight_scale_inv`) that go with them, copied. ValueError when start or end falls inside a 128-wide block."""
+    for edge in (start, end):
+        if edge % BLOCK and edge != full:
+            what = "rows" if dim == 0 else "input columns"
+            raise ValueError(f"a tensor-parallel shard of the {what} ({start}:{end} of {full}) cuts the FP8 "
+                             f"{BLOCK}×{BLOCK} blocks; use a tensor-parallel size that splits them on block edges")  # fmt: skip
+    if kind == "weight_scale_inv":
+        start, end = start // BLOCK, -(-end // BLOCK)
+    return tensor.narrow(dim, start, end - start).clone()
+
+
+class Fp8ColumnParallelLinear(ColumnParallelLinear, Fp8Linear):
+    """ColumnParallelLinear that also loads FP8 block weights (each fused shard's rows cut on block edges);
+    `row_perm` reorders this rank's rows at load, as Fp8Linear's does."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 shard_ranges: list[tuple[int, int]] | None = None, row_perm: torch.Tensor | None = None):  # fmt: skip
+        super().__init__(in_features, output_sizes, bias, shard_ranges)
+        if row_perm is not None and len(self.output_sizes) != 1:
+            raise ValueError("row_perm needs an unfused linear")
+        self.row_perm = row_perm
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if self.tp_size > 1 and (kind == "weight_scale_inv" or (kind == "weight" and _is_fp8(tensor))):
+            full = self.full_sizes[shard_id]
+            if kind == "weight" and tensor.shape[0] != full:
+                raise ValueError(f"weight shard {shard_id}: expected {full} rows, got {tensor.shape[0]}")
+            tensor = fp8_shard(tensor, kind, 0, *self.shard_ranges[shard_id], full)
+            return Fp8Linear.weight_loader(self, tensor, kind, shard_id)
+        super().weight_loader(tensor, kind, shard_id)
+
+
+class Fp8RowParallelLinear(RowParallelLinear, Fp8Linear):
+    """RowParallelLinear that also loads FP8 block weights (input columns cut on block edges)."""
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        if self.tp_size > 1 and (kind == "weight_scale_inv" or (kind == "weight" and _is_fp8(tensor))):
+            full = self.full_in_features
+            if kind == "weight" and (len(tensor.shape) != 2 or tensor.shape[1] != full):
+                raise ValueError(f"weight: expected {full} input columns, got {tuple(tensor.shape)}")
+            tensor = fp8_shard(tensor, kind, 1, *self.input_range, full)
+            return Fp8Linear.weight_loader(self, tensor, kind, shard_id)
+        super().weight_loader(tensor, kind, shard_id)

@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def iter_checkpoint(ref: ModelRef, config):
-    """(HF name, tensor or QuantizedTensor) pairs of a checkpoint, in file order."""
+def iter_checkpoint(ref: ModelRef, config, skip=None):
+    """(HF name, tensor or QuantizedTensor) pairs of a checkpoint, in file order. `skip(name)`: safetensors tensors
+    it is true for are passed over unread (GGUF tensors are views of the file's map: read only where used)."""
     if ref.format == "gguf":
         from hearth.loader.gguf import open_gguf
         from hearth.loader.names import gguf_to_hf_name, unpermute_qk
@@ -46,7 +47,7 @@ def iter_checkpoint(ref: ModelRef, config):
     else:
         from hearth.loader.safetensors import iter_safetensors
 
-        yield from iter_safetensors(ref.path)
+        yield from iter_safetensors(ref.path, skip)
 
 
 def _target(model: nn.Module, name: str) -> tuple[nn.Module, str, int] | None:
@@ -68,7 +69,12 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
     """Fill `model` from the checkpoint at `ref`; raise ModelLoadError for anything missing or unexpected."""
     start = time.perf_counter()
     loaded: set[tuple[str, str]] = set()
-    tensors = iter_checkpoint(ref, model.config)
+
+    def dropped(name: str) -> bool:  # a module that keeps nothing (expert parallel: another rank's expert)
+        target = _target(model, name)
+        return target is not None and getattr(target[0], "drops_weights", False)
+
+    tensors = iter_checkpoint(ref, model.config, dropped)
     for name, tensor in tqdm(tensors, desc="loading", unit=" tensors", leave=False, mininterval=0.5):
         if name.endswith(SKIPPED_SUFFIXES) or (name == "lm_head.weight" and model.lm_head is None):
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,8 +49,8 @@ def safetensors_files(folder: str) -> list[str]:
     raise ModelLoadError(folder, "no safetensors weights found")
 
 
-def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) over every shard; each tensor is read when it is yielded."""
+def iter_safetensors(folder: str, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) over every shard; each tensor is read when it is yielded, none that `skip` is true for."""
     for file in safetensors_files(folder):
         try:
             handle = safe_open(file, framework="pt")
@@ -59,6 +59,8 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
         with handle as f:
             names = f.keys()
             for name in names:
+                if skip is not None and skip(name):
+                    continue
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:

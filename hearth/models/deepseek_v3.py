@@ -12,6 +12,13 @@ NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj 
 reordered once at load to [even | odd] so the shared rotate_half rope applies (HF `rope_interleave=True` does the
 same de-interleave at run time). The MTP layer (`model.layers.{num_hidden_layers}`) has no module here, so the loader
 skips its tensors.
+
+Tensor parallel (docs/architecture.md): MLA splits by query heads. q_a_proj / kv_a_proj_with_mqa and their norms are
+replicated, so every rank writes and reads the whole latent cache (it is not divided); q_b_proj (q_proj), kv_b_proj
+(GGUF's attn_k_b / attn_v_b) keep the rank's heads and o_proj its heads' input columns, with one all-reduce. Dense MLPs
+and the shared experts split the intermediate dim; routed experts either split it too or, with expert parallel, live
+whole on one rank each (E/N per rank, the router on every rank). An MoE layer sums its routed and shared partial
+outputs in float32 and all-reduces once.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from hearth.layers.activation import SiluAndMul
 from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
-from hearth.layers.fp8_linear import Fp8Linear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import Linear
+from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
+from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
+from hearth.layers.linear import ParallelLMHead
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.layers.weights import dense, stacked_part
@@ -66,28 +74,33 @@ def rope_scaling(config: ModelConfig) -> dict | None:
     return scaling
 
 
-class KvBProj(Fp8Linear):
+class KvBProj(Fp8ColumnParallelLinear):
     """kv_b_proj [H·(nope+v), kv_lora_rank], always held dense (the absorbed form takes per-head views of it).
-    Also accepts newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c]."""
+    Also accepts newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c].
+    Under tensor parallelism a rank keeps the rows of its heads [head_start, head_start + num_heads)."""
 
-    def __init__(self, kv_lora_rank: int, num_heads: int, nope_dim: int, v_dim: int):
-        super().__init__(kv_lora_rank, num_heads * (nope_dim + v_dim))
-        self.num_heads, self.nope_dim, self.v_dim = num_heads, nope_dim, v_dim
+    def __init__(self, kv_lora_rank: int, num_heads: int, nope_dim: int, v_dim: int,
+                 heads: tuple[int, int] | None = None):  # fmt: skip
+        head_start, head_end = heads or (0, num_heads)
+        per_head = nope_dim + v_dim
+        super().__init__(kv_lora_rank, [num_heads * per_head], shard_ranges=[(head_start * per_head, head_end * per_head)])
+        self.total_heads, self.head_start = num_heads, head_start
+        self.num_heads, self.nope_dim, self.v_dim = head_end - head_start, nope_dim, v_dim
         self._split: dict[str, torch.Tensor] = {}
 
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         if kind not in ("k_b", "v_b"):
             return super().weight_loader(tensor, kind, shard_id)
         t = dense(tensor)
-        c, heads = self.in_features, self.num_heads
+        c, heads = self.in_features, self.total_heads
         want = (heads, c, self.nope_dim) if kind == "k_b" else (heads, self.v_dim, c)
         if tuple(t.shape) != want:
             raise ValueError(f"{kind}: expected shape {want}, got {tuple(t.shape)}")
-        self._split[kind] = t
+        self._split[kind] = t[self.head_start : self.head_start + self.num_heads]
         if len(self._split) == 2:
             k_b, v_b = self._split.pop("k_b"), self._split.pop("v_b")
-            w = torch.cat([k_b.transpose(1, 2).to(v_b.dtype), v_b], dim=1)  # [H, nope + v, c]
-            super().weight_loader(w.reshape(-1, c), "weight", 0)
+            w = torch.cat([k_b.transpose(1, 2).to(v_b.dtype), v_b], dim=1)  # [this rank's H, nope + v, c]
+            Fp8Linear.weight_loader(self, w.reshape(-1, c), "weight", 0)  # already this rank's rows
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self._split:
@@ -96,30 +109,37 @@ class KvBProj(Fp8Linear):
 
 
 class DeepseekV3Attention(nn.Module):
-    """MLA. Owns its latent cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
+    """MLA. Owns its latent cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]. Under tensor parallelism
+    `num_heads` is this rank's share of the query heads; the latent projections and the cache are whole on every rank."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = heads = config.num_attention_heads
+        tp = get_tensor_parallel()
+        total_heads = config.num_attention_heads
+        h0, h1 = split_range(total_heads, tp.rank, tp.size)  # this rank's query heads (as config.tensor_parallel_config)
+        self.num_heads = heads = h1 - h0
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = c = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
         q_head_dim = self.nope_dim + self.rope_dim
         q_perm = rope_row_permutation(heads, q_head_dim, self.rope_dim)
+        q_rows = [(h0 * q_head_dim, h1 * q_head_dim)]
         bias = config.attention_bias
         if self.q_lora_rank:
             self.q_a_proj = Fp8Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = Fp8Linear(self.q_lora_rank, heads * q_head_dim, row_perm=q_perm)
+            self.q_b_proj = Fp8ColumnParallelLinear(self.q_lora_rank, [total_heads * q_head_dim], shard_ranges=q_rows,
+                                                    row_perm=q_perm)  # fmt: skip
         else:
-            self.q_proj = Fp8Linear(hidden, heads * q_head_dim, row_perm=q_perm)
+            self.q_proj = Fp8ColumnParallelLinear(hidden, [total_heads * q_head_dim], shard_ranges=q_rows, row_perm=q_perm)
         self.kv_a_proj_with_mqa = Fp8Linear(
             hidden, c + self.rope_dim, bias=bias, row_perm=rope_row_permutation(1, c + self.rope_dim, self.rope_dim)
         )
         self.kv_a_layernorm = RMSNorm(c, 1e-6)
-        self.kv_b_proj = KvBProj(c, heads, self.nope_dim, self.v_dim)
-        self.o_proj = Fp8Linear(heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = KvBProj(c, total_heads, self.nope_dim, self.v_dim, heads=(h0, h1))
+        self.o_proj = Fp8RowParallelLinear(total_heads * self.v_dim, hidden, bias=bias,
+                                           input_range=(h0 * self.v_dim, h1 * self.v_dim))  # fmt: skip
         self.scale = softmax_scale(config)
         self.mode = "auto"
         self.kv_cache: torch.Tensor | None = None  # set by the model runner
@@ -249,16 +269,45 @@ def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top
 
 
 class DeepseekV3MLP(nn.Module):
-    """SwiGLU: dense layers, each routed expert and the shared experts."""
+    """SwiGLU: dense layers, each routed expert and the shared experts. `split` (the default): under tensor parallelism
+    gate/up are column-parallel and down row-parallel over the intermediate dim; `forward` all-reduces, `partial` does
+    not. Unsplit (a routed expert under expert parallel): whole on this rank."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, split: bool = True):
         super().__init__()
-        self.gate_up_proj = Fp8Linear(hidden_size, 2 * intermediate_size, output_sizes=[intermediate_size] * 2)
-        self.down_proj = Fp8Linear(intermediate_size, hidden_size)
+        if split:
+            self.gate_up_proj = Fp8ColumnParallelLinear(hidden_size, [intermediate_size] * 2)
+            self.down_proj = Fp8RowParallelLinear(intermediate_size, hidden_size)
+        else:
+            self.gate_up_proj = Fp8Linear(hidden_size, 2 * intermediate_size, output_sizes=[intermediate_size] * 2)
+            self.down_proj = Fp8Linear(intermediate_size, hidden_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(hidden_states)))
+
+    def partial(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the output in float32 (summed over the ranks by the caller); the whole output for an
+        unsplit MLP or without tensor parallelism."""
+        h = self.act_fn(self.gate_up_proj(hidden_states))
+        if getattr(self.down_proj, "tp_size", 1) > 1:
+            return self.down_proj.method.apply_wide(h)  # DeepSeek's MLPs have no bias
+        return self.down_proj(h).float()
+
+
+class RemoteExpert(nn.Module):
+    """A routed expert that lives on another rank (expert parallel): its tensors are passed over at load."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = _Dropped(), _Dropped()
+
+
+class _Dropped(nn.Module):
+    drops_weights = True  # the loader does not even read them (safetensors)
+
+    def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
+        pass
 
 
 class DeepseekV3Experts(nn.ModuleList):
@@ -273,7 +322,8 @@ class DeepseekV3Experts(nn.ModuleList):
             raise ValueError(f"expected stacked experts ({len(self)}, out, in) as {sorted(self.STACKED)}")
         proj, shard = self.STACKED[kind]
         for e, expert in enumerate(self):
-            getattr(expert, proj).weight_loader(stacked_part(tensor, e), "weight", shard)
+            if not isinstance(expert, RemoteExpert):
+                getattr(expert, proj).weight_loader(stacked_part(tensor, e), "weight", shard)
 
 
 class MoEGate(nn.Module):
@@ -318,8 +368,17 @@ class DeepseekV3MoE(nn.Module):
         num_experts, inter = config.num_local_experts, config.moe_intermediate_size
         if num_experts % self.num_groups or num_experts // self.num_groups < 2:
             raise ValueError(f"{num_experts} experts do not split into {self.num_groups} groups of at least 2")
-        self.gate = MoEGate(config.hidden_size, num_experts)
-        self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
+        self.gate = MoEGate(config.hidden_size, num_experts)  # the router: whole on every rank
+        tp = get_tensor_parallel()
+        self.tp_size = tp.size
+        if tp.size > 1 and tp.expert_parallel:  # whole experts [expert_start, expert_end) here, the others elsewhere
+            self.expert_start, self.expert_end = split_range(num_experts, tp.rank, tp.size)
+            local = range(self.expert_start, self.expert_end)
+            self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter, split=False) if e in local
+                                             else RemoteExpert() for e in range(num_experts))  # fmt: skip
+        else:  # each expert's intermediate dim split over the ranks (whole at tp=1)
+            self.expert_start, self.expert_end = 0, num_experts
+            self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
         num_shared = extra.get("n_shared_experts") or 0
         self.shared_experts = DeepseekV3MLP(config.hidden_size, inter * num_shared) if num_shared else None
 
@@ -329,6 +388,8 @@ class DeepseekV3MoE(nn.Module):
                             self.scoring_func)  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            return self.forward_parallel(hidden_states)
         weights, ids = self.route(hidden_states)
         num_tokens, top_k = ids.shape
         flat_ids = ids.reshape(-1)
@@ -342,6 +403,23 @@ class DeepseekV3MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out
+
+    def forward_parallel(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every rank routes all tokens; each runs its experts' (token, slot) pairs (expert parallel: whole experts,
+        the pairs of other ranks' experts stay zero; otherwise its slice of every expert), adds its part of the shared
+        experts, and one all-reduce sums the ranks' float32 partials."""
+        weights, ids = self.route(hidden_states)
+        num_tokens, top_k = ids.shape
+        flat_ids = ids.reshape(-1)
+        ys = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=torch.float32)
+        for expert_id in torch.unique(flat_ids).tolist():
+            if self.expert_start <= expert_id < self.expert_end:
+                pairs = torch.nonzero(flat_ids == expert_id).squeeze(1)
+                ys[pairs] = self.experts[expert_id].partial(hidden_states[pairs // top_k])
+        out = (ys.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1)
+        if self.shared_experts is not None:
+            out += self.shared_experts.partial(hidden_states)
+        return all_reduce(out).to(hidden_states.dtype)
 
 
 class DeepseekV3DecoderLayer(DecoderLayer):
@@ -364,6 +442,7 @@ class DeepseekV3Model(DecoderModel):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    supports_tensor_parallel = True  # MLA by heads, MLPs by intermediate dim, experts split or expert-parallel
     # HF checkpoint module name -> (fused module name, shard id)
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -373,7 +452,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError("DeepSeek-V3 needs kv_lora_rank (MLA) in its config")
         self.config = config
         self.model = DeepseekV3Model(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
         self.fp8_mode = default_fp8_mode()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -384,7 +463,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.model.embed_tokens.tie_lm_head()
         self.fp8_mode = fp8_mode(self, dtype)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab]; under tensor parallelism rank 0 gets them whole, other ranks None."""
         if self.lm_head is None:
             return self.model.embed_tokens.as_lm_head(hidden_states)
         return self.lm_head(hidden_states)

@@ -7,7 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 from hearth.config import ModelConfig, kv_bytes, kv_bytes_per_token, kv_spec, tensor_parallel_config
 from hearth.planner.hardware import Hardware
-from hearth.planner.params import ParamCount, allowed_formats, count_params, native_format, touched_bytes, weight_bytes
+from hearth.planner.params import (
+    ParamCount,
+    allowed_formats,
+    count_params,
+    native_format,
+    tensor_bytes,
+    touched_bytes,
+    weight_bytes,
+)
 
 # Headroom rule: plan against 90% of memory, less 1 GiB per device for the runtime (CUDA context / allocator slack,
 # activations, sampler buffers). Weights + KV cache must fit in what is left.
@@ -87,11 +95,32 @@ def _max_context(cfg: ModelConfig, budget: int, concurrency: int) -> int:
     return lo
 
 
+# tensors every rank holds whole under tensor parallelism: MLA's latent projections and their norms (and MoE routers)
+REPLICATED_GROUPS = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
+
+
+def per_device_weight_bytes(params: ParamCount, fmt: str, devices: int, weights: int) -> int:
+    """Weight bytes on each of `devices` ranks: an even share of what splits plus the replicated groups whole.
+    `weights`: the model's real total (a file's size), the groups' estimate rescaled to it."""
+    estimate = weight_bytes(params, fmt)
+    whole = sum(g.count * tensor_bytes(g, fmt) for g in params.groups if g.name in REPLICATED_GROUPS or g.kind == "router")
+    scale = weights / estimate if estimate else 1.0
+    return round(((estimate - whole) / devices + whole) * scale)
+
+
+def kv_copies(config: ModelConfig, devices: int) -> int:
+    """How many devices hold each cached token under tensor parallelism: MLA's latent cache (one vector per token per
+    layer, read by every query head) is whole on every device, other caches split by KV heads."""
+    return devices if config.kv_lora_rank else 1
+
+
 def decode_tok_s(cfg: ModelConfig, params: ParamCount, fmt: str, hw: Hardware, context: int, concurrency: int,
                  scale: float = 1.0) -> float:  # fmt: skip
     """Per-sequence decode tokens/s: one step reads the weights touched by `concurrency` tokens plus each sequence's
-    KV cache at `context`, at DECODE_EFFICIENCY × bandwidth, capped by compute; `scale` rescales weight bytes."""
-    step_bytes = touched_bytes(params, fmt, concurrency) * scale + concurrency * kv_bytes(kv_spec(cfg), context)
+    KV cache at `context` (on every device that holds a copy), at DECODE_EFFICIENCY × bandwidth, capped by compute;
+    `scale` rescales weight bytes."""
+    kv_step = concurrency * kv_bytes(kv_spec(cfg), context) * kv_copies(cfg, hw.devices)
+    step_bytes = touched_bytes(params, fmt, concurrency) * scale + kv_step
     step_s = step_bytes / (hw.bandwidth * DECODE_EFFICIENCY)
     step_s += cfg.num_hidden_layers * LAYER_OVERHEAD_S.get(hw.kind, 2e-5)
     flops = hw.flops.get(compute_type(fmt, hw))
@@ -102,7 +131,7 @@ def decode_tok_s(cfg: ModelConfig, params: ParamCount, fmt: str, hw: Hardware, c
 
 def per_device_kv_bytes_per_token(config: ModelConfig, devices: int) -> int:
     """KV bytes per token on the rank that holds the most KV heads under tensor parallelism over `devices` ranks (the
-    engine's split); an even share when the heads do not split over that many."""
+    engine's split); an even share when the heads do not split over that many. MLA: the whole latent cache."""
     try:
         return max(kv_bytes_per_token(kv_spec(tensor_parallel_config(config, r, devices)), KV_DTYPE)
                    for r in range(devices))  # fmt: skip
@@ -129,7 +158,8 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
     scale = weights / estimate  # a real file: touched bytes scale with its size
     spec = kv_spec(config)
     per_seq = kv_bytes(spec, context, KV_DTYPE)
-    memory = weights + concurrency * per_seq
+    copies = kv_copies(config, hardware.devices)  # MLA: each device holds the whole latent cache
+    memory = weights + concurrency * per_seq * copies
     usable = usable_bytes(hardware)
     fits = memory <= usable and context <= config.max_position_embeddings
     decode = decode_tok_s(config, params, fmt, hardware, context, concurrency, scale)
@@ -141,17 +171,19 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
         kv_bytes_per_token=kv_bytes_per_token(spec, KV_DTYPE), kv_bytes_per_seq=per_seq, context=context,
         concurrency=concurrency, memory_bytes=memory, usable_bytes=usable, hardware=hardware.label,
         hardware_memory_bytes=hardware.memory_bytes, devices=hardware.devices, fits=fits,
-        max_context=_max_context(config, usable - weights, concurrency),
-        max_concurrency=max(0, (usable - weights) // per_seq) if per_seq else 0,
+        max_context=_max_context(config, (usable - weights) // copies, concurrency),
+        max_concurrency=max(0, (usable - weights) // (per_seq * copies)) if per_seq else 0,
         decode_tok_s=decode, decode_tok_s_total=decode * concurrency,
-        weights_bytes_per_device=weights // hardware.devices,
+        weights_bytes_per_device=per_device_weight_bytes(params, fmt if fmt in allowed_formats(config) else "bf16",
+                                                         hardware.devices, weights),  # fmt: skip
         kv_bytes_per_token_per_device=per_device_kv_bytes_per_token(config, hardware.devices),
         prefill_tok_s=flops * PREFILL_EFFICIENCY / (2 * params.active) if flops else None,
         assumptions=[
             f"usable memory = {usable_bytes(hardware) / hardware.memory_bytes:.0%} of memory "
             f"({APPLE_GPU_FRACTION if hardware.kind == 'apple' else 1 - HEADROOM_FRACTION:.0%} − "
             f"{RUNTIME_OVERHEAD_BYTES >> 30} GiB per device)",
-            f"KV cache {KV_DTYPE}; memory = weights + concurrency × KV at the full context",
+            f"KV cache {KV_DTYPE}; memory = weights + concurrency × KV at the full context"
+            + (f" × {copies} devices (MLA's latent cache is replicated on each, not divided)" if copies > 1 else ""),
             f"decode = {DECODE_EFFICIENCY:.0%} of bandwidth / (weights touched + KV read per step) "
             f"+ {LAYER_OVERHEAD_S.get(hardware.kind, 2e-5) * 1e6:.0f} µs per layer dispatch",
             f"prefill = {PREFILL_EFFICIENCY:.0%} of dense {compute} FLOP/s / (2 × active params)",

@@ -102,18 +102,39 @@ def test_gpt_oss_120b_fits_one_80gb_gpu_at_full_context():
 
 
 def test_deepseek_v3_fp8_needs_more_than_an_h100_node():
-    # FP8 weights 673.2 GB + KV 61 × 576 × 2 B × 131072 = 9.2 GB → 682.4 GB needed.
-    # 8× H100: 8 × 80 GiB = 687.2 GB; usable 0.9 × 687.2 − 8 × 1 GiB = 609.9 GB < 682.4 → does not fit (not even
+    # FP8 weights 673.2 GB + KV 61 × 576 × 2 B × 131072 = 9.2 GB on each of the 8 devices (MLA's latent cache is
+    # replicated under tensor parallelism, not divided) → 673.2 + 73.7 = 746.8 GB needed.
+    # 8× H100: 8 × 80 GiB = 687.2 GB; usable 0.9 × 687.2 − 8 × 1 GiB = 609.9 GB < 746.8 → does not fit (not even
     #   the weights: max_context 0).
-    # 8× H200: 8 × 141 GiB = 1211.2 GB; usable 0.9 × 1211.2 − 8 GiB = 1081.5 GB ≥ 682.4 → fits.
+    # 8× H200: 8 × 141 GiB = 1211.2 GB; usable 0.9 × 1211.2 − 8 GiB = 1081.5 GB ≥ 746.8 → fits.
     ds = card_config("deepseek-v3")
     h100 = plan(ds, get_hardware("h100", devices=8), context=131072)
     assert h100.format == "fp8" and not h100.fits and h100.max_context == 0
-    assert h100.memory_bytes == pytest.approx(682.4 * GB, rel=1e-3)
+    assert h100.memory_bytes == pytest.approx(746.8 * GB, rel=1e-3)
     assert usable_bytes(get_hardware("h100", devices=8)) == pytest.approx(609.9 * GB, rel=1e-3)
     assert any("--devices" in a for a in h100.advice) and any("--format q4_k_m" in a for a in h100.advice)
     h200 = plan(ds, get_hardware("h200", devices=8), context=131072)
     assert h200.fits and h200.decode_tok_s > 0 and h200.prefill_tok_s > 0
+
+
+def test_mla_latent_cache_is_not_divided_over_devices():
+    """Under tensor parallelism each rank holds DeepSeek's whole latent cache: the per-device KV figure is the full
+    one, and the memory, context and concurrency limits count one copy per device (a GQA model's cache divides)."""
+    ds = card_config("deepseek-v3")
+    one, eight = plan(ds, get_hardware("h200"), context=4096), plan(ds, get_hardware("h200", devices=8), context=4096)
+    assert eight.kv_bytes_per_token_per_device == eight.kv_bytes_per_token == one.kv_bytes_per_token == 61 * 576 * 2
+    assert eight.memory_bytes == eight.weights_bytes + 8 * eight.kv_bytes_per_seq
+    assert eight.max_concurrency == (eight.usable_bytes - eight.weights_bytes) // (8 * eight.kv_bytes_per_seq)
+    assert any("not divided" in a for a in eight.assumptions)
+    # weights: 1/8 of 673.15 GB, plus 7/8 of what every device holds whole: q_a_proj and kv_a_proj_with_mqa in FP8
+    # (61 × (1536 + 576) × 7168 B ≈ 0.92 GB, scales and norms aside) and the bf16 routers (58 × 256 × 7168 × 2 B ≈
+    # 0.21 GB) → 84.14 + 0.99 ≈ 85.1 GB
+    assert 85.0 * GB < eight.weights_bytes_per_device < 85.3 * GB
+    llama = card_config("deepseek-r1-distill-llama-70b")
+    split = plan(llama, get_hardware("h200", devices=8), context=4096)
+    assert split.kv_bytes_per_token_per_device * 8 == split.kv_bytes_per_token
+    assert split.memory_bytes == split.weights_bytes + split.kv_bytes_per_seq
+    assert abs(split.weights_bytes_per_device - split.weights_bytes / 8) <= 1  # nothing replicated counted
 
 
 def test_decode_roofline_and_advice():
