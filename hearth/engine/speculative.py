@@ -11,6 +11,12 @@ Proposers:
   are looked up earlier in its own prompt and output; the tokens that followed the latest match are the drafts. No
   model, nearly free: it pays off when the answer repeats its input (edits, rewrites, extraction, code).
 - DraftModelProposer: a smaller model with the same tokenizer runs k decode steps of its own on its own paged cache.
+- MtpProposer: DeepSeek-V3/R1's multi-token-prediction layer, part of the target model, guesses one token from the
+  target's last hidden state and the token just sampled.
+
+Before anything is proposed, each step, `retain(running)` lets the proposer bring what it keeps in line with the
+running sequences: it drops what it kept for the others (and the MTP proposer runs its layer over the rows the target
+computed in the last step, drafted for or not, so that the layer's cache holds every computed position).
 
 Adaptive k: each sequence starts at num_speculative_tokens; a verification that keeps every draft raises its k by one,
 one that rejects some sets it to the number kept plus one, and three verifications in a row that keep nothing turn
@@ -139,6 +145,8 @@ def build_speculator(config: EngineConfig, max_model_len: int, target=None) -> S
         proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     elif config.speculative == "draft":
         proposer = DraftModelProposer(config, target)
+    elif config.speculative == "mtp":
+        proposer = MtpProposer(target)
     else:
         raise ValueError(f"unknown speculative method {config.speculative!r}")
     return Speculator(config, proposer, max_model_len)
@@ -244,3 +252,92 @@ def check_same_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab:
         if target_tok.id_to_token(i) != draft_tok.id_to_token(i):
             raise ValueError(f"draft model {name}: token id {i} is {draft_tok.id_to_token(i)!r} in its tokenizer but "
                              f"{target_tok.id_to_token(i)!r} in the target's")  # fmt: skip
+
+
+class MtpRows:
+    """A sequence as DeepSeek's MTP layer reads it, for ModelRunner.prepare: row j is token j + 1 at position j, in the
+    sequence's own cache slots (the MTP layer's latent cache is paged by the target's block tables), and the rows run
+    from `start` to the sequence's last computed position."""
+
+    __slots__ = ("token_ids", "num_computed_tokens", "num_prompt_tokens", "block_tables", "spec_tokens")
+
+    def __init__(self, seq: Sequence, start: int):
+        self.token_ids = seq.token_ids[1 : seq.num_computed_tokens + 1]
+        self.num_computed_tokens = start
+        self.num_prompt_tokens = seq.num_prompt_tokens - 1
+        self.block_tables = seq.block_tables
+        self.spec_tokens: list[int] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_tables[0]
+
+
+class MtpProposer:
+    """DeepSeek-V3/R1's multi-token-prediction layer drafts one token per step.
+
+    The target's model runner keeps the final hidden states of the rows each sequence computed (`keep_hidden`). At
+    the next step's `retain`, the MTP layer runs over those of them that are now part of the sequence (all of a
+    prefill chunk or a decode, the last token and the kept drafts of a verification): row i reads hidden state i and
+    token i + 1 and writes the MTP cache at position i, in the target's own slots, so that the cache is rolled back
+    with the target's (rejected positions are recomputed before they are read) and preemption and prefix hits need
+    nothing more. Its output at each sequence's last computed position is kept; `propose` turns it into logits
+    (shared_head) and the draft: the argmax for greedy requests, else a draw from the processed distribution, which
+    is then the verification's q."""
+
+    def __init__(self, target):
+        self.runner = target.runner
+        self.runner.keep_hidden = True
+        self.last: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (position, MTP output there)
+
+    def retain(self, seqs: list[Sequence]) -> None:
+        running = {seq.seq_id for seq in seqs}
+        rows = self.runner.hidden_rows
+        for kept in (rows, self.last):
+            for seq_id in [s for s in kept if s not in running]:
+                del kept[seq_id]
+        views, counts, previous, owners = [], [], [], []
+        for seq in seqs:
+            entry = rows.pop(seq.seq_id, None)
+            if entry is None:
+                continue
+            start, hidden = entry
+            n = min(len(hidden), seq.num_computed_tokens - start)  # a verification's rejected rows are left out
+            if n > 0:
+                views.append(MtpRows(seq, start))
+                counts.append(n)
+                previous.append(hidden[:n])
+                owners.append(seq)
+        if not views:
+            return
+        from hearth.engine.scheduler import Batch
+
+        out = self.runner.run_mtp(Batch(views, counts), torch.cat(previous))
+        for seq, row in zip(owners, out):
+            self.last[seq.seq_id] = (seq.num_computed_tokens - 1, row)
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
+        from hearth.layers.rejection_sampler import process_row
+
+        results: list[tuple[list[int], torch.Tensor | None]] = [([], None) for _ in seqs]
+        live = [(i, seq) for i, seq in enumerate(seqs)
+                if self.last.get(seq.seq_id, (None,))[0] == seq.num_computed_tokens - 1]  # fmt: skip
+        if not live:
+            return results
+        logits = self.runner.mtp_logits(torch.stack([self.last[seq.seq_id][1] for _, seq in live])).float()
+        for row, (i, seq) in enumerate(live):
+            processed = process_row(logits[row], seq.token_ids, seq.num_prompt_tokens, seq.params)
+            if seq.params.is_greedy:
+                results[i] = ([int(processed.argmax())], None)
+            else:
+                token = int(torch.multinomial(processed, 1, generator=seq.generator or self.runner.sampler.generator))
+                results[i] = ([token], processed[None])
+        return results
+
+    def release(self, seq: Sequence) -> None:
+        self.runner.hidden_rows.pop(seq.seq_id, None)
+        self.last.pop(seq.seq_id, None)
