@@ -292,6 +292,7 @@ class MtpProposer:
     def __init__(self, target):
         self.runner = target.runner
         self.runner.keep_hidden = True
+        self.block_manager = target.scheduler.block_manager
         self.last: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (position, MTP output there)
 
     def retain(self, seqs: list[Sequence]) -> None:
@@ -317,8 +318,12 @@ class MtpProposer:
         from hearth.engine.scheduler import Batch
 
         out = self.runner.run_mtp(Batch(views, counts), torch.cat(previous))
-        for seq, row in zip(owners, out):
+        bs, blocks = self.block_manager.block_size, self.block_manager.blocks
+        for seq, view, row in zip(owners, views, out):
             self.last[seq.seq_id] = (seq.num_computed_tokens - 1, row)
+            # the blocks whose last row was just written: a prefix hit on them must go on with the same token
+            for end in range(-(-(view.num_computed_tokens + 1) // bs) * bs, seq.num_computed_tokens + 1, bs):
+                blocks[seq.block_table[end // bs - 1]].next_token = seq.token_ids[end]
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
         from hearth.layers.rejection_sampler import process_row

@@ -205,6 +205,31 @@ def test_greedy_with_mtp_equals_plain_decoding(mtp_folder):
     check_greedy_equals_plain(mtp_folder[0])
 
 
+def test_the_mtp_cache_follows_the_sequence_through_rejections_preemption_and_prefix_hits(mtp_folder):
+    """After every step, each decoding sequence's MTP output at its last position gives the logits a from-scratch
+    reference computes on its tokens: the MTP cache rows the engine wrote one step at a time (verifications whose
+    draft was rejected, recomputation after preemption, prefix-cache hits) are the right ones."""
+    folder, hf, extra = mtp_folder
+    spec = engine(folder, kv_cache_memory="28KiB", speculative="mtp", speculative_max_batch=8)
+    proposer = spec.speculator.proposer
+    requests = [(p, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)) for p in prompts(6, 7)]
+    seqs = [spec.add_request(p, params, f"c{i}") for i, (p, params) in enumerate(requests)]
+    checked = 0
+    while spec.has_unfinished():
+        spec.step()
+        spec.speculator.proposer.retain(spec.scheduler.running)  # what the next step starts with
+        for seq in spec.scheduler.running:
+            position, row = proposer.last.get(seq.seq_id, (None, None))
+            if position is None or position != seq.num_computed_tokens - 1:
+                continue
+            expected = reference_mtp_logits(hf, extra, torch.tensor(seq.token_ids[: seq.num_computed_tokens + 1]))[-1]
+            torch.testing.assert_close(spec.runner.mtp_logits(row[None])[0].float(), expected, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 30
+    assert sum(s.num_preemptions for s in seqs) > 0 and sum(s.num_cached_tokens for s in seqs) > 0
+    assert spec.scheduler.num_draft_tokens > 0
+
+
 def copying_mtp(hf, extra=None) -> None:
     """Weights under which both the model and its MTP layer repeat the last token: the decoder layers and the MTP
     block add nothing (output projections zero), the LM head is the embedding table, and eh_proj passes the
