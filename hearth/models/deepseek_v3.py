@@ -378,6 +378,25 @@ class DeepseekV3MTP(DeepseekV3DecoderLayer):
         self.shared_head.head = Fp8Linear(hidden, config.vocab_size) if parts.get("head") else None
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden) if parts.get("embed_tokens") else None
 
+    def share_copies(self, embed_tokens: nn.Module, lm_head: nn.Module | None) -> None:
+        """Drop an own embedding or head that holds exactly the model's (DeepSeek-V3 checkpoints repeat both in the
+        MTP layer): the model's are used instead, and the copies' memory goes."""
+
+        def same(a, b) -> bool:
+            for name in ("weight", "qweight"):
+                x, y = getattr(a, name, None), getattr(b, name, None)
+                if x is not None or y is not None:
+                    if x is None or y is None or getattr(x, "qtype", None) != getattr(y, "qtype", None):
+                        return False
+                    x, y = getattr(x, "data", x), getattr(y, "data", y)
+                    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+            return False
+
+        if self.embed_tokens is not None and same(self.embed_tokens, embed_tokens):
+            self.embed_tokens = None
+        if self.shared_head.head is not None and lm_head is not None and same(self.shared_head.head, lm_head):
+            self.shared_head.head = None
+
     def forward(self, embeds: torch.Tensor, previous: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """embeds: [n, hidden] embeddings of tokens i + 1; previous: [n, hidden] the model's hidden states at i.
         Returns the layer's output before shared_head.norm."""
@@ -437,6 +456,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self.lm_head is None:
             self.model.embed_tokens.tie_lm_head()
+        if self.mtp is not None:
+            self.mtp.share_copies(self.model.embed_tokens, self.lm_head)
         self.fp8_mode = fp8_mode(self, dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,31 @@ def test_mtp_logits_match_the_reference(tmp_path, own_head):
     assert (reference_mtp_logits(hf, swapped, ids) - expected).abs().max() > 1e-3
 
 
+def test_an_fp8_checkpoint_with_v3_layout_loads_its_mtp_layer(tmp_path):
+    """DeepSeek's FP8 layout: the MTP layer's projections (eh_proj too) as float8 blocks with weight_scale_inv, its
+    embedding and head repeated in bf16: loaded dequantized, and the copies identical to the model's are dropped."""
+    from safetensors.torch import load_file
+    from test_deepseek_v3 import write_fp8_checkpoint
+
+    from hearth import LLM
+    from hearth.quant.fp8 import dequantize_fp8_block
+
+    hf = build_hf(hidden_size=136, q_lora_rank=144, intermediate_size=264, moe_intermediate_size=40)
+    folder = str(tmp_path / "fp8")
+    write_fp8_checkpoint(hf, folder, str(tmp_path / "ref"))
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors[f"model.layers.{LAYERS}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=64, speculative="mtp")
+    mtp = llm.engine.runner.model.mtp
+    name = f"model.layers.{LAYERS}.eh_proj.weight"
+    assert torch.equal(mtp.eh_proj.weight, dequantize_fp8_block(tensors[name], tensors[name + "_scale_inv"]))
+    assert mtp.embed_tokens is None and mtp.shared_head.head is not None  # the head in the file is its own
+    out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].token_ids) == 6 and llm.engine.scheduler.num_draft_tokens > 0
+
+
 def test_the_mtp_layer_is_skipped_unless_asked_for(mtp_folder):
     from hearth import LLM
 
@@ -318,8 +343,9 @@ def test_gguf_nextn_tensors_load_and_give_plain_greedy_output(tmp_path):
     assert config.num_hidden_layers == LAYERS and config.extra["num_nextn_predict_layers"] == 1
     spec = check_greedy_equals_plain(str(path))
     mtp = spec.runner.model.mtp
-    assert torch.equal(mtp.eh_proj.weight, extra["eh_proj.weight"]) and mtp.embed_tokens is not None
+    assert torch.equal(mtp.eh_proj.weight, extra["eh_proj.weight"])
     assert torch.equal(mtp.shared_head.head.weight, extra["shared_head.head.weight"])
+    assert mtp.embed_tokens is None  # the file's nextn.embed_tokens is the model's table: shared, not kept twice
     # a nextn tensor of the wrong shape is refused when the file is read
     bad = dict(nextn, eh_proj=extra["eh_proj.weight"][:, :64].contiguous())
     write_deepseek2_gguf(hf, tmp_path / "bad.gguf", nextn=bad)
