@@ -11,8 +11,8 @@ Proposers:
   are looked up earlier in its own prompt and output; the tokens that followed the latest match are the drafts. No
   model, nearly free: it pays off when the answer repeats its input (edits, rewrites, extraction, code).
 - DraftModelProposer: a smaller model with the same tokenizer runs k decode steps of its own on its own paged cache.
-- MtpProposer: DeepSeek-V3/R1's multi-token-prediction layer, part of the target model, guesses one token from the
-  target's last hidden state and the token just sampled.
+- MtpProposer: DeepSeek-V3/R1's multi-token-prediction layer, part of the target model, guesses the next token from
+  the target's last hidden state and the token just sampled; further drafts chain the layer on its own output.
 
 Before anything is proposed, each step, `retain(running)` lets the proposer bring what it keeps in line with the
 running sequences: it drops what it kept for the others (and the MTP proposer runs its layer over the rows the target
@@ -261,8 +261,9 @@ class MtpRows:
 
     __slots__ = ("token_ids", "num_computed_tokens", "num_prompt_tokens", "block_tables", "spec_tokens")
 
-    def __init__(self, seq: Sequence, start: int):
-        self.token_ids = seq.token_ids[1 : seq.num_computed_tokens + 1]
+    def __init__(self, seq: Sequence, start: int, drafts: list[int] | None = None):
+        """`drafts`: the proposer's own tokens after the sequence's, for a chained row at the last of them."""
+        self.token_ids = seq.token_ids[1 : seq.num_computed_tokens + 1] + (drafts or [])
         self.num_computed_tokens = start
         self.num_prompt_tokens = seq.num_prompt_tokens - 1
         self.block_tables = seq.block_tables
@@ -287,7 +288,7 @@ class MtpProposer:
     with the target's (rejected positions are recomputed before they are read) and preemption and prefix hits need
     nothing more. Its output at each sequence's last computed position is kept; `propose` turns it into logits
     (shared_head) and the draft: the argmax for greedy requests, else a draw from the processed distribution, which
-    is then the verification's q."""
+    is then the verification's q. Further drafts, up to k, chain the layer on its own output."""
 
     def __init__(self, target):
         self.runner = target.runner
@@ -326,22 +327,42 @@ class MtpProposer:
                 blocks[seq.block_table[end // bs - 1]].next_token = seq.token_ids[end]
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
+        """The first draft from the layer's output at the sequence's last computed position; each further one (up to
+        k) from one more row of the layer, chained on its own output: the row at the next position reads the previous
+        draft and, in place of the target's hidden state there (not computed yet), the layer's own output before it.
+        A chained row writes the layer's cache at a position the sequence has not computed: only inside blocks the
+        sequence already holds (the chain stops at a block edge), and the row is written again once the position is
+        computed, before anything reads it."""
+        from hearth.engine.scheduler import Batch
         from hearth.layers.rejection_sampler import process_row
 
-        results: list[tuple[list[int], torch.Tensor | None]] = [([], None) for _ in seqs]
-        live = [(i, seq) for i, seq in enumerate(seqs)
-                if self.last.get(seq.seq_id, (None,))[0] == seq.num_computed_tokens - 1]  # fmt: skip
-        if not live:
-            return results
-        logits = self.runner.mtp_logits(torch.stack([self.last[seq.seq_id][1] for _, seq in live])).float()
-        for row, (i, seq) in enumerate(live):
-            processed = process_row(logits[row], seq.token_ids, seq.num_prompt_tokens, seq.params)
-            if seq.params.is_greedy:
-                results[i] = ([int(processed.argmax())], None)
-            else:
-                token = int(torch.multinomial(processed, 1, generator=seq.generator or self.runner.sampler.generator))
-                results[i] = ([token], processed[None])
-        return results
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = [i for i, seq in enumerate(seqs) if self.last.get(seq.seq_id, (None,))[0] == seq.num_computed_tokens - 1]
+        hidden = torch.stack([self.last[seqs[i].seq_id][1] for i in live]) if live else None
+        bs = self.block_manager.block_size
+        while live:
+            logits = self.runner.mtp_logits(hidden).float()
+            going, previous = [], []
+            for row, i in enumerate(live):
+                seq = seqs[i]
+                processed = process_row(logits[row], seq.token_ids + tokens[i], seq.num_prompt_tokens, seq.params)
+                if seq.params.is_greedy:
+                    token = int(processed.argmax())
+                else:
+                    token = int(torch.multinomial(processed, 1, generator=seq.generator or self.runner.sampler.generator))
+                    probs[i].append(processed)
+                tokens[i].append(token)
+                position = seq.num_computed_tokens - 1 + len(tokens[i])  # of the chained row that would follow
+                if len(tokens[i]) < ks[i] and position // bs < len(seq.block_table):
+                    going.append(i)
+                    previous.append(hidden[row])
+            if not going:
+                break
+            views = [MtpRows(seqs[i], seqs[i].num_computed_tokens - 1 + len(tokens[i]), tokens[i]) for i in going]
+            hidden = self.runner.run_mtp(Batch(views, [1] * len(views)), torch.stack(previous))
+            live = going
+        return [(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
 
     def release(self, seq: Sequence) -> None:
         self.runner.hidden_rows.pop(seq.seq_id, None)

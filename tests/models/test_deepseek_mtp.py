@@ -289,6 +289,11 @@ def test_a_layer_that_predicts_well_gets_its_drafts_kept(tmp_path):
     sched = spec.scheduler
     assert sched.num_draft_tokens > 0 and sched.num_accepted_tokens == sched.num_draft_tokens
     assert spec.stats.num_accepted_tokens == sched.num_accepted_tokens
+    # one draft per step without chaining: fewer drafts (and more steps) for the same text
+    single = engine(folder, speculative="mtp", speculative_max_batch=8, num_speculative_tokens=1)
+    assert run(single, requests) == expected
+    assert 0 < single.scheduler.num_accepted_tokens == single.scheduler.num_draft_tokens < sched.num_draft_tokens
+    assert single.scheduler.num_steps > sched.num_steps
     # sampling: every draft is the only likely token, and is kept
     sampled = [(p, SamplingParams(temperature=0.5, max_tokens=8, seed=i, ignore_eos=True)) for i, (p, _) in
                enumerate(requests)]  # fmt: skip
