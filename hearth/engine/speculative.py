@@ -279,7 +279,7 @@ class MtpRows:
 
 
 class MtpProposer:
-    """DeepSeek-V3/R1's multi-token-prediction layer drafts one token per step.
+    """DeepSeek-V3/R1's multi-token-prediction layer drafts from the target's own hidden states.
 
     The target's model runner keeps the final hidden states of the rows each sequence computed (`keep_hidden`). At
     the next step's `retain`, the MTP layer runs over those of them that are now part of the sequence (all of a
