@@ -207,12 +207,13 @@ class KVSpec:
 
 
 def kv_spec(cfg: ModelConfig) -> KVSpec:
-    """The KV-cache layout a model of this config needs, one `LayerKV` per decoder layer."""
+    """The KV-cache layout a model of this config needs, one `LayerKV` per decoder layer (and DeepSeek's MTP layer
+    when the model builds it, `extra["mtp"]`: it pages its cache with the decoder layers' block tables)."""
     if cfg.kv_lora_rank:
         latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         layer = LayerKV(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
                         is_latent=True, latent_size=latent)  # fmt: skip
-        return KVSpec(tuple(layer for _ in range(cfg.num_hidden_layers)))
+        return KVSpec(tuple(layer for _ in range(cfg.num_hidden_layers + (1 if cfg.extra.get("mtp") else 0))))
     layers = []
     for i in range(cfg.num_hidden_layers):
         sliding = cfg.layer_types is not None and cfg.layer_types[i] == "sliding_attention"
@@ -370,7 +371,7 @@ def plan_kv_cache(spec: KVSpec, engine_config: EngineConfig, context_length: int
 
 
 SCHEDULING_POLICIES = ("fcfs", "shortest")  # which waiting request the scheduler admits first
-SPECULATIVE_METHODS = (None, "ngram", "draft")  # how draft tokens are proposed (EngineConfig.speculative)
+SPECULATIVE_METHODS = (None, "ngram", "draft", "mtp")  # how draft tokens are proposed (EngineConfig.speculative)
 
 
 @dataclass(slots=True)
@@ -402,7 +403,8 @@ class EngineConfig:
     admission_wait_ms: float = 20.0
     seed: int = 0
     # speculative decoding (engine/speculative.py, docs/speculative.md): None (off) | "ngram" (prompt lookup) |
-    # "draft" (a smaller model with the same tokenizer, `draft_model`; setting draft_model alone implies it)
+    # "draft" (a smaller model with the same tokenizer, `draft_model`; setting draft_model alone implies it) |
+    # "mtp" (DeepSeek-V3/R1's multi-token-prediction layer, from the model's own checkpoint)
     speculative: str | None = None
     num_speculative_tokens: int = 4  # the most draft tokens per sequence and step (each sequence adapts below it)
     prompt_lookup_min: int = 2  # n-gram sizes the prompt-lookup proposer matches, longest first
@@ -442,6 +444,8 @@ class EngineConfig:
                              f"got {self.speculative!r}")  # fmt: skip
         if self.speculative == "draft" and self.draft_model is None:
             raise ValueError("speculative='draft' needs a draft_model")
+        if self.speculative != "draft" and self.draft_model is not None:
+            raise ValueError(f"a draft_model is for speculative='draft', not {self.speculative!r}")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be between 1 and 16, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

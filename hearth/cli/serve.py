@@ -255,9 +255,10 @@ SPECULATIVE_NAMES = ("speculative", "num_speculative_tokens", "draft_model", "sp
 
 def add_speculative_args(p) -> None:
     """The speculative-decoding flags `serve`, `run` and `bench` share (EngineConfig's fields of the same names)."""
-    p.add_argument("--speculative", choices=["ngram", "draft"],
+    p.add_argument("--speculative", choices=["ngram", "draft", "mtp"],
                    help="speculative decoding: ngram (prompt lookup: drafts copied from the prompt and output; pays off "
-                        "when answers repeat their input) or draft (a smaller model, --draft-model)")  # fmt: skip
+                        "when answers repeat their input), draft (a smaller model, --draft-model) or mtp (DeepSeek-V3/R1's "
+                        "multi-token-prediction layer, from the model's checkpoint)")  # fmt: skip
     p.add_argument("--num-speculative-tokens", type=int, help="most draft tokens per step and sequence (default 4)")
     p.add_argument("--draft-model", help="draft model for --speculative draft (same tokenizer as the model)")
     p.add_argument("--speculative-max-batch", type=int,

@@ -27,7 +27,7 @@ def compute_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "group", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "group", "token_ids", "next_token")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -35,11 +35,18 @@ class Block:
         self.hash = -1
         self.group = 0
         self.token_ids: tuple[int, ...] = ()
+        # the token after the block that state derived from its last position was computed with (-1: none yet); set
+        # by DeepSeek's MTP proposer, whose row there reads that token (see BlockManager's `hit_needs_next_token`)
+        self.next_token = -1
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 windows: tuple[int | None, ...] = (None,)):  # fmt: skip
+                 windows: tuple[int | None, ...] = (None,), hit_needs_next_token: bool = False):  # fmt: skip
+        """`hit_needs_next_token`: a cached block is a prefix hit only if its `next_token` is the sequence's token
+        after it (DeepSeek's MTP layer keeps, at a block's last position, a row that read the next token: a block
+        from a sequence that went on differently, or whose rows were never written, is computed again)."""
+        self.hit_needs_next_token = hit_needs_next_token
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -66,7 +73,7 @@ class BlockManager:
         key = (block.group, block.hash)
         if block.hash != -1 and self.hash_to_block_id.get(key) == block_id:
             del self.hash_to_block_id[key]
-        block.hash, block.token_ids, block.ref_count = -1, (), 1
+        block.hash, block.token_ids, block.ref_count, block.next_token = -1, (), 1, -1
         return block_id
 
     def _release(self, block_id: int) -> None:
@@ -123,7 +130,9 @@ class BlockManager:
         for g, window in enumerate(self.windows):
             if window is None:
                 k = 0
-                while k < n and self._cached_block(g, hashes[k], chunks[k]) is not None:
+                while k < n and (block_id := self._cached_block(g, hashes[k], chunks[k])) is not None:
+                    if self.hit_needs_next_token and self.blocks[block_id].next_token != seq.token_ids[(k + 1) * bs]:
+                        break
                     k += 1
                 n = k
         # then the longest n for which each sliding group has the blocks its window reaches back to

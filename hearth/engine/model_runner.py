@@ -79,6 +79,21 @@ def plan_memory(ref: ModelRef, config: ModelConfig, engine_config: EngineConfig,
     return plan_kv_cache(kv_spec(config), engine_config, config.max_position_embeddings, available - weights, dtype_name)
 
 
+def mtp_config(ref: ModelRef, config: ModelConfig) -> ModelConfig:
+    """`config` with DeepSeek's multi-token-prediction layer built (speculative decoding with it); ValueError (one
+    line) for a model or checkpoint without one."""
+    from hearth.loader.inspect import mtp_parts
+
+    if not getattr(model_class(config), "supports_mtp", False):
+        raise ValueError(f"--speculative mtp: {ref.name} ({config.architecture}) has no multi-token-prediction layer "
+                         "(DeepSeek-V3/R1 checkpoints have one)")  # fmt: skip
+    parts = mtp_parts(ref.path, ref.format, config)
+    if parts is None:
+        raise ValueError(f"--speculative mtp: {ref.name} has no MTP layer (layer {config.num_hidden_layers}'s eh_proj "
+                         "is not in the checkpoint)")  # fmt: skip
+    return dataclasses.replace(config, extra={**config.extra, "mtp": parts})
+
+
 def runtime_config(config: ModelConfig, max_model_len: int) -> ModelConfig:
     """The config the model is built from: rope tables cover max_model_len positions, not the file's context length
     (a file may declare millions). YaRN without an original length falls back to the declared one, as before."""
@@ -94,6 +109,8 @@ class ModelRunner:
 
     def __init__(self, ref: ModelRef, config: ModelConfig, engine_config: EngineConfig, device: str = "cpu",
                  rank: int = 0):  # fmt: skip
+        if engine_config.speculative == "mtp":
+            config = mtp_config(ref, config)
         self.config = config
         self.engine_config = engine_config
         self.device = torch.device(device)
@@ -138,6 +155,11 @@ class ModelRunner:
                 module.int8_activations = True
             logger.info("int8 activations for the %d GGUF-quantized projections, in prefill as in decode", len(held))
         self.sampler = Sampler(engine_config.seed)
+        # the final hidden states of the rows each sequence computed in its last step, {seq_id: (first position,
+        # [rows, hidden])}, kept while `keep_hidden` (set by the MTP proposer, which consumes them)
+        self.keep_hidden = False
+        self.hidden_rows: dict[int, tuple[int, torch.Tensor]] = {}
+        self._last_hidden: torch.Tensor | None = None
         self.grammars = None  # engine/structured.py's Grammars, once a request has a grammar
         self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
         # the one-call decode step over the allocated cache (CPU, GGUF blocks), where the model's family has one
@@ -293,7 +315,7 @@ class ModelRunner:
         sequence with draft tokens (never one with a grammar: engine/speculative.py) is verified on its 1 + k rows."""
         all_decode = all(is_decode(s, n) or (s.spec_tokens and n == 1 + len(s.spec_tokens))
                          for s, n in zip(batch.seqs, batch.num_scheduled_tokens))  # fmt: skip
-        fused = self.fused_decode is not None and all_decode
+        fused = self.fused_decode is not None and all_decode and not self.keep_hidden
         if fused:
             sampled = list(batch.seqs)
         else:
@@ -308,6 +330,8 @@ class ModelRunner:
             if self.tp_size > 1:  # the other ranks run the same forward
                 self.send_step(input_ids, positions, sample_rows if sampled else [])
             logits = self.forward(input_ids, positions, sample_rows if sampled else [])
+            if self.keep_hidden:
+                self.keep_rows(batch)
             if not sampled:
                 return [], [], []
         banned = None if masks is None else masks.result()
@@ -376,10 +400,35 @@ class ModelRunner:
             logprobs.append(token_logprobs(rows, tokens, seq.params.logprobs))
         return sampled, token_ids, logprobs
 
+    def keep_rows(self, batch: Batch) -> None:
+        """Keep each sequence's rows of the last forward's hidden states (laid out as `prepare` lays out `batch`)."""
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens):
+            self.hidden_rows[seq.seq_id] = (seq.num_computed_tokens, self._last_hidden[row : row + n])
+            row += n
+        self._last_hidden = None
+
+    @torch.inference_mode()
+    def run_mtp(self, batch: Batch, previous: torch.Tensor) -> torch.Tensor:
+        """DeepSeek's MTP layer over `batch`, whose sequences are MtpRows (engine/speculative.py), with the target's
+        hidden states `previous` for its rows (in `prepare`'s layout); its output at each sequence's last row."""
+        input_ids, positions, _ = self.prepare(batch)
+        try:
+            out = self.model.mtp_forward(input_ids, positions, previous)
+            return out[torch.tensor(self.last_rows, device=out.device)]
+        finally:
+            reset_context()
+
+    @torch.inference_mode()
+    def mtp_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_mtp_logits(hidden_states)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, sample_rows: list[int]) -> torch.Tensor | None:
         """The model under the step's context (set by prepare): logits of `sample_rows` (None on ranks other than 0)."""
         try:
             hidden_states = self.model(input_ids, positions)
+            if self.keep_hidden:
+                self._last_hidden = hidden_states
             # under the step's context: a decode-only step's LM head reads its packed weight (layers/linear.py)
             return self.model.compute_logits(hidden_states[sample_rows]) if sample_rows else None
         finally:

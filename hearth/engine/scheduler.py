@@ -40,7 +40,8 @@ class Scheduler:
         if config.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {config.scheduling_policy!r}")  # fmt: skip
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, windows)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, windows,
+                                          hit_needs_next_token=config.speculative == "mtp")  # fmt: skip
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.policy = config.scheduling_policy

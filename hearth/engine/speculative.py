@@ -11,6 +11,12 @@ Proposers:
   are looked up earlier in its own prompt and output; the tokens that followed the latest match are the drafts. No
   model, nearly free: it pays off when the answer repeats its input (edits, rewrites, extraction, code).
 - DraftModelProposer: a smaller model with the same tokenizer runs k decode steps of its own on its own paged cache.
+- MtpProposer: DeepSeek-V3/R1's multi-token-prediction layer, part of the target model, guesses the next token from
+  the target's last hidden state and the token just sampled; further drafts chain the layer on its own output.
+
+Before anything is proposed, each step, `retain(running)` lets the proposer bring what it keeps in line with the
+running sequences: it drops what it kept for the others (and the MTP proposer runs its layer over the rows the target
+computed in the last step, drafted for or not, so that the layer's cache holds every computed position).
 
 Adaptive k: each sequence starts at num_speculative_tokens; a verification that keeps every draft raises its k by one,
 one that rejects some sets it to the number kept plus one, and three verifications in a row that keep nothing turn
@@ -139,6 +145,8 @@ def build_speculator(config: EngineConfig, max_model_len: int, target=None) -> S
         proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     elif config.speculative == "draft":
         proposer = DraftModelProposer(config, target)
+    elif config.speculative == "mtp":
+        proposer = MtpProposer(target)
     else:
         raise ValueError(f"unknown speculative method {config.speculative!r}")
     return Speculator(config, proposer, max_model_len)
@@ -244,3 +252,118 @@ def check_same_vocabulary(target_tok, draft_tok, target_vocab: int, draft_vocab:
         if target_tok.id_to_token(i) != draft_tok.id_to_token(i):
             raise ValueError(f"draft model {name}: token id {i} is {draft_tok.id_to_token(i)!r} in its tokenizer but "
                              f"{target_tok.id_to_token(i)!r} in the target's")  # fmt: skip
+
+
+class MtpRows:
+    """A sequence as DeepSeek's MTP layer reads it, for ModelRunner.prepare: row j is token j + 1 at position j, in the
+    sequence's own cache slots (the MTP layer's latent cache is paged by the target's block tables), and the rows run
+    from `start` to the sequence's last computed position."""
+
+    __slots__ = ("token_ids", "num_computed_tokens", "num_prompt_tokens", "block_tables", "spec_tokens")
+
+    def __init__(self, seq: Sequence, start: int, drafts: list[int] | None = None):
+        """`drafts`: the proposer's own tokens after the sequence's, for a chained row at the last of them."""
+        self.token_ids = seq.token_ids[1 : seq.num_computed_tokens + 1] + (drafts or [])
+        self.num_computed_tokens = start
+        self.num_prompt_tokens = seq.num_prompt_tokens - 1
+        self.block_tables = seq.block_tables
+        self.spec_tokens: list[int] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_tables[0]
+
+
+class MtpProposer:
+    """DeepSeek-V3/R1's multi-token-prediction layer drafts from the target's own hidden states.
+
+    The target's model runner keeps the final hidden states of the rows each sequence computed (`keep_hidden`). At
+    the next step's `retain`, the MTP layer runs over those of them that are now part of the sequence (all of a
+    prefill chunk or a decode, the last token and the kept drafts of a verification): row i reads hidden state i and
+    token i + 1 and writes the MTP cache at position i, in the target's own slots, so that the cache is rolled back
+    with the target's (rejected positions are recomputed before they are read) and preemption and prefix hits need
+    nothing more. Its output at each sequence's last computed position is kept; `propose` turns it into logits
+    (shared_head) and the draft: the argmax for greedy requests, else a draw from the processed distribution, which
+    is then the verification's q. Further drafts, up to k, chain the layer on its own output."""
+
+    def __init__(self, target):
+        self.runner = target.runner
+        self.runner.keep_hidden = True
+        self.block_manager = target.scheduler.block_manager
+        self.last: dict[int, tuple[int, torch.Tensor]] = {}  # seq_id -> (position, MTP output there)
+
+    def retain(self, seqs: list[Sequence]) -> None:
+        running = {seq.seq_id for seq in seqs}
+        rows = self.runner.hidden_rows
+        for kept in (rows, self.last):
+            for seq_id in [s for s in kept if s not in running]:
+                del kept[seq_id]
+        views, counts, previous, owners = [], [], [], []
+        for seq in seqs:
+            entry = rows.pop(seq.seq_id, None)
+            if entry is None:
+                continue
+            start, hidden = entry
+            n = min(len(hidden), seq.num_computed_tokens - start)  # a verification's rejected rows are left out
+            if n > 0:
+                views.append(MtpRows(seq, start))
+                counts.append(n)
+                previous.append(hidden[:n])
+                owners.append(seq)
+        if not views:
+            return
+        from hearth.engine.scheduler import Batch
+
+        out = self.runner.run_mtp(Batch(views, counts), torch.cat(previous))
+        bs, blocks = self.block_manager.block_size, self.block_manager.blocks
+        for seq, view, row in zip(owners, views, out):
+            self.last[seq.seq_id] = (seq.num_computed_tokens - 1, row)
+            # the blocks whose last row was just written: a prefix hit on them must go on with the same token
+            for end in range(-(-(view.num_computed_tokens + 1) // bs) * bs, seq.num_computed_tokens + 1, bs):
+                blocks[seq.block_table[end // bs - 1]].next_token = seq.token_ids[end]
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
+        """The first draft from the layer's output at the sequence's last computed position; each further one (up to
+        k) from one more row of the layer, chained on its own output: the row at the next position reads the previous
+        draft and, in place of the target's hidden state there (not computed yet), the layer's own output before it.
+        A chained row writes the layer's cache at a position the sequence has not computed: only inside blocks the
+        sequence already holds (the chain stops at a block edge), and the row is written again once the position is
+        computed, before anything reads it."""
+        from hearth.engine.scheduler import Batch
+        from hearth.layers.rejection_sampler import process_row
+
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = [i for i, seq in enumerate(seqs) if self.last.get(seq.seq_id, (None,))[0] == seq.num_computed_tokens - 1]
+        hidden = torch.stack([self.last[seqs[i].seq_id][1] for i in live]) if live else None
+        bs = self.block_manager.block_size
+        while live:
+            logits = self.runner.mtp_logits(hidden).float()
+            going, previous = [], []
+            for row, i in enumerate(live):
+                seq = seqs[i]
+                processed = process_row(logits[row], seq.token_ids + tokens[i], seq.num_prompt_tokens, seq.params)
+                if seq.params.is_greedy:
+                    token = int(processed.argmax())
+                else:
+                    token = int(torch.multinomial(processed, 1, generator=seq.generator or self.runner.sampler.generator))
+                    probs[i].append(processed)
+                tokens[i].append(token)
+                position = seq.num_computed_tokens - 1 + len(tokens[i])  # of the chained row that would follow
+                if len(tokens[i]) < ks[i] and position // bs < len(seq.block_table):
+                    going.append(i)
+                    previous.append(hidden[row])
+            if not going:
+                break
+            views = [MtpRows(seqs[i], seqs[i].num_computed_tokens - 1 + len(tokens[i]), tokens[i]) for i in going]
+            hidden = self.runner.run_mtp(Batch(views, [1] * len(views)), torch.stack(previous))
+            live = going
+        return [(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
+
+    def release(self, seq: Sequence) -> None:
+        self.runner.hidden_rows.pop(seq.seq_id, None)
+        self.last.pop(seq.seq_id, None)

@@ -170,6 +170,7 @@ def read_gguf_config(gguf_file: GGUFFile | str, check_tensors: bool = True) -> M
         num_layers = fields["num_hidden_layers"]
         fields["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     if model_type == "deepseek_v3":
+        fields["extra"]["num_nextn_predict_layers"] = nextn
         rope_dim = m.int("rope.dimension_count", 64)
         key_length = m.int("attention.key_length_mla", None) or m.int("attention.key_length")
         if key_length <= rope_dim:
@@ -263,8 +264,11 @@ def expected_gguf_tensors(cfg: ModelConfig, arch: str, names: set[str]) -> dict[
         "output.weight": ((vocab, hidden), cfg.model_type == "gpt_oss"),
     }
     hd, kv = cfg.head_dim, cfg.num_key_value_heads
-    for i in range(cfg.num_hidden_layers):
+    # DeepSeek's MTP layer (block num_hidden_layers): an ordinary MoE block plus its nextn tensors, checked where present
+    mtp_layers = min(1, cfg.extra.get("num_nextn_predict_layers") or 0) if cfg.model_type == "deepseek_v3" else 0
+    for i in range(cfg.num_hidden_layers + mtp_layers):
         b = f"blk.{i}."
+        required = i < cfg.num_hidden_layers
         layer = {"attn_norm.weight": (hidden,)}
         if cfg.model_type in ("llama", "qwen2", "gpt_oss"):
             layer |= {"attn_q.weight": (heads * hd, hidden), "attn_k.weight": (kv * hd, hidden),
@@ -311,7 +315,12 @@ def expected_gguf_tensors(cfg: ModelConfig, arch: str, names: set[str]) -> dict[
                 if shared:
                     layer |= {"ffn_gate_shexp.weight": (shared, hidden), "ffn_up_shexp.weight": (shared, hidden),
                               "ffn_down_shexp.weight": (hidden, shared)}  # fmt: skip
-        out.update({b + k: (shape, True) for k, shape in layer.items()})
+        if not required:
+            layer |= {"nextn.eh_proj.weight": (hidden, 2 * hidden), "nextn.enorm.weight": (hidden,),
+                      "nextn.hnorm.weight": (hidden,), "nextn.shared_head_norm.weight": (hidden,),
+                      "nextn.shared_head_head.weight": (vocab, hidden),
+                      "nextn.embed_tokens.weight": (vocab, hidden)}  # fmt: skip
+        out.update({b + k: (shape, required) for k, shape in layer.items()})
     if cfg.model_type == "llama":
         out["rope_freqs.weight"] = ((hd // 2,), False)
     return out
@@ -353,6 +362,31 @@ def check_gguf_tensors(g: GGUFFile, cfg: ModelConfig) -> None:
             continue
         if gguf_to_hf_name(arch, name) is not None:
             raise ModelLoadError(g.path, f"unexpected tensor {name!r} for {cfg.architecture} with this metadata")
+
+
+def mtp_parts(path: str, fmt: str, cfg: ModelConfig) -> dict[str, bool] | None:
+    """Which tensors of DeepSeek's MTP layer (layer `num_hidden_layers`) a checkpoint holds, from its tensor names
+    alone: None when it has none (no `eh_proj`), else whether it has its own embedding and LM head (`embed_tokens`,
+    `head`; where absent, the model's own are shared)."""
+    layer = cfg.num_hidden_layers
+    if fmt == "gguf":
+        names = {t.name for t in open_gguf(path, check_types=False).tensor_infos}
+        prefix, own = f"blk.{layer}.nextn.", {"eh_proj": "eh_proj", "embed_tokens": "embed_tokens",
+                                              "head": "shared_head_head"}  # fmt: skip
+    else:
+        from safetensors import safe_open
+
+        from hearth.loader.safetensors import safetensors_files
+
+        names = set()
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        prefix, own = f"model.layers.{layer}.", {"eh_proj": "eh_proj", "embed_tokens": "embed_tokens",
+                                                 "head": "shared_head.head"}  # fmt: skip
+    if f"{prefix}{own['eh_proj']}.weight" not in names:
+        return None
+    return {part: f"{prefix}{own[part]}.weight" in names for part in ("embed_tokens", "head")}
 
 
 def read_hf_config(folder: str) -> ModelConfig:

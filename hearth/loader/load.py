@@ -69,19 +69,22 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
     """Fill `model` from the checkpoint at `ref`; raise ModelLoadError for anything missing or unexpected."""
     start = time.perf_counter()
     loaded: set[tuple[str, str]] = set()
+    rename = getattr(model, "checkpoint_name", None)  # a model's own modules for names outside its layers (DeepSeek's MTP)
 
     def dropped(name: str) -> bool:  # a module that keeps nothing (expert parallel: another rank's expert)
-        target = _target(model, name)
+        target = _target(model, rename(name) if rename is not None else name)
         return target is not None and getattr(target[0], "drops_weights", False)
 
     tensors = iter_checkpoint(ref, model.config, dropped)
     for name, tensor in tqdm(tensors, desc="loading", unit=" tensors", leave=False, mininterval=0.5):
         if name.endswith(SKIPPED_SUFFIXES) or (name == "lm_head.weight" and model.lm_head is None):
             continue
+        if rename is not None:
+            name = rename(name)
         target = _target(model, name)
         if target is None:
             if name.startswith(f"model.layers.{model.config.num_hidden_layers}."):
-                continue  # e.g. DeepSeek's MTP layer, not used for generation
+                continue  # e.g. DeepSeek's MTP layer, when it is not built
             raise ModelLoadError(ref.path, f"unexpected tensor {name!r} for {model.config.architecture}")
         module, kind, shard_id = target
         try:

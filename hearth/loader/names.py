@@ -36,7 +36,8 @@ GPT_OSS_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", 
 # DeepSeek-V2/V3 (`deepseek2`, docs/models.md §2): MLA projections, shared experts and the router's correction bias. Newer
 # converters store kv_b split as attn_k_b [H, c, nope] (transposed) and attn_v_b [H, v, c]; they map to kinds `k_b` /
 # `v_b` of kv_b_proj, which joins them. Stacked experts map to kinds of `mlp.experts`, which splits them per expert.
-# MTP tensors (`blk.N.nextn.*`) are not mapped, so they are skipped.
+# The MTP layer's own tensors (`blk.N.nextn.*`, N = block_count - 1) map to the HF names of layer N (DEEPSEEK2_NEXTN_NAMES);
+# the loader skips layer N unless the MTP layer is built (speculative decoding with it).
 DEEPSEEK2_BLOCK_NAMES = {
     **{k: v for k, v in BLOCK_NAMES.items() if k not in ("attn_k", "attn_v")},
     "attn_q_a": "self_attn.q_a_proj",
@@ -57,6 +58,14 @@ DEEPSEEK2_SPECIAL_NAMES = {
     "ffn_gate_exps.weight": "mlp.experts.gate_proj_weight",
     "ffn_up_exps.weight": "mlp.experts.up_proj_weight",
     "ffn_down_exps.weight": "mlp.experts.down_proj_weight",
+}
+DEEPSEEK2_NEXTN_NAMES = {
+    "eh_proj": "eh_proj",
+    "enorm": "enorm",
+    "hnorm": "hnorm",
+    "shared_head_norm": "shared_head.norm",
+    "shared_head_head": "shared_head.head",
+    "embed_tokens": "embed_tokens",
 }
 NAMED_ARCHS = ("llama", "qwen2", "gpt-oss", "deepseek2")
 PERMUTED_ARCHS = ("llama",)  # NOTE: llama.cpp permutes q/k rows only for arch llama; qwen2 stays in HF layout
@@ -98,6 +107,9 @@ def _gpt_oss_name(name: str) -> str | None:
 
 
 def _deepseek2_name(name: str) -> str | None:
+    if m := re.fullmatch(r"blk\.(\d+)\.nextn\.(\w+)\.weight", name):
+        hf = DEEPSEEK2_NEXTN_NAMES.get(m.group(2))
+        return None if hf is None else f"model.layers.{m.group(1)}.{hf}.weight"
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+\.(?:weight|bias))", name):
         layer, rest = m.groups()
         if rest in DEEPSEEK2_SPECIAL_NAMES:

@@ -10,8 +10,13 @@ Weights: HF bf16/fp32, DeepSeek's FP8 128×128 blocks (`weight_scale_inv`, quant
 
 NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj / q_proj / kv_a_proj_with_mqa are
 reordered once at load to [even | odd] so the shared rotate_half rope applies (HF `rope_interleave=True` does the
-same de-interleave at run time). The MTP layer (`model.layers.{num_hidden_layers}`) has no module here, so the loader
-skips its tensors.
+same de-interleave at run time).
+
+The MTP (multi-token prediction) layer, `model.layers.{num_hidden_layers}` in the checkpoint, is built only when the
+config asks for it (`extra["mtp"]`, set for speculative decoding with it: engine/speculative.py, docs/speculative.md);
+otherwise the loader skips its tensors. Row i of it reads the model's final (normed) hidden state at position i and
+the embedding of token i + 1, runs one more MoE decoder layer at position i on a latent cache of its own (paged by the
+decoder layers' block tables) and predicts token i + 2.
 
 Tensor parallel (docs/architecture.md): MLA splits by query heads. q_a_proj / kv_a_proj_with_mqa and their norms are
 replicated, so every rank writes and reads the whole latent cache (it is not divided); q_b_proj (q_proj), kv_b_proj
@@ -36,7 +41,7 @@ from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
 from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import ParallelLMHead
+from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.layers.weights import dense, stacked_part
@@ -434,6 +439,50 @@ class DeepseekV3DecoderLayer(DecoderLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+class DeepseekV3MTP(DeepseekV3DecoderLayer):
+    """The multi-token-prediction layer: a decoder layer (MoE, like the model's later layers) whose input is
+    eh_proj([enorm(embedding of token i + 1) | hnorm(the model's hidden state at i)]), and whose output, through
+    shared_head.norm and shared_head.head, is the distribution of token i + 2. `parts` (loader/inspect.py mtp_parts)
+    says whether the checkpoint gives it its own embedding and head; without them the model's are used."""
+
+    def __init__(self, config: ModelConfig, parts: dict):
+        super().__init__(config, config.num_hidden_layers)
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = Fp8Linear(2 * hidden, hidden)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.shared_head.head = Fp8Linear(hidden, config.vocab_size) if parts.get("head") else None
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden) if parts.get("embed_tokens") else None
+
+    def share_copies(self, embed_tokens: nn.Module, lm_head: nn.Module | None) -> None:
+        """Drop an own embedding or head that holds exactly the model's (DeepSeek-V3 checkpoints repeat both in the
+        MTP layer): the model's are used instead, and the copies' memory goes."""
+
+        def same(a, b) -> bool:
+            for name in ("weight", "qweight"):
+                x, y = getattr(a, name, None), getattr(b, name, None)
+                if x is not None or y is not None:
+                    if x is None or y is None or getattr(x, "qtype", None) != getattr(y, "qtype", None):
+                        return False
+                    x, y = getattr(x, "data", x), getattr(y, "data", y)
+                    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+            return False
+
+        if self.embed_tokens is not None and same(self.embed_tokens, embed_tokens):
+            self.embed_tokens = None
+        if self.shared_head.head is not None and lm_head is not None and same(self.shared_head.head, lm_head):
+            self.shared_head.head = None
+
+    def forward(self, embeds: torch.Tensor, previous: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """embeds: [n, hidden] embeddings of tokens i + 1; previous: [n, hidden] the model's hidden states at i.
+        Returns the layer's output before shared_head.norm."""
+        hidden_states = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(previous)], dim=-1))
+        hidden_states, residual = super().forward(hidden_states, None, cos, sin)
+        return hidden_states + residual
+
+
 class DeepseekV3Model(DecoderModel):
     def __init__(self, config: ModelConfig):
         rotary = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta,
@@ -443,6 +492,7 @@ class DeepseekV3Model(DecoderModel):
 
 class DeepseekV3ForCausalLM(nn.Module):
     supports_tensor_parallel = True  # MLA by heads, MLPs by intermediate dim, experts split or expert-parallel
+    supports_mtp = True  # builds its MTP layer when config.extra["mtp"] is set (speculative decoding)
     # HF checkpoint module name -> (fused module name, shard id)
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -453,14 +503,40 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.model = DeepseekV3Model(config)
         self.lm_head = None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
+        mtp = config.extra.get("mtp")
+        self.mtp = DeepseekV3MTP(config, mtp) if mtp else None  # registered last: its cache comes after the layers'
         self.fp8_mode = default_fp8_mode()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    def checkpoint_name(self, name: str) -> str:
+        """The MTP layer's checkpoint names (`model.layers.{num_hidden_layers}.*`) are its module's when it is built."""
+        prefix = f"model.layers.{self.config.num_hidden_layers}."
+        if self.mtp is not None and name.startswith(prefix):
+            return "mtp." + name[len(prefix) :]
+        return name
+
+    def mtp_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The MTP layer over rows (token i + 1 at position i, the model's hidden state at i) under the step's context;
+        its output before shared_head.norm ([n, hidden])."""
+        embed = self.mtp.embed_tokens if self.mtp.embed_tokens is not None else self.model.embed_tokens
+        embeds = embed(input_ids)
+        cos, sin = self.model.rotary_emb(positions, embeds.dtype)
+        return self.mtp(embeds, previous.to(embeds.dtype), cos, sin)
+
+    def compute_mtp_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of the MTP layer's rows (the token two past each row's hidden state)."""
+        normed = self.mtp.shared_head.norm(hidden_states)
+        if self.mtp.shared_head.head is not None:
+            return self.mtp.shared_head.head(normed)
+        return self.compute_logits(normed)
+
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self.lm_head is None:
             self.model.embed_tokens.tie_lm_head()
+        if self.mtp is not None:
+            self.mtp.share_copies(self.model.embed_tokens, self.lm_head)
         self.fp8_mode = fp8_mode(self, dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -475,3 +551,5 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {mode!r}")
         for layer in self.model.layers:
             layer.self_attn.mode = mode
+        if self.mtp is not None:
+            self.mtp.self_attn.mode = mode

@@ -184,3 +184,26 @@ def test_generated_operations_keep_ref_counts_and_the_free_list_exact(ops, windo
     for s in live:
         bm.free(s)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_hit_that_needs_the_next_token_stops_at_a_block_that_went_on_differently():
+    """With hit_needs_next_token (DeepSeek's MTP proposer), a cached block counts only when the token recorded after
+    it is the new sequence's next token; a block with none recorded (its rows never written) is not a hit either."""
+    bm = BlockManager(16, 4, hit_needs_next_token=True)
+    first = seq(list(range(12)) + [50, 51])
+    compute(bm, first, 14)  # blocks 0..2 full
+    for b, table_id in enumerate(first.block_table[:3]):
+        if b < 2:  # the proposer wrote the rows of blocks 0 and 1, and recorded the token after each
+            bm.blocks[table_id].next_token = first.token_ids[(b + 1) * 4]
+    bm.free(first)
+    same = seq(list(range(12)) + [50, 60])
+    assert bm.allocate_prefix(same) == 8  # block 2 has no recorded token: computed again
+    bm.free(same)
+    other = seq(list(range(8)) + [99] + list(range(9, 14)))
+    assert bm.allocate_prefix(other) == 4  # block 1 was followed by token 8, not 99
+    bm.free(other)
+    plain = BlockManager(16, 4)
+    s = seq(list(range(12)) + [50, 51])
+    compute(plain, s, 14)
+    plain.free(s)
+    assert plain.allocate_prefix(seq(list(range(12)) + [50, 60])) == 12  # without the flag: every full block

@@ -301,12 +301,14 @@ def with_q8_experts(hf):
     return reference
 
 
-def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True) -> None:
+def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True, nextn: dict | None = None) -> None:
     """The tiny model as llama.cpp's converter lays it out: kv_b split into k_b (transposed) / v_b in layers ≥ 1 and
     whole in layer 0, experts stacked; expert weights in Q8_0, the rest float32. Rope rows stay interleaved.
-    `gating`: deepseek2.expert_gating_func (2 sigmoid as V3 files, 1 softmax as V2 files, None: key absent)."""
+    `gating`: deepseek2.expert_gating_func (2 sigmoid as V3 files, 1 softmax as V2 files, None: key absent).
+    `nextn`: the model's last layer is an MTP layer: these tensors ({"eh_proj": ..., "enorm": ...}) are added to its
+    block as `blk.N.nextn.*`, `deepseek2.nextn_predict_layers` is 1, and a tokenizer is written too."""
     from gguf import GGMLQuantizationType as T
-    from gguf import GGUFWriter, Keys, RopeScalingType, quants
+    from gguf import GGUFValueType, GGUFWriter, Keys, RopeScalingType, quants
 
     cfg = hf.config
     heads, nope, v_dim, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -343,6 +345,13 @@ def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool 
     if gating is not None:
         w.add_uint32(Keys.LLM.EXPERT_GATING_FUNC.format(arch="deepseek2"), gating)
     w.add_vocab_size(cfg.vocab_size)
+    if nextn is not None:
+        from gguf_models import tokenizer_kvs
+
+        w.add_uint32("deepseek2.nextn_predict_layers", 1)
+        for key, value, vtype in tokenizer_kvs(cfg.vocab_size):
+            w.add_key_value(key, value, vtype, sub_type=GGUFValueType.STRING if key == "tokenizer.ggml.tokens" else
+                            GGUFValueType.INT32 if key == "tokenizer.ggml.token_type" else None)  # fmt: skip
 
     def add(name: str, t: torch.Tensor, q8: bool = False) -> None:
         a = t.float().numpy()
@@ -381,6 +390,8 @@ def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool 
             add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter], q8=True)
             add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:], q8=True)
             add(f"blk.{i}.ffn_down_exps.weight", down, q8=True)
+    for name, t in (nextn or {}).items():
+        add(f"blk.{cfg.num_hidden_layers - 1}.nextn.{name}.weight", t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
