@@ -36,34 +36,59 @@ def decode_round(llm, prompt_ids: list[int], tokens: int) -> tuple[float, float,
     return time.perf_counter() - start, tp.collective_s, steps
 
 
-def _collectives_alone(rank: int, port: int, layers: int, hidden: int, vocab_part: int, steps: int, out) -> None:
-    """One process of the idle pair: `steps` decode steps' worth of collectives; rank 0 puts seconds/step in `out`."""
+def _collectives_alone(rank: int, port: int, layers: int, hidden: int, vocab: int, steps: int, out) -> None:
+    """One process of the idle pair: `steps` decode steps' worth of collectives, two ways, alternating: Hearth's
+    (hearth.layers.distributed, engine.parallel.broadcast_step) and the plain c10d calls of the same sizes
+    (broadcast_object_list, dist.all_reduce, dist.gather). Rank 0 puts {way: seconds per step} in `out`."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
+    from hearth.engine.parallel import broadcast_step, init_step_group
+    from hearth.layers.context import Context
+    from hearth.layers.distributed import all_reduce, gather_last_dim, set_tensor_parallel, split_range
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    step = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), [0], {"slots": torch.arange(64)})
-    x, logits = torch.zeros(1, hidden), torch.zeros(1, vocab_part)
-    parts = [torch.empty_like(logits) for _ in range(2)] if rank == 0 else None
-    times = []
-    for _ in range(steps + 3):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.broadcast_object_list([step if rank == 0 else None], src=0)
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timeout)
+    init_step_group(rank, timeout)
+    set_tensor_parallel(rank, 2)
+    ctx = Context(q_starts=[0, 1], context_lens=[40], slot_mapping=torch.tensor([39]), block_tables=torch.tensor([[1, 2, 3]]),
+                  decode_seq_idx=[0], decode_rows=torch.tensor([0]), decode_context_lens=torch.tensor([40]),
+                  decode_block_tables=torch.tensor([[1, 2, 3]]), single_decode_slots=torch.arange(40))  # fmt: skip
+    step = (torch.tensor([5]), torch.tensor([39]), [0], ctx)  # a decode step as the engine sends it
+    parts = [b - a for a, b in (split_range(vocab, r, 2) for r in range(2))]
+    x, logits = torch.zeros(1, hidden, dtype=torch.bfloat16), torch.zeros(1, parts[rank])
+    gathered = [torch.empty(1, max(parts)) for _ in range(2)] if rank == 0 else None
+
+    def hearth_step() -> None:
+        broadcast_step(step if rank == 0 else None)
+        all_reduce(x)  # the embedding
         for _ in range(2 * layers):
-            dist.all_reduce(x)
-        dist.gather(logits, parts, dst=0)
-        times.append(time.perf_counter() - start)
+            all_reduce(x)
+        gather_last_dim(logits, parts)
+
+    def c10d_step() -> None:
+        dist.broadcast_object_list([step if rank == 0 else None], src=0)
+        for _ in range(2 * layers + 1):
+            dist.all_reduce(x.float())
+        dist.gather(torch.nn.functional.pad(logits, (0, max(parts) - parts[rank])), gathered, dst=0)
+
+    times: dict[str, list[float]] = {"hearth": [], "c10d": []}
+    for i in range(steps + 3):
+        for name, fn in (("hearth", hearth_step), ("c10d", c10d_step)):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
     if rank == 0:
-        out.put(statistics.median(times[3:]))
+        out.put({name: statistics.median(t) for name, t in times.items()})
     dist.destroy_process_group()
 
 
-def collectives_alone_s(layers: int, hidden: int, vocab: int, steps: int = 20) -> float:
+def collectives_alone_s(layers: int, hidden: int, vocab: int, steps: int = 20) -> dict[str, float]:
     import socket
 
     import torch.multiprocessing as mp
@@ -73,7 +98,7 @@ def collectives_alone_s(layers: int, hidden: int, vocab: int, steps: int = 20) -
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_collectives_alone, args=(r, port, layers, hidden, vocab // 2, steps, out)) for r in (0, 1)]
+    procs = [ctx.Process(target=_collectives_alone, args=(r, port, layers, hidden, vocab, steps, out)) for r in (0, 1)]
     for p in procs:
         p.start()
     result = out.get(timeout=300)
@@ -123,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     record["tp2_vs_tp1_unfused"] = round(record["tp2_tok_s"] / record["tp1_tok_s"], 2)
     cfg = arms["tp1"][0].engine.model_config
     alone = collectives_alone_s(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
-    record["collectives_alone_ms_per_step"] = round(1000 * alone, 2)
-    record["collectives_alone_share_of_tp2_step"] = round(alone / (record["tp2_step_ms"] / 1000), 3)
+    record["collectives_alone_ms_per_step"] = round(1000 * alone["hearth"], 2)
+    record["collectives_alone_c10d_ms_per_step"] = round(1000 * alone["c10d"], 2)
+    record["collectives_alone_share_of_tp2_step"] = round(alone["hearth"] / (record["tp2_step_ms"] / 1000), 3)
+    # the share the collectives would take at their idle-pair cost over the ranks' own compute (the step less the
+    # measured collective time): the floor on this machine for this transport
+    compute = record["tp2_step_ms"] - record["tp2_collective_ms_per_step"]
+    record["tp2_rank_compute_ms_per_step"] = round(compute, 2)
+    record["collective_share_floor"] = round(1000 * alone["hearth"] / (1000 * alone["hearth"] + compute), 3)
     line = json.dumps(record)
     print(line)
     if args.out:
