@@ -1,11 +1,12 @@
 """Tensor parallel on this machine: tp=1 (one process, 2 threads) against tp=2 (two ranks, 1 thread each) on the same
 model, decoding batch 1: tok/s, and at tp=2 the time rank 0 spends in collectives per decode step (the step's
-broadcast, the all-reduces after o and down, the logits gather; waiting for the other rank counts too). On a 2-core
-machine the figure to watch is that share, not a speed-up. tp=1 runs with and without the fused C decode step, which
-tensor parallel does not use. The arms alternate, rounds are medians. Because rank 0's collective time includes
-waiting for the slower rank, the script also times one decode step's collectives alone (the same sizes: a step
-broadcast, two all-reduces per layer, the logits gather) between two otherwise idle processes: the pure transfer
-cost. Prints one JSON object.
+message, the embedding's sum, the sums after o and down, the logits gather; waiting for the other rank counts too).
+On a 2-core machine the figure to watch is that share, not a speed-up. tp=1 runs with the fused C decode step (the
+default) and without it (the torch path); tp=2 with it, or with --tp2-torch-path without it. The arms alternate,
+rounds are medians. Because rank 0's collective time includes waiting for the slower rank, the script also times one
+decode step's collectives alone (the same sizes) between two otherwise idle processes, both Hearth's and the plain
+c10d calls, and reports `collective_share_floor`: that idle-pair cost over itself plus the ranks' compute (the tp=2
+step less its collective time), the least share this transport allows here. Prints one JSON object.
     python benchmarks/parallel.py --model smollm2 --rounds 3
 """
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", help="append the JSON line to this file")
+    parser.add_argument("--tp2-torch-path", action="store_true", help="tp=2 decodes through the torch path")
     args = parser.parse_args(argv)
     import torch
 
@@ -123,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     arms["tp1_fused"] = (LLM(args.model, max_model_len=512), 2)
     os.environ["HEARTH_FUSED_DECODE"] = "0"
     arms["tp1"] = (LLM(args.model, max_model_len=512), 2)
-    os.environ.pop("HEARTH_FUSED_DECODE")
+    # one tensor-parallel engine per process (one process group): the fused step unless --tp2-torch-path
+    os.environ["HEARTH_FUSED_DECODE"] = "0" if args.tp2_torch_path else "1"  # the spawned rank reads it too
     arms["tp2"] = (LLM(args.model, max_model_len=512, tensor_parallel_size=2), 1)
+    os.environ.pop("HEARTH_FUSED_DECODE")
     prompt = arms["tp1"][0].tokenizer.encode("The history of the printing press begins")
     results: dict[str, list] = {name: [] for name in arms}
     try:
@@ -141,16 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         steps = rounds[0][2]
         record[f"{name}_tok_s"] = round(steps / seconds, 1)
         record[f"{name}_step_ms"] = round(1000 * seconds / steps, 2)
+    record["tp2_path"] = "torch" if args.tp2_torch_path else "fused"
     tp2 = results["tp2"]
-    share = statistics.median(r[1] / r[0] for r in tp2)
     record["tp2_collective_ms_per_step"] = round(1000 * statistics.median(r[1] / r[2] for r in tp2), 2)
-    record["tp2_collective_share"] = round(share, 3)
+    record["tp2_collective_share"] = round(statistics.median(r[1] / r[0] for r in tp2), 3)
+    record["tp2_vs_tp1_fused"] = round(record["tp2_tok_s"] / record["tp1_fused_tok_s"], 2)
     record["tp2_vs_tp1_unfused"] = round(record["tp2_tok_s"] / record["tp1_tok_s"], 2)
     cfg = arms["tp1"][0].engine.model_config
     alone = collectives_alone_s(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
     record["collectives_alone_ms_per_step"] = round(1000 * alone["hearth"], 2)
     record["collectives_alone_c10d_ms_per_step"] = round(1000 * alone["c10d"], 2)
-    record["collectives_alone_share_of_tp2_step"] = round(alone["hearth"] / (record["tp2_step_ms"] / 1000), 3)
     # the share the collectives would take at their idle-pair cost over the ranks' own compute (the step less the
     # measured collective time): the floor on this machine for this transport
     compute = record["tp2_step_ms"] - record["tp2_collective_ms_per_step"]
