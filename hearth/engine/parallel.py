@@ -7,8 +7,8 @@ were started with the same flags (a hash exchanged at start), loads its shard an
 `worker_loop`: receive a step (input ids, positions, the forward Context, the rows to sample), run the same forward,
 and take part in its collectives. A step travels as one pickle (tensors as numpy arrays: torch's own tensor pickling
 costs about 0.4 ms to write and 1.2 ms to read a decode step's few small tensors) in one fixed-size message, plus a
-second message only for the part of a large step that does not fit (`STEP_MESSAGE_BYTES`); between two ranks a
-send/recv, else a broadcast. broadcast_object_list would send two messages (the size, then the bytes) every step.
+second message only for the part of a large step that does not fit (`STEP_MESSAGE_BYTES`), each one broadcast.
+broadcast_object_list would send two messages (the size, then the bytes) every step.
 
 A worker dies with its parent (PR_SET_PDEATHSIG, and a poll of the parent as a fallback), so a rank 0 that is killed
 leaves nothing running.
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 _STEP_GROUP = None
 # a step's first message: 8 bytes of length, then the pickle (a decode step's is about 1 KiB); the rest of a larger
 # one follows in a second message
-STEP_MESSAGE_BYTES = 1 << 14
+STEP_MESSAGE_BYTES = 1 << 13
 
 # flags that may differ between nodes (each says where it is); every other EngineConfig field must match
 NODE_LOCAL_FIELDS = ("node_rank",)
@@ -102,17 +102,6 @@ def encode_step(step: tuple | None) -> bytes:
     return out.getvalue()
 
 
-def _send_or_broadcast(t: torch.Tensor) -> None:
-    """Rank 0 -> every rank: a send between two ranks (the receiver is already waiting), else a broadcast."""
-    if dist.get_world_size(_STEP_GROUP) == 2:
-        if dist.get_rank() == 0:
-            dist.send(t, 1, group=_STEP_GROUP)
-        else:
-            dist.recv(t, 0, group=_STEP_GROUP)
-    else:
-        dist.broadcast(t, src=0, group=_STEP_GROUP)
-
-
 def init_step_group(rank: int, timeout: datetime.timedelta) -> None:
     """The group the steps travel in (after init_process_group). Its timeout is each process's own: rank 0's sends
     time out as the collectives do (a rank hangs), while the other ranks wait for the next step as long as the server
@@ -132,16 +121,16 @@ def broadcast_step(step: tuple | None) -> tuple | None:
         data = torch.frombuffer(bytearray(encode_step(step)), dtype=torch.uint8)
         head[0] = len(data)
         first[8 : 8 + min(room, len(data))] = data[:room]
-        _send_or_broadcast(first)
+        dist.broadcast(first, src=0, group=_STEP_GROUP)
         if len(data) > room:
-            _send_or_broadcast(data[room:].clone())
+            dist.broadcast(data[room:].clone(), src=0, group=_STEP_GROUP)
     else:
-        _send_or_broadcast(first)
+        dist.broadcast(first, src=0, group=_STEP_GROUP)
         size = int(head[0])
         data = first[8 : 8 + size]
         if size > room:
             rest = torch.empty(size - room, dtype=torch.uint8)
-            _send_or_broadcast(rest)
+            dist.broadcast(rest, src=0, group=_STEP_GROUP)
             data = torch.cat([data, rest])
         step = pickle.loads(data.numpy().tobytes())
     get_tensor_parallel().collective_s += time.perf_counter() - start

@@ -1,6 +1,6 @@
 """The tensor-parallel collectives (layers/distributed.py, engine/parallel.py's step broadcast) between real
-processes over gloo: sums by exchanges (2 ranks) and recursive doubling (4 ranks), bit-identical on every rank and
-equal to a float32 sum rounded once; the logits gather with uneven parts; a step larger than one message."""
+processes over gloo, 2 and 4 ranks: sums bit-identical on every rank (the ranks must not drift apart) and equal to a
+float32 sum rounded once; the logits gather with uneven parts; steps in one message and larger than one."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _rank_main(rank: int, size: int, port: int, out) -> None:
     set_tensor_parallel(rank, size)
     gen = torch.Generator().manual_seed(1 + rank)
     result = {}
-    # sums: float32 (small and, past P2P_MAX_BYTES, large), bf16 (summed in float32, rounded once), int64
+    # sums: float32 (a decode step's and a prefill's sizes), bf16 (summed in float32, rounded once), int64
     for name, x in (("f32", torch.randn(3, 576, generator=gen)), ("big", torch.randn(300, 576, generator=gen)),
                     ("bf16", torch.randn(2, 64, generator=gen).to(torch.bfloat16)),
                     ("i64", torch.arange(10) * (rank + 1))):  # fmt: skip
@@ -44,7 +44,7 @@ def _rank_main(rank: int, size: int, port: int, out) -> None:
     parts = [5 + r for r in range(size)]
     result["gather"] = gather_last_dim(torch.full((2, parts[rank]), float(rank)), parts)
     ctx = Context(q_starts=[0, 1], slot_mapping=torch.arange(5), block_tables=torch.ones(2, 3, dtype=torch.long))
-    big = torch.arange(50_000)  # 400 KB: past the step's first message
+    big = torch.arange(50_000)  # 400 KB: past the step's first message (STEP_MESSAGE_BYTES)
     for step in ((torch.tensor([7]), [0], ctx), (big, None), None):
         result.setdefault("steps", []).append(broadcast_step(step if rank == 0 else None))
     result["collective_s"] = get_tensor_parallel().collective_s
