@@ -84,62 +84,64 @@ void llama_decode_ops(const ModelWeights *mw, int64_t M, float *h, const int64_t
             const LayerWeights *L = &mw->layers[op / 2];
             float *out = part ? part : h;  // where the block's output projection goes (added into h, or written)
             if (op % 2 == 0) {
-            // attention block: xn = norm(h) -> int8; qkv = xn W^T (+ b)
+                // attention block: xn = norm(h) -> int8; qkv = xn W^T (+ b)
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, L->input_norm, mw->eps, H, xn + m * H);
-            lx.K = H;
+                for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, L->input_norm, mw->eps, H, xn + m * H);
+                lx.K = H;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
-            qx_gemm(&lx, M, &L->qkv, tid, nth, qkv, nqkv, 0);
+                for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
+                qx_gemm(&lx, M, &L->qkv, tid, nth, qkv, nqkv, 0);
 #pragma omp barrier
-            // bias, rope on q and k heads, the new k and v into the cache
+                // bias, rope on q and k heads, the new k and v into the cache
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < M * (Hq + 2 * Hkv); i++) {
-                const int64_t m = i / (Hq + 2 * Hkv), hh = i % (Hq + 2 * Hkv);
-                float *r = qkv + m * nqkv + hh * D;
-                if (L->qkv_bias)
-                    for (int64_t j = 0; j < D; j++) r[j] += L->qkv_bias[hh * D + j];
-                if (hh < Hq + Hkv) rope(r, mw->cos + positions[m] * D, mw->sin + positions[m] * D, D);
-                if (hh >= Hq) {
-                    uint16_t *dst = (hh < Hq + Hkv ? L->k_cache : L->v_cache) + slot_mapping[m] * kvsz + ((hh - Hq) % Hkv) * D;
-                    for (int64_t j = 0; j < D; j++) dst[j] = float_to_bf16(r[j]);
+                for (int64_t i = 0; i < M * (Hq + 2 * Hkv); i++) {
+                    const int64_t m = i / (Hq + 2 * Hkv), hh = i % (Hq + 2 * Hkv);
+                    float *r = qkv + m * nqkv + hh * D;
+                    if (L->qkv_bias)
+                        for (int64_t j = 0; j < D; j++) r[j] += L->qkv_bias[hh * D + j];
+                    if (hh < Hq + Hkv) rope(r, mw->cos + positions[m] * D, mw->sin + positions[m] * D, D);
+                    if (hh >= Hq) {
+                        uint16_t *dst = (hh < Hq + Hkv ? L->k_cache : L->v_cache) + slot_mapping[m] * kvsz +
+                                        ((hh - Hq) % Hkv) * D;
+                        for (int64_t j = 0; j < D; j++) dst[j] = float_to_bf16(r[j]);
+                    }
                 }
-            }
-            decode_attention(M, qkv, nqkv, Hq, Hkv, D, L->k_cache, L->v_cache, kvsz, block_tables, max_blocks,
-                             block_size, context_lens, L->window, mw->scale, nchunks, abuf, parts, att, qsz, tid);
-            lx.K = qsz;
+                decode_attention(M, qkv, nqkv, Hq, Hkv, D, L->k_cache, L->v_cache, kvsz, block_tables, max_blocks,
+                                 block_size, context_lens, L->window, mw->scale, nchunks, abuf, parts, att, qsz, tid);
+                lx.K = qsz;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < M * (qsz / QK); i++) qx_block(&lx, att, qsz, qsz, i / (qsz / QK), i % (qsz / QK));
-            qx_gemm(&lx, M, &L->o, tid, nth, out, H, part == NULL);  // h += attn W_o^T (part = attn W_o^T)
+                for (int64_t i = 0; i < M * (qsz / QK); i++)
+                    qx_block(&lx, att, qsz, qsz, i / (qsz / QK), i % (qsz / QK));
+                qx_gemm(&lx, M, &L->o, tid, nth, out, H, part == NULL);  // h += attn W_o^T (part = attn W_o^T)
 #pragma omp barrier
             } else {
-            // MLP block: h += down(silu(gate) * up)
+                // MLP block: h += down(silu(gate) * up)
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, L->post_norm, mw->eps, H, xn + m * H);
-            lx.K = H;
+                for (int64_t m = 0; m < M; m++) rms_norm(h + m * H, L->post_norm, mw->eps, H, xn + m * H);
+                lx.K = H;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
-            qx_gemm(&lx, M, &L->gate_up, tid, nth, gu, 2 * I, 0);
+                for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, xn, H, H, i / (H / QK), i % (H / QK));
+                qx_gemm(&lx, M, &L->gate_up, tid, nth, gu, 2 * I, 0);
 #pragma omp barrier
-            lx.K = I;
+                lx.K = I;
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < M * (I / QK); i++) {
-                const int64_t m = i / (I / QK), b = i % (I / QK);
-                float *g = gu + m * 2 * I + b * QK;
-                const float *u = g + I;
-                for (int j = 0; j < QK; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];  // in place: gate -> act
-                qx_block(&lx, gu, 2 * I, I, m, b);
-            }
-            qx_gemm(&lx, M, &L->down, tid, nth, out, H, part == NULL);
+                for (int64_t i = 0; i < M * (I / QK); i++) {
+                    const int64_t m = i / (I / QK), b = i % (I / QK);
+                    float *g = gu + m * 2 * I + b * QK;
+                    const float *u = g + I;
+                    for (int j = 0; j < QK; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];  // in place: gate -> act
+                    qx_block(&lx, gu, 2 * I, I, m, b);
+                }
+                qx_gemm(&lx, M, &L->down, tid, nth, out, H, part == NULL);
 #pragma omp barrier
             }
         }
         if (op1 > 2 * mw->num_layers) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            rms_norm(h + m * H, mw->final_norm, mw->eps, H, xn + m * H);
-            memcpy(h + m * H, xn + m * H, sizeof(float) * (size_t)H);
-        }
+            for (int64_t m = 0; m < M; m++) {
+                rms_norm(h + m * H, mw->final_norm, mw->eps, H, xn + m * H);
+                memcpy(h + m * H, xn + m * H, sizeof(float) * (size_t)H);
+            }
         }
         if (op1 > 2 * mw->num_layers && mw->lm_head.qs && logits) {
             lx.K = H;
