@@ -164,10 +164,15 @@ class ModelRunner:
         self.num_kvcache_blocks = self.allocate_kv_cache(plan.num_blocks)
         # the one-call decode step over the allocated cache (CPU, GGUF blocks), where the model's family has one
         self.fused_decode = None
-        # it reads one block table per sequence and runs whole (unsplit) weights
-        fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1 and self.tp_size == 1
+        # it reads one block table per sequence; under tensor parallelism every rank runs it, or none
+        fused_ok = self.device.type == "cpu" and len(self.kv_windows) == 1
         if fused_ok and os.environ.get("HEARTH_FUSED_DECODE", "1") != "0":
             self.fused_decode = build_fused_decode(self.model)
+        if self.tp_size > 1:
+            everywhere = torch.tensor([int(self.fused_decode is not None)])
+            torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+            if not int(everywhere[0]):
+                self.fused_decode = None
         release_freed_memory()
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
@@ -303,8 +308,15 @@ class ModelRunner:
                 table_rows.append(i)
         if len(table_rows) > len(seqs):
             tables = tables[torch.tensor(table_rows)]
-        pos = torch.tensor(positions)
-        return self.fused_decode(torch.tensor(input_ids), pos, torch.tensor(slots), tables, bs, pos + 1)
+        step = (torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slots), tables, bs)
+        if self.tp_size > 1:  # the other ranks run the same step (worker_loop)
+            from hearth.engine.parallel import broadcast_step
+
+            broadcast_step(("fused", *step))
+        return self.fused_step(*step)
+
+    def fused_step(self, input_ids, positions, slots, tables, block_size) -> torch.Tensor | None:
+        return self.fused_decode(input_ids, positions, slots, tables, block_size, positions + 1)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list, list[int], list]:
@@ -446,6 +458,9 @@ class ModelRunner:
         from hearth.engine.parallel import broadcast_step
 
         while (step := broadcast_step(None)) is not None:
+            if isinstance(step[0], str):  # ("fused", ...): a decode step of the fused decode (run_fused_decode)
+                self.fused_step(*step[1:])
+                continue
             input_ids, positions, sample_rows, ctx = step
             set_context(_context_to(ctx, self.device))
             self.forward(_to(input_ids, self.device), _to(positions, self.device), sample_rows)

@@ -40,7 +40,8 @@ class ModelWeights(ctypes.Structure):
 def _declare(lib: ctypes.CDLL) -> None:
     lib.llama_decode_struct_sizes.argtypes = [ptr]
     lib.llama_decode.argtypes = [ctypes.POINTER(ModelWeights), i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, c_int]
-    for name in ("llama_decode_struct_sizes", "llama_decode"):
+    lib.llama_decode_ops.argtypes = lib.llama_decode.argtypes + [i64, i64, ptr]
+    for name in ("llama_decode_struct_sizes", "llama_decode", "llama_decode_ops"):
         getattr(lib, name).restype = None
 
 
@@ -72,13 +73,20 @@ class LlamaDecoder:
     """The fused decode step over one model's weights (layers as dicts of tensors), as
     hearth.engine.fused_decode.build_fused_decode gathers them.
 
+    Under tensor parallelism (`reduce` given) the weights are one rank's shard: the step runs as one call per
+    attention or MLP block, whose partial output `reduce` sums over the ranks in place (float32) before it is added
+    into the float32 hidden states, as the whole step adds it; `gather` turns this rank's logits (its vocabulary
+    rows) into the whole logits (rank 0) or None.
+
     Holds references to every tensor whose address it passes to C, so they outlive the calls."""
 
     def __init__(self, *, layers: list[dict], final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  lm_head: R16Weight, hidden: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, intermediate: int, eps: float, scale: float, vocab: int, embed):  # fmt: skip
+                 head_dim: int, intermediate: int, eps: float, scale: float, vocab: int, embed,
+                 reduce=None, gather=None):  # fmt: skip
         self._keep: list[torch.Tensor] = []
         self.embed = embed  # token ids [M] -> embeddings [M, hidden]
+        self.reduce, self.gather = reduce, gather
 
         def f32(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
@@ -120,7 +128,16 @@ class LlamaDecoder:
             t.to(torch.int64).contiguous() for t in (positions, slot_mapping, context_lens)
         )
         block_tables = block_tables.to(torch.int64).contiguous()
-        _get().llama_decode(ctypes.byref(self.weights), m, h.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
-                            block_tables.data_ptr(), block_tables.shape[1], block_size, context_lens.data_ptr(),
-                            logits.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return logits
+        args = (ctypes.byref(self.weights), m, h.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
+                block_tables.data_ptr(), block_tables.shape[1], block_size, context_lens.data_ptr(), logits.data_ptr(),
+                torch.get_num_threads())  # fmt: skip
+        if self.reduce is None:
+            _get().llama_decode(*args)
+            return logits
+        part = torch.empty_like(h)
+        ops = 2 * self.weights.num_layers
+        for op in range(ops):
+            _get().llama_decode_ops(*args, op, op + 1, part.data_ptr())
+            h.add_(self.reduce(part))
+        _get().llama_decode_ops(*args, ops, ops + 1, None)
+        return self.gather(logits)

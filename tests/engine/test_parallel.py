@@ -175,37 +175,86 @@ SMOLLM2_PROMPTS = [
     "The theory of relativity says that",
 ]
 
-
-def first_token_margin(out) -> float:
-    top = sorted((lp for _, lp in out.logprobs[0].top), reverse=True)
-    return top[0] - top[1]
+# 24 more for the bf16 test: 32 in all
+SMOLLM2_PROMPTS_32 = SMOLLM2_PROMPTS + [
+    "The largest planet in the solar system is",
+    "import numpy as np\n\ndef mean(xs):",
+    "My favourite season is autumn because",
+    "Photosynthesis is the process by which",
+    "The first step in changing a tyre is",
+    "A good night's sleep helps",
+    "In 1969, astronauts",
+    "The difference between a list and a tuple in Python is",
+    "Dear hiring manager,",
+    "The water cycle begins when",
+    "To make a cup of tea, first",
+    "The most important invention of the last century was",
+    "SELECT name FROM users WHERE",
+    "The Great Wall of China was built",
+    "Here is a short poem about the moon:",
+    "Exercise is good for you because",
+    "The three primary colours are",
+    "Volcanoes erupt when",
+    "A balanced diet includes",
+    "The French Revolution started in",
+    "for i in range(10):",
+    "Bees are important to farmers because",
+    "The speed of light is",
+    "Q: Why is the sky blue?\nA:",
+]
 
 
 def test_smollm2_gguf_tp2(smollm2_path):
     """The embedded SmolLM2 (Q4_1 blocks cut on block edges, a Q8_0 tied table split by vocabulary; 9 query heads
-    over 3 KV heads, so rank 0 holds one KV group and rank 1 two).
+    over 3 KV heads, so rank 0 holds one KV group and rank 1 two) in float32 (the GGUF blocks sharded, then
+    dequantized): the same greedy continuations and first-token logprobs within 1e-4."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    outs = {}
+    for tp in (1, 2):
+        with LLM(smollm2_path, max_model_len=256, dtype="float32", tensor_parallel_size=tp) as llm:
+            outs[tp] = llm.generate(SMOLLM2_PROMPTS, params)
+    for a, b in zip(outs[1], outs[2]):
+        assert a.token_ids == b.token_ids
+        top_b = dict(b.logprobs[0].top)
+        for token_id, logprob in a.logprobs[0].top:
+            if token_id in top_b:
+                assert abs(logprob - top_b[token_id]) <= 1e-4, token_id
 
-    float32 (the GGUF blocks sharded, then dequantized): the same greedy continuations and first-token logprobs within
-    1e-4. Default bf16/int8 arithmetic, where a sum split over ranks rounds differently and 30 layers of bf16
-    residuals amplify it (as between tp=1's own fused and unfused decode paths, which agree on 2 of these 8
-    32-token continuations): the same first token wherever tp=1's top two differ by more than 0.5, and first-token
-    logprobs within 0.25 (measured: at most 0.15)."""
-    for dtype, tokens in (("float32", 12), ("auto", 1)):
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, logprobs=5)
-        outs = {}
-        for tp in (1, 2):
-            with LLM(smollm2_path, max_model_len=256, dtype=dtype, tensor_parallel_size=tp) as llm:
-                outs[tp] = llm.generate(SMOLLM2_PROMPTS, params)
-        tol = 1e-4 if dtype == "float32" else 0.25
-        for a, b in zip(outs[1], outs[2]):
-            if dtype == "float32":
-                assert a.token_ids == b.token_ids
-            elif first_token_margin(a) > 0.5:
-                assert a.token_ids[0] == b.token_ids[0]
-            top_b = dict(b.logprobs[0].top)
-            for token_id, logprob in a.logprobs[0].top:
-                if token_id in top_b:
-                    assert abs(logprob - top_b[token_id]) <= tol, (dtype, token_id)
+
+def test_smollm2_gguf_tp2_default_arithmetic(smollm2_path):
+    """The embedded SmolLM2 in its default arithmetic at tp=2 against tp=1 as a user runs it, on 32 prompts x 32
+    greedy tokens. Both decode through the fused C step (float32 hidden states, int8 activations; at tp=2 each
+    rank on its shard, the o and down partial outputs summed in float32 between blocks); both prefill through the
+    torch path, where o and down round their float32 sums to bf16 and the residual stream is bf16.
+
+    That bf16 prefill is the floor of any agreement: tp=1 with nothing changed but the summation order of o and
+    down in prefill (a float32 matmul instead of oneDNN's bf16 one, unsplit) moves first-token logprobs by up to
+    0.21 and changes 20 of these 32 continuations: occasional one-ulp bf16 differences grow through 30 layers.
+    tp=2's split sums are such a reordering. Measured here: first-token logprobs within 0.24 (the same figures as
+    the unsplit reordering, prompt by prompt), 11 of 32 continuations identical (5 when tp=2 decoded through the
+    torch path), and every continuation leaves tp=1's only where tp=1's own choice was a near tie."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    outs, fused = {}, {}
+    for tp in (1, 2):
+        with LLM(smollm2_path, max_model_len=256, tensor_parallel_size=tp) as llm:
+            fused[tp] = llm.engine.runner.fused_decode is not None
+            outs[tp] = llm.generate(SMOLLM2_PROMPTS_32, params)
+    assert fused == {1: True, 2: True}
+    same, first_diff, margins = 0, [], []
+    for a, b in zip(outs[1], outs[2]):
+        top_b = dict(b.logprobs[0].top)
+        first_diff.append(max(abs(lp - top_b[t]) for t, lp in a.logprobs[0].top if t in top_b))
+        if a.token_ids == b.token_ids:
+            same += 1
+            continue
+        j = next(i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
+        top_a = dict(a.logprobs[j].top)
+        # how much more tp=1 preferred its token over tp=2's where they part
+        margins.append(top_a[a.token_ids[j]] - top_a.get(b.token_ids[j], float("-inf")))
+    print(f"identical {same}/32, first-token logprobs within {max(first_diff):.3f}, parting margins {sorted(margins)}")
+    assert same >= 9
+    assert max(first_diff) <= 0.3
+    assert max(margins) <= 0.5
 
 
 def test_a_hung_rank_times_out(tiny_llama3):
