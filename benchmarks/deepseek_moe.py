@@ -9,8 +9,9 @@ routed experts of FFN 1408 plus 2 shared, 6 per token, sigmoid routing with a co
 Layout (docs/models.md §4.1): `kv_b` split into `attn_k_b` [H, c, nope] and `attn_v_b` [H, v, c]; `head_count_kv` 1,
 `key_length` c + rope and `value_length` c, with the per-head sizes in `key_length_mla` / `value_length_mla`;
 router weight and correction bias (`exp_probs_b`) F32; norms F32; every other matrix in the chosen type (Q8_0 or
-Q4_0). Quantized blocks are random bytes under an f16 scale chosen so values are about N(0, 0.02) in size: nothing
-is quantized, so the file is written at disk speed. `--unambiguous-routing` adds +8 to the correction bias of a
+Q4_0); at depths other than 26/27 also `q_lora_rank` 0, which llama.cpp reads there. Quantized blocks are random
+bytes under an f16 scale chosen so values are about N(0, 0.02) in size: nothing is quantized, so the file is written
+at disk speed. `--unambiguous-routing` adds +8 to the correction bias of a
 fixed 6 experts per layer so the routing cannot flip between engines (the cross-engine logit check).
 
     python benchmarks/deepseek_moe.py                     # write .bench/deepseek-v2-lite-shape-random.Q8_0.gguf
@@ -41,6 +42,7 @@ FILE_TYPES = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4
 BLOCK_SCALE = {"Q8_0": 0.02 / 74, "Q4_0": 0.02 / 4.6}
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 FIRST_SPECIAL = 100000
+LITE_DEPTHS = (26, 27)  # depths at which llama.cpp assumes a deepseek2 file has no q_lora (and reads no rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,8 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     w.add_key_length_mla(shape.qk_nope_head_dim + shape.qk_rope_head_dim)
     w.add_value_length_mla(shape.v_head_dim)
     w.add_kv_lora_rank(shape.kv_lora_rank)
+    if shape.num_hidden_layers not in LITE_DEPTHS:  # llama.cpp reads q_lora_rank at other depths; 0 means none
+        w.add_q_lora_rank(0)
     w.add_rope_dimension_count(shape.qk_rope_head_dim)
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.rms_norm_eps)
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="the GGUF file (default .bench/deepseek-v2-lite-shape-random.TYPE.gguf)")
     parser.add_argument("--force", action="store_true", help="rewrite the file even if it exists")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, help="fewer layers than 27 (note: llama.cpp then wants a q_lora)")
+    parser.add_argument("--layers", type=int, help="fewer layers than 27 (the file then says q_lora_rank 0)")
     parser.add_argument("--gating", choices=("sigmoid", "softmax"), default="sigmoid")
     parser.add_argument("--unambiguous-routing", action="store_true", help="+8 correction bias on 6 experts a layer")
     parser.add_argument("--bench", action="store_true", help="then run Hearth against the peers on the file")

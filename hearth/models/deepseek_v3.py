@@ -28,7 +28,8 @@ from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.fp8_linear import Fp8Linear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import Linear
+from hearth.layers.linear import Linear, is_decode_step
+from hearth.layers.moe import BlocksMoE
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.layers.weights import dense, stacked_part
@@ -135,7 +136,8 @@ class DeepseekV3Attention(nn.Module):
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
         w = self.kv_b_proj.dense_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        # contiguous per-head matrices: batched matmuls on strided views of kv_b copy them on every call
+        self.w_uk, self.w_uv = w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous()
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -198,13 +200,17 @@ class DeepseekV3Attention(nn.Module):
         mask: bool broadcastable to [B, H, n, L]. Returns [B, n, H, v]."""
         b, n, heads, _ = q_nope.shape
         length = latent.shape[1]
-        q_lat = torch.einsum("bnhd,hdc->bhnc", q_nope, self.w_uk.to(q_nope.dtype))
+        # per head: [B·n, nope] @ W_UK [nope, c], as one batched matmul over the heads
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), self.w_uk.to(q_nope.dtype))
+        q_lat = q_lat.view(heads, b, n, -1).transpose(0, 1)  # [B, H, n, c]
         q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(b, heads * n, -1)  # [B, H·n, c + rope]
         scores = torch.bmm(q_full, latent.transpose(1, 2)).view(b, heads, n, length) * self.scale
         scores = scores.float().masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(latent.dtype).view(b, heads * n, length)
         ctx_lat = torch.bmm(p, latent[..., : self.kv_lora_rank]).view(b, heads, n, -1)  # [B, H, n, c]
-        return torch.einsum("bhnc,hvc->bnhv", ctx_lat, self.w_uv.to(ctx_lat.dtype))
+        w_uv = self.w_uv.to(ctx_lat.dtype).transpose(1, 2)  # [H, c, v]
+        out = torch.bmm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), w_uv)  # [H, B·n, v]
+        return out.view(heads, b, n, -1).permute(1, 2, 0, 3)  # [B, n, H, v]
 
 
 def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -322,14 +328,24 @@ class DeepseekV3MoE(nn.Module):
         self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
         num_shared = extra.get("n_shared_experts") or 0
         self.shared_experts = DeepseekV3MLP(config.hidden_size, inter * num_shared) if num_shared else None
+        self._blocks_moe: BlocksMoE | None | bool = False  # built on the first decode step (False: not yet tried)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(self.gate(hidden_states), self.gate.e_score_correction_bias, self.top_k, self.num_groups,
                             self.topk_group, self.norm_topk_prob, self.routed_scaling_factor,
                             self.scoring_func)  # fmt: skip
 
+    def blocks_moe(self) -> BlocksMoE | None:
+        """The experts (routed and shared) as one GGUF-blocks kernel call, where they are held that way."""
+        if self._blocks_moe is False:
+            shared = [self.shared_experts] if self.shared_experts is not None else []
+            self._blocks_moe = BlocksMoE.build(list(self.experts), shared)
+        return self._blocks_moe
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden_states)
+        if is_decode_step() and (fused := self.blocks_moe()) is not None:  # a step bound by the bytes it reads
+            return fused(hidden_states, weights, ids)
         num_tokens, top_k = ids.shape
         flat_ids = ids.reshape(-1)
         # each (token, slot) pair's expert output in its own row, then one weighted sum over the slots: no scatter-add
