@@ -165,75 +165,83 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
     }
 }
 
-// ---- a token's experts in one call (MoE decode) ----
+// ---- a step's experts in one call (MoE) ----
 //
 // r16_moe: out[t] = sum_s wts[t, s] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t, s], for T tokens of S
 // slots each (routed experts, and shared ones as slots of weight 1), int8 activations throughout. gu[e]: gate and up
 // rows stacked [2 F_e, H] (gate first), dn[e]: [H, F_e]; experts may differ in F_e (the shared experts' is wider).
-// One OpenMP region in three phases: (1) the (token, slot) pairs sorted by expert, each expert's rows of x quantized
-// and its gate/up groups split across the threads (an expert hit by several tokens reads its weight once); (2) each
-// pair's SwiGLU, quantized; (3) every thread takes a slice of the H output rows, runs that slice of every hit expert's
-// down projection and sums the pairs into out with their weights (no reduction across threads).
+// The (token, slot) pairs are sorted by expert, so an expert hit by several tokens reads its weight once for all of
+// them. One OpenMP region: (0) x quantized once per token, copied to the sorted rows; (1) gate/up: the hit experts'
+// row groups split across the threads by cost (groups times rows); (2) each pair's SwiGLU, quantized; (3) every
+// thread takes a slice of the H output rows, runs that slice of every hit expert's down projection and sums each
+// token's pairs into out in slot order with their weights (no reduction across threads; a token's result does not
+// depend on the other tokens of the call).
 void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *ids, const float *wts, const float *x,
              float *out, int nthreads) {
-    const int64_t P = T * S, H = gu[ids[0]].K;
-    // pairs sorted by expert (stable): perm[i] = pair index t*S + s; runs of one expert [ustart[u], ustart[u+1])
-    int64_t *perm = malloc(sizeof(int64_t) * (size_t)P), *ustart = malloc(sizeof(int64_t) * (size_t)(P + 1));
-    int64_t *uexp = malloc(sizeof(int64_t) * (size_t)P), *hoff = malloc(sizeof(int64_t) * (size_t)(P + 1));
-    int64_t *foff = malloc(sizeof(int64_t) * (size_t)(P + 1)), *ugrp = malloc(sizeof(int64_t) * (size_t)(P + 1));
-    char *used = calloc((size_t)P, 1);
-    int64_t U = 0, n = 0;
-    for (int64_t i = 0; i < P; i++) {
-        if (used[i]) continue;
-        uexp[U] = ids[i];
-        ustart[U++] = n;
-        for (int64_t j = i; j < P; j++)
-            if (!used[j] && ids[j] == ids[i]) used[j] = 1, perm[n++] = j;
-    }
+    const int64_t P = T * S, H = gu[ids[0]].K, nbh = H / QK;
+    int64_t E = 0;
+    for (int64_t i = 0; i < P; i++) E = ids[i] + 1 > E ? ids[i] + 1 : E;
+    // counting sort of the pairs by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
+    int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), *perm = malloc(sizeof(int64_t) * (size_t)P);
+    int64_t *rank = malloc(sizeof(int64_t) * (size_t)P), *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *hoff = malloc(sizeof(int64_t) * (size_t)(P + 1)), *foff = malloc(sizeof(int64_t) * (size_t)(P + 1));
+    for (int64_t i = 0; i < P; i++) cnt[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int64_t U = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (cnt[e + 1] > cnt[e]) uexp[U] = e, ustart[U++] = cnt[e];
     ustart[U] = P;
-    int64_t *rank = malloc(sizeof(int64_t) * (size_t)P);  // pair -> its sorted row
+    for (int64_t i = 0; i < P; i++) perm[cnt[ids[i]]++] = i;  // stable: pairs of one expert in pair order
     for (int64_t r = 0; r < P; r++) rank[perm[r]] = r;
-    // per sorted row: gate/up outputs at hoff (2F floats), SwiGLU at foff (F values); gate/up row groups per expert
-    hoff[0] = foff[0] = ugrp[0] = 0;
+    // per sorted row: gate/up outputs at hoff (2F floats), SwiGLU at foff (F values); gate/up cost before run u
+    hoff[0] = foff[0] = ucost[0] = 0;
     for (int64_t u = 0; u < U; u++) {
-        const int64_t N1 = gu[uexp[u]].N;
-        for (int64_t i = ustart[u]; i < ustart[u + 1]; i++) hoff[i + 1] = hoff[i] + N1, foff[i + 1] = foff[i] + N1 / 2;
-        ugrp[u + 1] = ugrp[u] + (N1 + 15) / 16;
+        const int64_t N1 = gu[uexp[u]].N, rows = ustart[u + 1] - ustart[u];
+        for (int64_t r = ustart[u]; r < ustart[u + 1]; r++) hoff[r + 1] = hoff[r] + N1, foff[r + 1] = foff[r] + N1 / 2;
+        ucost[u + 1] = ucost[u] + (N1 + 15) / 16 * rows;
     }
-    QX qx = qx_alloc(P, H), qh = qx_alloc(1, foff[P]);
+    QX qt = qx_alloc(T, H), qx = qx_alloc(P, H), qh = qx_alloc(1, foff[P]);
     float *hbuf = malloc(sizeof(float) * (size_t)hoff[P]), *ys = malloc(sizeof(float) * (size_t)(P * H));
 #pragma omp parallel num_threads(nthreads)
     {
+        // (0) quantize each token once, then copy it to its pairs' sorted rows
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < P * (H / QK); i++) {
-            const int64_t r = i / (H / QK), b = i % (H / QK);
-            quantize_block(x + (perm[r] / S) * H + b * QK, qx.q + r * H + b * QK, qx.d + r * (H / QK), qx.s + r * (H / QK), b);
+        for (int64_t i = 0; i < T * nbh; i++)
+            quantize_block(x + i * QK, qt.q + i * QK, qt.d + (i / nbh) * nbh, qt.s + (i / nbh) * nbh, i % nbh);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < P; r++) {
+            const int64_t t = perm[r] / S;
+            memcpy(qx.q + r * H, qt.q + t * H, (size_t)H);
+            memcpy(qx.d + r * nbh, qt.d + t * nbh, sizeof(float) * (size_t)nbh);
+            memcpy(qx.s + r * nbh, qt.s + t * nbh, sizeof(float) * (size_t)nbh);
         }
-        // (1) gate/up: this thread's share of all hit experts' row groups
+        // (1) gate/up: this thread's share of the cost; groups [g0, g1) of run u cover costs up to ceil(c / rows)
         int64_t a0, a1;
-        thread_range(ugrp[U], TID, NTH, &a0, &a1);
+        thread_range(ucost[U], TID, NTH, &a0, &a1);
         for (int64_t u = 0; u < U && a0 < a1; u++) {
-            const int64_t g0 = a0 > ugrp[u] ? a0 - ugrp[u] : 0, g1 = (a1 < ugrp[u + 1] ? a1 : ugrp[u + 1]) - ugrp[u];
+            if (ucost[u + 1] <= a0 || ucost[u] >= a1) continue;
+            const int64_t r0 = ustart[u], rows = ustart[u + 1] - r0;
+            const int64_t lo = (a0 > ucost[u] ? a0 : ucost[u]) - ucost[u], hi = (a1 < ucost[u + 1] ? a1 : ucost[u + 1]) - ucost[u];
+            const int64_t g0 = (lo + rows - 1) / rows, g1 = (hi + rows - 1) / rows;
             if (g0 >= g1) continue;
-            const int64_t r0 = ustart[u];
-            const QX xu = {qx.q + r0 * H, qx.d + r0 * (H / QK), qx.s + r0 * (H / QK), H};
+            const QX xu = {qx.q + r0 * H, qx.d + r0 * nbh, qx.s + r0 * nbh, H};
             const R16 *w = &gu[uexp[u]];
-            r16_groups(w, g0, g1, ustart[u + 1] - r0, &xu, hbuf + hoff[r0], w->N, 0);
+            r16_groups(w, g0, g1, rows, &xu, hbuf + hoff[r0], w->N, 0);
         }
 #pragma omp barrier
-        // (2) SwiGLU per 32 values, quantized
+        // (2) SwiGLU per 32 values, quantized (block b of row r: values at foff[r] + 32 b, scales at foff[r] / 32 + b)
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < foff[P] / QK; i++) {
-            int64_t r = 0;
-            while (foff[r + 1] <= i * QK) r++;
-            const int64_t F = foff[r + 1] - foff[r], k0 = i * QK - foff[r];
-            const float *g = hbuf + hoff[r] + k0, *up = g + F;
-            float v[QK];
-            for (int k = 0; k < QK; k++) v[k] = g[k] / (1.0f + expf(-g[k])) * up[k];
-            const int64_t b = k0 / QK;  // block b of row r: its scales at (foff[r] / QK) + b
-            quantize_block(v, qh.q + foff[r] + k0, qh.d + foff[r] / QK, qh.s + foff[r] / QK, b);
+        for (int64_t r = 0; r < P; r++) {
+            const int64_t F = foff[r + 1] - foff[r];
+            for (int64_t b = 0; b < F / QK; b++) {
+                const float *g = hbuf + hoff[r] + b * QK, *up = g + F;
+                float v[QK];
+                for (int k = 0; k < QK; k++) v[k] = g[k] / (1.0f + expf(-g[k])) * up[k];
+                quantize_block(v, qh.q + foff[r] + b * QK, qh.d + foff[r] / QK, qh.s + foff[r] / QK, b);
+            }
         }
-        // (3) down: this thread's output row groups of every hit expert, then the weighted sum over the pairs
+        // (3) down: this thread's output row groups of every hit expert, then the weighted sums
         int64_t o0, o1;
         thread_range((H + 15) / 16, TID, NTH, &o0, &o1);
         for (int64_t u = 0; u < U && o0 < o1; u++) {
@@ -246,14 +254,12 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
         for (int64_t t = 0; t < T; t++) {
             float *o = out + t * H;
             for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
-        }
-        for (int64_t p = 0; p < P; p++) {  // in slot order, so that a token's sum does not depend on the others
-            const float wt = wts[p], *y = ys + rank[p] * H;
-            float *o = out + (p / S) * H;
-            for (int64_t c = c0; c < c1; c++) o[c] += wt * y[c];
+            for (int64_t p = t * S; p < (t + 1) * S; p++) {  // slot order
+                const float wt = wts[p], *y = ys + rank[p] * H;
+                for (int64_t c = c0; c < c1; c++) o[c] += wt * y[c];
+            }
         }
     }
-    qx_free(&qx);
-    qx_free(&qh);
-    free(hbuf), free(ys), free(perm), free(ustart), free(uexp), free(hoff), free(foff), free(ugrp), free(used), free(rank);
+    qx_free(&qt), qx_free(&qx), qx_free(&qh);
+    free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
 }

@@ -144,7 +144,7 @@ def moe(x: torch.Tensor, experts: R16Experts, ids: torch.Tensor, weights: torch.
     out[t] = sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, s], all in one C call with int8
     activations (x, then each SwiGLU output, quantized per 32 values as in `gemm`). `moe_ref` is the same in torch."""
     t, h = x.shape
-    if h != experts.hidden or ids.shape != weights.shape or ids.shape[0] != t or not t:
+    if h != experts.hidden or ids.shape != weights.shape or ids.shape[0] != t or not ids.numel():
         raise ValueError(f"moe: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights {tuple(weights.shape)}")
     ids = ids.to(torch.int64).contiguous()
     if int(ids.min()) < 0 or int(ids.max()) >= experts.num_experts:

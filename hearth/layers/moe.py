@@ -76,9 +76,14 @@ def grouped_moe(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.T
 class BlocksMoE:
     """SwiGLU experts whose fused gate/up and down Linears hold GGUF blocks in the C kernels' form, run together by
     `gguf_cpu.moe`: the routed experts chosen for each token, plus every shared expert at weight 1, in one call that
-    reads each chosen expert's packed blocks once with int8 activations (what a decode step, bound by the bytes it
-    reads, wants). `build` returns None where that does not apply (another weight form, no C kernels, a
-    tensor-parallel group); the caller then keeps its own path."""
+    reads each hit expert's packed blocks once for all its tokens, with int8 activations (llama.cpp's arithmetic).
+    A decode step is bound by the bytes it reads: about one per weight here, against five for dequantizing to bf16
+    and a dense matmul. A prefill gives each routed expert a few dozen rows, too few for the dequantization to pay.
+    Each token's result does not depend on the others in the step (prefill and decode compute a token alike).
+    `build` returns None where that does not apply (another weight form, no C kernels, a tensor-parallel group);
+    the caller then keeps its own path."""
+
+    MAX_TOKENS = 512  # tokens per kernel call: its scratch grows with tokens x slots
 
     def __init__(self, experts: gguf_cpu.R16Experts, num_routed: int):
         self.experts, self.num_routed = experts, num_routed
@@ -99,6 +104,9 @@ class BlocksMoE:
     def __call__(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H], routing weights and expert ids [T, k] -> [T, H] in hidden_states' dtype."""
         num_tokens = hidden_states.shape[0]
+        if num_tokens > self.MAX_TOKENS:
+            return torch.cat([self(hidden_states[a : a + self.MAX_TOKENS], weights[a : a + self.MAX_TOKENS],
+                                   ids[a : a + self.MAX_TOKENS]) for a in range(0, num_tokens, self.MAX_TOKENS)])  # fmt: skip
         num_shared = len(self._shared_ids)
         if num_shared:
             ids = torch.cat([ids, self._shared_ids.expand(num_tokens, num_shared)], dim=1)

@@ -28,7 +28,7 @@ from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.fp8_linear import Fp8Linear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import Linear, is_decode_step
+from hearth.layers.linear import Linear
 from hearth.layers.moe import BlocksMoE
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
@@ -328,7 +328,7 @@ class DeepseekV3MoE(nn.Module):
         self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
         num_shared = extra.get("n_shared_experts") or 0
         self.shared_experts = DeepseekV3MLP(config.hidden_size, inter * num_shared) if num_shared else None
-        self._blocks_moe: BlocksMoE | None | bool = False  # built on the first decode step (False: not yet tried)
+        self._blocks_moe: BlocksMoE | None | bool = False  # built on the first call (False: not yet tried)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(self.gate(hidden_states), self.gate.e_score_correction_bias, self.top_k, self.num_groups,
@@ -344,7 +344,7 @@ class DeepseekV3MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden_states)
-        if is_decode_step() and (fused := self.blocks_moe()) is not None:  # a step bound by the bytes it reads
+        if (fused := self.blocks_moe()) is not None:  # GGUF blocks: all experts in one call, int8 activations
             return fused(hidden_states, weights, ids)
         num_tokens, top_k = ids.shape
         flat_ids = ids.reshape(-1)

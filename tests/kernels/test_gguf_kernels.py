@@ -72,7 +72,7 @@ def random_experts(ffns: list[int], hidden: int, qtypes: list[int]):
 
 
 @pytest.mark.parametrize("qtypes", [[gguf_cpu.Q8_0], [gguf_cpu.Q4_0, gguf_cpu.Q8_0, gguf_cpu.Q4_1]])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_moe_matches_reference(qtypes, tokens):
     # 6 routed experts of 64 (one of them wider, as a shared expert listed last would be), hidden 80 (not a multiple
     # of 16 rows per group in the down projection's output), several tokens sharing experts

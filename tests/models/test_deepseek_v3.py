@@ -407,7 +407,8 @@ def test_gguf_deepseek2_matches_transformers(tmp_path):
     torch.testing.assert_close(prefill_logits(model, ids), hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_gguf_moe_decode_step_runs_the_experts_in_one_kernel_call(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_gguf_moe_runs_the_experts_in_one_kernel_call(tmp_path, monkeypatch, decode):
     from hearth.kernels import gguf_cpu
     from hearth.layers.context import Context, reset_context, set_context
     from hearth.loader.inspect import read_gguf_config
@@ -426,15 +427,20 @@ def test_gguf_moe_decode_step_runs_the_experts_in_one_kernel_call(tmp_path, monk
     load_model(model, ModelRef(str(path), str(path), "gguf"), torch.bfloat16, keep_quantized=True)
     moe = model.model.layers[1].mlp
     x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    fused_moe = moe.blocks_moe()
+    assert fused_moe is not None
     with torch.inference_mode():
-        ref = moe(x).float()  # not a decode step: each expert's blocks dequantized, bf16 matmuls
-        set_context(Context(decode_seq_idx=[0, 1, 2]))
+        moe._blocks_moe = None  # each expert on its own: blocks dequantized, bf16 matmuls
+        ref = moe(x).float()
+        moe._blocks_moe = fused_moe
+        set_context(Context(decode_seq_idx=[0, 1, 2]) if decode else Context(q_starts=[0, 3], prefill_seq_idx=[0]))
         try:
             monkeypatch.setattr(DeepseekV3MLP, "forward", lambda *a: pytest.fail("an expert ran on its own"))
             fused = moe(x).float()
+            monkeypatch.setattr(fused_moe, "MAX_TOKENS", 2)  # a long prompt, in pieces: the same per token
+            assert torch.equal(moe(x).float(), fused)
         finally:
             reset_context()
-    assert moe.blocks_moe() is not None
     assert (fused - ref).abs().max() <= 0.03 * ref.abs().max()  # int8 activations against bf16 arithmetic
 
 
