@@ -28,7 +28,7 @@ from hearth.layers.attention import cache_zeros
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.fp8_linear import Fp8Linear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import Linear
+from hearth.layers.linear import Linear, heads_mm
 from hearth.layers.moe import BlocksMoE
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
@@ -124,8 +124,10 @@ class DeepseekV3Attention(nn.Module):
         self.scale = softmax_scale(config)
         self.mode = "auto"
         self.kv_cache: torch.Tensor | None = None  # set by the model runner
-        self.w_uk: torch.Tensor | None = None  # [H, nope, c] views of kv_b_proj, set in finalize
-        self.w_uv: torch.Tensor | None = None  # [H, v, c]
+        # per-head W_UK^T [H, c, nope] and W_UV [H, v, c] from kv_b_proj, set in finalize: both [H, out, in] as
+        # heads_mm takes them
+        self.w_uk_t: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
 
     def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
         """Called by the model runner with this layer's (latent) LayerKV."""
@@ -137,7 +139,8 @@ class DeepseekV3Attention(nn.Module):
         """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
         w = self.kv_b_proj.dense_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         # contiguous per-head matrices: batched matmuls on strided views of kv_b copy them on every call
-        self.w_uk, self.w_uv = w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous()
+        self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
+        self.w_uv = w[:, self.nope_dim :].contiguous()
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -201,15 +204,14 @@ class DeepseekV3Attention(nn.Module):
         b, n, heads, _ = q_nope.shape
         length = latent.shape[1]
         # per head: [B·n, nope] @ W_UK [nope, c], as one batched matmul over the heads
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), self.w_uk.to(q_nope.dtype))
+        q_lat = heads_mm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), self.w_uk_t)
         q_lat = q_lat.view(heads, b, n, -1).transpose(0, 1)  # [B, H, n, c]
         q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(b, heads * n, -1)  # [B, H·n, c + rope]
         scores = torch.bmm(q_full, latent.transpose(1, 2)).view(b, heads, n, length) * self.scale
         scores = scores.float().masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(latent.dtype).view(b, heads * n, length)
         ctx_lat = torch.bmm(p, latent[..., : self.kv_lora_rank]).view(b, heads, n, -1)  # [B, H, n, c]
-        w_uv = self.w_uv.to(ctx_lat.dtype).transpose(1, 2)  # [H, c, v]
-        out = torch.bmm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), w_uv)  # [H, B·n, v]
+        out = heads_mm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), self.w_uv)  # [H, B·n, v]
         return out.view(heads, b, n, -1).permute(1, 2, 0, 3)  # [B, n, H, v]
 
 
