@@ -241,14 +241,15 @@ def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top
     scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
     num_tokens, num_experts = scores.shape
     choice = scores + correction_bias.float()
-    grouped = choice.view(num_tokens, num_groups, -1)
-    if scoring_func == "sigmoid":
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-    else:
-        group_scores = grouped.max(dim=-1).values
-    groups = group_scores.topk(topk_group, dim=-1).indices
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+    if topk_group < num_groups:  # otherwise every group is kept (V2-Lite: one group): nothing to mask
+        grouped = choice.view(num_tokens, num_groups, -1)
+        if scoring_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values
+        groups = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if norm_topk_prob:

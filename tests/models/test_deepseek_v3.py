@@ -140,6 +140,19 @@ def test_grouped_routing_matches_transformers():
     assert all(set((ids[t] // 2).tolist()) <= set(best[t].tolist()) for t in range(len(ids)))
 
 
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_routing_with_every_group_kept_is_plain_top_k(scoring_func):
+    from hearth.models.deepseek_v3 import grouped_topk
+
+    gen = torch.Generator().manual_seed(4)
+    logits, bias = torch.randn(64, 16, generator=gen), torch.randn(16, generator=gen) * 0.1
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    ref_ids = (scores + bias).topk(3, dim=-1).indices
+    for groups in (1, 4):  # one group (V2-Lite) or all groups kept: no group limits the choice
+        weights, ids = grouped_topk(logits, bias, 3, groups, groups, False, 1.0, scoring_func)
+        assert torch.equal(ids, ref_ids) and torch.equal(weights, scores.gather(1, ref_ids))
+
+
 # ---- FP8 block weights ------------------------------------------------------------------------------------------
 
 
