@@ -9,14 +9,16 @@ routed experts of FFN 1408 plus 2 shared, 6 per token, sigmoid routing with a co
 Layout (docs/models.md §4.1): `kv_b` split into `attn_k_b` [H, c, nope] and `attn_v_b` [H, v, c]; `head_count_kv` 1,
 `key_length` c + rope and `value_length` c, with the per-head sizes in `key_length_mla` / `value_length_mla`;
 router weight and correction bias (`exp_probs_b`) F32; norms F32; every other matrix in the chosen type (Q8_0 or
-Q4_0). Quantized blocks are random bytes under an f16 scale chosen so values are about N(0, 0.02) in size: nothing
-is quantized, so the file is written at disk speed. `--unambiguous-routing` adds +8 to the correction bias of a
+Q4_0); at depths other than 26/27 also `q_lora_rank` 0, which llama.cpp reads there. Quantized blocks are random
+bytes under an f16 scale chosen so values are about N(0, 0.02) in size: nothing is quantized, so the file is written
+at disk speed. `--unambiguous-routing` adds +8 to the correction bias of a
 fixed 6 experts per layer so the routing cannot flip between engines (the cross-engine logit check).
 
     python benchmarks/deepseek_moe.py                     # write .bench/deepseek-v2-lite-shape-random.Q8_0.gguf
     python benchmarks/deepseek_moe.py --type Q4_0         # the Q4_0 file
     python benchmarks/deepseek_moe.py --bench --vs llama.cpp --out-json bench.jsonl
     python benchmarks/deepseek_moe.py --layers 2 --out .bench/ds-2l.gguf     # same layout, two layers
+    python benchmarks/deepseek_moe.py --layers 2 --unambiguous-routing --out .bench/ds-2l-u.gguf --check-logits
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ FILE_TYPES = {"Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4
 BLOCK_SCALE = {"Q8_0": 0.02 / 74, "Q4_0": 0.02 / 4.6}
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 FIRST_SPECIAL = 100000
+LITE_DEPTHS = (26, 27)  # depths at which llama.cpp assumes a deepseek2 file has no q_lora (and reads no rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,8 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     w.add_key_length_mla(shape.qk_nope_head_dim + shape.qk_rope_head_dim)
     w.add_value_length_mla(shape.v_head_dim)
     w.add_kv_lora_rank(shape.kv_lora_rank)
+    if shape.num_hidden_layers not in LITE_DEPTHS:  # llama.cpp reads q_lora_rank at other depths; 0 means none
+        w.add_q_lora_rank(0)
     w.add_rope_dimension_count(shape.qk_rope_head_dim)
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.rms_norm_eps)
@@ -192,13 +197,64 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     return write_tensors(w, plan, data, path, start, log, every=40)
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())[0, 1])
+
+
+def check_logits(path: str, prompt_len: int = 16, threads: int | None = None, dtype: str = "auto", seed: int = 0) -> dict:
+    """Hearth and llama.cpp (llama-cpp-python, logits_all) on the same file and prompt, one engine after the other:
+    the logits of the first step (the prompt's last position) and of one decode step after it (the token Hearth chose),
+    as Pearson correlations over the vocabulary, their largest difference, and whether the top tokens agree. Hearth runs
+    with its defaults (its decode step is where the fused GGUF paths apply)."""
+    import torch
+
+    from hearth import LLM
+    from hearth.sampling_params import SamplingParams
+
+    threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or 2
+    torch.set_num_threads(threads)
+    llm = LLM(path, dtype=dtype, max_model_len=max(256, prompt_len + 8), max_num_seqs=1, enable_prefix_caching=False)
+    vocab = llm.engine.model_config.vocab_size
+    prompt = np.random.default_rng(seed).integers(256, min(vocab, FIRST_SPECIAL), prompt_len).tolist()
+    model = llm.engine.runner.model
+    steps: list[np.ndarray] = []
+    compute_logits = model.compute_logits
+
+    def keep(hidden_states):  # every step's logits, as the sampler sees them
+        logits = compute_logits(hidden_states)
+        steps.append(logits[-1].float().numpy().copy())
+        return logits
+
+    model.compute_logits = keep
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0]
+    ours = steps[:2]
+    hearth_dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
+    del llm, model
+    import gc
+
+    gc.collect()
+    import llama_cpp
+
+    ref = llama_cpp.Llama(model_path=path, n_ctx=max(256, prompt_len + 8), n_threads=threads, logits_all=True,
+                          verbose=False)  # fmt: skip
+    ref.eval(prompt)
+    ref.eval([out.token_ids[0]])
+    theirs = [np.array(ref.scores[prompt_len - 1]), np.array(ref.scores[prompt_len])]
+    record = {"bench": "deepseek_logits", "model": os.path.basename(path), "prompt_len": prompt_len,
+              "hearth_dtype": hearth_dtype, "threads": threads}  # fmt: skip
+    for name, a, b in zip(("first_step", "decode_step"), ours, theirs):
+        record[name] = {"correlation": round(correlation(a, b), 5), "max_abs_diff": round(float(np.abs(a - b).max()), 4),
+                        "logit_std": round(float(b.std()), 4), "top1_agrees": int(a.argmax()) == int(b.argmax())}  # fmt: skip
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--type", choices=QUANT_TYPES, default="Q8_0", help="type of every matrix (default Q8_0)")
     parser.add_argument("--out", help="the GGUF file (default .bench/deepseek-v2-lite-shape-random.TYPE.gguf)")
     parser.add_argument("--force", action="store_true", help="rewrite the file even if it exists")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, help="fewer layers than 27 (note: llama.cpp then wants a q_lora)")
+    parser.add_argument("--layers", type=int, help="fewer layers than 27 (the file then says q_lora_rank 0)")
     parser.add_argument("--gating", choices=("sigmoid", "softmax"), default="sigmoid")
     parser.add_argument("--unambiguous-routing", action="store_true", help="+8 correction bias on 6 experts a layer")
     parser.add_argument("--bench", action="store_true", help="then run Hearth against the peers on the file")
@@ -208,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out-json", help="append the benchmark's JSON line to this file")
+    parser.add_argument("--check-logits", action="store_true",
+                        help="compare Hearth's first-step and decode-step logits with llama.cpp's on the file (use "
+                             "with --unambiguous-routing and a small --layers), print JSON")  # fmt: skip
     args = parser.parse_args(argv)
 
     out = args.out or f".bench/deepseek-v2-lite-shape-random.{args.type}.gguf"
@@ -217,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_random_gguf(out, shape, args.type, args.seed, args.gating, args.unambiguous_routing,
                                     log=lambda s: print(s, file=sys.stderr))  # fmt: skip
         print(json.dumps(summary), file=sys.stderr)
+    if args.check_logits:
+        record = check_logits(out, threads=args.threads, seed=args.seed)
+        print(json.dumps(record))
+        if args.out_json:
+            with open(args.out_json, "a") as f:
+                f.write(json.dumps(record) + "\n")
     if not args.bench:
         return 0
     desc = f"DeepSeek-V3 architecture at V2-Lite's shape ({shape.num_hidden_layers} layers), {args.type}"

@@ -85,21 +85,36 @@ static void rows_tile(int R, int T, const uint16_t *w, int64_t K, const uint16_t
 }
 #endif
 
+// weight rows [n0, n0 + TR) of W [N, K] against all M rows of x: out[m, n] = bf16(x[m] . W[n] + bias[n])
+static inline void gemv_rows(int64_t M, int64_t N, int64_t K, const uint16_t *x, const uint16_t *w,
+                             const uint16_t *bias, uint16_t *out, int64_t n0) {
+    const int R = N - n0 < TR ? (int)(N - n0) : TR;
+    for (int64_t m0 = 0; m0 < M; m0 += TM) {
+        const int T = M - m0 < TM ? (int)(M - m0) : TM;
+        float acc[TM * TR];
+        rows_tile(R, T, w + n0 * K, K, x + m0 * K, acc);
+        for (int m = 0; m < T; m++)
+            for (int r = 0; r < R; r++) {
+                const float b = bias ? bf16_to_float(bias[n0 + r]) : 0.0f;
+                out[(m0 + m) * N + n0 + r] = float_to_bf16(acc[m * TR + r] + b);
+            }
+    }
+}
+
 // x [M, K], W [N, K], bias [N] or NULL, out [M, N]: all bf16, contiguous
 void bf16_gemv(int64_t M, int64_t N, int64_t K, const uint16_t *x, const uint16_t *w, const uint16_t *bias,
                uint16_t *out, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n0 = 0; n0 < N; n0 += TR) {
-        const int R = N - n0 < TR ? (int)(N - n0) : TR;
-        for (int64_t m0 = 0; m0 < M; m0 += TM) {
-            const int T = M - m0 < TM ? (int)(M - m0) : TM;
-            float acc[TM * TR];
-            rows_tile(R, T, w + n0 * K, K, x + m0 * K, acc);
-            for (int m = 0; m < T; m++)
-                for (int r = 0; r < R; r++) {
-                    const float b = bias ? bf16_to_float(bias[n0 + r]) : 0.0f;
-                    out[(m0 + m) * N + n0 + r] = float_to_bf16(acc[m * TR + r] + b);
-                }
-        }
+    for (int64_t n0 = 0; n0 < N; n0 += TR) gemv_rows(M, N, K, x, w, bias, out, n0);
+}
+
+// one product per head (MLA's absorbed decode): out[h] = x[h] W[h]^T for x [H, M, K], W [H, N, K], out [H, M, N]
+void bf16_gemv_heads(int64_t H, int64_t M, int64_t N, int64_t K, const uint16_t *x, const uint16_t *w, uint16_t *out,
+                     int nthreads) {
+    const int64_t tiles = (N + TR - 1) / TR;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < H * tiles; i++) {
+        const int64_t h = i / tiles;
+        gemv_rows(M, N, K, x + h * M * K, w + h * N * K, NULL, out + h * M * N, (i % tiles) * TR);
     }
 }

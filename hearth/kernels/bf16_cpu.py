@@ -22,6 +22,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.bf16_gemv.restype = None
+    lib.bf16_gemv_heads.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.bf16_gemv_heads.restype = None
     lib.bf16_gemv_fast.restype = ctypes.c_int
 
 
@@ -53,6 +55,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _get().bf16_gemv(m, n, k, x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                      out.data_ptr(), torch.get_num_threads())  # fmt: skip
     return out
+
+
+def gemv_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One product per head: x [H, M, K] bf16 @ weight [H, N, K]^T -> [H, M, N] bf16, summed in float32 (MLA's
+    absorbed decode, where torch's batched matmul reads the heads' small matrices far below the memory's speed)."""
+    h, m, k = x.shape
+    n = weight.shape[1]
+    assert weight.shape == (h, n, k) and weight.dtype == x.dtype == torch.bfloat16 and weight.is_contiguous()
+    x = x.contiguous()
+    out = torch.empty(h, m, n, dtype=torch.bfloat16)
+    _get().bf16_gemv_heads(h, m, n, k, x.data_ptr(), weight.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def gemv_heads_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The exact per-head products of the bf16 values in float64, not rounded."""
+    return torch.bmm(x.double(), weight.double().transpose(1, 2))
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,6 +20,22 @@ void gguf_quantize_q8(int64_t M, int64_t K, const float *x, int8_t *q, float *d,
             quantize_block(x + m * K + b * QK, q + m * K + b * QK, d + m * (K / QK), s + m * (K / QK), b);
 }
 
+// Row groups per dynamically scheduled chunk (16 x 16 rows: about 0.6 MB of Q8_0 at K = 2048). Threads take chunks as
+// they finish, so on a shared machine a thread that lost its core for a while does not hold the other one up, as a
+// static split would; each chunk is still one contiguous stream.
+#define DYN_GROUPS 16
+
+// W's row groups against the M rows of x, in chunks taken by the threads of the enclosing region as they come (no
+// barrier at the end)
+static inline void qx_gemm_dyn(const QX *x, int64_t M, const R16 *w, float *out, int64_t ldo, int accumulate) {
+    const int64_t G = (w->N + 15) / 16;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < (G + DYN_GROUPS - 1) / DYN_GROUPS; c++) {
+        const int64_t g0 = c * DYN_GROUPS, g1 = g0 + DYN_GROUPS < G ? g0 + DYN_GROUPS : G;
+        r16_groups(w, g0, g1, M, x, out, ldo, accumulate);
+    }
+}
+
 void r16_gemm(int64_t M, const R16 *w, const float *x, float *out, int accumulate, int nthreads) {
     const int64_t K = w->K;
     QX qx = qx_alloc(M, K);
@@ -28,7 +44,7 @@ void r16_gemm(int64_t M, const R16 *w, const float *x, float *out, int accumulat
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * (K / QK); i++) qx_block(&qx, x, K, K, i / (K / QK), i % (K / QK));
-        qx_gemm(&qx, M, w, TID, NTH, out, w->N, accumulate);
+        qx_gemm_dyn(&qx, M, w, out, w->N, accumulate);
     }
     qx_free(&qx);
 }
@@ -163,4 +179,104 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
         _mm_sfence();  // this thread's streamed lines are visible before the region's closing barrier
 #endif
     }
+}
+
+// ---- a step's experts in one call (MoE) ----
+//
+// r16_moe: out[t] = sum_s wts[t, s] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t, s], for T tokens of S
+// slots each (routed experts, and shared ones as slots of weight 1), int8 activations throughout. gu[e]: gate and up
+// rows stacked [2 F_e, H] (gate first), dn[e]: [H, F_e]; experts may differ in F_e (the shared experts' is wider).
+// The (token, slot) pairs are sorted by expert, so an expert hit by several tokens reads its weight once for all of
+// them. One OpenMP region: (0) x quantized once per token, copied to the sorted rows; (1) gate/up: chunks of the hit
+// experts' row groups, taken by the threads as they come; (2) each pair's SwiGLU, quantized; (3) chunks of the H
+// output rows: that slice of every hit expert's down projection, then each token's pairs summed into out in slot
+// order with their weights (no reduction across threads; a token's result does not depend on the other tokens).
+#define DOWN_GROUPS 4  // output row groups per chunk of the down projections (H = 2048: 32 chunks)
+
+void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *ids, const float *wts, const float *x,
+             float *out, int nthreads) {
+    const int64_t P = T * S, H = gu[ids[0]].K, nbh = H / QK;
+    int64_t E = 0;
+    for (int64_t i = 0; i < P; i++) E = ids[i] + 1 > E ? ids[i] + 1 : E;
+    // counting sort of the pairs by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
+    int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), *perm = malloc(sizeof(int64_t) * (size_t)P);
+    int64_t *rank = malloc(sizeof(int64_t) * (size_t)P), *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *hoff = malloc(sizeof(int64_t) * (size_t)(P + 1)), *foff = malloc(sizeof(int64_t) * (size_t)(P + 1));
+    for (int64_t i = 0; i < P; i++) cnt[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int64_t U = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (cnt[e + 1] > cnt[e]) uexp[U] = e, ustart[U++] = cnt[e];
+    ustart[U] = P;
+    for (int64_t i = 0; i < P; i++) perm[cnt[ids[i]]++] = i;  // stable: pairs of one expert in pair order
+    for (int64_t r = 0; r < P; r++) rank[perm[r]] = r;
+    // per sorted row: gate/up outputs at hoff (2F floats), SwiGLU at foff (F values); gate/up cost before run u
+    hoff[0] = foff[0] = ucost[0] = 0;
+    for (int64_t u = 0; u < U; u++) {  // ucost: gate/up chunks of DYN_GROUPS row groups before run u
+        const int64_t N1 = gu[uexp[u]].N;
+        for (int64_t r = ustart[u]; r < ustart[u + 1]; r++) hoff[r + 1] = hoff[r] + N1, foff[r + 1] = foff[r] + N1 / 2;
+        ucost[u + 1] = ucost[u] + ((N1 + 15) / 16 + DYN_GROUPS - 1) / DYN_GROUPS;
+    }
+    QX qt = qx_alloc(T, H), qx = qx_alloc(P, H), qh = qx_alloc(1, foff[P]);
+    float *hbuf = malloc(sizeof(float) * (size_t)hoff[P]), *ys = malloc(sizeof(float) * (size_t)(P * H));
+#pragma omp parallel num_threads(nthreads)
+    {
+        // (0) quantize each token once, then copy it to its pairs' sorted rows
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * nbh; i++)
+            quantize_block(x + i * QK, qt.q + i * QK, qt.d + (i / nbh) * nbh, qt.s + (i / nbh) * nbh, i % nbh);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < P; r++) {
+            const int64_t t = perm[r] / S;
+            memcpy(qx.q + r * H, qt.q + t * H, (size_t)H);
+            memcpy(qx.d + r * nbh, qt.d + t * nbh, sizeof(float) * (size_t)nbh);
+            memcpy(qx.s + r * nbh, qt.s + t * nbh, sizeof(float) * (size_t)nbh);
+        }
+        // (1) gate/up: chunks of DYN_GROUPS row groups of the hit experts, taken by the threads as they come
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < ucost[U]; c++) {
+            int64_t u = 0;
+            while (ucost[u + 1] <= c) u++;
+            const int64_t r0 = ustart[u], rows = ustart[u + 1] - r0;
+            const R16 *w = &gu[uexp[u]];
+            const int64_t G = (w->N + 15) / 16, g0 = (c - ucost[u]) * DYN_GROUPS;
+            const QX xu = {qx.q + r0 * H, qx.d + r0 * nbh, qx.s + r0 * nbh, H};
+            r16_groups(w, g0, g0 + DYN_GROUPS < G ? g0 + DYN_GROUPS : G, rows, &xu, hbuf + hoff[r0], w->N, 0);
+        }
+        // (2) SwiGLU per 32 values, quantized (block b of row r: values at foff[r] + 32 b, scales at foff[r] / 32 + b)
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < P; r++) {
+            const int64_t F = foff[r + 1] - foff[r];
+            for (int64_t b = 0; b < F / QK; b++) {
+                const float *g = hbuf + hoff[r] + b * QK, *up = g + F;
+                float v[QK];
+                for (int k = 0; k < QK; k++) v[k] = g[k] / (1.0f + expf(-g[k])) * up[k];
+                quantize_block(v, qh.q + foff[r] + b * QK, qh.d + foff[r] / QK, qh.s + foff[r] / QK, b);
+            }
+        }
+        // (3) down: chunks of DOWN_GROUPS output row groups, each of every hit expert, then their weighted sums
+        const int64_t OG = (H + 15) / 16;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t oc = 0; oc < (OG + DOWN_GROUPS - 1) / DOWN_GROUPS; oc++) {
+            const int64_t o0 = oc * DOWN_GROUPS, o1 = o0 + DOWN_GROUPS < OG ? o0 + DOWN_GROUPS : OG;
+            for (int64_t u = 0; u < U; u++) {
+                const int64_t r0 = ustart[u];
+                const R16 *w = &dn[uexp[u]];
+                const QX hu = {qh.q + foff[r0], qh.d + foff[r0] / QK, qh.s + foff[r0] / QK, w->K};
+                r16_groups(w, o0, o1, ustart[u + 1] - r0, &hu, ys + r0 * H, H, 0);
+            }
+            const int64_t c0 = 16 * o0, c1 = 16 * o1 < H ? 16 * o1 : H;
+            for (int64_t t = 0; t < T; t++) {
+                float *o = out + t * H;
+                for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
+                for (int64_t p = t * S; p < (t + 1) * S; p++) {  // slot order
+                    const float wt = wts[p], *y = ys + rank[p] * H;
+                    for (int64_t c = c0; c < c1; c++) o[c] += wt * y[c];
+                }
+            }
+        }
+    }
+    qx_free(&qt), qx_free(&qx), qx_free(&qh);
+    free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
 }

@@ -35,7 +35,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
     lib.r16_dequant.argtypes = [r16, i64, i64, ptr, c_int, c_int, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
-    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8"):
+    lib.r16_moe.argtypes = [i64, i64, r16, r16, ptr, ptr, ptr, ptr, c_int]
+    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "r16_moe"):
         getattr(lib, name).restype = None
 
 
@@ -116,6 +117,58 @@ def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torc
         out = torch.empty(m, w.n, dtype=torch.float32)
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, w.n)
     lib.r16_gemm(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), int(accumulate), torch.get_num_threads())
+    return out
+
+
+class R16Experts:
+    """A MoE layer's experts for `moe`: expert e's gate and up rows stacked [2 F_e, H] (gate first) and its down
+    projection [H, F_e], as R16 weights (any of the kernels' types, F_e may differ per expert: the shared experts can
+    be listed as more experts). Holds the C structs' array; the weights' tensors must outlive it."""
+
+    def __init__(self, gate_up: list[R16Weight], down: list[R16Weight]):
+        if len(gate_up) != len(down) or not gate_up:
+            raise ValueError("R16Experts: one gate/up and one down weight per expert")
+        hidden = gate_up[0].k
+        for gu, dn in zip(gate_up, down):
+            if gu.k != hidden or dn.n != hidden or gu.n != 2 * dn.k or dn.k % 32:
+                raise ValueError(f"R16Experts: gate/up {gu.n}x{gu.k} and down {dn.n}x{dn.k} do not make a SwiGLU "
+                                 f"expert of hidden size {hidden}")  # fmt: skip
+        self.hidden, self.num_experts = hidden, len(gate_up)
+        self.gate_up = (R16 * len(gate_up))(*(w.struct() for w in gate_up))
+        self.down = (R16 * len(down))(*(w.struct() for w in down))
+        self._weights = (gate_up, down)
+
+
+def moe(x: torch.Tensor, experts: R16Experts, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [T, H], ids [T, S] (int, expert indices) and weights [T, S] -> [T, H] float32:
+    out[t] = sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, s], all in one C call with int8
+    activations (x, then each SwiGLU output, quantized per 32 values as in `gemm`). `moe_ref` is the same in torch."""
+    t, h = x.shape
+    if h != experts.hidden or ids.shape != weights.shape or ids.shape[0] != t or not ids.numel():
+        raise ValueError(f"moe: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights {tuple(weights.shape)}")
+    ids = ids.to(torch.int64).contiguous()
+    if int(ids.min()) < 0 or int(ids.max()) >= experts.num_experts:
+        raise ValueError(f"moe: expert ids outside [0, {experts.num_experts})")
+    x = x.float().contiguous()
+    weights = weights.float().contiguous()
+    out = torch.empty(t, h, dtype=torch.float32)
+    _get().r16_moe(t, ids.shape[1], experts.gate_up, experts.down, ids.data_ptr(), weights.data_ptr(), x.data_ptr(),
+                   out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def moe_ref(x: torch.Tensor, gate_up: list[tuple[torch.Tensor, int, int]], down: list[tuple[torch.Tensor, int, int]],
+            ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """What `moe` computes, in plain torch on the original GGUF blocks (each weight as (blocks, qtype, rows)):
+    per (token, slot) `gemm_ref` for gate/up, SwiGLU in float32, `gemm_ref` for down, the weighted sum in float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            h = gemm_ref(x[t : t + 1], *gate_up[e])
+            g, u = h.chunk(2, dim=-1)
+            y = gemm_ref(torch.nn.functional.silu(g) * u, *down[e])
+            out[t] += float(weights[t, s]) * y[0]
     return out
 
 

@@ -77,6 +77,15 @@ def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return F.linear(F.pad(x, (0, 0, 0, padded - m)), w, bias)[:m]
 
 
+def heads_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [H, M, K] @ weight [H, N, K]^T per head -> [H, M, N] in x's dtype (MLA's absorbed decode). A few bf16 rows go
+    through the AVX-512 BF16 kernel, which reads the heads' matrices at the memory's speed; torch's bmm does not."""
+    weight = weight.to(x.dtype)
+    if x.device.type == "cpu" and bf16_cpu.can_run(x[0], weight[0]):
+        return bf16_cpu.gemv_heads(x, weight)
+    return torch.bmm(x, weight.transpose(1, 2))
+
+
 def is_decode_step() -> bool:
     """The model runner's step has decode rows only (one new token per sequence, or a few when it verifies draft
     tokens; nothing prefilling)."""

@@ -2,7 +2,8 @@
 
 Experts are given as `expert_fn(expert_id, x [n, hidden]) -> [n, hidden]`, so any expert form (dense, MXFP4, fp8,
 with or without biases) plugs in. Both paths compute `out[t] = Σ_j weights[t, j] · expert_fn(ids[t, j], x[t])`;
-`grouped_moe` hands all experts' rows to one function (a kernel that runs them in one call).
+`grouped_moe` hands all experts' rows to one function (a kernel that runs them in one call). `BlocksMoE` runs a
+step's SwiGLU experts held as GGUF blocks (routed ones and shared ones alike) in one C call with int8 activations.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from hearth.kernels import gguf_cpu
+from hearth.layers.distributed import get_tensor_parallel
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 GroupedExpertFn = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -66,3 +71,44 @@ def grouped_moe(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.T
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
     out = torch.zeros(hidden_states.shape, dtype=ys.dtype)
     return out.index_add_(0, token_idx, ys).to(hidden_states.dtype)
+
+
+class BlocksMoE:
+    """SwiGLU experts whose fused gate/up and down Linears hold GGUF blocks in the C kernels' form, run together by
+    `gguf_cpu.moe`: the routed experts chosen for each token, plus every shared expert at weight 1, in one call that
+    reads each hit expert's packed blocks once for all its tokens, with int8 activations (llama.cpp's arithmetic).
+    A decode step is bound by the bytes it reads: about one per weight here, against five for dequantizing to bf16
+    and a dense matmul. A prefill gives each routed expert a few dozen rows, too few for the dequantization to pay.
+    Each token's result does not depend on the others in the step (prefill and decode compute a token alike).
+    `build` returns None where that does not apply (another weight form, no C kernels, a tensor-parallel group);
+    the caller then keeps its own path."""
+
+    MAX_TOKENS = 512  # tokens per kernel call: its scratch grows with tokens x slots
+
+    def __init__(self, experts: gguf_cpu.R16Experts, num_routed: int):
+        self.experts, self.num_routed = experts, num_routed
+        self._shared_ids = torch.arange(num_routed, experts.num_experts)
+
+    @classmethod
+    def build(cls, routed: list[nn.Module], shared: list[nn.Module] = ()) -> BlocksMoE | None:
+        """`routed` and `shared`: modules with `gate_up_proj` (gate rows first) and `down_proj` Linears."""
+        if not gguf_cpu.available() or get_tensor_parallel().size != 1:
+            return None
+        mlps = [*routed, *shared]
+        gate_up = [getattr(m.gate_up_proj, "blocks", None) for m in mlps]
+        down = [getattr(m.down_proj, "blocks", None) for m in mlps]
+        if any(w is None for w in gate_up + down) or any(getattr(m.gate_up_proj, "has_bias", False) for m in mlps):
+            return None
+        return cls(gguf_cpu.R16Experts(gate_up, down), len(routed))
+
+    def __call__(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], routing weights and expert ids [T, k] -> [T, H] in hidden_states' dtype."""
+        num_tokens = hidden_states.shape[0]
+        if num_tokens > self.MAX_TOKENS:
+            return torch.cat([self(hidden_states[a : a + self.MAX_TOKENS], weights[a : a + self.MAX_TOKENS],
+                                   ids[a : a + self.MAX_TOKENS]) for a in range(0, num_tokens, self.MAX_TOKENS)])  # fmt: skip
+        num_shared = len(self._shared_ids)
+        if num_shared:
+            ids = torch.cat([ids, self._shared_ids.expand(num_tokens, num_shared)], dim=1)
+            weights = torch.cat([weights.float(), weights.new_ones(num_tokens, num_shared, dtype=torch.float32)], dim=1)
+        return gguf_cpu.moe(hidden_states, self.experts, ids, weights).to(hidden_states.dtype)

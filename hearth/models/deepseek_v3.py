@@ -41,7 +41,8 @@ from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
 from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding
+from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm
+from hearth.layers.moe import BlocksMoE
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
 from hearth.layers.weights import dense, stacked_part
@@ -148,8 +149,10 @@ class DeepseekV3Attention(nn.Module):
         self.scale = softmax_scale(config)
         self.mode = "auto"
         self.kv_cache: torch.Tensor | None = None  # set by the model runner
-        self.w_uk: torch.Tensor | None = None  # [H, nope, c] views of kv_b_proj, set in finalize
-        self.w_uv: torch.Tensor | None = None  # [H, v, c]
+        # per-head W_UK^T [H, c, nope] and W_UV [H, v, c] from kv_b_proj, set in finalize: both [H, out, in] as
+        # heads_mm takes them
+        self.w_uk_t: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
 
     def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
         """Called by the model runner with this layer's (latent) LayerKV."""
@@ -160,7 +163,9 @@ class DeepseekV3Attention(nn.Module):
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
         w = self.kv_b_proj.dense_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        # contiguous per-head matrices: batched matmuls on strided views of kv_b copy them on every call
+        self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
+        self.w_uv = w[:, self.nope_dim :].contiguous()
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -223,13 +228,16 @@ class DeepseekV3Attention(nn.Module):
         mask: bool broadcastable to [B, H, n, L]. Returns [B, n, H, v]."""
         b, n, heads, _ = q_nope.shape
         length = latent.shape[1]
-        q_lat = torch.einsum("bnhd,hdc->bhnc", q_nope, self.w_uk.to(q_nope.dtype))
+        # per head: [B·n, nope] @ W_UK [nope, c], as one batched matmul over the heads
+        q_lat = heads_mm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), self.w_uk_t)
+        q_lat = q_lat.view(heads, b, n, -1).transpose(0, 1)  # [B, H, n, c]
         q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(b, heads * n, -1)  # [B, H·n, c + rope]
         scores = torch.bmm(q_full, latent.transpose(1, 2)).view(b, heads, n, length) * self.scale
         scores = scores.float().masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(latent.dtype).view(b, heads * n, length)
         ctx_lat = torch.bmm(p, latent[..., : self.kv_lora_rank]).view(b, heads, n, -1)  # [B, H, n, c]
-        return torch.einsum("bhnc,hvc->bnhv", ctx_lat, self.w_uv.to(ctx_lat.dtype))
+        out = heads_mm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), self.w_uv)  # [H, B·n, v]
+        return out.view(heads, b, n, -1).permute(1, 2, 0, 3)  # [B, n, H, v]
 
 
 def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -258,14 +266,15 @@ def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top
     scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
     num_tokens, num_experts = scores.shape
     choice = scores + correction_bias.float()
-    grouped = choice.view(num_tokens, num_groups, -1)
-    if scoring_func == "sigmoid":
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-    else:
-        group_scores = grouped.max(dim=-1).values
-    groups = group_scores.topk(topk_group, dim=-1).indices
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+    if topk_group < num_groups:  # otherwise every group is kept (V2-Lite: one group): nothing to mask
+        grouped = choice.view(num_tokens, num_groups, -1)
+        if scoring_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values
+        groups = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if norm_topk_prob:
@@ -386,16 +395,26 @@ class DeepseekV3MoE(nn.Module):
             self.experts = DeepseekV3Experts(DeepseekV3MLP(config.hidden_size, inter) for _ in range(num_experts))
         num_shared = extra.get("n_shared_experts") or 0
         self.shared_experts = DeepseekV3MLP(config.hidden_size, inter * num_shared) if num_shared else None
+        self._blocks_moe: BlocksMoE | None | bool = False  # built on the first call (False: not yet tried)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(self.gate(hidden_states), self.gate.e_score_correction_bias, self.top_k, self.num_groups,
                             self.topk_group, self.norm_topk_prob, self.routed_scaling_factor,
                             self.scoring_func)  # fmt: skip
 
+    def blocks_moe(self) -> BlocksMoE | None:
+        """The experts (routed and shared) as one GGUF-blocks kernel call, where they are held that way."""
+        if self._blocks_moe is False:
+            shared = [self.shared_experts] if self.shared_experts is not None else []
+            self._blocks_moe = BlocksMoE.build(list(self.experts), shared)
+        return self._blocks_moe
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             return self.forward_parallel(hidden_states)
         weights, ids = self.route(hidden_states)
+        if (fused := self.blocks_moe()) is not None:  # GGUF blocks: all experts in one call, int8 activations
+            return fused(hidden_states, weights, ids)
         num_tokens, top_k = ids.shape
         flat_ids = ids.reshape(-1)
         # each (token, slot) pair's expert output in its own row, then one weighted sum over the slots: no scatter-add

@@ -34,6 +34,20 @@ def test_gemv_matches_exact_and_torch(n, k, m, has_bias):
     assert (ours.double() - theirs.double()).abs().max().item() <= TOL * scale
 
 
+@pytest.mark.parametrize("heads,n,k", [(16, 512, 128), (16, 128, 512), (3, 37, 100)])  # MLA's W_UK^T, W_UV; odd sizes
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_heads_matches_exact_and_each_head_alone(heads, n, k, m):
+    gen = torch.Generator().manual_seed(heads * n + k + m)
+    x = torch.randn(heads, m, k, generator=gen).bfloat16()
+    weight = torch.randn(heads, n, k, generator=gen).bfloat16()
+    ours = bf16_cpu.gemv_heads(x, weight)
+    exact = bf16_cpu.gemv_heads_ref(x, weight)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (heads, m, n)
+    assert (ours.double() - exact).abs().max().item() <= TOL * exact.abs().max().item()
+    for h in range(heads):  # the same arithmetic as one head's gemv
+        assert torch.equal(ours[h], bf16_cpu.gemv(x[h], weight[h]))
+
+
 def test_linear_uses_the_kernel_for_a_few_rows():
     from hearth.layers.linear import Linear
 
@@ -49,3 +63,16 @@ def test_linear_uses_the_kernel_for_a_few_rows():
         exact = bf16_cpu.gemv_ref(x.reshape(-1, 96), layer.weight, layer.bias).reshape(*shape[:-1], 40)
         assert out.shape == (*shape[:-1], 40) and out.dtype == torch.bfloat16
         assert (out.double() - exact).abs().max().item() <= TOL * exact.abs().max().item()
+
+
+def test_heads_mm_uses_the_kernel_for_bf16_and_torch_otherwise(monkeypatch):
+    from hearth.layers.linear import heads_mm
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 1, 64, generator=gen), torch.randn(4, 32, 64, generator=gen)
+    exact = bf16_cpu.gemv_heads_ref(x.bfloat16(), weight.bfloat16())
+    assert torch.equal(heads_mm(x.bfloat16(), weight.bfloat16()), bf16_cpu.gemv_heads(x.bfloat16(), weight.bfloat16()))
+    assert (heads_mm(x.bfloat16(), weight).double() - exact).abs().max() <= TOL * exact.abs().max()  # weight cast
+    torch.testing.assert_close(heads_mm(x, weight), torch.bmm(x, weight.transpose(1, 2)))  # float32: torch
+    monkeypatch.setattr(bf16_cpu, "gemv_heads", lambda *a: pytest.fail("five rows are past the kernel's range"))
+    heads_mm(torch.randn(4, 5, 64).bfloat16(), weight.bfloat16())

@@ -59,6 +59,51 @@ def test_gemm_matches_reference(qtype, n, k, m):
     assert rel_err(gguf_cpu.gemm(x, w, out=out), expected) <= 1e-5  # accumulate into `out`
 
 
+def random_experts(ffns: list[int], hidden: int, qtypes: list[int]):
+    """SwiGLU experts of intermediate sizes `ffns`: (gate/up, down) as (blocks, qtype, rows) and as R16Experts."""
+    gate_up, down = [], []
+    for e, ffn in enumerate(ffns):
+        qtype = qtypes[e % len(qtypes)]
+        gate_up.append((random_blocks(qtype, 2 * ffn, hidden, seed=2 * e), qtype, 2 * ffn))
+        down.append((random_blocks(qtype, hidden, ffn, seed=2 * e + 1), qtype, hidden))
+    r16 = gguf_cpu.R16Experts([gguf_cpu.repack(b, q, n, hidden) for b, q, n in gate_up],
+                              [gguf_cpu.repack(b, q, hidden, ffn) for (b, q, _), ffn in zip(down, ffns)])  # fmt: skip
+    return gate_up, down, r16
+
+
+@pytest.mark.parametrize("qtypes", [[gguf_cpu.Q8_0], [gguf_cpu.Q4_0, gguf_cpu.Q8_0, gguf_cpu.Q4_1]])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_moe_matches_reference(qtypes, tokens):
+    # 6 routed experts of 64 (one of them wider, as a shared expert listed last would be), hidden 80 (not a multiple
+    # of 16 rows per group in the down projection's output), several tokens sharing experts
+    ffns = [64] * 6 + [128]
+    gate_up, down, experts = random_experts(ffns, 80 * 2, qtypes)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 160, generator=gen)
+    x[:, 5] *= 20
+    routed = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(tokens)])
+    ids = torch.cat([routed, torch.full((tokens, 1), 6)], dim=1)  # 3 routed + the "shared" one
+    weights = torch.cat([torch.rand(tokens, 3, generator=gen), torch.ones(tokens, 1)], dim=1)
+    ref = gguf_cpu.moe_ref(x, gate_up, down, ids, weights)
+    got = gguf_cpu.moe(x, experts, ids, weights)
+    # the SwiGLU outputs are requantized: a rounding step may flip one int8 value there
+    assert got.shape == ref.shape and rel_err(got, ref) <= 5e-3
+    for t in range(tokens):  # each token's result is its own (batch-invariant)
+        assert torch.equal(gguf_cpu.moe(x[t : t + 1], experts, ids[t : t + 1], weights[t : t + 1]), got[t : t + 1])
+
+
+def test_moe_rejects_bad_input():
+    _, _, experts = random_experts([32, 32], 64, [gguf_cpu.Q8_0])
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="outside"):
+        gguf_cpu.moe(x, experts, torch.tensor([[0, 2]]), torch.ones(1, 2))
+    with pytest.raises(ValueError):
+        gguf_cpu.moe(torch.randn(1, 32), experts, torch.tensor([[0, 1]]), torch.ones(1, 2))
+    w = gguf_cpu.repack(random_blocks(gguf_cpu.Q8_0, 64, 64), gguf_cpu.Q8_0, 64, 64)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        gguf_cpu.R16Experts([w], [w])
+
+
 def test_gemm_zero_rows_and_blocks():
     w = gguf_cpu.repack(random_blocks(gguf_cpu.Q4_1, 16, 64), gguf_cpu.Q4_1, 16, 64)
     x = torch.zeros(2, 64)  # all-zero activation blocks: scale 0, no division by zero

@@ -140,6 +140,19 @@ def test_grouped_routing_matches_transformers():
     assert all(set((ids[t] // 2).tolist()) <= set(best[t].tolist()) for t in range(len(ids)))
 
 
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_routing_with_every_group_kept_is_plain_top_k(scoring_func):
+    from hearth.models.deepseek_v3 import grouped_topk
+
+    gen = torch.Generator().manual_seed(4)
+    logits, bias = torch.randn(64, 16, generator=gen), torch.randn(16, generator=gen) * 0.1
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    ref_ids = (scores + bias).topk(3, dim=-1).indices
+    for groups in (1, 4):  # one group (V2-Lite) or all groups kept: no group limits the choice
+        weights, ids = grouped_topk(logits, bias, 3, groups, groups, False, 1.0, scoring_func)
+        assert torch.equal(ids, ref_ids) and torch.equal(weights, scores.gather(1, ref_ids))
+
+
 # ---- FP8 block weights ------------------------------------------------------------------------------------------
 
 
@@ -301,9 +314,11 @@ def with_q8_experts(hf):
     return reference
 
 
-def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True, nextn: dict | None = None) -> None:
+def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool = True, nextn: dict | None = None,
+                        q8_shared: bool = False) -> None:  # fmt: skip
     """The tiny model as llama.cpp's converter lays it out: kv_b split into k_b (transposed) / v_b in layers ≥ 1 and
-    whole in layer 0, experts stacked; expert weights in Q8_0, the rest float32. Rope rows stay interleaved.
+    whole in layer 0, experts stacked; expert weights (and with `q8_shared` the shared experts') in Q8_0, the rest
+    float32. Rope rows stay interleaved.
     `gating`: deepseek2.expert_gating_func (2 sigmoid as V3 files, 1 softmax as V2 files, None: key absent).
     `nextn`: the model's last layer is an MTP layer: these tensors ({"eh_proj": ..., "enorm": ...}) are added to its
     block as `blk.N.nextn.*`, `deepseek2.nextn_predict_layers` is 1, and a tokenizer is written too."""
@@ -375,7 +390,7 @@ def write_deepseek2_gguf(hf, path, gating: int | None = 2, norm_topk_prob: bool 
         p = f"model.layers.{i}."
         for hf_name, gguf_name in names.items():
             if p + hf_name + ".weight" in sd:
-                add(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"])
+                add(f"blk.{i}.{gguf_name}.weight", sd[p + hf_name + ".weight"], q8=q8_shared and "shexp" in gguf_name)
         kv_b = sd[p + "self_attn.kv_b_proj.weight"]
         if i == 0:
             add(f"blk.{i}.attn_kv_b.weight", kv_b)
@@ -415,6 +430,43 @@ def test_gguf_deepseek2_matches_transformers(tmp_path):
     load_model(model, ModelRef(str(path), str(path), "gguf"), torch.float32, keep_quantized=False)
     ids = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(prefill_logits(model, ids), hf_logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_gguf_moe_runs_the_experts_in_one_kernel_call(tmp_path, monkeypatch, decode):
+    from hearth.kernels import gguf_cpu
+    from hearth.layers.context import Context, reset_context, set_context
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.load import load_model
+    from hearth.loader.resolve import ModelRef
+    from hearth.models.deepseek_v3 import DeepseekV3MLP
+    from hearth.models.registry import model_class
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler for the GGUF kernels")
+    hf = build_hf(seed=5)
+    path = tmp_path / "tiny-deepseek2-q8.gguf"
+    write_deepseek2_gguf(hf, path, q8_shared=True)
+    config = read_gguf_config(str(path))
+    model = model_class(config)(config)
+    load_model(model, ModelRef(str(path), str(path), "gguf"), torch.bfloat16, keep_quantized=True)
+    moe = model.model.layers[1].mlp
+    x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    fused_moe = moe.blocks_moe()
+    assert fused_moe is not None
+    with torch.inference_mode():
+        moe._blocks_moe = None  # each expert on its own: blocks dequantized, bf16 matmuls
+        ref = moe(x).float()
+        moe._blocks_moe = fused_moe
+        set_context(Context(decode_seq_idx=[0, 1, 2]) if decode else Context(q_starts=[0, 3], prefill_seq_idx=[0]))
+        try:
+            monkeypatch.setattr(DeepseekV3MLP, "forward", lambda *a: pytest.fail("an expert ran on its own"))
+            fused = moe(x).float()
+            monkeypatch.setattr(fused_moe, "MAX_TOKENS", 2)  # a long prompt, in pieces: the same per token
+            assert torch.equal(moe(x).float(), fused)
+        finally:
+            reset_context()
+    assert (fused - ref).abs().max() <= 0.03 * ref.abs().max()  # int8 activations against bf16 arithmetic
 
 
 def v2_routed(hf, topk_method: str = "group_limited_greedy"):
