@@ -153,7 +153,7 @@ def test_rank_1_keeps_its_shard_and_reads_no_other_ranks_expert(tiny_deepseek_tp
     assert read and not [n for n in read if any(f".experts.{e}." in n for e in range(4))]
     layer, p = model.model.layers[1], "model.layers.1."
     attn = layer.self_attn
-    assert attn.num_heads == 2 and attn.w_uk.shape == (2, 16, 16)
+    assert attn.num_heads == 2 and attn.w_uk_t.shape == (2, 16, 16)
     perm = rope_row_permutation(2, 24, 8)
     assert torch.equal(attn.q_b_proj.weight, hf[p + "self_attn.q_b_proj.weight"][48:96][perm])
     assert torch.equal(attn.kv_b_proj.weight, hf[p + "self_attn.kv_b_proj.weight"][64:128])
