@@ -32,6 +32,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+from cross_engine_logits import check_logits
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType, TokenType, quants
 from r1_distill_gguf import CHAT_TEMPLATE, bench_file, byte_alphabet, random_merges, stored_nbytes, write_tensors
 
@@ -197,57 +198,6 @@ def write_random_gguf(path: str, shape: DeepseekShape = V2_LITE_SHAPE, type_name
     return write_tensors(w, plan, data, path, start, log, every=40)
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())[0, 1])
-
-
-def check_logits(path: str, prompt_len: int = 16, threads: int | None = None, dtype: str = "auto", seed: int = 0) -> dict:
-    """Hearth and llama.cpp (llama-cpp-python, logits_all) on the same file and prompt, one engine after the other:
-    the logits of the first step (the prompt's last position) and of one decode step after it (the token Hearth chose),
-    as Pearson correlations over the vocabulary, their largest difference, and whether the top tokens agree. Hearth runs
-    with its defaults (its decode step is where the fused GGUF paths apply)."""
-    import torch
-
-    from hearth import LLM
-    from hearth.sampling_params import SamplingParams
-
-    threads = threads or int(os.environ.get("HEARTH_NUM_THREADS") or 0) or 2
-    torch.set_num_threads(threads)
-    llm = LLM(path, dtype=dtype, max_model_len=max(256, prompt_len + 8), max_num_seqs=1, enable_prefix_caching=False)
-    vocab = llm.engine.model_config.vocab_size
-    prompt = np.random.default_rng(seed).integers(256, min(vocab, FIRST_SPECIAL), prompt_len).tolist()
-    model = llm.engine.runner.model
-    steps: list[np.ndarray] = []
-    compute_logits = model.compute_logits
-
-    def keep(hidden_states):  # every step's logits, as the sampler sees them
-        logits = compute_logits(hidden_states)
-        steps.append(logits[-1].float().numpy().copy())
-        return logits
-
-    model.compute_logits = keep
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0]
-    ours = steps[:2]
-    hearth_dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
-    del llm, model
-    import gc
-
-    gc.collect()
-    import llama_cpp
-
-    ref = llama_cpp.Llama(model_path=path, n_ctx=max(256, prompt_len + 8), n_threads=threads, logits_all=True,
-                          verbose=False)  # fmt: skip
-    ref.eval(prompt)
-    ref.eval([out.token_ids[0]])
-    theirs = [np.array(ref.scores[prompt_len - 1]), np.array(ref.scores[prompt_len])]
-    record = {"bench": "deepseek_logits", "model": os.path.basename(path), "prompt_len": prompt_len,
-              "hearth_dtype": hearth_dtype, "threads": threads}  # fmt: skip
-    for name, a, b in zip(("first_step", "decode_step"), ours, theirs):
-        record[name] = {"correlation": round(correlation(a, b), 5), "max_abs_diff": round(float(np.abs(a - b).max()), 4),
-                        "logit_std": round(float(b.std()), 4), "top1_agrees": int(a.argmax()) == int(b.argmax())}  # fmt: skip
-    return record
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--type", choices=QUANT_TYPES, default="Q8_0", help="type of every matrix (default Q8_0)")
@@ -277,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                     log=lambda s: print(s, file=sys.stderr))  # fmt: skip
         print(json.dumps(summary), file=sys.stderr)
     if args.check_logits:
-        record = check_logits(out, threads=args.threads, seed=args.seed)
+        record = check_logits(out, threads=args.threads, seed=args.seed, max_id=FIRST_SPECIAL)
         print(json.dumps(record))
         if args.out_json:
             with open(args.out_json, "a") as f:
