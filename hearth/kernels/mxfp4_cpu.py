@@ -30,7 +30,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mxfp4_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    for name in ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16"):
+    lib.mxfp4_gguf_repack_r16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    for name in ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16", "mxfp4_gguf_repack_r16"):
         getattr(lib, name).restype = None
 
 
@@ -128,6 +129,40 @@ def repack_ref(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
     qs = qs.movedim(1, 3).contiguous()  # [groups, G, 4 chunks, 16 rows, 4]
     sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape((n + pad) // 16, 16, groups_k)
     return R16Mxfp4(qs.flatten(-3), sc.transpose(-1, -2).contiguous(), n, groups_k * 32)
+
+
+def repack_gguf(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
+    """GGUF MXFP4 bytes straight to R16Mxfp4, in one pass (no HF-layout copy in between): `parts` are P tensors of
+    uint8 [E, n/P rows, k/32 blocks of 17 bytes] (views of the file are read in place), interleaved by row: row r of
+    expert e is row r/P of part r%P (GGUF's separate gate and up -> gate_up's alternating rows). In C
+    (mxfp4_gguf_repack_r16) when the library is built, else `repack_gguf_ref`; the two agree byte for byte."""
+    lib = _get()
+    num_parts, groups_k = len(parts), k // 32
+    experts = parts[0].shape[0]
+    for p in parts:
+        assert p.dtype == torch.uint8 and p.numel() == experts * (n // num_parts) * groups_k * 17, "GGUF MXFP4 size"
+    assert n % num_parts == 0 and k % 32 == 0
+    if lib is None:
+        return repack_gguf_ref(parts, n, k)
+    parts = [p.contiguous() for p in parts]
+    ptrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    out = R16Mxfp4(torch.empty(experts, -(-n // 16), groups_k, 256, dtype=torch.uint8),
+                   torch.empty(experts, -(-n // 16), groups_k, 16, dtype=torch.uint8), n, k)  # fmt: skip
+    lib.mxfp4_gguf_repack_r16(experts, n, groups_k, num_parts, ptrs.data_ptr(), out.qs.data_ptr(), out.sc.data_ptr(),
+                              torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def repack_gguf_ref(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
+    """`repack_gguf` in plain torch: each part to the HF layout (quant/mxfp4's from_gguf), rows interleaved, then
+    `repack_ref`."""
+    from hearth.quant.mxfp4 import from_gguf
+
+    experts, num_parts = parts[0].shape[0], len(parts)
+    hf = [from_gguf(p, (experts, n // num_parts, k)) for p in parts]
+    blocks = torch.stack([w.blocks for w in hf], dim=2).flatten(1, 2)
+    scales = torch.stack([w.scales for w in hf], dim=2).flatten(1, 2)
+    return repack_ref(blocks, scales)
 
 
 def unpack(w: R16Mxfp4) -> tuple[torch.Tensor, torch.Tensor]:

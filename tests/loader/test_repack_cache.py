@@ -1,0 +1,166 @@
+"""The repack cache (loader/repack_cache.py) on a tiny gpt-oss GGUF with MXFP4 experts in llama.cpp's layout: written
+at the first bf16 load, mapped at the next, ignored and rewritten when stale or damaged, written under $HEARTH_HOME
+when the model's folder refuses it, and loads give the same weights and logits with and without it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import prefill_logits
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+from gguf_models import V, gpt_oss_spec  # tests/gguf_models.py
+
+from hearth.kernels import mxfp4_cpu
+from hearth.loader import repack_cache
+
+pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler: bf16 MXFP4 experts are not repacked")
+FF = 32  # a multiple of MXFP4's 32-value blocks, so down's input can be MXFP4 too
+
+
+def write_mxfp4_gpt_oss(path) -> None:
+    """gpt_oss_spec's model with expert FFN 32 and its expert weights in MXFP4, as llama.cpp's converter writes them."""
+    arch, kvs, tensors = gpt_oss_spec()
+    kvs = [(k, FF if k.endswith("feed_forward_length") else v, t) for k, v, t in kvs]
+    rng = np.random.default_rng(5)
+    writer = GGUFWriter(str(path), arch)
+    for key, value, vtype in kvs:
+        sub = (V.STRING if isinstance(value[0], str) else V.INT32) if vtype == V.ARRAY else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, array in tensors.items():
+        experts, hidden = array.shape[0], tensors["token_embd.weight"].shape[1]
+        if "_exps.weight" in name:
+            shape = (experts, hidden, FF) if "down" in name else (experts, FF, hidden)
+            w = rng.standard_normal(shape).astype(np.float32) * 0.5
+            writer.add_tensor(name, quantize(w, GGMLQuantizationType.MXFP4), raw_dtype=GGMLQuantizationType.MXFP4)
+        elif "_exps.bias" in name and "down" not in name:
+            writer.add_tensor(name, (rng.standard_normal((experts, FF)) * 0.1).astype(np.float32))
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def model_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HEARTH_REPACK_CACHE", raising=False)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "tiny-gpt-oss-mxfp4.gguf"
+    write_mxfp4_gpt_oss(path)
+    return str(path)
+
+
+def load(path: str):
+    """The model as a bf16 engine loads it, and its experts."""
+    from hearth import LLM
+
+    model = LLM(path, dtype="bfloat16", max_model_len=64, max_num_seqs=1).engine.runner.model
+    return model, [layer.mlp.experts for layer in model.model.layers]
+
+
+def logits(model) -> torch.Tensor:
+    return prefill_logits(model, torch.arange(3, 40) % 60)
+
+
+def test_written_once_then_mapped_with_identical_outputs(model_file, monkeypatch, caplog):
+    monkeypatch.setenv("HEARTH_REPACK_CACHE", "0")
+    plain, experts = load(model_file)
+    assert not os.path.exists(model_file + repack_cache.SUFFIX) and not any(e.from_cache for e in experts)
+    reference = logits(plain)
+    monkeypatch.delenv("HEARTH_REPACK_CACHE")
+
+    with caplog.at_level(logging.INFO, logger="hearth.loader"):
+        first, first_experts = load(model_file)
+    cache = model_file + repack_cache.SUFFIX
+    assert os.path.isfile(cache) and "repack cache written to" in caplog.text
+    assert not any(e.from_cache for e in first_experts)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hearth.loader"):
+        second, second_experts = load(model_file)
+    assert all(e.from_cache for e in second_experts) and "mapped from the repack cache" in caplog.text
+    for a, b, c in zip(experts, first_experts, second_experts):
+        for name in ("gate_up.qs", "gate_up.sc", "down.qs", "down.sc"):
+            assert torch.equal(a.repacked_state()[name], c.repacked_state()[name])
+            assert torch.equal(b.repacked_state()[name], c.repacked_state()[name])
+    assert torch.equal(logits(first), reference) and torch.equal(logits(second), reference)
+
+
+def test_stale_cache_is_rebuilt(model_file):
+    load(model_file)
+    cache = model_file + repack_cache.SUFFIX
+    before = os.path.getmtime(cache)
+    st = os.stat(model_file)
+    os.utime(model_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model changed since
+    _, experts = load(model_file)
+    assert not any(e.from_cache for e in experts) and os.path.getmtime(cache) >= before
+    _, experts = load(model_file)  # the rewritten cache matches the model again
+    assert all(e.from_cache for e in experts)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "header", "grow"])
+def test_damaged_cache_is_ignored_and_rewritten(model_file, damage):
+    _, fresh = load(model_file)
+    reference = [e.repacked_state()["down.qs"].clone() for e in fresh]
+    cache = model_file + repack_cache.SUFFIX
+    size = os.path.getsize(cache)
+    with open(cache, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(size - 100)
+        elif damage == "magic":
+            f.write(b"NOTACACH")
+        elif damage == "header":
+            f.seek(20)
+            f.write(b"\xff\x00{garbage")
+        else:
+            f.seek(size)
+            f.write(b"\0" * 4096)
+    _, experts = load(model_file)
+    assert not any(e.from_cache for e in experts)
+    assert all(torch.equal(e.repacked_state()["down.qs"], r) for e, r in zip(experts, reference))
+    assert os.path.getsize(cache) == size  # rewritten whole
+    _, experts = load(model_file)
+    assert all(e.from_cache for e in experts)
+
+
+def test_read_only_folder_uses_hearth_home(model_file, monkeypatch):
+    folder = os.path.dirname(model_file)
+    create = repack_cache._create_temp
+
+    def refuse(where: str) -> str:  # as a folder the user cannot write (tests may run as root, where chmod does not bite)
+        if os.path.samefile(where, folder):
+            raise PermissionError(13, "Permission denied", where)
+        return create(where)
+
+    monkeypatch.setattr(repack_cache, "_create_temp", refuse)
+    load(model_file)
+    assert not os.path.exists(model_file + repack_cache.SUFFIX)
+    home = os.path.join(os.environ["HEARTH_HOME"], "cache", "repack")
+    files = os.listdir(home)
+    assert len(files) == 1 and files[0].endswith(repack_cache.SUFFIX) and not files[0].startswith(".")
+    assert repack_cache.find_cache(model_file) == os.path.join(home, files[0])
+    _, experts = load(model_file)
+    assert all(e.from_cache for e in experts)
+
+
+def test_cache_file_round_trip_and_key(tmp_path, monkeypatch):
+    """write_cache / open_cache on their own: views of the file with the same values; another key finds nothing."""
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path / "home"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    key = repack_cache.cache_key([str(model)], b"header", torch.bfloat16)
+    tensors = {"a.qs": torch.arange(5000, dtype=torch.int32).to(torch.uint8), "b": torch.randn(3, 7),
+               "c": torch.zeros(0, dtype=torch.uint8)}  # fmt: skip
+    assert repack_cache.write_cache(str(model), key, tensors) == str(model) + repack_cache.SUFFIX
+    cache = repack_cache.open_cache(str(model), key)
+    assert set(cache.tensors) == set(tensors)
+    assert all(torch.equal(cache.tensors[k], v) for k, v in tensors.items())
+    assert repack_cache.open_cache(str(model), {**key, "layout_version": key["layout_version"] + 1}) is None
+    assert repack_cache.open_cache(str(model), repack_cache.cache_key([str(model)], b"other", torch.bfloat16)) is None
