@@ -234,6 +234,24 @@ def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorI
     return version, metadata, infos, data_start
 
 
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
+
+
+def populate_map(buf: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Read `length` bytes of a map from `start` into memory now (MADV_POPULATE_READ), so that a load, not the first
+    request, pays for reading them; on older kernels, ask for them to be read ahead (MADV_WILLNEED)."""
+    if sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    first = start // page * page
+    length = (len(buf) - start if length is None else length) + start - first
+    try:
+        buf.madvise(MADV_POPULATE_READ, first, length)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            buf.madvise(mmap.MADV_WILLNEED, first, length)
+
+
 class GGUFFile:
     """An open GGUF file: plain-Python `metadata`, `tensor_infos`, and `iter_tensors()` over memory-mapped data."""
 
@@ -274,6 +292,11 @@ class GGUFFile:
                     out.append((part, ptr - base, min(ptr - base + size, length)))
                     break
         return out
+
+    def populate(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Read the pages of `ranges` (from `mapped_ranges`: the weights kept as views of the file) into memory now."""
+        for part, start, end in ranges:
+            populate_map(self._bufs[part], start, end - start)
 
     def release(self, ranges: list[tuple[int, int, int]], keep: list[tuple[int, int, int]] = ()) -> int:
         """Unmap the whole pages of `ranges` (from `mapped_ranges`) from this process (Linux MADV_DONTNEED) once what

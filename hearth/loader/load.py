@@ -112,6 +112,7 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
         released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
+        gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)))  # weights kept as views: read them now
     note = cache.finish()
     logger.info("loaded %s in %.1fs%s", ref.path, time.perf_counter() - start, note)
     if released:

@@ -24,10 +24,11 @@ import mmap
 import os
 import shutil
 import struct
-import sys
 from dataclasses import dataclass, field
 
 import torch
+
+from hearth.loader.gguf import populate_map
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,7 @@ def _read(path: str, key: dict) -> RepackCache | None:
                 raise ValueError(f"tensor {name!r} has a bad offset or size")
             view = torch.frombuffer(buf, dtype=torch.uint8, count=s["nbytes"], offset=s["offset"]) if count else None
             tensors[name] = view.view(dtype).reshape(shape) if view is not None else torch.empty(shape, dtype=dtype)
-        if sys.platform == "linux":  # start reading it in now, overlapping the rest of the load
-            with contextlib.suppress(OSError, ValueError):
-                buf.madvise(mmap.MADV_WILLNEED)
+        populate_map(buf)  # the load, not the first request, reads it
         return RepackCache(path, tensors, size)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         logger.debug("repack cache %s not used: %s", path, e)

@@ -7,44 +7,15 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 from conftest import prefill_logits
-from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import quantize
-from gguf_models import V, gpt_oss_spec  # tests/gguf_models.py
+from gguf_models import write_mxfp4_gpt_oss  # tests/gguf_models.py
 
 from hearth.kernels import mxfp4_cpu
 from hearth.loader import repack_cache
 
 pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler: bf16 MXFP4 experts are not repacked")
-FF = 32  # a multiple of MXFP4's 32-value blocks, so down's input can be MXFP4 too
-
-
-def write_mxfp4_gpt_oss(path) -> None:
-    """gpt_oss_spec's model with expert FFN 32 and its expert weights in MXFP4, as llama.cpp's converter writes them."""
-    arch, kvs, tensors = gpt_oss_spec()
-    kvs = [(k, FF if k.endswith("feed_forward_length") else v, t) for k, v, t in kvs]
-    rng = np.random.default_rng(5)
-    writer = GGUFWriter(str(path), arch)
-    for key, value, vtype in kvs:
-        sub = (V.STRING if isinstance(value[0], str) else V.INT32) if vtype == V.ARRAY else None
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, array in tensors.items():
-        experts, hidden = array.shape[0], tensors["token_embd.weight"].shape[1]
-        if "_exps.weight" in name:
-            shape = (experts, hidden, FF) if "down" in name else (experts, FF, hidden)
-            w = rng.standard_normal(shape).astype(np.float32) * 0.5
-            writer.add_tensor(name, quantize(w, GGMLQuantizationType.MXFP4), raw_dtype=GGMLQuantizationType.MXFP4)
-        elif "_exps.bias" in name and "down" not in name:
-            writer.add_tensor(name, (rng.standard_normal((experts, FF)) * 0.1).astype(np.float32))
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture
