@@ -73,8 +73,9 @@ class RepackCache:
     nbytes: int = 0
 
 
-def _read(path: str, key: dict) -> RepackCache | None:
-    """The cache at `path` if it is whole and made from `key`, else None (with the reason at debug level)."""
+def _read(path: str, key: dict, populate: bool = True) -> RepackCache | None:
+    """The cache at `path` if it is whole and made from `key`, else None (with the reason at debug level); with
+    `populate`, read into memory before returning."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -101,7 +102,8 @@ def _read(path: str, key: dict) -> RepackCache | None:
                 raise ValueError(f"tensor {name!r} has a bad offset or size")
             view = torch.frombuffer(buf, dtype=torch.uint8, count=s["nbytes"], offset=s["offset"]) if count else None
             tensors[name] = view.view(dtype).reshape(shape) if view is not None else torch.empty(shape, dtype=dtype)
-        populate_map(buf)  # the load, not the first request, reads it
+        if populate:
+            populate_map(buf)  # the load, not the first request, reads it
         return RepackCache(path, tensors, size)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         logger.debug("repack cache %s not used: %s", path, e)
@@ -129,8 +131,21 @@ def open_cache(model_path: str, key: dict) -> RepackCache | None:
 
 
 def find_cache(model_path: str) -> str | None:
-    """The path of an existing cache file of `model_path` (not validated), for `hearth show`."""
+    """The path of an existing cache file of `model_path` (not validated)."""
     return next((p for p in candidate_paths(model_path) if os.path.isfile(p)), None)
+
+
+def describe_cache(model_path: str, key: dict) -> str:
+    """One line for `hearth show`: where the cache is and whether the next load can use it."""
+    if not enabled():
+        return "off (HEARTH_REPACK_CACHE=0)"
+    path = find_cache(model_path)
+    if path is None:
+        return "none yet (written at the first bf16 load)"
+    cache = _read(path, key, populate=False)
+    if cache is None:
+        return f"{path}: stale or damaged, rewritten at the next load"
+    return f"{path} ({cache.nbytes / 1e9:.2f} GB, used by the next bf16 load)"
 
 
 def write_cache(model_path: str, key: dict, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -64,12 +64,22 @@ def test_written_once_then_mapped_with_identical_outputs(model_file, monkeypatch
     assert torch.equal(logits(first), reference) and torch.equal(logits(second), reference)
 
 
-def test_stale_cache_is_rebuilt(model_file):
+def show(path: str, capsys) -> str:
+    from hearth.cli.main import main
+
+    assert main(["show", path]) == 0
+    return next(line for line in capsys.readouterr().out.splitlines() if "repack cache" in line)
+
+
+def test_stale_cache_is_rebuilt(model_file, capsys):
+    assert "none yet" in show(model_file, capsys)
     load(model_file)
     cache = model_file + repack_cache.SUFFIX
+    assert f"{cache} (" in show(model_file, capsys) and "used by the next bf16 load" in show(model_file, capsys)
     before = os.path.getmtime(cache)
     st = os.stat(model_file)
     os.utime(model_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model changed since
+    assert "stale or damaged" in show(model_file, capsys)
     _, experts = load(model_file)
     assert not any(e.from_cache for e in experts) and os.path.getmtime(cache) >= before
     _, experts = load(model_file)  # the rewritten cache matches the model again
