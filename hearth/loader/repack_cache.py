@@ -1,5 +1,5 @@
 """The repack cache: weights a layer rearranges at load (MXFP4 experts into the int8-activation kernel's R16 form), kept
-in a file so that later loads map them instead of repacking (docs/models.md §4.3).
+in a file so that later loads map them instead of repacking (docs/models.md §4.4).
 
 Written once, at the first load that repacks: beside the model when its folder is writable (`MODEL.gguf.hearth-repack`,
 beside a symlink rather than its target), else under `$HEARTH_HOME/cache/repack/`; always through a temporary file
