@@ -131,7 +131,11 @@ class _RepackCacheUse:
         self.ref = ref
         if gguf_file is None or not repack_cache.enabled() or not any(hasattr(m, "use_repacked") for m in model.modules()):
             return
-        self.key = repack_cache.cache_key(gguf_file.paths, gguf_file.header_bytes(), dtype)
+        from hearth.layers.distributed import get_tensor_parallel
+
+        tp = get_tensor_parallel()  # a rank repacks only its experts: its share has a cache of its own
+        shard = f".rank{tp.rank}-of-{tp.size}" if tp.size > 1 else ""
+        self.key = repack_cache.cache_key(gguf_file.paths, gguf_file.header_bytes(), dtype, shard)
         self.cache = repack_cache.open_cache(ref.path, self.key)
         self.stale = self.cache is None
 

@@ -45,23 +45,25 @@ def enabled() -> bool:
     return os.environ.get("HEARTH_REPACK_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def cache_key(model_paths: list[str], header_bytes: bytes, dtype: torch.dtype) -> dict:
+def cache_key(model_paths: list[str], header_bytes: bytes, dtype: torch.dtype, shard: str = "") -> dict:
     """What a cache must have been made from: the model's files (sizes, mtimes, a hash of the headers), the layout
-    version, the compute dtype."""
+    version, the compute dtype, and which tensor-parallel share (`shard`, "" for a whole model)."""
     stats = [os.stat(p) for p in model_paths]
     return {"model_sizes": [st.st_size for st in stats], "model_mtimes_ns": [st.st_mtime_ns for st in stats],
             "header_sha256": hashlib.sha256(header_bytes).hexdigest(), "layout_version": LAYOUT_VERSION,
-            "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+            "dtype": str(dtype).removeprefix("torch."), "shard": shard}  # fmt: skip
 
 
-def candidate_paths(model_path: str) -> list[str]:
-    """Where a cache of `model_path` may be: beside it, then under $HEARTH_HOME/cache/repack/."""
+def candidate_paths(model_path: str, shard: str = "") -> list[str]:
+    """Where a cache of `model_path` may be: beside it, then under $HEARTH_HOME/cache/repack/. `shard` names one
+    tensor-parallel rank's share (its experts), which has a file of its own."""
     from hearth.config import hearth_home
 
     real = os.path.realpath(model_path)
     tag = hashlib.sha256(real.encode()).hexdigest()[:16]
-    beside = os.path.abspath(model_path) + SUFFIX  # beside the name it was opened by (a symlink's own folder)
-    return [beside, os.path.join(hearth_home(), "cache", "repack", f"{os.path.basename(real)}-{tag}{SUFFIX}")]
+    beside = os.path.abspath(model_path) + shard + SUFFIX  # beside the name it was opened by (a symlink's own folder)
+    home = os.path.join(hearth_home(), "cache", "repack", f"{os.path.basename(real)}-{tag}{shard}{SUFFIX}")
+    return [beside, home]
 
 
 @dataclass
@@ -121,7 +123,7 @@ def open_cache(model_path: str, key: dict) -> RepackCache | None:
     """The first valid cache of `model_path` made from `key`, or None."""
     if not enabled():
         return None
-    for path in candidate_paths(model_path):
+    for path in candidate_paths(model_path, key.get("shard", "")):
         if os.path.isfile(path):
             cache = _read(path, key)
             if cache is not None:
@@ -130,9 +132,9 @@ def open_cache(model_path: str, key: dict) -> RepackCache | None:
     return None
 
 
-def find_cache(model_path: str) -> str | None:
+def find_cache(model_path: str, shard: str = "") -> str | None:
     """The path of an existing cache file of `model_path` (not validated)."""
-    return next((p for p in candidate_paths(model_path) if os.path.isfile(p)), None)
+    return next((p for p in candidate_paths(model_path, shard) if os.path.isfile(p)), None)
 
 
 def describe_cache(model_path: str, key: dict) -> str:
@@ -165,7 +167,7 @@ def write_cache(model_path: str, key: dict, tensors: dict[str, torch.Tensor]) ->
     header["size"] = end
     raw = json.dumps(header).encode()
     raw += b" " * (length - len(raw))
-    for path in candidate_paths(model_path):
+    for path in candidate_paths(model_path, key.get("shard", "")):
         folder = os.path.dirname(path)
         tmp = None
         try:

@@ -145,3 +145,7 @@ def test_cache_file_round_trip_and_key(tmp_path, monkeypatch):
     assert all(torch.equal(cache.tensors[k], v) for k, v in tensors.items())
     assert repack_cache.open_cache(str(model), {**key, "layout_version": key["layout_version"] + 1}) is None
     assert repack_cache.open_cache(str(model), repack_cache.cache_key([str(model)], b"other", torch.bfloat16)) is None
+    ranks = [repack_cache.cache_key([str(model)], b"header", torch.bfloat16, f".rank{r}-of-2") for r in (0, 1)]
+    assert ranks[0] != ranks[1] != key  # a tensor-parallel rank's experts: a key and a file of its own
+    assert repack_cache.candidate_paths(str(model), ".rank1-of-2")[0] == str(model) + ".rank1-of-2" + repack_cache.SUFFIX
+    assert repack_cache.open_cache(str(model), ranks[1]) is None
