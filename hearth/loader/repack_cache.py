@@ -6,7 +6,7 @@ beside a symlink rather than its target), else under `$HEARTH_HOME/cache/repack/
 renamed into place, so a reader sees a whole file or none. A cache is used only when everything it was made from
 matches: the model files' sizes and mtimes, a hash of their headers (metadata and tensor table), the repacked form's
 layout version and the compute dtype; and when its own size and header are whole. Anything else (stale, truncated,
-corrupt, another version) is ignored and rewritten. `HEARTH_REPACK_CACHE=0` turns it off.
+corrupt, another version) is ignored and rewritten. Opt-in: `HEARTH_REPACK_CACHE=1` (see `enabled`).
 
 File: the magic `HEARTHRP`, a little-endian u64 header length, a JSON header (`key`, `tensors`: name -> dtype, shape,
 offset, nbytes), then each tensor's bytes at a page-aligned offset (so tensors are views of one read-only map).
@@ -42,7 +42,11 @@ DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int32": torch.int32, "float
 
 
 def enabled() -> bool:
-    return os.environ.get("HEARTH_REPACK_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """Off unless HEARTH_REPACK_CACHE=1: mapped weights are file pages, which the kernel may drop when memory is
+    short (and some VMs page out when idle) and read back from disk mid-decode, and beside the GGUF they double what
+    the page cache must hold when another runtime reads the same file (docs/models.md §4.4); repacked experts in
+    anonymous memory cannot be dropped."""
+    return os.environ.get("HEARTH_REPACK_CACHE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_key(model_paths: list[str], header_bytes: bytes, dtype: torch.dtype, shard: str = "") -> dict:
@@ -140,7 +144,7 @@ def find_cache(model_path: str, shard: str = "") -> str | None:
 def describe_cache(model_path: str, key: dict) -> str:
     """One line for `hearth show`: where the cache is and whether the next load can use it."""
     if not enabled():
-        return "off (HEARTH_REPACK_CACHE=0)"
+        return "off (HEARTH_REPACK_CACHE=1 keeps the repacked experts in a file that later loads map)"
     path = find_cache(model_path)
     if path is None:
         return "none yet (written at the first bf16 load)"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler
 @pytest.fixture
 def model_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HEARTH_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HEARTH_REPACK_CACHE", raising=False)
+    monkeypatch.setenv("HEARTH_REPACK_CACHE", "1")
     folder = tmp_path / "models"
     folder.mkdir()
     path = folder / "tiny-gpt-oss-mxfp4.gguf"
@@ -41,12 +41,12 @@ def logits(model) -> torch.Tensor:
     return prefill_logits(model, torch.arange(3, 40) % 60)
 
 
-def test_written_once_then_mapped_with_identical_outputs(model_file, monkeypatch, caplog):
-    monkeypatch.setenv("HEARTH_REPACK_CACHE", "0")
+def test_written_once_then_mapped_with_identical_outputs(model_file, monkeypatch, caplog, capsys):
+    monkeypatch.delenv("HEARTH_REPACK_CACHE")  # off by default
     plain, experts = load(model_file)
     assert not os.path.exists(model_file + repack_cache.SUFFIX) and not any(e.from_cache for e in experts)
     reference = logits(plain)
-    monkeypatch.delenv("HEARTH_REPACK_CACHE")
+    monkeypatch.setenv("HEARTH_REPACK_CACHE", "1")
 
     with caplog.at_level(logging.INFO, logger="hearth.loader"):
         first, first_experts = load(model_file)
@@ -62,6 +62,8 @@ def test_written_once_then_mapped_with_identical_outputs(model_file, monkeypatch
             assert torch.equal(a.repacked_state()[name], c.repacked_state()[name])
             assert torch.equal(b.repacked_state()[name], c.repacked_state()[name])
     assert torch.equal(logits(first), reference) and torch.equal(logits(second), reference)
+    monkeypatch.delenv("HEARTH_REPACK_CACHE")  # (the cli sets up logging: after the caplog checks)
+    assert "off (HEARTH_REPACK_CACHE=1" in show(model_file, capsys)
 
 
 def show(path: str, capsys) -> str:
@@ -134,6 +136,7 @@ def test_read_only_folder_uses_hearth_home(model_file, monkeypatch):
 def test_cache_file_round_trip_and_key(tmp_path, monkeypatch):
     """write_cache / open_cache on their own: views of the file with the same values; another key finds nothing."""
     monkeypatch.setenv("HEARTH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HEARTH_REPACK_CACHE", "1")
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + bytes(60))
     key = repack_cache.cache_key([str(model)], b"header", torch.bfloat16)
