@@ -306,3 +306,18 @@ void mxfp4_gguf_repack_r16(int64_t E, int64_t N, int64_t G, int64_t P, const int
         }
     }
 }
+
+// GGUF MXFP4 blocks -> the HF layout, for float32 runs: rows x G blocks of 17 bytes (scale, then byte j: value j low,
+// j+16 high) -> blocks [rows][G][16] (byte k: value 2k low, 2k+1 high) and scales [rows][G]. One pass, threads by row.
+void mxfp4_gguf_to_hf(int64_t R, int64_t G, const uint8_t *src, uint8_t *blocks, uint8_t *scales, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = src + (r * G + g) * 17, *q = b + 1;
+            uint8_t *out = blocks + (r * G + g) * 16;
+            scales[r * G + g] = b[0];
+            for (int k = 0; k < 8; k++) out[k] = (uint8_t)((q[2 * k] & 15) | (q[2 * k + 1] & 15) << 4);
+            for (int k = 8; k < 16; k++) out[k] = (uint8_t)(q[2 * k - 16] >> 4 | (q[2 * k - 15] & 0xF0));
+        }
+    }
+}

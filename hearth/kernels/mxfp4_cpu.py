@@ -32,7 +32,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_gguf_repack_r16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    for name in ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16", "mxfp4_gguf_repack_r16"):
+    lib.mxfp4_gguf_to_hf.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    names = ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16", "mxfp4_gguf_repack_r16", "mxfp4_gguf_to_hf")
+    for name in names:
         getattr(lib, name).restype = None
 
 
@@ -172,6 +174,18 @@ def repack_gguf(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
     lib.mxfp4_gguf_repack_r16(experts, n, groups_k, num_parts, ptrs.data_ptr(), out.qs.data_ptr(), out.sc.data_ptr(),
                               torch.get_num_threads())  # fmt: skip
     return out
+
+
+def gguf_to_hf(data: torch.Tensor, rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF MXFP4 bytes of `rows` x `groups` blocks -> HF-layout (blocks [rows, groups, 16], scales [rows, groups]),
+    in one C pass (mxfp4_gguf_to_hf); quant/mxfp4.from_gguf is the torch reference and calls this when built."""
+    lib = _get()
+    data = data.contiguous()
+    assert lib is not None and data.dtype == torch.uint8 and data.numel() == rows * groups * 17
+    blocks = torch.empty(rows, groups, 16, dtype=torch.uint8)
+    scales = torch.empty(rows, groups, dtype=torch.uint8)
+    lib.mxfp4_gguf_to_hf(rows, groups, data.data_ptr(), blocks.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    return blocks, scales
 
 
 def repack_gguf_ref(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:

@@ -7,6 +7,7 @@
 | repack -> unpack (C and torch repack)      | the original blocks / scales                      | exact                    |
 | repack in C (mxfp4_repack_r16)             | repack_ref (torch)                                | byte for byte            |
 | repack_gguf (GGUF bytes -> R16, C / torch) | from_gguf per part, rows interleaved, repack_ref  | byte for byte            |
+| from_gguf in C (mxfp4_gguf_to_hf)          | from_gguf_ref (torch)                             | byte for byte            |
 | moe_q8 (int8 x, repacked W), M = 1..20     | moe_q8_ref: same int8 x, exact W, float64         | 1e-5 (float32 rounding)  |
 | GptOssExperts in bf16 (grouped moe_q8)     | moe_ref over moe_q8_ref linears / exact experts   | 2^-7 / 5e-2              |
 """
@@ -117,6 +118,16 @@ def test_repack_in_c_equals_torch(lead, n, k):
         ours = mxfp4_cpu.repack(blocks.flatten(0, -4)[::2], scales.flatten(0, -3)[::2])
         ref = mxfp4_cpu.repack_ref(blocks.flatten(0, -4)[::2].contiguous(), scales.flatten(0, -3)[::2].contiguous())
         assert torch.equal(ours.qs, ref.qs) and torch.equal(ours.sc, ref.sc)
+
+
+@pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler")
+@pytest.mark.parametrize("lead,cols", [((1,), 32), ((7,), 64), ((3, 40), 96), ((2, 5), 2880)])
+def test_from_gguf_in_c_equals_torch(lead, cols):
+    """from_gguf (one C pass, mxfp4_gguf_to_hf) writes the same HF-layout bytes as from_gguf_ref (torch)."""
+    raw = torch.randint(0, 256, (*lead, cols // 32 * 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(cols))
+    ours, ref = mxfp4.from_gguf(raw, (*lead, cols)), mxfp4.from_gguf_ref(raw, (*lead, cols))
+    assert ours.blocks.shape == ref.blocks.shape and ours.scales.shape == ref.scales.shape
+    assert torch.equal(ours.blocks, ref.blocks) and torch.equal(ours.scales, ref.scales)
 
 
 @pytest.mark.parametrize("experts,n,k,parts", [(1, 16, 32, 1), (3, 7, 64, 1), (2, 40, 96, 2), (4, 34, 128, 2),
