@@ -499,4 +499,5 @@ ENV = [
     ("HEARTH_HOME", "~/.hearth", "data home: keys, audit log, usage ledger, config"),
     ("HEARTH_NUM_THREADS", "physical cores", "CPU threads for torch"),
     ("HEARTH_LOG_LEVEL", "INFO", "log level"),
+    ("HEARTH_REPACK_CACHE", "0", "1: keep weights repacked at load (gpt-oss's MXFP4 experts) in a file that later loads map"),
 ]

@@ -1,11 +1,13 @@
 """Tiny whole-model GGUF files written with gguf.GGUFWriter from a (metadata, tensors) spec that tests can mutate
 before writing: a Llama, a gpt-oss (sliding window, experts, YaRN, a 131072-token context) and a DeepSeek-V2-Lite-like
-deepseek2 (MLA, dense then MoE layers, a 163840-token context)."""
+deepseek2 (MLA, dense then MoE layers, a 163840-token context); and `write_mxfp4_gpt_oss`, the gpt-oss with its experts in
+MXFP4 as llama.cpp's converter writes them."""
 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
 
 V = GGUFValueType
 
@@ -122,3 +124,31 @@ def write_model(path, arch: str, kvs, tensors, split_max_tensors: int = 0) -> by
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0].read_bytes()
     return path.read_bytes()
+
+
+MXFP4_FF = 32  # a multiple of MXFP4's 32-value blocks, so down's input can be MXFP4 too
+
+
+def write_mxfp4_gpt_oss(path) -> None:
+    """gpt_oss_spec's model with expert FFN 32 and its expert weights in MXFP4, as llama.cpp's converter writes them."""
+    arch, kvs, tensors = gpt_oss_spec()
+    kvs = [(k, MXFP4_FF if k.endswith("feed_forward_length") else v, t) for k, v, t in kvs]
+    rng = np.random.default_rng(5)
+    writer = GGUFWriter(str(path), arch)
+    for key, value, vtype in kvs:
+        sub = (V.STRING if isinstance(value[0], str) else V.INT32) if vtype == V.ARRAY else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, array in tensors.items():
+        experts, hidden = array.shape[0], tensors["token_embd.weight"].shape[1]
+        if "_exps.weight" in name:
+            shape = (experts, hidden, MXFP4_FF) if "down" in name else (experts, MXFP4_FF, hidden)
+            w = rng.standard_normal(shape).astype(np.float32) * 0.5
+            writer.add_tensor(name, quantize(w, GGMLQuantizationType.MXFP4), raw_dtype=GGMLQuantizationType.MXFP4)
+        elif "_exps.bias" in name and "down" not in name:
+            writer.add_tensor(name, (rng.standard_normal((experts, MXFP4_FF)) * 0.1).astype(np.float32))
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

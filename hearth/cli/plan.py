@@ -22,13 +22,31 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def gguf_decode_bytes(tensor_infos, cfg):
+    """What one decode step reads of a GGUF file, from its tensor table: every tensor but the token embedding (a row
+    per token; read in full only when it doubles as the LM head, i.e. the file has no `output.weight`), except the
+    routed experts (`*_exps.*`), of which a token reads top-k of E."""
+    from hearth.planner.plan import FileBytes
+
+    names = {t.name for t in tensor_infos}
+    dense = experts = 0
+    for t in tensor_infos:
+        if "_exps." in t.name:
+            experts += t.nbytes
+        elif t.name != "token_embd.weight" or "output.weight" not in names:
+            dense += t.nbytes
+    fraction = cfg.num_experts_per_tok / cfg.num_local_experts if experts and cfg.num_local_experts else 0.0
+    return FileBytes(dense, experts, fraction) if fraction else FileBytes(dense + experts)
+
+
 def _model(ref: str, fmt: str | None):
-    """(name, ModelConfig, real weight bytes or None, format label or None) for a card, a GGUF file or an HF folder."""
+    """(name, ModelConfig, real weight bytes or None, format label or None, FileBytes or None) for a card, a GGUF
+    file or an HF folder."""
     from hearth.planner.cards import load_card
 
     card = load_card(ref)
     if card is not None:
-        return card.name, card.config, None, None
+        return card.name, card.config, None, None, None
     from hearth.loader.resolve import resolve_model
 
     model_ref = resolve_model(ref)
@@ -39,16 +57,19 @@ def _model(ref: str, fmt: str | None):
         g = open_gguf(model_ref.path, check_types=False)
         cfg = read_gguf_config(g)
         if fmt:
-            return model_ref.name, cfg, None, None
-        types = Counter(t.type_name for t in g.tensor_infos if len(t.shape) >= 2)
-        label = "gguf " + "+".join(name for name, _ in types.most_common(2))
-        return model_ref.name, cfg, sum(t.nbytes for t in g.tensor_infos), label
+            return model_ref.name, cfg, None, None, None
+        types = Counter()
+        for t in g.tensor_infos:
+            if len(t.shape) >= 2:
+                types[t.type_name] += t.nbytes
+        label = "gguf " + "+".join(name for name, _ in types.most_common(2))  # the types holding the most bytes
+        return model_ref.name, cfg, sum(t.nbytes for t in g.tensor_infos), label, gguf_decode_bytes(g.tensor_infos, cfg)
     from hearth.loader.inspect import read_hf_config
 
     cfg = read_hf_config(model_ref.path)
     files = [os.path.join(model_ref.path, f) for f in os.listdir(model_ref.path) if f.endswith(".safetensors")]
     size = sum(os.path.getsize(f) for f in files) or None
-    return model_ref.name, cfg, None if fmt else size, None
+    return model_ref.name, cfg, None if fmt else size, None, None
 
 
 def _gb(n: float) -> str:
@@ -69,9 +90,10 @@ def cmd_plan(args) -> int:
         from hearth.cli.main import CliError
 
         raise CliError("plan: give a MODEL (a card name from `hearth list`, a .gguf file or an HF folder)")
-    name, cfg, real_bytes, label = _model(args.model, args.format)
+    name, cfg, real_bytes, label, file_bytes = _model(args.model, args.format)
     hw = get_hardware(args.hardware, args.devices)
-    p = plan(cfg, hw, args.context, args.concurrency, args.format, model=name, weights_bytes_override=real_bytes)
+    p = plan(cfg, hw, args.context, args.concurrency, args.format, model=name, weights_bytes_override=real_bytes,
+             file_bytes=file_bytes)  # fmt: skip
     if label:
         p.format = label
     if args.json:

@@ -60,6 +60,8 @@ def cmd_show(args) -> int:
                 "license": card.license}  # fmt: skip
     else:
         info = {"model": ref.name, "path": ref.path, **describe(ref.path)}
+        if ref.format == "gguf" and "MXFP4" in info.get("quantization", {}):
+            info["repack_cache"] = _repack_cache(ref.path)
         if args.load:
             info.update(loaded_memory(ref))
     if args.json:
@@ -78,6 +80,17 @@ def cmd_show(args) -> int:
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     return 0
+
+
+def _repack_cache(path: str) -> str:
+    """The MXFP4 experts' repack cache (loader/repack_cache.py) for a bf16 load of this GGUF."""
+    import torch
+
+    from hearth.loader import repack_cache
+    from hearth.loader.gguf import open_gguf
+
+    g = open_gguf(path, check_types=False)
+    return repack_cache.describe_cache(path, repack_cache.cache_key(g.paths, g.header_bytes(), torch.bfloat16))
 
 
 def _card(name: str):

@@ -265,3 +265,59 @@ void mxfp4_repack_r16(int64_t E, int64_t N, int64_t G, const uint8_t *blocks, co
         }
     }
 }
+
+// One GGUF block's 16 bytes (words w0..w3; byte j holds value j in its low nibble, j+16 in its high one) -> the 4 R16
+// chunks (chunk c, lane byte j: value 8c+j low, 8c+4+j high): values 0..15 are the low nibbles, 16..31 the high ones.
+static inline void gguf_r16_chunks(const uint8_t *q, uint32_t out[4]) {
+    uint32_t w[4];
+    memcpy(w, q, 16);
+    const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
+    out[0] = (w[0] & lo) | (w[1] & lo) << 4;
+    out[1] = (w[2] & lo) | (w[3] & lo) << 4;
+    out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
+    out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
+}
+
+// Load-time repack straight from GGUF's MXFP4 blocks (17 bytes: e8m0 scale, then 16 bytes of codes) -> R16, without
+// the HF layout in between. P sources (srcs[p]: [E][N/P][G][17]) are interleaved by row: output row r of expert e is
+// row r/P of source r%P (P = 2: GGUF's separate gate and up -> gate_up's alternating rows). Output as
+// mxfp4_repack_r16's; threads take (expert, group) tiles.
+void mxfp4_gguf_repack_r16(int64_t E, int64_t N, int64_t G, int64_t P, const int64_t *srcs, uint8_t *qs, uint8_t *sc,
+                           int nthreads) {
+    const int64_t groups = (N + 15) / 16, rows_per_src = N / P;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < E * groups; t++) {
+        const int64_t e = t / groups, r0 = 16 * (t % groups);
+        const int rows = N - r0 < 16 ? (int)(N - r0) : 16;
+        uint8_t *qt = qs + t * G * R16_BYTES, *st = sc + t * G * 16;
+        if (rows < 16) {
+            memset(qt, 0, (size_t)(G * R16_BYTES));
+            memset(st, 0, (size_t)(G * 16));
+        }
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = r0 + r;
+            const uint8_t *src = (const uint8_t *)(intptr_t)srcs[row % P] + (e * rows_per_src + row / P) * G * 17;
+            for (int64_t g = 0; g < G; g++) {
+                uint32_t chunks[4];
+                gguf_r16_chunks(src + g * 17 + 1, chunks);
+                for (int c = 0; c < 4; c++) memcpy(qt + g * R16_BYTES + 64 * c + 4 * r, &chunks[c], 4);
+                st[g * 16 + r] = src[g * 17];
+            }
+        }
+    }
+}
+
+// GGUF MXFP4 blocks -> the HF layout, for float32 runs: rows x G blocks of 17 bytes (scale, then byte j: value j low,
+// j+16 high) -> blocks [rows][G][16] (byte k: value 2k low, 2k+1 high) and scales [rows][G]. One pass, threads by row.
+void mxfp4_gguf_to_hf(int64_t R, int64_t G, const uint8_t *src, uint8_t *blocks, uint8_t *scales, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = src + (r * G + g) * 17, *q = b + 1;
+            uint8_t *out = blocks + (r * G + g) * 16;
+            scales[r * G + g] = b[0];
+            for (int k = 0; k < 8; k++) out[k] = (uint8_t)((q[2 * k] & 15) | (q[2 * k + 1] & 15) << 4);
+            for (int k = 8; k < 16; k++) out[k] = (uint8_t)(q[2 * k - 16] >> 4 | (q[2 * k - 15] & 0xF0));
+        }
+    }
+}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mxfp4_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    for name in ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16"):
+    lib.mxfp4_gguf_repack_r16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.mxfp4_gguf_to_hf.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    names = ("mxfp4_gemv", "mxfp4_dequant", "mxfp4_moe_q8", "mxfp4_repack_r16", "mxfp4_gguf_repack_r16", "mxfp4_gguf_to_hf")
+    for name in names:
         getattr(lib, name).restype = None
 
 
@@ -128,6 +132,72 @@ def repack_ref(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
     qs = qs.movedim(1, 3).contiguous()  # [groups, G, 4 chunks, 16 rows, 4]
     sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape((n + pad) // 16, 16, groups_k)
     return R16Mxfp4(qs.flatten(-3), sc.transpose(-1, -2).contiguous(), n, groups_k * 32)
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+def huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Ask Linux to back the whole 2 MiB pages of `t` (fresh, untouched memory) with transparent huge pages: writing a
+    freshly allocated multi-GB weight then takes 512x fewer page faults, which on a VM cost as much as the writes."""
+    if not sys.platform.startswith("linux"):
+        return t
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+    if last > first:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_HUGEPAGE))
+        except (OSError, AttributeError):  # no libc madvise: ordinary pages
+            pass
+    return t
+
+
+def repack_gguf(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
+    """GGUF MXFP4 bytes straight to R16Mxfp4, in one pass (no HF-layout copy in between): `parts` are P tensors of
+    uint8 [E, n/P rows, k/32 blocks of 17 bytes] (views of the file are read in place), interleaved by row: row r of
+    expert e is row r/P of part r%P (GGUF's separate gate and up -> gate_up's alternating rows). In C
+    (mxfp4_gguf_repack_r16) when the library is built, else `repack_gguf_ref`; the two agree byte for byte."""
+    lib = _get()
+    num_parts, groups_k = len(parts), k // 32
+    experts = parts[0].shape[0]
+    for p in parts:
+        assert p.dtype == torch.uint8 and p.numel() == experts * (n // num_parts) * groups_k * 17, "GGUF MXFP4 size"
+    assert n % num_parts == 0 and k % 32 == 0
+    if lib is None:
+        return repack_gguf_ref(parts, n, k)
+    parts = [p.contiguous() for p in parts]
+    ptrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    out = R16Mxfp4(huge_pages(torch.empty(experts, -(-n // 16), groups_k, 256, dtype=torch.uint8)),
+                   torch.empty(experts, -(-n // 16), groups_k, 16, dtype=torch.uint8), n, k)  # fmt: skip
+    lib.mxfp4_gguf_repack_r16(experts, n, groups_k, num_parts, ptrs.data_ptr(), out.qs.data_ptr(), out.sc.data_ptr(),
+                              torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def gguf_to_hf(data: torch.Tensor, rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF MXFP4 bytes of `rows` x `groups` blocks -> HF-layout (blocks [rows, groups, 16], scales [rows, groups]),
+    in one C pass (mxfp4_gguf_to_hf); quant/mxfp4.from_gguf is the torch reference and calls this when built."""
+    lib = _get()
+    data = data.contiguous()
+    assert lib is not None and data.dtype == torch.uint8 and data.numel() == rows * groups * 17
+    blocks = torch.empty(rows, groups, 16, dtype=torch.uint8)
+    scales = torch.empty(rows, groups, dtype=torch.uint8)
+    lib.mxfp4_gguf_to_hf(rows, groups, data.data_ptr(), blocks.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    return blocks, scales
+
+
+def repack_gguf_ref(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
+    """`repack_gguf` in plain torch: each part to the HF layout (quant/mxfp4's from_gguf), rows interleaved, then
+    `repack_ref`."""
+    from hearth.quant.mxfp4 import from_gguf
+
+    experts, num_parts = parts[0].shape[0], len(parts)
+    hf = [from_gguf(p, (experts, n // num_parts, k)) for p in parts]
+    blocks = torch.stack([w.blocks for w in hf], dim=2).flatten(1, 2)
+    scales = torch.stack([w.scales for w in hf], dim=2).flatten(1, 2)
+    return repack_ref(blocks, scales)
 
 
 def unpack(w: R16Mxfp4) -> tuple[torch.Tensor, torch.Tensor]:

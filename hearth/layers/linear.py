@@ -141,6 +141,8 @@ def _join(parts: list):
         first = parts[0]
         rows = sum(p.shape[0] for p in parts)
         return QuantizedTensor(torch.cat([p.data for p in parts]), first.qtype, (rows, first.shape[1]))
+    if len(parts) == 1 and isinstance(parts[0], torch.Tensor):  # one dense shard: kept as loaded (a view of the file)
+        return parts[0]
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 

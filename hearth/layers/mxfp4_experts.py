@@ -56,6 +56,8 @@ class Mxfp4Experts(nn.Module):
         self.gate_up_bias: torch.Tensor | None = None
         self.down_bias: torch.Tensor | None = None
         self.use_reference = False  # route through moe_ref (tests)
+        self._cached: tuple[R16Mxfp4, R16Mxfp4] | None = None  # repacked weights from the loader's cache
+        self.from_cache = False
 
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         self._parts[kind] = tensor
@@ -89,6 +91,55 @@ class Mxfp4Experts(nn.Module):
             raise ValueError(f"{name}: expected (experts, out, in) = {shape}, got {tuple(w.shape)}")
         return w
 
+    def _repack_gguf(self, dtype: torch.dtype) -> tuple[R16Mxfp4, R16Mxfp4] | None:
+        """GGUF's MXFP4 gate, up and down straight from the file's bytes into the int8-activation kernel's form (one
+        pass each, this rank's experts only), for bf16 runs with the C kernels; None when that does not apply. With
+        weights from the loader's repack cache (`use_repacked`) the file's bytes are not read at all."""
+        names = ("gate_proj_weight", "up_proj_weight", "down_proj_weight")
+        parts = [self._parts.get(name) for name in names]
+        if dtype != torch.bfloat16 or not mxfp4_cpu.available():
+            return None
+        if not all(isinstance(t, QuantizedTensor) and t.type_name == "MXFP4" and t.shape[0] == self.num_experts
+                   for t in parts):  # fmt: skip
+            return None
+        inter, hidden = self.intermediate_size, self.hidden_size
+        for name, t, shape in zip(names, parts, ((inter, hidden), (inter, hidden), (hidden, inter))):
+            if tuple(t.shape[1:]) != shape:
+                raise ValueError(f"{name}: expected (experts, out, in) = {(self.num_experts, *shape)}, got {t.shape}")
+        for name in names:
+            del self._parts[name]
+        cached, self._cached = self._cached, None
+        self.from_cache = cached is not None
+        if cached is not None:
+            return cached
+        a, b = self.expert_start, self.expert_end
+        gate, up, down = (t.data.view(self.num_experts, -1)[a:b] for t in parts)
+        return mxfp4_cpu.repack_gguf([gate, up], 2 * inter, hidden), mxfp4_cpu.repack_gguf([down], hidden, inter)
+
+    def repacked_state(self) -> dict[str, torch.Tensor]:
+        """After `finalize`: the weights it repacked at load (for the loader's repack cache), else {}."""
+        if not (isinstance(self.gate_up, R16Mxfp4) and isinstance(self.down, R16Mxfp4)):
+            return {}
+        return {"gate_up.qs": self.gate_up.qs, "gate_up.sc": self.gate_up.sc, "down.qs": self.down.qs,
+                "down.sc": self.down.sc}  # fmt: skip
+
+    def use_repacked(self, state: dict[str, torch.Tensor]) -> bool:
+        """Before `finalize`: take `repacked_state()`'s tensors from an earlier load (views of the cache) instead of
+        repacking, if they have exactly the shapes this layer's repack would make; False (and nothing taken) if not.
+        `finalize` uses them only where it would repack GGUF MXFP4 itself."""
+        inter, hidden, experts = self.intermediate_size, self.hidden_size, self.expert_end - self.expert_start
+        weights = []
+        for name, n, k in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)):
+            qs, sc = state.get(f"{name}.qs"), state.get(f"{name}.sc")
+            groups = (experts, -(-n // 16), k // 32)
+            if qs is None or sc is None or qs.dtype != torch.uint8 or sc.dtype != torch.uint8:
+                return False
+            if tuple(qs.shape) != (*groups, 256) or tuple(sc.shape) != (*groups, 16) or k % 32:
+                return False
+            weights.append(R16Mxfp4(qs, sc, n, k))
+        self._cached = (weights[0], weights[1])
+        return True
+
     @staticmethod
     def _gguf(t):
         if isinstance(t, QuantizedTensor) and t.type_name == "MXFP4":
@@ -108,16 +159,24 @@ class Mxfp4Experts(nn.Module):
         """MXFP4 stays packed whatever `keep_quantized` says: its dequantization is exact, so float32 runs lose nothing.
         With bf16 and the C kernels it is repacked for the int8-activation kernel (`R16Mxfp4`)."""
         inter, hidden = self.intermediate_size, self.hidden_size
-        gate_up = self._weight("gate_up_proj", 2 * inter, hidden)
-        down = self._weight("down_proj", hidden, inter)
+        repacked = self._repack_gguf(dtype)
+        if repacked is not None:
+            gate_up, down = repacked
+        else:
+            gate_up = self._weight("gate_up_proj", 2 * inter, hidden)
+            down = self._weight("down_proj", hidden, inter)
         self.gate_up_bias = self._bias("gate_up_proj").to(dtype).contiguous()
         self.down_bias = self._bias("down_proj").to(dtype).contiguous()
         if self._parts:
             raise ValueError(f"unexpected expert tensors {sorted(self._parts)}")
         if self.ep_size > 1:  # this rank's experts only, copied out of the checkpoint's
             a, b = self.expert_start, self.expert_end
-            gate_up, down = _experts(gate_up, a, b), _experts(down, a, b)
+            if repacked is None:
+                gate_up, down = _experts(gate_up, a, b), _experts(down, a, b)
             self.gate_up_bias, self.down_bias = self.gate_up_bias[a:b].clone(), self.down_bias[a:b].clone()
+        if repacked is not None:  # already this rank's experts, in the kernel's form
+            self.gate_up, self.down = gate_up, down
+            return
         self.gate_up = gate_up if isinstance(gate_up, Mxfp4Weight) else _dense(gate_up).to(dtype).contiguous()
         self.down = down if isinstance(down, Mxfp4Weight) else _dense(down).to(dtype).contiguous()
         packed = isinstance(gate_up, Mxfp4Weight) and isinstance(down, Mxfp4Weight)

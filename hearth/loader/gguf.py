@@ -234,6 +234,24 @@ def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorI
     return version, metadata, infos, data_start
 
 
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
+
+
+def populate_map(buf: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Read `length` bytes of a map from `start` into memory now (MADV_POPULATE_READ), so that a load, not the first
+    request, pays for reading them; on older kernels, ask for them to be read ahead (MADV_WILLNEED)."""
+    if sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    first = start // page * page
+    length = (len(buf) - start if length is None else length) + start - first
+    try:
+        buf.madvise(MADV_POPULATE_READ, first, length)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            buf.madvise(mmap.MADV_WILLNEED, first, length)
+
+
 class GGUFFile:
     """An open GGUF file: plain-Python `metadata`, `tensor_infos`, and `iter_tensors()` over memory-mapped data."""
 
@@ -248,15 +266,56 @@ class GGUFFile:
         self.paths = paths or [path]  # every part's path, in order
         self.file_size = sum(len(b) for b in self._bufs)
 
-    def release_pages(self) -> None:
-        """Drop the file's pages from this process's resident set (Linux MADV_PAGEOUT): after loading, weights that
-        were repacked or copied are no longer read from the map, and pages still in use come back on access. Clean
-        file pages only; a page a tensor wrote to (its private copy) is kept."""
-        if sys.platform != "linux":
-            return
+    def header_bytes(self) -> bytes:
+        """Every part's bytes before its first tensor's data: magic, metadata and tensor table."""
+        out = b""
+        for part, buf in enumerate(self._bufs):
+            offsets = [t.offset for t in self.tensor_infos if t.part == part]
+            out += buf[: min(offsets, default=len(buf))]
+        return out
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """(address, length) of each part's map."""
+        spans = []
         for buf in self._bufs:
-            with contextlib.suppress(OSError, ValueError, AttributeError):  # kernels before 5.4 lack MADV_PAGEOUT (21)
-                buf.madvise(getattr(mmap, "MADV_PAGEOUT", 21))
+            probe = torch.frombuffer(buf, dtype=torch.uint8, count=1)  # the map's first byte, to learn its address
+            spans.append((probe.data_ptr(), len(buf)))
+        return spans
+
+    def mapped_ranges(self, tensors) -> list[tuple[int, int, int]]:
+        """(part, start, end) byte offsets in the maps of those of `tensors` that are views of them (others ignored)."""
+        spans, out = self._spans(), []
+        for t in tensors:
+            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            for part, (base, length) in enumerate(spans):
+                if base <= ptr < base + length:
+                    out.append((part, ptr - base, min(ptr - base + size, length)))
+                    break
+        return out
+
+    def populate(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Read the pages of `ranges` (from `mapped_ranges`: the weights kept as views of the file) into memory now."""
+        for part, start, end in ranges:
+            populate_map(self._bufs[part], start, end - start)
+
+    def release(self, ranges: list[tuple[int, int, int]], keep: list[tuple[int, int, int]] = ()) -> int:
+        """Unmap the whole pages of `ranges` (from `mapped_ranges`) from this process (Linux MADV_DONTNEED) once what
+        they held was copied or repacked, keeping the load's peak resident memory low; a range overlapping one of
+        `keep` (still viewed) is left alone. The pages stay in the page cache (the next load reads them from memory)
+        and an access would fault them back from the file. Returns the bytes released."""
+        if sys.platform != "linux" or not ranges:
+            return 0
+        page = mmap.PAGESIZE
+        released = 0
+        for part, start, end in ranges:
+            if any(p == part and s < end and start < e for p, s, e in keep):
+                continue
+            first, last = -(-start // page) * page, end // page * page
+            if last > first:
+                with contextlib.suppress(OSError, ValueError):
+                    self._bufs[part].madvise(mmap.MADV_DONTNEED, first, last - first)
+                    released += last - first
+        return released
 
     @property
     def architecture(self) -> str:

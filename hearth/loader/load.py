@@ -69,6 +69,13 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
     """Fill `model` from the checkpoint at `ref`; raise ModelLoadError for anything missing or unexpected."""
     start = time.perf_counter()
     loaded: set[tuple[str, str]] = set()
+    gguf_file = None
+    if ref.format == "gguf":
+        from hearth.loader.gguf import open_gguf
+
+        gguf_file = open_gguf(ref.path)
+    fed: dict[nn.Module, list[torch.Tensor]] = {}  # what each module was given, to unmap once it no longer reads it
+    cache = _RepackCacheUse(gguf_file, ref, model, dtype)
     rename = getattr(model, "checkpoint_name", None)  # a model's own modules for names outside its layers (DeepSeek's MTP)
 
     def dropped(name: str) -> bool:  # a module that keeps nothing (expert parallel: another rank's expert)
@@ -87,6 +94,7 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
                 continue  # e.g. DeepSeek's MTP layer, when it is not built
             raise ModelLoadError(ref.path, f"unexpected tensor {name!r} for {model.config.architecture}")
         module, kind, shard_id = target
+        fed.setdefault(module, []).append(tensor)
         try:
             if hasattr(module, "weight_loader"):
                 module.weight_loader(tensor, kind, shard_id)
@@ -98,24 +106,98 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
         except ValueError as e:
             raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
         loaded.add((name.rpartition(".")[0], kind))
-    gguf_file = None
-    if ref.format == "gguf":
-        from hearth.loader.gguf import open_gguf
-
-        gguf_file = open_gguf(ref.path)
+    released = 0
     for mod_name, module in reversed(list(model.named_modules())):  # children before parents
         if hasattr(module, "finalize"):
+            cache.before(mod_name, module)
             try:
                 module.finalize(dtype, keep_quantized)
             except ValueError as e:
                 raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
-            if gguf_file is not None:  # what it repacked is no longer read from the map: keep the peak low
-                gguf_file.release_pages()
+            cache.after(mod_name, module)
+            if gguf_file is not None and module in fed:  # what it copied or repacked: keep the load's peak low
+                released += _release(gguf_file, module, fed.pop(module))
         elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
             raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
-    if gguf_file is not None:  # repacked and copied weights no longer read the file's map: let its pages go
-        gguf_file.release_pages()
-    logger.info("loaded %s in %.1fs", ref.path, time.perf_counter() - start)
+    if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
+        released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
+        gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)))  # weights kept as views: read them now
+    note = cache.finish()
+    logger.info("loaded %s in %.1fs%s", ref.path, time.perf_counter() - start, note)
+    if released:
+        logger.debug("unmapped %.2f GB of the file that was copied or repacked", released / 1e9)
+
+
+class _RepackCacheUse:
+    """One load's use of the repack cache (loader/repack_cache.py): modules with `use_repacked` get their weights
+    from a valid cache before `finalize`; if any had to repack, every module's `repacked_state()` is written as the
+    new cache at the end."""
+
+    def __init__(self, gguf_file, ref: ModelRef, model: nn.Module, dtype: torch.dtype):
+        from hearth.loader import repack_cache
+
+        self.cache, self.key, self.state, self.stale, self.hits = None, None, {}, False, 0
+        self.ref = ref
+        if gguf_file is None or not repack_cache.enabled() or not any(hasattr(m, "use_repacked") for m in model.modules()):
+            return
+        from hearth.layers.distributed import get_tensor_parallel
+
+        tp = get_tensor_parallel()  # a rank repacks only its experts: its share has a cache of its own
+        shard = f".rank{tp.rank}-of-{tp.size}" if tp.size > 1 else ""
+        self.key = repack_cache.cache_key(gguf_file.paths, gguf_file.header_bytes(), dtype, shard)
+        self.cache = repack_cache.open_cache(ref.path, self.key)
+        self.stale = self.cache is None
+
+    def before(self, name: str, module: nn.Module) -> None:
+        if self.cache is None or not hasattr(module, "use_repacked"):
+            return
+        prefix = name + "."
+        state = {k.removeprefix(prefix): v for k, v in self.cache.tensors.items() if k.startswith(prefix)}
+        if not module.use_repacked(state):
+            self.stale = True
+
+    def after(self, name: str, module: nn.Module) -> None:
+        if self.key is None or not hasattr(module, "repacked_state"):
+            return
+        state = module.repacked_state()
+        if getattr(module, "from_cache", False):
+            self.hits += 1
+        elif state:
+            self.stale = True
+        self.state.update({f"{name}.{k}": v for k, v in state.items()})
+
+    def finish(self) -> str:
+        """Writes the cache if it was missing or stale; a note for the load's log line."""
+        from hearth.loader import repack_cache
+
+        if self.cache is not None and set(self.cache.tensors) != set(self.state):
+            self.stale = True
+        if self.key is None or not self.state:
+            return ""
+        if not self.stale:
+            return f" (repacked weights of {self.hits} layers mapped from the repack cache {self.cache.path})"
+        path = repack_cache.write_cache(self.ref.path, self.key, self.state)
+        return f" (weights repacked; repack cache written to {path})" if path else " (weights repacked; no cache)"
+
+
+def _release(gguf_file, model: nn.Module, tensors: list[torch.Tensor]) -> int:
+    """Unmap the pages of `tensors` (views of the GGUF file) that no weight of `model` still views (a module's tensors
+    went to it alone, so once it is finalized only it can view them)."""
+    ranges = gguf_file.mapped_ranges(t for x in tensors for t in _tensors(x))
+    if not ranges:
+        return 0
+    return gguf_file.release(ranges, keep=gguf_file.mapped_ranges(_model_tensors(model)))
+
+
+def _model_tensors(model: nn.Module):
+    """Every tensor a module of `model` holds: parameters, buffers, and attributes (dataclasses, dicts, lists of them;
+    loaded tensors a module keeps for its finalize included)."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name == "_modules":
+                continue
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                yield from _tensors(v)
 
 
 def checkpoint_weight_bytes(ref: ModelRef, keep_quantized: bool, element_bytes: int) -> int:

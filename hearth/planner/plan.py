@@ -23,10 +23,12 @@ HEADROOM_FRACTION = 0.10
 RUNTIME_OVERHEAD_BYTES = 1 << 30
 APPLE_GPU_FRACTION = 0.75  # Apple silicon: macOS lets the GPU wire ~75% of unified memory by default
 # Decode roofline: a step reads the touched weights once plus every sequence's KV cache; achieved bandwidth is taken as
-# 70% of the catalogue (or probed) figure. Plus a per-layer cost beyond the bandwidth share, per step: on CPU 20 µs
-# (the fused decode's barriers), calibrated against SmolLM2's (30 layers) measured decode (docs/performance.md); on
-# accelerators a few kernel launches per layer.
+# 70% of the catalogue figure. On CPU the bandwidth is this machine's own read probe (hardware.measure_read_bandwidth),
+# what decode does, and Hearth's decode reaches 74-89% of it (gpt-oss-20b, SmolLM2; docs/performance.md): 80%. Plus a
+# per-layer cost beyond the bandwidth share, per step: on CPU 20 µs (the fused decode's barriers), calibrated against
+# SmolLM2's (30 layers) measured decode; on accelerators a few kernel launches per layer.
 DECODE_EFFICIENCY = 0.70
+CPU_DECODE_EFFICIENCY = 0.80
 LAYER_OVERHEAD_S = {"cpu": 2e-5, "gpu": 2e-5, "apple": 5e-5, "npu": 5e-5}
 # Prefill: 2 FLOPs per active parameter per token (attention's context-dependent FLOPs left out, so long prompts
 # come out optimistic) at 50% of the device's dense throughput for the format's compute type.
@@ -114,14 +116,32 @@ def kv_copies(config: ModelConfig, devices: int) -> int:
     return devices if config.kv_lora_rank else 1
 
 
+@dataclass(slots=True, frozen=True)
+class FileBytes:
+    """A local file's weight bytes as a decode step reads them (from its tensor table): `dense` read every step,
+    `experts` the routed experts' tensors, of which each token reads `expert_fraction` (top-k / experts)."""
+
+    dense: int
+    experts: int = 0
+    expert_fraction: float = 0.0
+
+    def touched(self, batch: int = 1) -> float:
+        """Bytes one step of `batch` sequences reads: the expected union of their experts, as TensorGroup.touched."""
+        return self.dense + self.experts * (1.0 - (1.0 - self.expert_fraction) ** batch)
+
+
+def decode_efficiency(hw: Hardware) -> float:
+    return CPU_DECODE_EFFICIENCY if hw.kind == "cpu" else DECODE_EFFICIENCY
+
+
 def decode_tok_s(cfg: ModelConfig, params: ParamCount, fmt: str, hw: Hardware, context: int, concurrency: int,
-                 scale: float = 1.0) -> float:  # fmt: skip
-    """Per-sequence decode tokens/s: one step reads the weights touched by `concurrency` tokens plus each sequence's
-    KV cache at `context` (on every device that holds a copy), at DECODE_EFFICIENCY × bandwidth, capped by compute;
-    `scale` rescales weight bytes."""
-    kv_step = concurrency * kv_bytes(kv_spec(cfg), context) * kv_copies(cfg, hw.devices)
-    step_bytes = touched_bytes(params, fmt, concurrency) * scale + kv_step
-    step_s = step_bytes / (hw.bandwidth * DECODE_EFFICIENCY)
+                 scale: float = 1.0, file_bytes: FileBytes | None = None) -> float:  # fmt: skip
+    """Per-sequence decode tokens/s: one step reads the weights touched by `concurrency` tokens (a local file's own
+    byte counts when given, else the format's estimate × `scale`) plus each sequence's KV cache at `context` (on every
+    device that holds a copy), at `decode_efficiency` × bandwidth, capped by compute."""
+    weights = file_bytes.touched(concurrency) if file_bytes else touched_bytes(params, fmt, concurrency) * scale
+    step_bytes = weights + concurrency * kv_bytes(kv_spec(cfg), context) * kv_copies(cfg, hw.devices)
+    step_s = step_bytes / (hw.bandwidth * decode_efficiency(hw))
     step_s += cfg.num_hidden_layers * LAYER_OVERHEAD_S.get(hw.kind, 2e-5)
     flops = hw.flops.get(compute_type(fmt, hw))
     if flops:
@@ -140,9 +160,10 @@ def per_device_kv_bytes_per_token(config: ModelConfig, devices: int) -> int:
 
 
 def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, concurrency: int = 1,
-         format: str | None = None, model: str = "", weights_bytes_override: int | None = None) -> Plan:  # fmt: skip
+         format: str | None = None, model: str = "", weights_bytes_override: int | None = None,
+         file_bytes: FileBytes | None = None) -> Plan:  # fmt: skip
     """Memory, fit and speed of `config` in `format` on `hardware`. `weights_bytes_override`: the real size of a
-    local file (GGUF), used instead of the format's estimate."""
+    local file (GGUF), used instead of the format's estimate; `file_bytes`: what of it a decode step reads."""
     params = count_params(config)
     fmt = format or native_format(config)
     if fmt not in allowed_formats(config) and weights_bytes_override is None:
@@ -162,7 +183,7 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
     memory = weights + concurrency * per_seq * copies
     usable = usable_bytes(hardware)
     fits = memory <= usable and context <= config.max_position_embeddings
-    decode = decode_tok_s(config, params, fmt, hardware, context, concurrency, scale)
+    decode = decode_tok_s(config, params, fmt, hardware, context, concurrency, scale, file_bytes)
     compute = compute_type(fmt, hardware)
     flops = hardware.flops.get(compute)
     result = Plan(
@@ -184,13 +205,18 @@ def plan(config: ModelConfig, hardware: Hardware, context: int | None = None, co
             f"{RUNTIME_OVERHEAD_BYTES >> 30} GiB per device)",
             f"KV cache {KV_DTYPE}; memory = weights + concurrency × KV at the full context"
             + (f" × {copies} devices (MLA's latent cache is replicated on each, not divided)" if copies > 1 else ""),
-            f"decode = {DECODE_EFFICIENCY:.0%} of bandwidth / (weights touched + KV read per step) "
+            f"decode = {decode_efficiency(hardware):.0%} of {hardware.bandwidth / 1e9:.1f} GB/s / (weights touched"
+            f"{' (this file: ' + _gb(file_bytes.touched(concurrency)) + ')' if file_bytes else ''} + KV read per step) "
             f"+ {LAYER_OVERHEAD_S.get(hardware.kind, 2e-5) * 1e6:.0f} µs per layer dispatch",
             f"prefill = {PREFILL_EFFICIENCY:.0%} of dense {compute} FLOP/s / (2 × active params)",
         ],
     )  # fmt: skip
     result.advice = _advice(config, params, hardware, result)
     return result
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 def _advice(cfg: ModelConfig, params: ParamCount, hw: Hardware, p: Plan) -> list[str]:

@@ -137,6 +137,18 @@ def from_gguf(data: torch.Tensor, shape: tuple[int, ...]) -> Mxfp4Weight:
     """GGUF MXFP4 bytes (17-byte blocks: e8m0 scale, then 16 bytes with values k / k+16 in the low / high nibbles)
     of a tensor of logical `shape` [..., rows, cols] → HF-layout Mxfp4Weight."""
     *lead, cols = shape
+    from hearth.kernels import mxfp4_cpu
+
+    rows, groups = math.prod(lead), cols // BLOCK
+    if mxfp4_cpu.available() and data.numel() * data.element_size() == rows * groups * 17:  # one pass in C
+        blocks, scales = mxfp4_cpu.gguf_to_hf(data.contiguous().view(torch.uint8).reshape(-1), rows, groups)
+        return Mxfp4Weight(blocks.reshape(*lead, groups, 16), scales.reshape(*lead, groups))
+    return from_gguf_ref(data, shape)
+
+
+def from_gguf_ref(data: torch.Tensor, shape: tuple[int, ...]) -> Mxfp4Weight:
+    """`from_gguf` in plain torch."""
+    *lead, cols = shape
     raw = data.contiguous().view(torch.uint8).reshape(*lead, cols // BLOCK, 17)
     scales = raw[..., 0].contiguous()
     qs = raw[..., 1:]

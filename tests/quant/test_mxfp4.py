@@ -6,6 +6,8 @@
 | mxfp4_matmul, bf16 x                       | mxfp4_matmul_ref                                  | 1e-2 (bf16 output)       |
 | repack -> unpack (C and torch repack)      | the original blocks / scales                      | exact                    |
 | repack in C (mxfp4_repack_r16)             | repack_ref (torch)                                | byte for byte            |
+| repack_gguf (GGUF bytes -> R16, C / torch) | from_gguf per part, rows interleaved, repack_ref  | byte for byte            |
+| from_gguf in C (mxfp4_gguf_to_hf)          | from_gguf_ref (torch)                             | byte for byte            |
 | moe_q8 (int8 x, repacked W), M = 1..20     | moe_q8_ref: same int8 x, exact W, float64         | 1e-5 (float32 rounding)  |
 | GptOssExperts in bf16 (grouped moe_q8)     | moe_ref over moe_q8_ref linears / exact experts   | 2^-7 / 5e-2              |
 """
@@ -116,6 +118,42 @@ def test_repack_in_c_equals_torch(lead, n, k):
         ours = mxfp4_cpu.repack(blocks.flatten(0, -4)[::2], scales.flatten(0, -3)[::2])
         ref = mxfp4_cpu.repack_ref(blocks.flatten(0, -4)[::2].contiguous(), scales.flatten(0, -3)[::2].contiguous())
         assert torch.equal(ours.qs, ref.qs) and torch.equal(ours.sc, ref.sc)
+
+
+@pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler")
+@pytest.mark.parametrize("lead,cols", [((1,), 32), ((7,), 64), ((3, 40), 96), ((2, 5), 2880)])
+def test_from_gguf_in_c_equals_torch(lead, cols):
+    """from_gguf (one C pass, mxfp4_gguf_to_hf) writes the same HF-layout bytes as from_gguf_ref (torch)."""
+    raw = torch.randint(0, 256, (*lead, cols // 32 * 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(cols))
+    ours, ref = mxfp4.from_gguf(raw, (*lead, cols)), mxfp4.from_gguf_ref(raw, (*lead, cols))
+    assert ours.blocks.shape == ref.blocks.shape and ours.scales.shape == ref.scales.shape
+    assert torch.equal(ours.blocks, ref.blocks) and torch.equal(ours.scales, ref.scales)
+
+
+@pytest.mark.parametrize("experts,n,k,parts", [(1, 16, 32, 1), (3, 7, 64, 1), (2, 40, 96, 2), (4, 34, 128, 2),
+                                                 (2, 300, 64, 1), (1, 6, 32, 3)])  # fmt: skip
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["c", "torch"])
+def test_repack_gguf_equals_hf_repack(experts, n, k, parts, use_kernel, monkeypatch):
+    """GGUF MXFP4 bytes straight to R16 (mxfp4_gguf_repack_r16, or repack_gguf_ref without the C library) equal the
+    HF-layout path: each part through from_gguf, rows interleaved part by part, then repack; padding rows zero."""
+    if use_kernel and not mxfp4_cpu.available():
+        pytest.skip("no C compiler")
+    if not use_kernel:
+        monkeypatch.setattr(mxfp4_cpu, "_get", lambda: None)
+    gen = torch.Generator().manual_seed(n + k)
+    raws = [torch.randint(0, 256, (experts, n // parts, k // 32 * 17), dtype=torch.uint8, generator=gen)
+            for _ in range(parts)]  # fmt: skip
+    ours = mxfp4_cpu.repack_gguf(raws, n, k)
+    hf = [mxfp4.from_gguf(r, (experts, n // parts, k)) for r in raws]
+    blocks = torch.stack([w.blocks for w in hf], dim=2).reshape(experts, n, k // 32, 16)
+    scales = torch.stack([w.scales for w in hf], dim=2).reshape(experts, n, k // 32)
+    ref = mxfp4_cpu.repack_ref(blocks, scales)
+    assert ours.shape == (experts, n, k) and ours.qs.shape == ref.qs.shape and ours.sc.shape == ref.sc.shape
+    assert torch.equal(ours.qs, ref.qs) and torch.equal(ours.sc, ref.sc)
+    back_blocks, back_scales = mxfp4_cpu.unpack(ours)
+    assert torch.equal(back_blocks, blocks) and torch.equal(back_scales, scales)
+    if parts == 2:  # gate_up's rows alternate gate, up: row 2i of expert 1 is gate's row i
+        assert torch.equal(back_blocks[1, 0::2], hf[0].blocks[1]) and torch.equal(back_scales[1, 1::2], hf[1].scales[1])
 
 
 @pytest.mark.skipif(not mxfp4_cpu.available(), reason="no C compiler")
