@@ -6,10 +6,14 @@ latency p50 per server and concurrency, as JSON lines (and a PNG plot with --plo
 
     python benchmarks/serving.py --concurrency 1 4 16 64 --peers llama-server llama-cpp-python --plot serving.png
     python benchmarks/serving.py --model FILE.gguf --chat --concurrency 4 --peers llama-server \
-        --llama-server-arg=--chat-template=gpt-oss      # chat clients on a gpt-oss file, llama-server with 4 slots
+        --llama-server-arg=--jinja --llama-server-arg=--chat-template-file \
+        --llama-server-arg=benchmarks/harmony_chat.jinja   # chat clients on a gpt-oss file, llama-server with 4 slots
 
 `--chat` sends the prompts as one user message to /v1/chat/completions and counts every streamed delta (content,
-reasoning or tool-call text); tokens come from the final usage chunk where the server sends one.
+reasoning or tool-call text); tokens come from the final usage chunk where the server sends one. For a GGUF without a
+chat template give llama-server the one Hearth applies (benchmarks/harmony_chat.jinja for gpt-oss): its built-in
+`--chat-template gpt-oss` drops the user's text (4 prompt tokens a request). On random weights the output is no valid
+harmony, so Hearth's parser holds the text to the end: TTFT is then the request's time; tok/s is unaffected.
 
 Peers (optional, never installed by the tests): `llama-cpp-python` needs the `bench` extra; `llama-server` needs a
 binary (--llama-server PATH, default .bench/llama-server, built by benchmarks/build_llama_server.sh).
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         dest="llama_server_args",
         metavar="ARG",
-        help="an extra llama-server option, repeatable: --llama-server-arg=--chat-template=gpt-oss",
+        help="an extra llama-server option, repeatable: --llama-server-arg=--jinja",
     )
     parser.add_argument("--chat", action="store_true", help="chat clients (/v1/chat/completions) instead of completions")
     parser.add_argument("--out", help="append JSON lines here")
