@@ -216,9 +216,9 @@ static inline int64_t decode_chunks(int64_t max_len) { return (max_len + ATT_CHU
 // M sequences' query heads q[m] (Hq x D floats, `qstride` apart) against their cached keys and values: kc/vc point
 // at KV head 0 of slot 0, slots `kvstride` values apart, KV head g at + g*D; sequence m reads keys [start, len) of
 // lens[m] through its block table tables + m * max_blocks (start = len - window with a window, else 0). out[m]:
-// Hq x D floats `ostride` apart. sinks: Hq floats (a value-less logit per head in the denominator) or NULL. Call from inside an OpenMP parallel region (its loops are orphaned `omp for`s);
-// abuf: decode_scratch_floats per thread, parts: M * Hkv * nchunks * G * (2 + D) floats (nchunks = decode_chunks of
-// the longest context).
+// Hq x D floats `ostride` apart. sinks: Hq floats (a value-less logit per head in the denominator) or NULL.
+// Call from inside an OpenMP parallel region (its loops are orphaned `omp for`s); abuf: decode_scratch_floats per
+// thread, parts: M * Hkv * nchunks * G * (2 + D) floats (nchunks = decode_chunks of the longest context).
 static void decode_attention(int64_t M, const float *q, int64_t qstride, int64_t Hq, int64_t Hkv, int64_t D,
                              const uint16_t *kc, const uint16_t *vc, int64_t kvstride, const int64_t *tables,
                              int64_t max_blocks, int64_t bs, const int64_t *lens, int64_t window, float scale,
