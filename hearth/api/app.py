@@ -30,25 +30,11 @@ from hearth.api.models import LeaseMiddleware, ModelRegistry
 from hearth.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from hearth.api.responses import ResponsesRequest
 from hearth.api.state import ServerState
-from hearth.engine.protocol import EngineClient, EngineStats
+from hearth.engine.protocol import EngineClient
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"  # the web chat page
-
-
-def aggregate_stats(states: list[ServerState]) -> EngineStats:
-    """The engines' stats summed (the KV cache usage over all their blocks), for /metrics."""
-    total = EngineStats()
-    used = 0.0
-    for s in states:
-        stats = s.engine.stats
-        total.num_running += stats.num_running
-        total.num_waiting += stats.num_waiting
-        total.num_kvcache_blocks += stats.num_kvcache_blocks
-        used += stats.kv_cache_usage * stats.num_kvcache_blocks
-    total.kv_cache_usage = used / total.num_kvcache_blocks if total.num_kvcache_blocks else 0.0
-    return total
 
 
 def create_app(engine: EngineClient | None, tokenizer: Any, chat_template: Any, served_model_name: str | None, *,
@@ -172,7 +158,8 @@ def create_app(engine: EngineClient | None, tokenizer: Any, chat_template: Any, 
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        metrics.update_engine(aggregate_stats([e.state for e in registry.loaded() if e.state.engine is not None]))
+        metrics.update_engines({(e.name, id(e.state.engine)): e.state.engine.stats for e in registry.loaded()
+                                if e.state.engine is not None})  # fmt: skip
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # the web chat page and its assets: public (no key), so the page can load and then ask for one

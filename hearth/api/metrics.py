@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,21 +41,28 @@ class Metrics:
                                          registry=registry)  # fmt: skip
         self.spec_accepted_tokens = Counter("hearth_spec_decode_num_accepted_tokens", "Speculative draft tokens kept",
                                             registry=registry)  # fmt: skip
-        self._spec_seen = (0, 0)  # the engine's totals already counted
+        self._spec_seen: dict[Hashable, tuple[int, int]] = {}  # each engine's totals already counted
 
-    def update_engine(self, stats: EngineStats) -> None:
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
-        self.num_kvcache_blocks.set(stats.num_kvcache_blocks)
-        # the engine keeps running totals; the counters advance by what is new (a restarted engine starts over at 0)
-        drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
-        seen_drafted, seen_accepted = self._spec_seen
-        if drafted < seen_drafted or accepted < seen_accepted:
-            seen_drafted = seen_accepted = 0
-        self.spec_draft_tokens.inc(drafted - seen_drafted)
-        self.spec_accepted_tokens.inc(accepted - seen_accepted)
-        self._spec_seen = (drafted, accepted)
+    def update_engines(self, engines: dict[Hashable, EngineStats]) -> None:
+        """The gauges from the loaded engines' stats summed (KV usage over all their blocks); the speculative counters
+        advance by what each engine (a key per engine instance) added since the last call, so a reloaded engine or
+        an unloaded neighbour never makes another's totals count twice."""
+        stats = list(engines.values())
+        blocks = sum(e.num_kvcache_blocks for e in stats)
+        self.num_requests_running.set(sum(e.num_running for e in stats))
+        self.num_requests_waiting.set(sum(e.num_waiting for e in stats))
+        self.kv_cache_usage.set(sum(e.kv_cache_usage * e.num_kvcache_blocks for e in stats) / blocks if blocks else 0.0)
+        self.num_kvcache_blocks.set(blocks)
+        seen = {}
+        for key, e in engines.items():
+            drafted, accepted = e.num_draft_tokens, e.num_accepted_tokens
+            seen_drafted, seen_accepted = self._spec_seen.get(key, (0, 0))
+            if drafted < seen_drafted or accepted < seen_accepted:  # totals that went back: counted from 0
+                seen_drafted = seen_accepted = 0
+            self.spec_draft_tokens.inc(drafted - seen_drafted)
+            self.spec_accepted_tokens.inc(accepted - seen_accepted)
+            seen[key] = (drafted, accepted)
+        self._spec_seen = seen  # engines gone since the last call are forgotten
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,11 +53,13 @@ class FakeEngine:
         self.calls: list[tuple[list[int], SamplingParams, str]] = []
         self.aborted: list[str] = []
         self.active: set[str] = set()
+        self.spec_totals = (0, 0)  # speculative draft tokens scored and kept, as the engine's running totals
 
     @property
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.active), num_waiting=0, kv_cache_usage=len(self.active) / 10,
-                           num_kvcache_blocks=10)  # fmt: skip
+                           num_kvcache_blocks=10, num_draft_tokens=self.spec_totals[0],
+                           num_accepted_tokens=self.spec_totals[1])  # fmt: skip
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         self.calls.append((prompt_ids, params, request_id))
@@ -170,6 +172,10 @@ def test_metrics_own_registry(client, engine):
     assert "hearth_time_to_first_token_seconds_count 1.0" in text
     assert "hearth_time_per_output_token_seconds_count 27.0" in text
     assert "hearth_num_requests_waiting 0.0" in text and "hearth_kv_cache_usage_ratio 0.0" in text
+    engine.spec_totals = (8, 5)  # the engine's speculative totals reach the counters
+    text = client.get("/metrics").text
+    assert "hearth_spec_decode_num_draft_tokens_total 8.0" in text
+    assert "hearth_spec_decode_num_accepted_tokens_total 5.0" in text
     # a second app has its own registry: nothing counted yet
     with TestClient(make_app(FakeEngine())) as other:
         assert "hearth_requests_total{" not in other.get("/metrics").text
