@@ -323,6 +323,7 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     `sequential`: never two runtimes in memory at once, each round loads each anew (`_run_sequential`); None: so when
     peers are compared on a file larger than a quarter of RAM."""
     from hearth.loader.resolve import resolve_model
+    from hearth.planner.hardware import ram_bytes
 
     ref = resolve_model(model)
     for peer in vs:
@@ -344,7 +345,7 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     record["bandwidth_probe_gb_s"] = round(memory_bandwidth(num_threads=threads), 1)  # copy: read + write
     record["read_bandwidth_gb_s"] = round(read_bandwidth(num_threads=threads), 1)
     if sequential is None:  # files that two runtimes could not hold at once
-        sequential = bool(vs) and bool(record["model_file_mb"]) and record["model_file_mb"] * 1e6 > total_ram() / 4
+        sequential = bool(vs) and bool(record["model_file_mb"]) and record["model_file_mb"] * 1e6 > ram_bytes() / 4
     record["sequential"] = sequential
     names = ["hearth", *vs]
     paths = {"hearth": model, **{p: ref.path for p in vs}}
@@ -440,14 +441,6 @@ def _run_sequential(names: list[str], paths: dict, opts: dict, repeat: int, prom
         base = {"load_s": round(statistics.median(loads), 2), "load_spread": _summary(loads), **stats[name]}
         out[name] = _entry(runs[name], base)
     return out
-
-
-def total_ram() -> int:
-    """Bytes of RAM on this machine."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
 
 
 def physical_cores() -> int:

@@ -204,13 +204,11 @@ class PreparedChat:
     request_id: str
     subs: list[SubRequest]
     parsers: list[ChoiceParser]
-    with_tools: bool
-    has_reasoning: bool
 
     def usage(self, counter: UsageCounter) -> Usage:
         """The counter's usage, with the reasoning tokens the parsers counted (for reasoning models)."""
         usage = counter.usage()
-        if self.has_reasoning:
+        if self.state.chat_format.has_reasoning:
             counter.reasoning_tokens = sum(p.num_reasoning_tokens for p in self.parsers)
             usage.completion_tokens_details.reasoning_tokens = counter.reasoning_tokens
         return usage
@@ -226,10 +224,8 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest, request:
     n = body.n
     request_id = f"{id_prefix}{uuid.uuid4().hex}"
     subs, tool_parser = await chat_subrequests(state, body, request, request_id)
-    fmt = state.chat_format
     with_tools = request_tools(body) is not None
-    return PreparedChat(state, request_id, subs, [ChoiceParser(state, with_tools, tool_parser) for _ in range(n)], with_tools,
-                        fmt.has_reasoning)  # fmt: skip
+    return PreparedChat(state, request_id, subs, [ChoiceParser(state, with_tools, tool_parser) for _ in range(n)])
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:

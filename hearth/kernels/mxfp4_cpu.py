@@ -189,12 +189,12 @@ def gguf_to_hf(data: torch.Tensor, rows: int, groups: int) -> tuple[torch.Tensor
 
 
 def repack_gguf_ref(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:
-    """`repack_gguf` in plain torch: each part to the HF layout (quant/mxfp4's from_gguf), rows interleaved, then
+    """`repack_gguf` in plain torch: each part to the HF layout (quant/mxfp4's from_gguf_ref), rows interleaved, then
     `repack_ref`."""
-    from hearth.quant.mxfp4 import from_gguf
+    from hearth.quant.mxfp4 import from_gguf_ref
 
     experts, num_parts = parts[0].shape[0], len(parts)
-    hf = [from_gguf(p, (experts, n // num_parts, k)) for p in parts]
+    hf = [from_gguf_ref(p, (experts, n // num_parts, k)) for p in parts]
     blocks = torch.stack([w.blocks for w in hf], dim=2).flatten(1, 2)
     scales = torch.stack([w.scales for w in hf], dim=2).flatten(1, 2)
     return repack_ref(blocks, scales)

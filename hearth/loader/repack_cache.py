@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -104,7 +105,7 @@ def _read(path: str, key: dict, populate: bool = True) -> RepackCache | None:
         for name, s in specs.items():
             dtype, shape = DTYPES[s["dtype"]], tuple(int(d) for d in s["shape"])
             count = s["nbytes"] // dtype.itemsize
-            if s["offset"] % ALIGN or s["offset"] < 16 + length or count != _numel(shape):
+            if s["offset"] % ALIGN or s["offset"] < 16 + length or count != math.prod(shape):
                 raise ValueError(f"tensor {name!r} has a bad offset or size")
             view = torch.frombuffer(buf, dtype=torch.uint8, count=s["nbytes"], offset=s["offset"]) if count else None
             tensors[name] = view.view(dtype).reshape(shape) if view is not None else torch.empty(shape, dtype=dtype)
@@ -114,13 +115,6 @@ def _read(path: str, key: dict, populate: bool = True) -> RepackCache | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         logger.debug("repack cache %s not used: %s", path, e)
         return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def open_cache(model_path: str, key: dict) -> RepackCache | None:
