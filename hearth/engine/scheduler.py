@@ -166,6 +166,8 @@ class Scheduler:
                 emitted = verified[seq.seq_id]
                 drafted, kept = len(seq.spec_tokens), len(emitted) - 1
                 seq.spec_last = (drafted, kept)
+                seq.num_draft_tokens += drafted
+                seq.num_accepted_tokens += kept
                 self.num_draft_tokens += drafted
                 self.num_accepted_tokens += kept
                 self._keep_drafts(seq, 0)

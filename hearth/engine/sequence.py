@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "num_cached_tokens", "block_tables", "block_hashes", "params", "generator", "finish_reason", "logprobs",
                  "num_preemptions", "arrival_step", "grammar", "spec_tokens", "spec_probs", "spec_k", "spec_skip",
-                 "spec_misses", "spec_pauses", "spec_last")  # fmt: skip
+                 "spec_misses", "spec_pauses", "spec_last", "num_draft_tokens", "num_accepted_tokens")  # fmt: skip
     _counter = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -53,6 +53,8 @@ class Sequence:
         self.spec_misses = 0  # verifications in a row that kept no draft
         self.spec_pauses = 0  # times speculation was paused for this sequence
         self.spec_last: tuple[int, int] | None = None  # (drafted, accepted) of the last verification
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def block_table(self) -> list[int]:

@@ -354,7 +354,7 @@ def test_x_api_key_works_and_refusals_are_in_anthropic_shape(keyed, caplog):
                      headers={"x-api-key": key})  # fmt: skip
     assert ok.status_code == 200  # the key's second request this minute, its last
     message = anthropic_error(client.post("/v1/messages", json={}, headers={"x-api-key": key}), 429, "rate_limit_error")
-    assert "per minute" in message or "limit" in message
+    assert "2 requests per minute" in message
     secret = key.split("_", 2)[2]
     assert "prompt tokens" in caplog.text  # the request was logged, and the keys were not:
     assert secret not in caplog.text and "wrong" not in caplog.text

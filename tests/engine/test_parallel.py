@@ -239,7 +239,9 @@ def test_smollm2_gguf_tp2_default_arithmetic(smollm2_path):
         with LLM(smollm2_path, max_model_len=256, tensor_parallel_size=tp) as llm:
             fused[tp] = llm.engine.runner.fused_decode is not None
             outs[tp] = llm.generate(SMOLLM2_PROMPTS_32, params)
-    assert fused == {1: True, 2: True}
+    if not fused[1]:
+        pytest.skip("no fused decode step here (the C kernels are not built)")
+    assert fused[2]  # tp=2 takes the fused step when tp=1 does
     same, first_diff, margins = 0, [], []
     for a, b in zip(outs[1], outs[2]):
         top_b = dict(b.logprobs[0].top)
@@ -254,7 +256,7 @@ def test_smollm2_gguf_tp2_default_arithmetic(smollm2_path):
     print(f"identical {same}/32, first-token logprobs within {max(first_diff):.3f}, parting margins {sorted(margins)}")
     assert same >= 9
     assert max(first_diff) <= 0.3
-    assert max(margins) <= 0.5
+    assert max(margins, default=0.0) <= 0.5  # no margins: every continuation identical
 
 
 def test_a_hung_rank_times_out(tiny_llama3):

@@ -153,6 +153,15 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], arr
     return [outputs[f"r{i}"] for i in range(len(requests))]
 
 
+def run_plain(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], **kwargs) -> list[list[int]]:
+    """`run` with speculation off, put back afterwards even when the run fails (the engine fixtures are shared)."""
+    speculator, engine.speculator = engine.speculator, None
+    try:
+        return run(engine, requests, **kwargs)
+    finally:
+        engine.speculator = speculator
+
+
 def repeating_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     words = ["river", "stone", "light", "old", "city", "song", "cloud", "paper", "quick", "idea", "north", "green"]
@@ -183,9 +192,7 @@ def test_ngram_greedy_equals_plain_decoding_on_smollm2(smollm2_engine):
     engine = smollm2_engine
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 32)]
-    speculator, engine.speculator = engine.speculator, None
-    plain = run(engine, requests, arrivals=4)
-    engine.speculator = speculator
+    plain = run_plain(engine, requests, arrivals=4)
     drafted, kept = engine.scheduler.num_draft_tokens, engine.scheduler.num_accepted_tokens
     speculative = run(engine, requests, arrivals=4)
     for i, (a, b) in enumerate(zip(plain, speculative)):
@@ -201,18 +208,14 @@ def test_ngram_stops_where_plain_decoding_stops(smollm2_engine):
     engine = smollm2_engine
     (prompt,) = repeating_prompts(engine.tokenizer, 1, seed=5)
     free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    speculator, engine.speculator = engine.speculator, None
-    (reference,) = run(engine, [(prompt, free)])
-    engine.speculator = speculator
+    (reference,) = run_plain(engine, [(prompt, free)])
     text = engine.tokenizer.decode(reference)
     stop_token = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop_token_ids=[reference[9]])
     stop_string = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[text[len(text) // 2 :][:6]])
     results = run(engine, [(prompt, stop_token), (prompt, stop_string), (prompt, free)])
     assert results[0] == reference[: reference.index(reference[9]) + 1]
     assert results[2] == reference
-    speculator, engine.speculator = engine.speculator, None
-    (expected,) = run(engine, [(prompt, stop_string)])
-    engine.speculator = speculator
+    (expected,) = run_plain(engine, [(prompt, stop_string)])
     assert results[1] == expected and len(expected) < len(reference)
 
 
@@ -308,9 +311,7 @@ def test_smollm2_as_its_own_draft_model_gives_plain_greedy_output(smollm2_engine
     drafted = LLMEngine(resolve_model("smollm2"), config)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 8, seed=9)]
-    speculator, engine.speculator = engine.speculator, None
-    expected = run(engine, requests, arrivals=4)
-    engine.speculator = speculator
+    expected = run_plain(engine, requests, arrivals=4)
     assert run(drafted, requests, arrivals=4) == expected
     sched = drafted.scheduler
     assert sched.num_accepted_tokens >= 0.9 * sched.num_draft_tokens > 0  # the same model guesses itself
@@ -359,9 +360,7 @@ def test_fused_decode_verification_equals_plain_decoding_in_bf16():
         pytest.skip("no fused decode step on this machine (C kernels)")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     requests = [(ids, params) for ids in repeating_prompts(engine.tokenizer, 6, seed=21)]
-    speculator, engine.speculator = engine.speculator, None
-    expected = run(engine, requests, arrivals=2)
-    engine.speculator = speculator
+    expected = run_plain(engine, requests, arrivals=2)
     assert run(engine, requests, arrivals=2) == expected
     assert engine.scheduler.num_accepted_tokens > 6
 
@@ -394,16 +393,14 @@ def test_a_grammar_request_is_never_drafted_and_still_holds(smollm2_engine):
     free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     constrained = SamplingParams(temperature=0, max_tokens=40, grammar=Grammar("regex", "[0-9]{3}-[a-z]{2}"))
     requests = [(prompts[0], constrained), (prompts[1], free), (prompts[2], free)]
-    speculator, engine.speculator = engine.speculator, None
-    plain = run(engine, requests)
-    engine.speculator = speculator
+    plain = run_plain(engine, requests)
     drafted = engine.scheduler.num_draft_tokens
     seqs: list = []
-    max_batch, speculator.max_batch = speculator.max_batch, 8  # all three would be drafted for
+    max_batch, engine.speculator.max_batch = engine.speculator.max_batch, 8  # all three would be drafted for
     try:
         speculative = run(engine, requests, seqs=seqs)
     finally:
-        speculator.max_batch = max_batch
+        engine.speculator.max_batch = max_batch
     assert speculative == plain
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", engine.tokenizer.decode(speculative[0])), speculative[0]
     assert seqs[0].num_draft_tokens == 0 and engine.scheduler.num_draft_tokens > drafted

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from gguf import GGUFReader
+from test_r1_distill_gguf import import_llama_cpp
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks")
 
@@ -50,10 +51,7 @@ def test_small_depth_says_no_q_lora(tiny_gguf):
 
 
 def test_logits_correlate_with_llama_cpp(script, tiny_gguf):
-    try:
-        import llama_cpp  # noqa: F401
-    except (ImportError, OSError) as e:  # not installed, or installed without its library
-        pytest.skip(f"llama-cpp-python is not usable here: {e}")
+    import_llama_cpp()
     threads = torch.get_num_threads()
     try:
         record = script.check_logits(tiny_gguf, prompt_len=12, threads=1)

@@ -11,9 +11,10 @@ import random
 
 import pytest
 import torch
+from engine.test_speculative import run
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_deepseek_v3 import build_hf, write_deepseek2_gguf
+from test_deepseek_v3 import build_hf, one_thread, write_deepseek2_gguf  # noqa: F401 (one_thread: autouse)
 
 from hearth.config import EngineConfig
 from hearth.engine.llm_engine import LLMEngine
@@ -21,14 +22,6 @@ from hearth.loader.resolve import resolve_model
 from hearth.sampling_params import SamplingParams
 
 LAYERS = 3  # decoder layers of the tiny model; its MTP layer is layer 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 def mtp_tensors(hidden: int, vocab: int, seed: int, own_head: bool) -> dict[str, torch.Tensor]:
@@ -178,20 +171,6 @@ def test_the_mtp_layer_is_skipped_unless_asked_for(mtp_folder):
 
 
 # ------------------------------------------------------------------------------------------------- the engine
-
-
-def run(engine: LLMEngine, requests, arrivals: int = 1000, seqs: list | None = None) -> list[list[int]]:
-    outputs: dict[str, list[int]] = {}
-    pending = [(f"r{i}", ids, params) for i, (ids, params) in enumerate(requests)]
-    while pending or engine.has_unfinished():
-        for rid, ids, params in pending[:arrivals]:
-            seq = engine.add_request(ids, params, rid)
-            if seqs is not None:
-                seqs.append(seq)
-        del pending[:arrivals]
-        for delta in engine.step():
-            outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
-    return [outputs[f"r{i}"] for i in range(len(requests))]
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
