@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# an effort named by the Responses or Messages API as the chat path's reasoning_effort: the same names, and anything
+# above high is high
+REASONING_EFFORT = {"none": "none", "minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
+                    "xhigh": "high", "max": "high"}  # fmt: skip
+
 
 def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     """A message as templates expect it: content as one string (text parts joined by newlines)."""

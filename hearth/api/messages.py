@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from hearth.api import sse
-from hearth.api.chat import PreparedChat, check_tool_choice, prepare_chat, render_prompt
+from hearth.api.chat import REASONING_EFFORT, PreparedChat, check_tool_choice, prepare_chat, render_prompt
 from hearth.api.errors import APIError, describe_validation_error, error_body
 from hearth.api.fanout import Fanout, UsageCounter, run_fanout, stream_with_cleanup, until_disconnected
 from hearth.api.messages_protocol import (
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 THINKING_EFFORT = ((4096, "low"), (16384, "medium"))  # budget_tokens below → reasoning_effort; above: "high"
-OUTPUT_EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 # --- request: Messages → chat ---------------------------------------------------------------------------------------
@@ -73,7 +72,7 @@ def _effort(body: CountTokensRequest) -> str | None:
     """reasoning_effort: output_config.effort where given, else from the thinking budget (disabled: the least)."""
     thinking = body.thinking
     if body.output_config is not None and body.output_config.effort is not None:
-        return OUTPUT_EFFORT[body.output_config.effort]
+        return REASONING_EFFORT[body.output_config.effort]
     if isinstance(thinking, ThinkingDisabled):
         return "low"
     if isinstance(thinking, ThinkingEnabled):
@@ -215,12 +214,8 @@ def anthropic_usage(counter: UsageCounter, final: bool = True) -> dict[str, int]
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}  # fmt: skip
 
 
-def sse_event(data: dict[str, Any]) -> bytes:
-    return f"event: {data['type']}\ndata: {sse.dumps(data)}\n\n".encode()
-
-
 def anthropic_error_events(e: APIError) -> list[bytes]:
-    return [sse_event(error_body(e.message, e.status, path=ANTHROPIC_PREFIX))]
+    return [sse.named_event(error_body(e.message, e.status, path=ANTHROPIC_PREFIX))]
 
 
 class BlockWriter:
@@ -375,24 +370,24 @@ async def create_message(state: ServerState, body: MessagesRequest, request: Req
         finish_reason = None
         async for item in fanout.deltas(keep_alive=sse.KEEP_ALIVE_SECONDS):
             if item is None:
-                yield sse_event({"type": "ping"})
+                yield sse.named_event({"type": "ping"})
                 continue
             _, delta = item
             counter.add(0, delta)
             if not started:  # after the first delta: the count of prompt tokens read from the cache is known
                 started = True
-                yield sse_event({"type": "message_start",
+                yield sse.named_event({"type": "message_start",
                                  "message": message([], None, None, anthropic_usage(counter, final=False))})  # fmt: skip
-                yield sse_event({"type": "ping"})
+                yield sse.named_event({"type": "ping"})
             for event in feed(delta):
-                yield sse_event(event)
+                yield sse.named_event(event)
             if delta.finished:
                 finish_reason = delta.finish_reason
         counter.record(state.metrics)
         prepared.usage(counter)
         reason, stop = await stop_reason(finish_reason)
-        yield sse_event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
+        yield sse.named_event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
                          "usage": anthropic_usage(counter)})  # fmt: skip
-        yield sse_event({"type": "message_stop"})
+        yield sse.named_event({"type": "message_stop"})
 
     return await run_fanout(state, request, prepared.subs, respond)

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from hearth.api import sse
-from hearth.api.chat import ChoiceParser, chat_subrequests, request_tools
+from hearth.api.chat import REASONING_EFFORT, ChoiceParser, chat_subrequests, request_tools
 from hearth.api.errors import APIError, describe_validation_error
 from hearth.api.fanout import Fanout, UsageCounter, run_fanout, stream_with_cleanup, until_disconnected
 from hearth.api.protocol import ChatCompletionRequest, OpenAIModel, check_json_values
@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 MAX_METADATA = 16  # pairs; keys up to 64 characters, values up to 512, as OpenAI allows
 LOCAL_OWNER = ""  # the owner of stored responses when the server runs without keys
-# reasoning.effort as the chat path's reasoning_effort: the same names, and anything above high is high
-EFFORTS = {"none": "none", "minimal": "minimal", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
-           "max": "high"}  # fmt: skip
 
 
 # --- request ----------------------------------------------------------------------------------------------------------
@@ -256,7 +253,7 @@ def chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCom
     if body.top_p is not None:
         fields["top_p"] = body.top_p
     if body.reasoning is not None and body.reasoning.effort is not None:
-        fields["reasoning_effort"] = EFFORTS[body.reasoning.effort]
+        fields["reasoning_effort"] = REASONING_EFFORT[body.reasoning.effort]
     fmt = body.text.format if body.text is not None else None
     if fmt is not None:
         fields["response_format"] = {"type": fmt.type}
@@ -484,7 +481,7 @@ async def create_response(state: ServerState, store: ResponseStore | None, body:
 
         def event(data: dict[str, Any]) -> bytes:
             data["sequence_number"] = next(numbers)
-            return f"event: {data['type']}\ndata: {sse.dumps(data)}\n\n".encode()
+            return sse.named_event(data)
 
         start = response_object(body, response_id, created_at, model, "in_progress", [], None, keep)
         yield event({"type": "response.created", "response": start})

@@ -20,6 +20,11 @@ def dumps(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
+def named_event(data: dict[str, Any]) -> bytes:
+    """One event named by its `type` (`event:` line, then `data:`), as the Anthropic and Responses streams send."""
+    return f"event: {data['type']}\ndata: {dumps(data)}\n\n".encode()
+
+
 def event(data: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> bytes:
     """One `data:` event; pydantic models are dumped with their OpenAI field rules."""
     if isinstance(data, BaseModel):

@@ -363,12 +363,7 @@ class ModelRunner:
         if self.fused_decode is not None and all(is_decode(s, n) for s, n in zip(batch.seqs, batch.num_scheduled_tokens)):
             return self.run_fused_decode(list(batch.seqs))
         input_ids, positions, _ = self.prepare(batch)
-        try:
-            hidden_states = self.model(input_ids, positions)
-            last = torch.tensor(self.last_rows, device=hidden_states.device)
-            return self.model.compute_logits(hidden_states[last])
-        finally:
-            reset_context()
+        return self.forward(input_ids, positions, self.last_rows)
 
     def sample_with_drafts(self, logits: torch.Tensor, sampled: list,
                            banned: tuple[list[int], torch.Tensor] | None = None) -> tuple[list, list, list]:  # fmt: skip
