@@ -363,7 +363,10 @@ def test_a_model_in_use_is_not_unloaded(tiny_models):
                 assert [e.name for e in registry.loaded()] == ["tiny-a"] and registry.entry("tiny-a").leases == 1
                 held.set()
                 await asyncio.wait_for(stream, 60)
-                assert registry.entry("tiny-a").leases == 0
+                # the lease is gone: tiny-b's load, still waiting for memory, may already have unloaded tiny-a (which
+                # it can only do once nothing holds it)
+                entry = registry.entry("tiny-a")
+                assert entry is None or entry.leases == 0
                 # unloading tiny-a and loading tiny-b took 1.8 s on a busy machine: the 1 s bound was only for the 503
                 registry.load_timeout = 60.0
                 r = await c.post("/v1/completions", json={"model": "tiny-b", "prompt": "hi", "max_tokens": 1})
