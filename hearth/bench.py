@@ -150,6 +150,7 @@ class HearthRunner(StreamingRunner):
                               max_num_batched_tokens=max(opts["prompt_len"], 512), enable_prefix_caching=False,
                               dtype=opts["dtype"], int8_prefill=opts.get("int8_prefill", False),
                               lm_head_int8=opts.get("lm_head_int8", False),
+                              int8_weights=opts.get("int8_weights", False),
                               **opts.get("speculative", {}))  # fmt: skip
         self.engine = LLMEngine(resolve_model(model), config)
         self.vocab_size = self.engine.model_config.vocab_size
@@ -182,6 +183,7 @@ class HearthRunner(StreamingRunner):
             "dtype": str(runner.dtype).removeprefix("torch."), "quant": self.engine.model_info.quantization,
             "int8_prefill": self.engine.engine_config.int8_prefill,
             "lm_head_int8": self.engine.engine_config.lm_head_int8,
+            "int8_weights": self.engine.engine_config.int8_weights,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         }  # fmt: skip
         if self.engine.speculator is not None:  # speculative decoding: drafts scored and kept over the whole run
@@ -317,7 +319,7 @@ def _summary(runs: list[float]) -> dict:
 def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len: int = 128, repeat: int = 3,
               dtype: str = "auto", threads: int | None = None, max_model_len: int = 2048,
               int8_prefill: bool = False, speculative: dict | None = None, lm_head_int8: bool = False,
-              sequential: bool | None = None) -> dict:  # fmt: skip
+              int8_weights: bool = False, sequential: bool | None = None) -> dict:  # fmt: skip
     """Alternate Hearth and each peer `repeat` times (after one untimed warm-up round); return the JSON record.
     `speculative`: EngineConfig's speculative-decoding fields for Hearth ({"speculative": "ngram", ...}).
     `sequential`: never two runtimes in memory at once, each round loads each anew (`_run_sequential`); None: so when
@@ -335,7 +337,7 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
     max_model_len = max(max_model_len, prompt_len + decode_len)  # a long --prompt-len must fit the context
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "dtype": dtype, "threads": threads,
             "max_model_len": max_model_len, "int8_prefill": int8_prefill, "speculative": speculative or {},
-            "lm_head_int8": lm_head_int8}  # fmt: skip
+            "lm_head_int8": lm_head_int8, "int8_weights": int8_weights}  # fmt: skip
     record = {
         "bench": "latency", "git": git_rev(), "date": datetime.date.today().isoformat(),
         "device": cpu_name(), "nproc": os.cpu_count(), "threads": threads, "model": ref.name,

@@ -396,6 +396,9 @@ class EngineConfig:
     # an untied LM head held in bf16 (gpt-oss's) is requantized once to Q8_0 blocks and read with int8 activations:
     # about half the bytes a decode step reads for it, at a small logit error (docs/performance.md)
     lm_head_int8: bool = False
+    # every dense bf16 projection (attention's and the LM head; not a router) requantized once to Q8_0 and read with
+    # int8 activations: gpt-oss's attention and head are about 60% of the bytes a decode step reads (docs/performance.md)
+    int8_weights: bool = False
     # after a step that finished a request while prefill work waits (so the next step is a long one), the server's
     # engine thread waits up to this long for new requests before starting it: a client that answers a finished
     # request with its next one (a chat turn, an agent's tool loop) then joins that step instead of waiting a whole

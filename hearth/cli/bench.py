@@ -33,6 +33,8 @@ def register(sub) -> None:
         help="Hearth prefills with int8 activations (llama.cpp's arithmetic), as serve --int8-prefill",
     )
     p.add_argument("--lm-head-int8", action="store_true", help="Hearth holds a bf16 LM head as Q8_0 (serve --lm-head-int8)")
+    p.add_argument("--int8-weights", action="store_true",
+                   help="Hearth holds every dense bf16 projection as Q8_0 (serve --int8-weights)")  # fmt: skip
     add_speculative_args(p)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="one runtime in memory at a time, each loaded anew every round (default: when the file is "
@@ -60,6 +62,7 @@ def cmd_bench(args) -> int:
 
     record = run_bench(args.model, peers(args.vs), args.prompt_len, args.decode_len, args.repeat, args.dtype,
                        args.threads, int8_prefill=args.int8_prefill, lm_head_int8=args.lm_head_int8,
+                       int8_weights=args.int8_weights,
                        speculative=speculative_kwargs(args),
                        sequential=args.sequential)  # fmt: skip
     line = json.dumps(record)

@@ -68,6 +68,9 @@ def register(sub) -> None:
         default=None,
         help="hold a bf16 LM head (gpt-oss's) as Q8_0: half its bytes per decoded token, a small logit error",
     )
+    p.add_argument("--int8-weights", action="store_true", default=None,
+                   help="hold every dense bf16 projection (attention, LM head; gpt-oss's) as Q8_0: fewer bytes per "
+                        "decoded token, a small logit error (implies --lm-head-int8)")  # fmt: skip
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
                    help="which waiting request starts first: fcfs (arrival order, the default) or shortest (fewest "
                         "prompt tokens; waiting earns credit, so long prompts are delayed a few steps at most)")  # fmt: skip
@@ -285,7 +288,7 @@ def _serve(args, keys, has_keys: bool) -> int:
     except ValueError as e:
         raise CliError(f"--keep-alive: {e}") from None
     names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "dtype", "scheduling_policy",
-             "int8_prefill", "lm_head_int8", "admission_wait_ms")  # fmt: skip
+             "int8_prefill", "lm_head_int8", "int8_weights", "admission_wait_ms")  # fmt: skip
     engine_config = EngineConfig(**{name: getattr(args, name) for name in names if getattr(args, name) is not None},
                                  **speculative_kwargs(args), **parallel_args(args))  # fmt: skip
     device = args.device

@@ -20,6 +20,7 @@ from hearth.engine.fused_decode import build_fused_decode
 from hearth.engine.scheduler import Batch
 from hearth.layers.context import Context, get_context, reset_context, set_context
 from hearth.layers.distributed import set_tensor_parallel
+from hearth.layers.linear import requantize_dense
 from hearth.layers.rejection_sampler import token_logprobs, verify
 from hearth.layers.sampler import Sampler
 from hearth.loader.load import checkpoint_weight_bytes, load_model
@@ -142,7 +143,10 @@ class ModelRunner:
             self.model = model_class(config)(runtime_config(config, self.max_model_len))
         load_model(self.model, ref, self.dtype, keep_quantized=keep_quantized)
         self.model.eval()
-        if engine_config.lm_head_int8:
+        if engine_config.int8_weights:
+            count = requantize_dense(self.model)
+            logger.info("%d dense bf16 projections requantized to Q8_0 (--int8-weights)", count)
+        elif engine_config.lm_head_int8:
             head = getattr(self.model, "lm_head", None)
             if head is not None and hasattr(head, "requantize_q8_0") and head.requantize_q8_0():
                 logger.info("LM head requantized to Q8_0 (--lm-head-int8)")

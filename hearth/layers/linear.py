@@ -268,6 +268,7 @@ class Linear(nn.Module):
         self.bias: torch.Tensor | None = None
         self.quant_type: str | None = None
         self.method: LinearMethod | None = None
+        self.keep_dense = False  # a router: `requantize_dense` leaves it as it is
 
     # the held weight by format, None where another method holds it (the fused decode and benchmarks read these)
     def _held(self, cls: type, field: str):
@@ -350,6 +351,12 @@ def _columns(t, a: int, b: int):
         lo, hi = row_nbytes(t.qtype, a), row_nbytes(t.qtype, b)
         return QuantizedTensor(t.data[:, lo:hi].clone(), t.qtype, (t.shape[0], b - a))
     return t[:, a:b].clone()
+
+
+def requantize_dense(model: nn.Module) -> int:
+    """--int8-weights: every dense bf16 Linear of `model` but those marked `keep_dense` (routers) requantized to Q8_0
+    blocks (`Linear.requantize_q8_0`); returns how many were."""
+    return sum(m.requantize_q8_0() for m in model.modules() if isinstance(m, Linear) and not m.keep_dense)
 
 
 class ColumnParallelLinear(Linear):

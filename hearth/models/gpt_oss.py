@@ -92,6 +92,7 @@ class GptOssMLP(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.router = Linear(config.hidden_size, config.num_local_experts, bias=True)
+        self.router.keep_dense = True  # routing in the checkpoint's precision, also under --int8-weights
         self.experts = GptOssExperts(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -243,3 +243,29 @@ def test_gguf_mxfp4_experts_convert_to_hf_layout():
     oracle = dequantize(raw, GGMLQuantizationType.MXFP4).reshape(2, 8, 128)
     assert torch.equal(ours.dequantize(), torch.from_numpy(np.ascontiguousarray(oracle)))
     assert torch.equal(ours.dequantize(), w)
+
+
+def test_int8_weights_requantize_attention_and_head_not_the_router(tiny_gpt_oss):
+    """--int8-weights: qkv, o and the LM head become Q8_0 blocks, the router stays dense (routing as the checkpoint
+    computes it); logits stay within Q8_0's rounding of the bf16 model's, and decoding runs on the blocks."""
+    from hearth import LLM
+    from hearth.kernels import gguf_cpu
+    from hearth.layers.linear import BlocksMethod, DenseMethod
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler: the Q8_0 blocks need the C kernels")
+    folder, _ = tiny_gpt_oss
+    plain = LLM(folder, dtype="bfloat16", max_model_len=64)
+    quant = LLM(folder, dtype="bfloat16", max_model_len=64, int8_weights=True)
+    model = quant.engine.runner.model
+    for layer in model.model.layers:
+        assert isinstance(layer.self_attn.qkv_proj.method, BlocksMethod)
+        assert isinstance(layer.self_attn.o_proj.method, BlocksMethod)
+        assert isinstance(layer.mlp.router.method, DenseMethod)
+    assert isinstance(model.lm_head.method, BlocksMethod)
+    assert isinstance(plain.engine.runner.model.lm_head.method, DenseMethod)
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
+    ours, ref = prefill_logits(model, ids), prefill_logits(plain.engine.runner.model, ids)
+    assert (ours - ref).abs().max() / ref.abs().max() < 0.05
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert len(quant.generate([ids.tolist()], params)[0].token_ids) == 6
