@@ -59,3 +59,30 @@ def test_logits_correlate_with_llama_cpp(script, tiny_gguf):
         torch.set_num_threads(threads)
     for step in ("first_step", "decode_step"):
         assert record[step]["correlation"] >= 0.99, record
+
+
+def test_stacked_experts_are_unmapped_once_their_layer_is_repacked(tiny_gguf, monkeypatch):
+    """The file pages of a layer's stacked experts (read by the experts' Linears, split from one tensor per kind) are
+    unmapped as soon as that layer's experts are finalized, not at the end of the load: the load's peak stays near
+    the loaded model's size."""
+    from hearth.kernels import gguf_cpu
+    from hearth.loader import load
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.resolve import ModelRef
+    from hearth.models.deepseek_v3 import DeepseekV3Experts
+    from hearth.models.registry import model_class
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler for the GGUF kernels")
+    calls = []
+    release = load._release
+    monkeypatch.setattr(
+        load, "_release", lambda f, module, tensors: calls.append((module, tensors)) or release(f, module, tensors)
+    )
+    config = read_gguf_config(tiny_gguf)
+    model = model_class(config)(config)
+    load.load_model(model, ModelRef(tiny_gguf, tiny_gguf, "gguf"), torch.bfloat16, keep_quantized=True)
+    experts = [i for i, (module, _) in enumerate(calls) if isinstance(module, DeepseekV3Experts)]
+    assert len(experts) == 1 and len(calls[experts[0]][1]) == 3  # gate, up and down, stacked
+    assert calls[-1][0] is model and experts[0] < len(calls) - 1
+    assert not any(t.dim() == 3 for t in calls[-1][1])  # none left for the final sweep
