@@ -10,12 +10,9 @@ Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers the
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -91,47 +88,6 @@ def huge_pages(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class WeightArena:
-    """Fresh memory for many small weights repacked at load (DeepSeek's thousands of experts, a few MB each), carved
-    from shared slabs of `slab_bytes` backed by transparent huge pages: writing a weight then takes a page fault per
-    2 MiB instead of per 4 KiB, which on a VM is most of what a repack costs. A weight is a view of its slab; a slab
-    is freed once none of its weights is left. Weights larger than a quarter of a slab get memory of their own. Only
-    touched pages are resident, so the last slab's unused tail costs no memory (model_nbytes counts it: at most one
-    slab per load)."""
-
-    def __init__(self, slab_bytes: int = 32 << 20):
-        self.slab_bytes, self.slab, self.used = slab_bytes, None, 0
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > self.slab_bytes // 4:
-            return huge_pages(torch.empty(shape, dtype=dtype))
-        start = -(-self.used // 64) * 64  # cache-line aligned, as malloc's
-        if self.slab is None or start + nbytes > self.slab_bytes:
-            self.slab, start = huge_pages(torch.empty(self.slab_bytes, dtype=torch.uint8)), 0
-        self.used = start + nbytes
-        return self.slab[start : start + nbytes].view(dtype).view(shape)
-
-
-_arena = threading.local()
-
-
-@contextlib.contextmanager
-def weight_arena(slab_bytes: int = 32 << 20):
-    """While open (in this thread), `repack` allocates its weights from a `WeightArena` (a model's load)."""
-    previous = getattr(_arena, "current", None)
-    _arena.current = WeightArena(slab_bytes)
-    try:
-        yield _arena.current
-    finally:
-        _arena.current = previous
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    arena = getattr(_arena, "current", None)
-    return arena.empty(shape, dtype) if arena is not None else huge_pages(torch.empty(shape, dtype=dtype))
-
-
 def _parts(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int) -> list[torch.Tensor]:
     """`blocks` as a list of row-major [rows, k/32 * block bytes] uint8 parts, checked against the [n, k] shape."""
     parts = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
@@ -154,8 +110,8 @@ def repack(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int
         return repack_ref(parts, qtype, n, k)
     parts = [p.contiguous() for p in parts]
     nb, groups = k // 32, (n + 15) // 16
-    qs = _empty((groups, nb, 16 * (32 if qtype == Q8_0 else 16)), torch.uint8)
-    sc = _empty((groups, nb, 2, 16), torch.float16)
+    qs = huge_pages(torch.empty(groups, nb, 16 * (32 if qtype == Q8_0 else 16), dtype=torch.uint8))
+    sc = torch.empty(groups, nb, 2, 16, dtype=torch.float16)
     srcs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
     ends = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64).cumsum(0)
     lib.r16_repack(qtype, n, k, len(parts), srcs.data_ptr(), ends.data_ptr(), qs.data_ptr(), sc.data_ptr(),

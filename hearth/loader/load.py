@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hearth.kernels import gguf_cpu
 from hearth.loader import ModelLoadError
 from hearth.loader.resolve import ModelRef
 
@@ -108,21 +107,20 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
         loaded.add((name.rpartition(".")[0], kind))
     released = 0
-    with gguf_cpu.weight_arena():  # repacked GGUF weights: many small ones, in shared huge-page slabs
-        for mod_name, module in reversed(list(model.named_modules())):  # children before parents
-            if hasattr(module, "finalize"):
-                cache.before(mod_name, module)
-                try:
-                    module.finalize(dtype, keep_quantized)
-                except ValueError as e:
-                    raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
-                cache.after(mod_name, module)
-            elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
-                raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
-            # What it (or its submodules, all finalized by now: e.g. DeepSeek's stacked experts, split among the experts'
-            # Linears) copied or repacked no longer needs the file's pages: unmapping them here keeps the load's peak low
-            if gguf_file is not None and module in fed:
-                released += _release(gguf_file, module, fed.pop(module))
+    for mod_name, module in reversed(list(model.named_modules())):  # children before parents
+        if hasattr(module, "finalize"):
+            cache.before(mod_name, module)
+            try:
+                module.finalize(dtype, keep_quantized)
+            except ValueError as e:
+                raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
+            cache.after(mod_name, module)
+        elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
+            raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
+        # What it (or its submodules, all finalized by now: e.g. DeepSeek's stacked experts, split among the experts'
+        # Linears) copied or repacked no longer needs the file's pages: unmapping them here keeps the load's peak low
+        if gguf_file is not None and module in fed:
+            released += _release(gguf_file, module, fed.pop(module))
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
         released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
         gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)))  # weights kept as views: read them now

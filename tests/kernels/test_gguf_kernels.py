@@ -230,28 +230,6 @@ def test_quantize_q8_0_requantizes_within_half_a_step():
     assert ((back - w).abs() <= step * (0.5 + 127 * 2**-11)).all()  # half a step, + 127 x the f16 rounding of it
 
 
-def test_repack_in_a_weight_arena_shares_slabs():
-    """Within `weight_arena`, small weights are views of shared slabs (each in its own bytes, cache-line aligned),
-    large ones have their own memory; the values are those of a plain repack, and a slab outlives the arena as long
-    as a weight views it."""
-    blocks = [random_blocks(q, n, 96, seed=n) for q, n in ((gguf_cpu.Q8_0, 37), (gguf_cpu.Q4_0, 16), (gguf_cpu.Q4_1, 70))]
-    types = (gguf_cpu.Q8_0, gguf_cpu.Q4_0, gguf_cpu.Q4_1)
-    with gguf_cpu.weight_arena(slab_bytes=64 << 10) as arena:
-        ws = [gguf_cpu.repack(b, q, b.shape[0], 96) for b, q in zip(blocks, types)]
-        big = gguf_cpu.repack(random_blocks(gguf_cpu.Q8_0, 640, 96), gguf_cpu.Q8_0, 640, 96)  # 40 KiB > 16 KiB
-    assert getattr(gguf_cpu._arena, "current", None) is None and arena.slab is not None
-    tensors = [t for w in ws for t in (w.qs, w.sc)]
-    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # one slab
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
-    assert all(a % 64 == 0 for a, _ in spans) and all(e <= a for (_, e), (a, _) in zip(spans, spans[1:]))
-    assert big.qs.untyped_storage().data_ptr() != tensors[0].untyped_storage().data_ptr()
-    del arena
-    for w, b, q in zip(ws, blocks, types):
-        ref = gguf_cpu.repack(b, q, b.shape[0], 96)
-        assert torch.equal(w.qs, ref.qs) and torch.equal(w.sc.view(torch.int16), ref.sc.view(torch.int16))
-        assert torch.equal(gguf_cpu.dequant(w, torch.float32), dequantize(b.reshape(-1), q, (b.shape[0], 96)))
-
-
 def test_unsupported_inputs_raise():
     blocks = random_blocks(gguf_cpu.Q4_0, 4, 64)
     with pytest.raises(ValueError):
