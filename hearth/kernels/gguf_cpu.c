@@ -3,7 +3,7 @@
 //
 // gguf_quantize_q8: activations -> int8 blocks. r16_gemm: out[m, n] (+)= sum_k x[m, k] * W[n, k] (int8
 // activations). r16_dequant: rows -> float32 or bf16 (exact, as gguf-py dequantizes), for the dense bf16 matmuls of
-// non-fused steps.
+// non-fused steps. r16_repack: GGUF blocks -> R16, once at load.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
