@@ -3,7 +3,7 @@
 //
 // gguf_quantize_q8: activations -> int8 blocks. r16_gemm: out[m, n] (+)= sum_k x[m, k] * W[n, k] (int8
 // activations). r16_dequant: rows -> float32 or bf16 (exact, as gguf-py dequantizes), for the dense bf16 matmuls of
-// non-fused steps.
+// non-fused steps. r16_repack: GGUF blocks -> R16, once at load.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -279,4 +279,86 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
     }
     qx_free(&qt), qx_free(&qx), qx_free(&qh);
     free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
+}
+
+// ---- load-time repack: GGUF blocks -> R16 ----
+
+// f16 d times -8 (Q4_0) or -128 (Q8_0) as f16, as torch's float16 multiply gives it: the product is exact (a power of
+// two), so only overflow (to infinity) and NaN need care.
+static inline uint16_t half_times_pow2(uint16_t h, float f) {
+    const float v = half_to_float(h) * f;
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    const uint16_t sign = (uint16_t)(bits >> 16 & 0x8000u);
+    const uint32_t mag = bits & 0x7fffffffu;
+    if (mag > 0x7f800000u) return sign | 0x7e00u;                // NaN
+    if (mag >= 0x477ff000u) return sign | 0x7c00u;               // >= 65520 (exact products: >= 65536): infinity
+    if (mag >= 0x38800000u) return sign | (uint16_t)((mag - 0x38000000u) >> 13);  // normal f16 (exact)
+    float a;
+    memcpy(&a, &mag, 4);
+    return sign | (uint16_t)(a * 16777216.0f);  // subnormal f16: |v| / 2^-24, an integer here
+}
+
+// One Q4 block's 16 bytes of nibbles (byte j: value j low, j+16 high) -> the 4 R16 lane words (chunk c, lane byte j:
+// value 8c+j low, 8c+4+j high).
+static inline void q4_r16_chunks(const uint8_t *q, uint32_t out[4]) {
+    uint32_t w[4];
+    memcpy(w, q, 16);
+    const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
+    out[0] = (w[0] & lo) | (w[1] & lo) << 4;
+    out[1] = (w[2] & lo) | (w[3] & lo) << 4;
+    out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
+    out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
+}
+
+// GGUF blocks (Q4_0 18 bytes: f16 d, 16 bytes of nibbles; Q4_1 20: d, f16 m, nibbles; Q8_0 34: d, 32 int8) -> R16 qs
+// [G][K/32][chunk bytes] and sc [G][K/32][2][16] (rows past N zero). The N rows come from P parts stacked by row:
+// part p (srcs[p], [rows][K/32 blocks]) holds rows [ends[p-1], ends[p]) (e.g. gate and up, separate in the file, into
+// one gate_up weight). Threads take row groups; a group's output (K/32 * 576 bytes at most) stays in cache while its
+// 16 rows are read in turn.
+void r16_repack(int64_t qtype, int64_t N, int64_t K, int64_t P, const int64_t *srcs, const int64_t *ends, uint8_t *qs,
+                uint16_t *sc, int nthreads) {
+    const int64_t nb = K / QK, G = (N + 15) / 16;
+    const int64_t cb = qtype == T_Q8_0 ? 512 : 256, bb = qtype == T_Q8_0 ? 34 : qtype == T_Q4_1 ? 20 : 18;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t g = 0; g < G; g++) {
+        const int rows = N - 16 * g < 16 ? (int)(N - 16 * g) : 16;
+        uint8_t *qg = qs + g * nb * cb;
+        uint16_t *sg = sc + g * nb * 32;
+        if (rows < 16) {
+            memset(qg, 0, (size_t)(nb * cb));
+            memset(sg, 0, sizeof(uint16_t) * (size_t)(nb * 32));
+        }
+        int64_t p = 0;
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = 16 * g + r;
+            while (row >= ends[p]) p++;
+            const uint8_t *src = (const uint8_t *)(intptr_t)srcs[p] + (row - (p ? ends[p - 1] : 0)) * nb * bb;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = src + b * bb;
+                uint8_t *qb = qg + b * cb + 4 * r;
+                uint16_t d, m;
+                memcpy(&d, blk, 2);
+                if (qtype == T_Q8_0) {
+                    for (int c = 0; c < 8; c++) {
+                        uint32_t w;
+                        memcpy(&w, blk + 2 + 4 * c, 4);
+                        w ^= 0x80808080u;  // int8 q + 128 as uint8
+                        memcpy(qb + 64 * c, &w, 4);
+                    }
+                    m = half_times_pow2(d, -128.0f);
+                } else {
+                    uint32_t chunks[4];
+                    q4_r16_chunks(blk + (qtype == T_Q4_1 ? 4 : 2), chunks);
+                    for (int c = 0; c < 4; c++) memcpy(qb + 64 * c, &chunks[c], 4);
+                    if (qtype == T_Q4_1)
+                        memcpy(&m, blk + 2, 2);
+                    else
+                        m = half_times_pow2(d, -8.0f);
+                }
+                sg[b * 32 + r] = d;
+                sg[b * 32 + 16 + r] = m;
+            }
+        }
+    }
 }

@@ -1,8 +1,9 @@
 """CPU kernels on GGUF-quantized weights (gguf_cpu.c): matmuls and dequantization for Q4_0 / Q4_1 / Q8_0.
 
-Weights are repacked once at load from the file's blocks into a row-interleaved form (`R16Weight`, layout in
-r16_gemm.h) that lets one VNNI instruction work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0
-+1/9 and +1/17 for the extra f16 offset row). As in llama.cpp, activations are quantized per 32 values to int8 for
+Weights are repacked once at load from the file's blocks (in C, fused shards read where they lie; `repack_ref` is
+the same in torch) into a row-interleaved form (`R16Weight`, layout in r16_gemm.h) that lets one VNNI instruction
+work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0 +1/9 and +1/17 for the extra f16
+offset row). As in llama.cpp, activations are quantized per 32 values to int8 for
 integer dot products; `gemm_ref` is that computation in plain torch on the original blocks (quantize x the same way,
 dequantize W, float64 matmul), and `quantize_q8_ref` the activation step. Other GGUF types are requantized once to
 Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers then use PyTorch's int4 / int8 kernels.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -36,7 +38,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.r16_dequant.argtypes = [r16, i64, i64, ptr, c_int, c_int, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
     lib.r16_moe.argtypes = [i64, i64, r16, r16, ptr, ptr, ptr, ptr, c_int]
-    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "r16_moe"):
+    lib.r16_repack.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
+    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "r16_moe", "r16_repack"):
         getattr(lib, name).restype = None
 
 
@@ -66,13 +69,63 @@ class R16Weight:
         return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
 
 
-def repack(blocks: torch.Tensor, qtype: int, n: int, k: int, chunk_rows: int = 4096) -> R16Weight:
-    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0) -> R16Weight, in torch (once, at load), `chunk_rows`
-    rows at a time so that the temporaries stay small next to a large table (SmolLM2's 49152-row embedding)."""
-    if not supports(qtype, k) or blocks.numel() != n * k // 32 * BLOCK_BYTES[qtype]:
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+def huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Ask Linux to back the whole 2 MiB pages of `t` (fresh, untouched memory) with transparent huge pages: writing a
+    freshly allocated multi-GB weight then takes 512x fewer page faults, which on a VM cost as much as the writes."""
+    if not sys.platform.startswith("linux"):
+        return t
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+    if last > first:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_HUGEPAGE))
+        except (OSError, AttributeError):  # no libc madvise: ordinary pages
+            pass
+    return t
+
+
+def _parts(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int) -> list[torch.Tensor]:
+    """`blocks` as a list of row-major [rows, k/32 * block bytes] uint8 parts, checked against the [n, k] shape."""
+    parts = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
+    row_bytes = k // 32 * BLOCK_BYTES.get(qtype, 0)
+    if not supports(qtype, k) or not parts or sum(p.numel() for p in parts) != n * row_bytes:
         raise ValueError(f"GGUF kernel: cannot repack type {qtype} blocks as a {n}x{k} weight")
+    if any(p.dtype != torch.uint8 or p.numel() % row_bytes for p in parts):
+        raise ValueError(f"GGUF kernel: parts of a {n}x{k} weight must be uint8 whole rows of {row_bytes} bytes")
+    return [p.reshape(-1, row_bytes) for p in parts]
+
+
+def repack(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int) -> R16Weight:
+    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0) -> R16Weight, once at load. `blocks` may be a list of
+    parts stacked by row (e.g. a fused gate_up's gate and up shards, separate tensors in the file): they are read
+    where they lie, without joining them first. In C (r16_repack, threads over row groups) when the library is
+    built, else `repack_ref`; the two agree byte for byte."""
+    parts = _parts(blocks, qtype, n, k)
+    lib = _get()
+    if lib is None:
+        return repack_ref(parts, qtype, n, k)
+    parts = [p.contiguous() for p in parts]
     nb, groups = k // 32, (n + 15) // 16
-    blk = blocks.reshape(n, nb, BLOCK_BYTES[qtype])
+    qs = huge_pages(torch.empty(groups, nb, 16 * (32 if qtype == Q8_0 else 16), dtype=torch.uint8))
+    sc = torch.empty(groups, nb, 2, 16, dtype=torch.float16)
+    srcs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    ends = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64).cumsum(0)
+    lib.r16_repack(qtype, n, k, len(parts), srcs.data_ptr(), ends.data_ptr(), qs.data_ptr(), sc.data_ptr(),
+                   torch.get_num_threads())  # fmt: skip
+    return R16Weight(qs, sc, qtype, n, k)
+
+
+def repack_ref(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int, chunk_rows: int = 4096) -> R16Weight:
+    """`repack` in plain torch (the layout spelled out; the fallback without the C library), `chunk_rows` rows at a
+    time so that the temporaries stay small next to a large table (SmolLM2's 49152-row embedding)."""
+    parts = _parts(blocks, qtype, n, k)
+    blk = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(n, k // 32, BLOCK_BYTES[qtype])
+    nb, groups = k // 32, (n + 15) // 16
     qs = torch.empty(groups, nb, 16 * (32 if qtype == Q8_0 else 16), dtype=torch.uint8)  # 16 rows of block bytes
     sc = torch.empty(groups, nb, 2, 16, dtype=torch.float16)
     chunk_rows = max(16, chunk_rows // 16 * 16)

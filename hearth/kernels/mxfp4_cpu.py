@@ -13,13 +13,12 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from hearth.kernels.cbuild import Library
-from hearth.kernels.gguf_cpu import quantize_q8_ref
+from hearth.kernels.gguf_cpu import huge_pages, quantize_q8_ref
 
 SOURCE = os.path.join(os.path.dirname(__file__), "mxfp4_cpu.c")
 MAX_M = 16  # rows of x per mxfp4_gemv call (MAX_M in the C source)
@@ -132,26 +131,6 @@ def repack_ref(blocks: torch.Tensor, scales: torch.Tensor) -> R16Mxfp4:
     qs = qs.movedim(1, 3).contiguous()  # [groups, G, 4 chunks, 16 rows, 4]
     sc = torch.nn.functional.pad(scales, (0, 0, 0, pad)).reshape((n + pad) // 16, 16, groups_k)
     return R16Mxfp4(qs.flatten(-3), sc.transpose(-1, -2).contiguous(), n, groups_k * 32)
-
-
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
-
-
-def huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux to back the whole 2 MiB pages of `t` (fresh, untouched memory) with transparent huge pages: writing a
-    freshly allocated multi-GB weight then takes 512x fewer page faults, which on a VM cost as much as the writes."""
-    if not sys.platform.startswith("linux"):
-        return t
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-    if last > first:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_HUGEPAGE))
-        except (OSError, AttributeError):  # no libc madvise: ordinary pages
-            pass
-    return t
 
 
 def repack_gguf(parts: list[torch.Tensor], n: int, k: int) -> R16Mxfp4:

@@ -49,11 +49,14 @@ DENSE_MIN_TOKENS = 64
 BLOCKS_DENSE_MIN_TOKENS = 16
 
 
-def gguf_blocks(qt: QuantizedTensor) -> gguf_cpu.R16Weight:
-    """A GGUF weight in the C kernels' form: its own blocks repacked if they read its type, else requantized to Q8_0."""
-    rows, cols = qt.shape
-    if gguf_cpu.supports(qt.qtype, cols):
-        return gguf_cpu.repack(qt.data, qt.qtype, rows, cols)
+def gguf_blocks(qt: QuantizedTensor | list[QuantizedTensor]) -> gguf_cpu.R16Weight:
+    """A GGUF weight in the C kernels' form: its own blocks repacked if they read its type, else requantized to Q8_0.
+    A list is a fused weight's shards (one type), stacked by row: repacked where they lie, without joining them."""
+    parts = qt if isinstance(qt, list) else [qt]
+    rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    if gguf_cpu.supports(parts[0].qtype, cols):
+        return gguf_cpu.repack([p.data for p in parts], parts[0].qtype, rows, cols)
+    qt = _join(parts)
     return gguf_cpu.repack(gguf_cpu.quantize_q8_0(quantized_rows(qt), rows, cols), gguf_cpu.Q8_0, rows, cols)
 
 
@@ -233,14 +236,17 @@ class Int8Method(LinearMethod):
         return out if bias is None else out + bias
 
 
-def select_method(weight: torch.Tensor | QuantizedTensor, dtype: torch.dtype, keep_quantized: bool) -> LinearMethod:
-    """The method for a loaded [out, in] weight: GGUF blocks stay quantized in bf16 runs (C kernels' form, else packed
-    int4 or per-row int8), anything else is held dense in `dtype`."""
+def select_method(parts: list[torch.Tensor | QuantizedTensor], dtype: torch.dtype, keep_quantized: bool) -> LinearMethod:
+    """The method for a loaded [out, in] weight, given as its fused shards (stacked by row): GGUF blocks stay
+    quantized in bf16 runs (C kernels' form, else packed int4 or per-row int8), anything else is held dense in
+    `dtype`. Shards of one GGUF type go to the C kernels' form without being joined first (no copy of the weight)."""
+    one_type = all(isinstance(p, QuantizedTensor) for p in parts) and len({p.qtype for p in parts}) == 1
+    if one_type and keep_quantized and dtype == torch.bfloat16 and gguf_cpu.available() and parts[0].shape[1] % 32 == 0:
+        return BlocksMethod(gguf_blocks(parts))
+    weight = _join(parts)
     if isinstance(weight, QuantizedTensor):
         out_features, in_features = weight.shape
         if keep_quantized and dtype == torch.bfloat16:
-            if gguf_cpu.available() and in_features % 32 == 0:
-                return BlocksMethod(gguf_blocks(weight))
             if weight.type_name in INT4_TYPES:
                 nibbles, scales, mins = split_q4_blocks(weight)
                 # w = d*nib + min = (nib - 8)*d + (min + 8d)
@@ -319,16 +325,16 @@ class Linear(nn.Module):
         missing = [i for i in range(n) if ("weight", i) not in self._shards]
         if missing:
             raise ValueError(f"missing weight shards {missing}")
-        weight = _join([self._shards[("weight", i)] for i in range(n)])
+        weights = [self._shards[("weight", i)] for i in range(n)]
         if self.has_bias:
             parts = [self._shards.get(("bias", i)) for i in range(n)]
             if any(p is None for p in parts):
                 raise ValueError("missing bias")
             self.bias = torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]).to(dtype)
         self._shards.clear()
-        if isinstance(weight, QuantizedTensor):
-            self.quant_type = weight.type_name
-        self.method = select_method(weight, dtype, keep_quantized)
+        if all(isinstance(w, QuantizedTensor) for w in weights) and len({w.qtype for w in weights}) == 1:
+            self.quant_type = weights[0].type_name
+        self.method = select_method(weights, dtype, keep_quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(x, self.bias)

@@ -282,11 +282,16 @@ class GGUFFile:
             spans.append((probe.data_ptr(), len(buf)))
         return spans
 
-    def mapped_ranges(self, tensors) -> list[tuple[int, int, int]]:
-        """(part, start, end) byte offsets in the maps of those of `tensors` that are views of them (others ignored)."""
+    def mapped_ranges(self, tensors, own_bytes: bool = False) -> list[tuple[int, int, int]]:
+        """(part, start, end) byte offsets in the maps of those of `tensors` that are views of them (others ignored):
+        their whole storage, or with `own_bytes` only the bytes of each (contiguous) tensor itself, e.g. one expert's
+        rows of a stacked tensor."""
         spans, out = self._spans(), []
         for t in tensors:
-            ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if own_bytes and t.is_contiguous():
+                ptr, size = t.data_ptr(), t.numel() * t.element_size()
+            else:
+                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
             for part, (base, length) in enumerate(spans):
                 if base <= ptr < base + length:
                     out.append((part, ptr - base, min(ptr - base + size, length)))

@@ -107,18 +107,27 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             raise ModelLoadError(ref.path, f"tensor {name!r}: {e}") from None
         loaded.add((name.rpartition(".")[0], kind))
     released = 0
+    # modules given parts of a tensor that was fed to a module above them (DeepSeek's experts, split from one stacked
+    # tensor per kind): each one's own rows are unmapped as soon as it is finalized, not only with the whole tensor
+    split = {sub for m in fed if not hasattr(m, "finalize") for sub in m.modules() if sub is not m}
     for mod_name, module in reversed(list(model.named_modules())):  # children before parents
         if hasattr(module, "finalize"):
             cache.before(mod_name, module)
+            parts = list(_model_tensors(module)) if gguf_file is not None and module in split else []
             try:
                 module.finalize(dtype, keep_quantized)
             except ValueError as e:
                 raise ModelLoadError(ref.path, f"module {mod_name!r}: {e}") from None
             cache.after(mod_name, module)
-            if gguf_file is not None and module in fed:  # what it copied or repacked: keep the load's peak low
-                released += _release(gguf_file, module, fed.pop(module))
+            if parts:
+                keep = gguf_file.mapped_ranges(_model_tensors(module))
+                released += gguf_file.release(gguf_file.mapped_ranges(parts, own_bytes=True), keep=keep)
         elif isinstance(getattr(module, "weight", None), nn.Parameter) and (mod_name, "weight") not in loaded:
             raise ModelLoadError(ref.path, f"missing tensor {mod_name}.weight")
+        # What it (or its submodules, all finalized by now: e.g. DeepSeek's stacked experts, split among the experts'
+        # Linears) copied or repacked no longer needs the file's pages: unmapping them here keeps the load's peak low
+        if gguf_file is not None and module in fed:
+            released += _release(gguf_file, module, fed.pop(module))
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
         released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
         gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)))  # weights kept as views: read them now

@@ -5,6 +5,7 @@
 | activation quantization (int8 per 32)     | quantize_q8_ref                                  | exact                |
 | repack + gemm, Q4_0/Q4_1/Q8_0, any M,N,K | gemm_ref on the original blocks: same int8 x,    | 1e-5 of max |ref|    |
 |                                           | dequantized W, float64 mm                        |                      |
+| repack in C (also of parts stacked by row) | repack_ref (torch), edge f16 scales included    | bit for bit          |
 | repack + dequant to float32 / bf16        | gguf_types.dequantize (/ .to(bfloat16))          | exact                |
 | quantize_q8_0 (other types -> Q8_0)       | the float rows                                   | half a step per value |
 | fused decode, M sequences at once         | the same rows one at a time                      | exact                |
@@ -129,8 +130,45 @@ def test_dequant_is_exact(qtype):
     w = gguf_cpu.repack(blocks, qtype, 70, 160)
     assert torch.equal(gguf_cpu.dequant(w, torch.float32), ref)
     assert torch.equal(gguf_cpu.dequant(w, torch.bfloat16), ref.bfloat16())
-    chunked = gguf_cpu.repack(blocks, qtype, 70, 160, chunk_rows=16)  # 4 full chunks and a 6-row one
+    chunked = gguf_cpu.repack_ref(blocks, qtype, 70, 160, chunk_rows=16)  # 4 full chunks and a 6-row one
     assert torch.equal(chunked.qs, w.qs) and torch.equal(chunked.sc, w.sc)
+
+
+def with_edge_scales(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """`blocks` with some f16 scales d (and Q4_1 mins) set to edge values: subnormal, the largest finite, values whose
+    -8d / -128d overflow f16 or are just below that, infinity, zero and negative zero."""
+    nb = blocks.shape[1] // gguf_cpu.BLOCK_BYTES[qtype]
+    blk = blocks.clone().reshape(-1, gguf_cpu.BLOCK_BYTES[qtype])
+    edges = torch.tensor([1e-7, -6e-8, 65504.0, -8000.0, 8188.0, 511.0, 512.0, float("inf"), 0.0, -0.0, 6.1e-5],
+                         dtype=torch.float16).view(torch.uint8).reshape(-1, 2)  # fmt: skip
+    idx = torch.randperm(blk.shape[0], generator=torch.Generator().manual_seed(5))[: 3 * len(edges)]
+    for i, j in enumerate(idx.tolist()):
+        blk[j, :2] = edges[i % len(edges)]
+        if qtype == gguf_cpu.Q4_1:
+            blk[j, 2:4] = edges[(i + 3) % len(edges)]
+    return blk.reshape(-1, nb * gguf_cpu.BLOCK_BYTES[qtype])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 96), (70, 160), (16, 64), (133, 576)])  # n % 16 != 0 but one
+def test_repack_in_c_equals_the_torch_reference(qtype, n, k):
+    blocks = with_edge_scales(random_blocks(qtype, n, k, seed=n), qtype)
+    w, ref = gguf_cpu.repack(blocks, qtype, n, k), gguf_cpu.repack_ref(blocks, qtype, n, k)
+    assert w.qs.shape == ref.qs.shape and w.sc.shape == ref.sc.shape
+    assert torch.equal(w.qs, ref.qs) and torch.equal(w.sc.view(torch.int16), ref.sc.view(torch.int16))  # bit for bit
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_repack_of_parts_equals_repack_of_their_concatenation(qtype):
+    """Shards stacked by row (gate and up of a fused gate_up, separate tensors in the file), read where they lie."""
+    sizes, k = [37, 5, 64, 1], 96
+    parts = [random_blocks(qtype, r, k, seed=i) for i, r in enumerate(sizes)]
+    whole = gguf_cpu.repack(torch.cat(parts), qtype, sum(sizes), k)
+    for repack in (gguf_cpu.repack, gguf_cpu.repack_ref):
+        w = repack(parts, qtype, sum(sizes), k)
+        assert torch.equal(w.qs, whole.qs) and torch.equal(w.sc.view(torch.int16), whole.sc.view(torch.int16))
+    strided = torch.cat([parts[0], parts[0]], dim=1)[:, : parts[0].shape[1]]  # a view that is not contiguous
+    assert torch.equal(gguf_cpu.repack([strided], qtype, 37, k).qs, gguf_cpu.repack(parts[0], qtype, 37, k).qs)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -198,6 +236,10 @@ def test_unsupported_inputs_raise():
         gguf_cpu.repack(blocks, 12, 4, 64)  # Q4_K: not read by the kernel
     with pytest.raises(ValueError):
         gguf_cpu.repack(blocks[:2], gguf_cpu.Q4_0, 4, 64)  # fewer bytes than 4 rows
+    with pytest.raises(ValueError):
+        gguf_cpu.repack([blocks[:1, :10], blocks.reshape(-1)[10:]], gguf_cpu.Q4_0, 4, 64)  # parts not whole rows
+    with pytest.raises(ValueError):
+        gguf_cpu.repack(blocks.view(torch.int8), gguf_cpu.Q4_0, 4, 64)  # not bytes
 
 
 # ---- the fused decode step on SmolLM2 ----

@@ -59,3 +59,48 @@ def test_logits_correlate_with_llama_cpp(script, tiny_gguf):
         torch.set_num_threads(threads)
     for step in ("first_step", "decode_step"):
         assert record[step]["correlation"] >= 0.99, record
+
+
+def test_stacked_experts_are_unmapped_as_each_expert_is_repacked(tiny_gguf, monkeypatch):
+    """The file pages of a layer's stacked experts (one tensor per kind, split among the experts' Linears) are
+    unmapped expert by expert, each Linear's own rows once it is finalized, and what is left of the stacked tensors
+    once the layer's experts are done, not at the end of the load: the load's peak stays near the loaded model's
+    size."""
+    from hearth.kernels import gguf_cpu
+    from hearth.loader import load
+    from hearth.loader.gguf import GGUFFile
+    from hearth.loader.inspect import read_gguf_config
+    from hearth.loader.resolve import ModelRef
+    from hearth.models.deepseek_v3 import DeepseekV3Experts
+    from hearth.models.registry import model_class
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler for the GGUF kernels")
+    calls = []
+    release, gguf_release = load._release, GGUFFile.release
+
+    def spy_release(f, module, tensors):
+        calls.append(("module", module, f.mapped_ranges(t for x in tensors for t in load._tensors(x))))
+        return release(f, module, tensors)
+
+    def spy_gguf_release(self, ranges, keep=()):
+        calls.append(("ranges", None, list(ranges)))
+        return gguf_release(self, ranges, keep)
+
+    monkeypatch.setattr(load, "_release", spy_release)
+    monkeypatch.setattr(GGUFFile, "release", spy_gguf_release)
+    config = read_gguf_config(tiny_gguf)
+    model = model_class(config)(config)
+    load.load_model(model, ModelRef(tiny_gguf, tiny_gguf, "gguf"), torch.bfloat16, keep_quantized=True)
+    experts = [i for i, (kind, module, _) in enumerate(calls) if kind == "module" and isinstance(module, DeepseekV3Experts)]
+    assert len(experts) == 1 and len(calls[experts[0]][2]) == 3  # gate, up and down, stacked
+    final = [i for i, (kind, module, _) in enumerate(calls) if kind == "module" and module is model]
+    assert final and experts[0] < final[-1]
+    assert not any(r in calls[experts[0]][2] for r in calls[final[-1]][2])  # none left for the final sweep
+    stacked = calls[experts[0]][2]
+
+    def inside(p, a, b):  # strictly within one of the stacked tensors
+        return any(p == q and s <= a and b <= e and (a, b) != (s, e) for q, s, e in stacked)
+
+    own = [ranges for kind, _, ranges in calls[: experts[0]] if kind == "ranges" and all(inside(*r) for r in ranges)]
+    assert sorted(len(r) for r in own) == [1] * 8 + [2] * 8  # each expert's down rows, then its gate and up rows
