@@ -233,3 +233,108 @@ void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, 
     free(abuf);
     free(parts);
 }
+
+// MLA decode in the absorbed form over the paged latent cache (DeepSeek-V2/V3): for decode row b and query head h
+//   q_lat = W_UK^T[h] q_nope[b, h]                          (w_uk_t [H, C, N])
+//   s_t   = (q_lat . c_kv[t] + q_pe[b, h] . k_pe[t]) * scale  over the row's cached latents t < lens[b]
+//   p     = softmax(s) in float32,  ctx = sum_t p_t c_kv[t],  out[b, h] = W_UV[h] ctx   (w_uv [H, V, C])
+// The cache is bf16 [blocks, bs, C + R] ([c_kv | k_pe] per token), read through the row's block table. A task is one
+// (row, head): the heads of a row go to different threads (dynamic schedule), so both cores work at batch 1; the
+// latents a row's heads share stay in L2 after the first head. Everything accumulates in float32.
+static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(load_bf16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; i < d; i++) s += bf16_to_float(w[i]) * x[i];
+    return s;
+}
+
+static inline void axpy_bf16(float a, const uint16_t *row, float *acc, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= d; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, load_bf16x16(row + i), _mm512_loadu_ps(acc + i)));
+#endif
+    for (; i < d; i++) acc[i] += a * bf16_to_float(row[i]);
+}
+
+// q_nope [B, H, N], q_pe [B, H, R] float32 (contiguous); tables [B, max_blocks], lens [B]; out float32 [B, H, V].
+// Returns 0 (nothing written) when a context length is out of range of its block table.
+int mla_decode(int64_t B, int64_t H, int64_t C, int64_t R, int64_t N, int64_t V, const float *q_nope, const float *q_pe,
+               const uint16_t *w_uk_t, const uint16_t *w_uv, const uint16_t *cache, const int64_t *tables,
+               int64_t max_blocks, int64_t bs, const int64_t *lens, float scale, float *out, int nthreads) {
+    const int64_t K = C + R;
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 0 || lens[b] > max_blocks * bs) return 0;
+        max_len = lens[b] > max_len ? lens[b] : max_len;
+    }
+    const int64_t per = K + max_len + C + 16;
+    float *scratch = malloc(sizeof(float) * (size_t)(nthreads * per));
+    if (!scratch) return 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qf = scratch + TID * per, *sc = qf + K, *cx = sc + max_len;
+#pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < B * H; i++) {
+            const int64_t b = i / H, h = i % H, len = lens[b];
+            const int64_t *table = tables + b * max_blocks;
+            float *o = out + i * V;
+            if (len == 0) {
+                memset(o, 0, sizeof(float) * (size_t)V);
+                continue;
+            }
+            const float *qn = q_nope + i * N;
+            const uint16_t *wk = w_uk_t + h * C * N;
+            for (int64_t j = 0; j < C; j++) qf[j] = dot_bf16_f32(wk + j * N, qn, N) * scale;
+            for (int64_t r = 0; r < R; r++) qf[C + r] = q_pe[i * R + r] * scale;
+            float mx = -INFINITY;
+            for (int64_t b0 = 0; b0 < len; b0 += bs) {
+                const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+                const int64_t e = len - b0 < bs ? len - b0 : bs;
+                for (int64_t t = 0; t < e; t++) {
+                    const float s = dot_bf16_f32(blk + t * K, qf, K);
+                    sc[b0 + t] = s;
+                    mx = s > mx ? s : mx;
+                }
+            }
+            float sum = 0.0f;
+            int64_t t = 0;
+#if defined(__AVX512F__)
+            {
+                const __m512 m = _mm512_set1_ps(mx);
+                __m512 acc = _mm512_setzero_ps();
+                for (; t + 16 <= len; t += 16) {
+                    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
+                    _mm512_storeu_ps(sc + t, p);
+                    acc = _mm512_add_ps(acc, p);
+                }
+                sum = _mm512_reduce_add_ps(acc);
+            }
+#endif
+            for (; t < len; t++) {
+                sc[t] = expf(sc[t] - mx);
+                sum += sc[t];
+            }
+            memset(cx, 0, sizeof(float) * (size_t)C);
+            for (int64_t b0 = 0; b0 < len; b0 += bs) {
+                const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+                const int64_t e = len - b0 < bs ? len - b0 : bs;
+                for (int64_t tt = 0; tt < e; tt++) axpy_bf16(sc[b0 + tt], blk + tt * K, cx, C);
+            }
+            const float inv = 1.0f / sum;
+            const uint16_t *wv = w_uv + h * V * C;
+            for (int64_t j = 0; j < V; j++) o[j] = dot_bf16_f32(wv + j * C, cx, C) * inv;
+        }
+    }
+    free(scratch);
+    return 1;
+}

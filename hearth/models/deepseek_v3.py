@@ -36,7 +36,7 @@ from torch import nn
 
 from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
-from hearth.layers.attention import cache_zeros
+from hearth.layers.attention import cache_zeros, latent_decode_attention
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
@@ -201,6 +201,13 @@ class DeepseekV3Attention(nn.Module):
                 out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask)
         if ctx.decode_seq_idx:
             rows = ctx.decode_rows
+            o = None
+            if self.mode != "naive":  # all heads and rows in one C call where it runs (CPU, bf16 cache)
+                o = latent_decode_attention(q_nope[rows], q_pe[rows], self.w_uk_t, self.w_uv, cache,
+                                            ctx.decode_block_tables, ctx.decode_context_lens, self.scale)  # fmt: skip
+            if o is not None:
+                out[rows] = o.to(out.dtype)
+                return self.o_proj(out.flatten(1))
             keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
             if self.mode == "naive":
                 for b, row in enumerate(rows.tolist()):
