@@ -183,7 +183,8 @@ def test_routing_with_every_group_kept_is_plain_top_k(scoring_func):
     ref_ids = (scores + bias).topk(3, dim=-1).indices
     for groups in (1, 4):  # one group (V2-Lite) or all groups kept: no group limits the choice
         weights, ids = grouped_topk(logits, bias, 3, groups, groups, False, 1.0, scoring_func)
-        assert torch.equal(ids, ref_ids) and torch.equal(weights, scores.gather(1, ref_ids))
+        # the C router's expf may differ from torch's exp by an ulp
+        assert torch.equal(ids, ref_ids) and (weights - scores.gather(1, ref_ids)).abs().max().item() <= 1e-6
 
 
 # ---- FP8 block weights ------------------------------------------------------------------------------------------
