@@ -13,7 +13,7 @@
 // 1 ulp) by a few float32 ulps, so bf16(silu) can differ by one bf16 step where the float32 value lies within those
 // ulps of a rounding midpoint: rare (none in 6M random gates); the product's rounding can carry that to two steps.
 //
-// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with bf16 cos/sin
+// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads `h_stride`) with bf16 cos/sin
 // rows [T, D] (one per token), in torch's bf16 steps (HF's rope on a bf16 model,
 // addcmul(x * cos, rotate_half(x), sin)): for i < D/2
 //   x[i] = bf16(bf16(x[i] * cos[i]) - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(bf16(x[i + D/2] * cos[i + D/2]) + x[i] * sin[i + D/2]).
@@ -125,15 +125,15 @@ void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, 
     }
 }
 
-// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin bf16 [T, D]
-void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const uint16_t *cos,
-               const uint16_t *sin, int nthreads) {
+// x [T, heads, D] bf16 in place (tokens x_stride apart, heads h_stride >= D apart); cos/sin bf16 [T, D]
+void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, int64_t h_stride,
+               const uint16_t *cos, const uint16_t *sin, int nthreads) {
     const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * heads * D >= MIN_PARALLEL)
     for (int64_t t = 0; t < T; t++) {
         const uint16_t *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < heads; h++) {
-            uint16_t *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
+            uint16_t *x1 = x + t * x_stride + h * h_stride, *x2 = x1 + half;
 #ifdef EW_AVX512
             for (int64_t i = 0; i < half; i += 16) {
                 const __mmask16 k = mask16(half - i);

@@ -39,7 +39,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ew_rms_norm.restype = None
     lib.ew_silu_and_mul.argtypes = [i64, i64, ptr, i64, ptr, i64, c_int]
     lib.ew_silu_and_mul.restype = None
-    lib.ew_rotary.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, c_int]
+    lib.ew_rotary.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, ptr, c_int]
     lib.ew_rotary.restype = None
     lib.ew_vectorized.restype = ctypes.c_int
     lib.ew_grouped_topk.argtypes = [i64, i64, ptr, i64, ptr, i64, i64, i64, c_int, ctypes.c_float, c_int, ptr, ptr,
@@ -116,19 +116,23 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def can_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """x [T, heads, D] bf16 on CPU (heads D apart, D even, tokens not overlapping), bf16 contiguous cos/sin [T, D] (the
-    rows of x's positions), and the library built."""
+    """x [T, heads, D] bf16 on CPU (heads at least D apart, D even, tokens not overlapping: a view of the q or kv
+    projection's output, e.g. the rope dims of each head), bf16 contiguous cos/sin [T, D] (the rows of x's
+    positions), and the library built."""
     if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1):
         return False
-    t, _, d = x.shape
+    t, heads, d = x.shape
     tables = all(tab.dtype == torch.bfloat16 and tab.is_contiguous() and tab.shape == (t, d) for tab in (cos, sin))
-    return tables and d % 2 == 0 and x.stride(1) == d and (t <= 1 or x.stride(0) >= x.shape[1] * d) and available()
+    heads_apart = heads <= 1 or x.stride(1) >= d
+    tokens_apart = t <= 1 or x.stride(0) >= (heads - 1) * x.stride(1) + d
+    return tables and d % 2 == 0 and heads_apart and tokens_apart and available()
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, D] in place by the cos/sin rows [T, D]; returns x."""
     t, heads, d = x.shape
-    _get().ew_rotary(t, heads, d, x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+    _get().ew_rotary(t, heads, d, x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+                     torch.get_num_threads())  # fmt: skip
     return x
 
 

@@ -44,7 +44,7 @@ from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowP
 from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm
 from hearth.layers.moe import SCORING_FUNCS, BlocksMoE, grouped_topk
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 from hearth.layers.weights import dense, stacked_part
 
 MLA_MODES = ("auto", "naive", "absorbed")  # auto: naive for prefill, absorbed for decode
@@ -175,9 +175,10 @@ class DeepseekV3Attention(nn.Module):
         else:
             q = self.q_proj(hidden_states)
         q_nope, q_pe = q.view(num_tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)  # [num_tokens, H, rope]
+        # rope in place on the projections' outputs (one C pass each in bf16, the torch ops' values)
+        q_pe = apply_rotary_emb_(q_pe, cos, sin)  # [num_tokens, H, rope]
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([c, self.rope_dim], dim=-1)
-        k_pe = apply_rotary_emb(k_pe[:, None], cos, sin)[:, 0]
+        k_pe = apply_rotary_emb_(k_pe[:, None], cos, sin)[:, 0]
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [num_tokens, c + rope]: what the cache holds
 
         ctx = get_context()
