@@ -266,73 +266,96 @@ static inline void axpy_bf16(float a, const uint16_t *row, float *acc, int64_t d
     for (; i < d; i++) acc[i] += a * bf16_to_float(row[i]);
 }
 
-// q_nope [B, H, N], q_pe [B, H, R] float32 (contiguous); tables [B, max_blocks], lens [B]; out float32 [B, H, V].
-// Returns 0 (nothing written) when a context length is out of range of its block table.
-int mla_decode(int64_t B, int64_t H, int64_t C, int64_t R, int64_t N, int64_t V, const float *q_nope, const float *q_pe,
+// One (row, head) of mla_decode: qn the head's N nope dims, qf[C..C+R) its scaled rope dims (qf[0..C) is filled
+// here); scratch sc (len floats) and cx (C floats); ov gets the head's V outputs.
+static void mla_head(int64_t C, int64_t R, int64_t N, int64_t V, const float *qn, float *qf, const uint16_t *wk,
+                     const uint16_t *wv, const uint16_t *cache, const int64_t *table, int64_t bs, int64_t len,
+                     float scale, float *sc, float *cx, float *ov) {
+    const int64_t K = C + R;
+    for (int64_t j = 0; j < C; j++) qf[j] = dot_bf16_f32(wk + j * N, qn, N) * scale;
+    float mx = -INFINITY;
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+        const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+        const int64_t e = len - b0 < bs ? len - b0 : bs;
+        for (int64_t t = 0; t < e; t++) {
+            const float s = dot_bf16_f32(blk + t * K, qf, K);
+            sc[b0 + t] = s;
+            mx = s > mx ? s : mx;
+        }
+    }
+    float sum = 0.0f;
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    {
+        const __m512 m = _mm512_set1_ps(mx);
+        __m512 acc = _mm512_setzero_ps();
+        for (; t + 16 <= len; t += 16) {
+            const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
+            _mm512_storeu_ps(sc + t, p);
+            acc = _mm512_add_ps(acc, p);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+    }
+#endif
+    for (; t < len; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    memset(cx, 0, sizeof(float) * (size_t)C);
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+        const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+        const int64_t e = len - b0 < bs ? len - b0 : bs;
+        for (int64_t tt = 0; tt < e; tt++) axpy_bf16(sc[b0 + tt], blk + tt * K, cx, C);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < V; j++) ov[j] = dot_bf16_f32(wv + j * C, cx, C) * inv;
+}
+
+// Decode row b reads query row r = rows ? rows[b] : b of q_nope [., H, N] and q_pe [., H, R] (bf16 when q_bf16, else
+// float32; rows and heads at the given strides, dims contiguous) and writes out[r] [H, V] (bf16 when out_bf16, else
+// float32; rows and heads at the given strides). tables [B, max_blocks], lens [B]. Returns 0 (nothing written) when a
+// context length is out of range of its block table or a row out of [0, T).
+int mla_decode(int64_t B, int64_t T, int64_t H, int64_t C, int64_t R, int64_t N, int64_t V, const void *q_nope, int64_t qn_row,
+               int64_t qn_head, const void *q_pe, int64_t qp_row, int64_t qp_head, int q_bf16, const int64_t *rows,
                const uint16_t *w_uk_t, const uint16_t *w_uv, const uint16_t *cache, const int64_t *tables,
-               int64_t max_blocks, int64_t bs, const int64_t *lens, float scale, float *out, int nthreads) {
+               int64_t max_blocks, int64_t bs, const int64_t *lens, float scale, void *out, int64_t o_row,
+               int64_t o_head, int out_bf16, int nthreads) {
     const int64_t K = C + R;
     int64_t max_len = 1;
     for (int64_t b = 0; b < B; b++) {
-        if (lens[b] < 0 || lens[b] > max_blocks * bs) return 0;
+        if (lens[b] < 0 || lens[b] > max_blocks * bs || (rows && (rows[b] < 0 || rows[b] >= T))) return 0;
         max_len = lens[b] > max_len ? lens[b] : max_len;
     }
-    const int64_t per = K + max_len + C + 16;
+    const int64_t per = K + max_len + C + N + V + 16;
     float *scratch = malloc(sizeof(float) * (size_t)(nthreads * per));
     if (!scratch) return 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *qf = scratch + TID * per, *sc = qf + K, *cx = sc + max_len;
+        float *qf = scratch + TID * per, *sc = qf + K, *cx = sc + max_len, *qn = cx + C, *ov = qn + N;
 #pragma omp for schedule(dynamic)
         for (int64_t i = 0; i < B * H; i++) {
-            const int64_t b = i / H, h = i % H, len = lens[b];
+            const int64_t b = i / H, h = i % H, len = lens[b], r = rows ? rows[b] : b;
             const int64_t *table = tables + b * max_blocks;
-            float *o = out + i * V;
-            if (len == 0) {
-                memset(o, 0, sizeof(float) * (size_t)V);
-                continue;
+            if (q_bf16) {
+                const uint16_t *qb = (const uint16_t *)q_nope + r * qn_row + h * qn_head;
+                const uint16_t *pb = (const uint16_t *)q_pe + r * qp_row + h * qp_head;
+                for (int64_t n = 0; n < N; n++) qn[n] = bf16_to_float(qb[n]);
+                for (int64_t k = 0; k < R; k++) qf[C + k] = bf16_to_float(pb[k]) * scale;
+            } else {
+                const float *qb = (const float *)q_nope + r * qn_row + h * qn_head;
+                const float *pb = (const float *)q_pe + r * qp_row + h * qp_head;
+                for (int64_t n = 0; n < N; n++) qn[n] = qb[n];
+                for (int64_t k = 0; k < R; k++) qf[C + k] = pb[k] * scale;
             }
-            const float *qn = q_nope + i * N;
-            const uint16_t *wk = w_uk_t + h * C * N;
-            for (int64_t j = 0; j < C; j++) qf[j] = dot_bf16_f32(wk + j * N, qn, N) * scale;
-            for (int64_t r = 0; r < R; r++) qf[C + r] = q_pe[i * R + r] * scale;
-            float mx = -INFINITY;
-            for (int64_t b0 = 0; b0 < len; b0 += bs) {
-                const uint16_t *blk = cache + table[b0 / bs] * bs * K;
-                const int64_t e = len - b0 < bs ? len - b0 : bs;
-                for (int64_t t = 0; t < e; t++) {
-                    const float s = dot_bf16_f32(blk + t * K, qf, K);
-                    sc[b0 + t] = s;
-                    mx = s > mx ? s : mx;
-                }
+            if (len == 0) memset(ov, 0, sizeof(float) * (size_t)V);
+            else mla_head(C, R, N, V, qn, qf, w_uk_t + h * C * N, w_uv + h * V * C, cache, table, bs, len, scale, sc,
+                          cx, ov);
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + r * o_row + h * o_head;
+                for (int64_t j = 0; j < V; j++) o[j] = float_to_bf16(ov[j]);
+            } else {
+                memcpy((float *)out + r * o_row + h * o_head, ov, sizeof(float) * (size_t)V);
             }
-            float sum = 0.0f;
-            int64_t t = 0;
-#if defined(__AVX512F__)
-            {
-                const __m512 m = _mm512_set1_ps(mx);
-                __m512 acc = _mm512_setzero_ps();
-                for (; t + 16 <= len; t += 16) {
-                    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
-                    _mm512_storeu_ps(sc + t, p);
-                    acc = _mm512_add_ps(acc, p);
-                }
-                sum = _mm512_reduce_add_ps(acc);
-            }
-#endif
-            for (; t < len; t++) {
-                sc[t] = expf(sc[t] - mx);
-                sum += sc[t];
-            }
-            memset(cx, 0, sizeof(float) * (size_t)C);
-            for (int64_t b0 = 0; b0 < len; b0 += bs) {
-                const uint16_t *blk = cache + table[b0 / bs] * bs * K;
-                const int64_t e = len - b0 < bs ? len - b0 : bs;
-                for (int64_t tt = 0; tt < e; tt++) axpy_bf16(sc[b0 + tt], blk + tt * K, cx, C);
-            }
-            const float inv = 1.0f / sum;
-            const uint16_t *wv = w_uv + h * V * C;
-            for (int64_t j = 0; j < V; j++) o[j] = dot_bf16_f32(wv + j * C, cx, C) * inv;
         }
     }
     free(scratch);

@@ -39,8 +39,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.attn_decode.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_float, ptr,
                                 ptr, ctypes.c_int]  # fmt: skip
     lib.attn_decode.restype = None
-    lib.mla_decode.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr,
-                               ctypes.c_float, ptr, ctypes.c_int]  # fmt: skip
+    lib.mla_decode.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ptr,
+                               ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i64, i64, ctypes.c_int,
+                               ctypes.c_int]  # fmt: skip
     lib.mla_decode.restype = ctypes.c_int
 
 
@@ -177,31 +178,57 @@ def can_mla_decode(cache: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor
             and w_uk_t.is_contiguous() and w_uv.is_contiguous() and _get() is not None)  # fmt: skip
 
 
+def _dims_contiguous(x: torch.Tensor) -> torch.Tensor:  # bf16 or float32 [T, H, d] with contiguous dims
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
-               cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-               scale: float) -> torch.Tensor:  # fmt: skip
-    """Absorbed MLA for one query token per row: q_nope [B, H, nope], q_pe [B, H, rope] (rope applied) attend the
-    latents of positions [0, context_lens[b]) found through block_tables[b] in `cache` [blocks, block_size, c + rope]
-    ([c_kv | k_pe] per token). scores = (W_UK^T[h] q_nope . c_kv + q_pe . k_pe) * scale, softmax, the mix of c_kv,
-    then W_UV[h]. -> float32 [B, H, v]."""
-    batch, heads, nope = q_nope.shape
+               cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+               rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Absorbed MLA for one query token per decode row b: q_nope[r] [H, nope] and q_pe[r] [H, rope] (rope applied;
+    r = rows[b], or b without `rows`) attend the latents of positions [0, context_lens[b]) found through
+    block_tables[b] in `cache` [blocks, block_size, c + rope] ([c_kv | k_pe] per token). scores = (W_UK^T[h]
+    q_nope . c_kv + q_pe . k_pe) * scale, softmax, the mix of c_kv, then W_UV[h]. q_* bf16 or float32, any row and
+    head strides. Written into out[r] ([T, H, v], bf16 or float32, rounded once) when `out` is given and returned;
+    else a new float32 [B, H, v]."""
+    q_nope, q_pe = _dims_contiguous(q_nope), _dims_contiguous(q_pe)
+    if q_pe.dtype != q_nope.dtype:
+        q_pe = q_pe.to(q_nope.dtype)
+    heads, nope = q_nope.shape[1], q_nope.shape[2]
     c, v = w_uk_t.shape[1], w_uv.shape[1]
     rope = cache.shape[2] - c
-    if q_pe.shape != (batch, heads, rope) or tuple(w_uk_t.shape) != (heads, c, nope):
+    if q_pe.shape[1:] != (heads, rope) or tuple(w_uk_t.shape) != (heads, c, nope):
         raise ValueError(f"mla_decode: q_nope {tuple(q_nope.shape)} / q_pe {tuple(q_pe.shape)} do not fit "
                          f"w_uk_t {tuple(w_uk_t.shape)} and a cache of {cache.shape[2]}")  # fmt: skip
-    qn = q_nope.float().contiguous()
-    qp = q_pe.float().contiguous()
     tables = block_tables.to(torch.long).contiguous()
     lens = context_lens.to(torch.long).contiguous()
-    if tables.shape[0] != batch or lens.shape != (batch,):
-        raise ValueError("mla_decode: one block table and one context length per row")
-    out = torch.empty(batch, heads, v, dtype=torch.float32)
-    ok = _get().mla_decode(batch, heads, c, rope, nope, v, qn.data_ptr(), qp.data_ptr(), w_uk_t.data_ptr(),
-                           w_uv.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1], cache.shape[1],
-                           lens.data_ptr(), scale, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    batch = lens.shape[0]
+    if rows is not None:
+        rows = rows.to(torch.long).contiguous()
+        if rows.shape != (batch,):
+            raise ValueError("mla_decode: one query row per context length")
+    elif q_nope.shape[0] != batch or q_pe.shape[0] != batch:
+        raise ValueError("mla_decode: one query row per context length")
+    if tables.shape[0] != batch:
+        raise ValueError("mla_decode: one block table per row")
+    if out is None:
+        if rows is not None:
+            raise ValueError("mla_decode: `rows` needs `out` (the rows are written there)")
+        out = torch.empty(batch, heads, v, dtype=torch.float32)
+    elif (out.dtype not in (torch.bfloat16, torch.float32) or out.stride(2) != 1 or out.shape[1:] != (heads, v)
+          or out.shape[0] != q_nope.shape[0] or q_pe.shape[0] != q_nope.shape[0]):  # fmt: skip
+        raise ValueError(f"mla_decode: out must be bf16 or float32 [T, {heads}, {v}] (q's T) with contiguous dims")
+    ok = _get().mla_decode(batch, q_nope.shape[0], heads, c, rope, nope, v, q_nope.data_ptr(), q_nope.stride(0),
+                           q_nope.stride(1),
+                           q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), int(q_nope.dtype == torch.bfloat16),
+                           None if rows is None else rows.data_ptr(), w_uk_t.data_ptr(), w_uv.data_ptr(),
+                           cache.data_ptr(), tables.data_ptr(), tables.shape[1], cache.shape[1], lens.data_ptr(),
+                           scale, out.data_ptr(), out.stride(0), out.stride(1), int(out.dtype == torch.bfloat16),
+                           torch.get_num_threads())  # fmt: skip
     if not ok:
-        raise ValueError("mla_decode: each row needs a block table covering its context")
+        raise ValueError("mla_decode: each row needs a block table covering its context (and rows within q)")
     return out
 
 

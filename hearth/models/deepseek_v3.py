@@ -202,12 +202,10 @@ class DeepseekV3Attention(nn.Module):
                 out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask)
         if ctx.decode_seq_idx:
             rows = ctx.decode_rows
-            o = None
-            if self.mode != "naive":  # all heads and rows in one C call where it runs (CPU, bf16 cache)
-                o = latent_decode_attention(q_nope[rows], q_pe[rows], self.w_uk_t, self.w_uv, cache,
-                                            ctx.decode_block_tables, ctx.decode_context_lens, self.scale)  # fmt: skip
-            if o is not None:
-                out[rows] = o.to(out.dtype)
+            # all heads and rows in one C call, written into out's decode rows, where it runs (CPU, bf16 cache)
+            if self.mode != "naive" and latent_decode_attention(q_nope, q_pe, self.w_uk_t, self.w_uv, cache,
+                                                                ctx.decode_block_tables, ctx.decode_context_lens,
+                                                                self.scale, rows, out) is not None:  # fmt: skip
                 return self.o_proj(out.flatten(1))
             keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
             if self.mode == "naive":

@@ -76,3 +76,28 @@ def test_mla_decode_rejects_short_block_table():
     with pytest.raises(ValueError, match="block table"):
         attention_cpu.mla_decode(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), w_uk_t, w_uv, cache, tables,
                                  torch.tensor([25]), 1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_mla_decode_rows_of_strided_views_into_out(out_dtype):
+    """As the model calls it: q_nope / q_pe are views of the q projection's [T, H, nope + rope] rows, the decode rows
+    are some of the T (in any order), and the result lands in those rows of `out` (rounded once to bf16); the other
+    rows of `out` are left alone."""
+    heads, c, rope, nope, v = 4, 64, 16, 32, 24
+    lengths = [40, 3, 17]
+    cache, tables, lens = latent_cache(lengths, c + rope, 8, seed=11)
+    g = torch.Generator().manual_seed(12)
+    w_uk_t = (torch.randn(heads, c, nope, generator=g) * nope**-0.5).bfloat16()
+    w_uv = (torch.randn(heads, v, c, generator=g) * c**-0.5).bfloat16()
+    q = torch.randn(6, heads, nope + rope, generator=g).bfloat16()
+    q_nope, q_pe = q.split([nope, rope], dim=-1)
+    rows = torch.tensor([4, 0, 2])
+    out = torch.full((6, heads, v), 7.0, dtype=out_dtype)
+    got = attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, 0.3, rows, out)
+    assert got is out
+    ref = attention_cpu.mla_decode_ref(q_nope[rows], q_pe[rows], w_uk_t, w_uv, cache, tables, lens, 0.3)
+    tol = 2e-5 * ref.abs().max().item() + (ref.abs() * 2**-8 if out_dtype == torch.bfloat16 else 0)
+    assert ((out[rows].double() - ref).abs() <= tol).all()
+    assert (out[[1, 3, 5]] == 7.0).all()
+    with pytest.raises(ValueError, match="rows within q"):
+        attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, 0.3, torch.tensor([4, 0, 6]), out)
