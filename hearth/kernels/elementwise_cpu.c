@@ -193,6 +193,7 @@ int ew_grouped_topk(int64_t T, int64_t E, const float *logits, int64_t l_stride,
                 int64_t best = -1;
                 for (int64_t g = 0; g < G; g++)
                     if (!chosen[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                if (best < 0) break;
                 chosen[best] = 1;
             }
             for (int64_t e = 0; e < E; e++) keep[e] = chosen[e / per];
@@ -207,6 +208,7 @@ int ew_grouped_topk(int64_t T, int64_t E, const float *logits, int64_t l_stride,
                 for (int64_t e = 0; e < E; e++)
                     if (keep[e] == 0 && (best < 0 || ch[e] > ch[best])) best = e;
             }
+            if (best < 0) best = 0;  // K > E: refused above
             keep[best] = 2;  // taken
             id[k] = best;
             w[k] = sc[best];
