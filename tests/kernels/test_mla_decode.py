@@ -49,7 +49,7 @@ def test_mla_decode_vs_float64(heads, c, rope, nope, v, block_size):
 
 
 def test_mla_decode_peaked_softmax_and_threads():
-    """Large scores (a near one-hot softmax) and 1 vs 2 threads: the split over heads changes nothing."""
+    """Large scores (a near one-hot softmax) and 1, 2 or 3 threads: the split over rows and heads changes nothing."""
     lengths = [33, 200]
     cache, tables, lens = latent_cache(lengths, 72, 8, seed=5)
     g = torch.Generator().manual_seed(9)
@@ -68,6 +68,15 @@ def test_mla_decode_peaked_softmax_and_threads():
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
     assert (one.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    # one row: its 4 heads split into groups for the threads (2 and 2 at two threads, 4 at one): the same values
+    try:
+        single = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            single.append(attention_cpu.mla_decode(q_nope[1:], q_pe[1:], w_uk_t, w_uv, cache, tables[1:], lens[1:], 0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], single[1]) and torch.equal(single[0], single[2]) and torch.equal(single[0], one[1:])
 
 
 def test_mla_decode_rejects_short_block_table():
@@ -101,3 +110,24 @@ def test_mla_decode_rows_of_strided_views_into_out(out_dtype):
     assert (out[[1, 3, 5]] == 7.0).all()
     with pytest.raises(ValueError, match="rows within q"):
         attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, 0.3, torch.tensor([4, 0, 6]), out)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 3])
+def test_mla_decode_one_row_head_groups(threads):
+    """One decode row at DeepSeek's shapes: its 16 heads run as 1, 2, 4 or 3 groups (16, 8, 4 or 6 heads sharing each
+    latent's load; the first three through the register-blocked passes) and all agree with float64."""
+    heads, c, rope, nope, v = 16, 512, 64, 128, 128
+    cache, tables, lens = latent_cache([75], c + rope, 16, seed=threads)
+    g = torch.Generator().manual_seed(threads)
+    w_uk_t = (torch.randn(heads, c, nope, generator=g) * nope**-0.5).bfloat16()
+    w_uv = (torch.randn(heads, v, c, generator=g) * c**-0.5).bfloat16()
+    q_nope = torch.randn(1, heads, nope, generator=g).bfloat16()
+    q_pe = torch.randn(1, heads, rope, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, 0.07)
+    finally:
+        torch.set_num_threads(before)
+    ref = attention_cpu.mla_decode_ref(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, 0.07)
+    assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
