@@ -233,3 +233,220 @@ void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, 
     free(abuf);
     free(parts);
 }
+
+// MLA decode in the absorbed form over the paged latent cache (DeepSeek-V2/V3): for decode row b and query head h
+//   q_lat = W_UK^T[h] q_nope[b, h]                          (w_uk_t [H, C, N])
+//   s_t   = (q_lat . c_kv[t] + q_pe[b, h] . k_pe[t]) * scale  over the row's cached latents t < lens[b]
+//   p     = softmax(s) in float32,  ctx = sum_t p_t c_kv[t],  out[b, h] = W_UV[h] ctx   (w_uv [H, V, C])
+// The cache is bf16 [blocks, bs, C + R] ([c_kv | k_pe] per token), read through the row's block table. A task is one
+// (row, group of heads): a group reads each cached latent once for all its heads; with fewer rows than threads a
+// row's heads split into enough groups for every thread (dynamic schedule), so both cores work at batch 1.
+// Everything accumulates in float32.
+#define MLA_MAX_GROUP 16  // heads per task at most
+
+static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(load_bf16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; i < d; i++) s += bf16_to_float(w[i]) * x[i];
+    return s;
+}
+
+static inline void axpy_bf16(float a, const uint16_t *row, float *acc, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= d; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, load_bf16x16(row + i), _mm512_loadu_ps(acc + i)));
+#endif
+    for (; i < d; i++) acc[i] += a * bf16_to_float(row[i]);
+}
+
+#if defined(__AVX512F__)
+// mla_heads' two passes over the latents for G heads known at compile time, their sums in registers: scores (each
+// latent row widened once per 16 dims for all G heads) and the context mix (per 16 context dims, G accumulators over
+// all tokens). K and C multiples of 16.
+static inline __attribute__((always_inline)) void mla_scores_g(const int G, int64_t K, const float *qf,
+                                                               const uint16_t *cache, const int64_t *table, int64_t bs,
+                                                               int64_t len, float *sc, float *mx) {
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+        const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+        const int64_t e = len - b0 < bs ? len - b0 : bs;
+        for (int64_t t = 0; t < e; t++) {
+            __m512 acc[16];
+            for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                const __m512 row = load_bf16x16(blk + t * K + k);
+                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * K + k), row, acc[g]);
+            }
+            for (int g = 0; g < G; g++) {
+                const float v = _mm512_reduce_add_ps(acc[g]);
+                sc[g * len + b0 + t] = v;
+                mx[g] = v > mx[g] ? v : mx[g];
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void mla_mix_g(const int G, int64_t C, int64_t K, const float *sc,
+                                                            const uint16_t *cache, const int64_t *table, int64_t bs,
+                                                            int64_t len, float *cx) {
+    for (int64_t k = 0; k < C; k += 16) {
+        __m512 acc[16];
+        for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t b0 = 0; b0 < len; b0 += bs) {
+            const uint16_t *blk = cache + table[b0 / bs] * bs * K + k;
+            const int64_t e = len - b0 < bs ? len - b0 : bs;
+            for (int64_t t = 0; t < e; t++) {
+                const __m512 row = load_bf16x16(blk + t * K);
+                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * len + b0 + t]), row, acc[g]);
+            }
+        }
+        for (int g = 0; g < G; g++) _mm512_storeu_ps(cx + g * C + k, acc[g]);
+    }
+}
+#endif
+
+// G heads of one row of mla_decode, sharing each latent's load: qf[g] (K = C + R floats each) holds head g's query
+// in latent space, already scaled: [W_UK^T q_nope | q_pe] * scale; scratch sc (G x len floats) and cx (G x C floats);
+// ov[g] (V floats each) gets head g's outputs. wv: W_UV of the first head (V x C each).
+static void mla_heads(int64_t G, int64_t C, int64_t R, int64_t V, const float *qf, const uint16_t *wv,
+                      const uint16_t *cache, const int64_t *table, int64_t bs, int64_t len, float *sc, float *cx,
+                      float *ov) {
+    const int64_t K = C + R;
+    float mx[MLA_MAX_GROUP], sum[MLA_MAX_GROUP];
+    for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
+#if defined(__AVX512F__)
+    const int fast = K % 16 == 0 && C % 16 == 0 && (G == 16 || G == 8 || G == 4);
+#else
+    const int fast = 0;
+#endif
+    if (fast) {
+#if defined(__AVX512F__)
+        if (G == 16) mla_scores_g(16, K, qf, cache, table, bs, len, sc, mx);
+        else if (G == 8) mla_scores_g(8, K, qf, cache, table, bs, len, sc, mx);
+        else mla_scores_g(4, K, qf, cache, table, bs, len, sc, mx);
+#endif
+    } else
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+        const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+        const int64_t e = len - b0 < bs ? len - b0 : bs;
+        for (int64_t t = 0; t < e; t++) {
+            for (int64_t g = 0; g < G; g++) {
+                const float s = dot_bf16_f32(blk + t * K, qf + g * K, K);
+                sc[g * len + b0 + t] = s;
+                mx[g] = s > mx[g] ? s : mx[g];
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = sc + g * len, acc_s = 0.0f;
+        int64_t t = 0;
+#if defined(__AVX512F__)
+        const __m512 m = _mm512_set1_ps(mx[g]);
+        __m512 acc = _mm512_setzero_ps();
+        for (; t + 16 <= len; t += 16) {
+            const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
+            _mm512_storeu_ps(sg + t, p);
+            acc = _mm512_add_ps(acc, p);
+        }
+        acc_s = _mm512_reduce_add_ps(acc);
+#endif
+        for (; t < len; t++) {
+            sg[t] = expf(sg[t] - mx[g]);
+            acc_s += sg[t];
+        }
+        sum[g] = acc_s;
+    }
+    if (fast) {
+#if defined(__AVX512F__)
+        if (G == 16) mla_mix_g(16, C, K, sc, cache, table, bs, len, cx);
+        else if (G == 8) mla_mix_g(8, C, K, sc, cache, table, bs, len, cx);
+        else mla_mix_g(4, C, K, sc, cache, table, bs, len, cx);
+#endif
+    } else {
+    memset(cx, 0, sizeof(float) * (size_t)(G * C));
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+        const uint16_t *blk = cache + table[b0 / bs] * bs * K;
+        const int64_t e = len - b0 < bs ? len - b0 : bs;
+        for (int64_t t = 0; t < e; t++)
+            for (int64_t g = 0; g < G; g++) axpy_bf16(sc[g * len + b0 + t], blk + t * K, cx + g * C, C);
+    }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = 1.0f / sum[g];
+        for (int64_t j = 0; j < V; j++) ov[g * V + j] = dot_bf16_f32(wv + (g * V + j) * C, cx + g * C, C) * inv;
+    }
+}
+
+// Decode row b reads query row r = rows ? rows[b] : b of q_nope [., H, N] and q_pe [., H, R] (bf16 when q_bf16, else
+// float32; rows and heads at the given strides, dims contiguous) and writes out[r] [H, V] (bf16 when out_bf16, else
+// float32; rows and heads at the given strides). tables [B, max_blocks], lens [B]. Returns 0 (nothing written) when a
+// context length is out of range of its block table or a row out of [0, T).
+int mla_decode(int64_t B, int64_t T, int64_t H, int64_t C, int64_t R, int64_t N, int64_t V, const void *q_nope, int64_t qn_row,
+               int64_t qn_head, const void *q_pe, int64_t qp_row, int64_t qp_head, int q_bf16, const int64_t *rows,
+               const uint16_t *w_uk_t, const uint16_t *w_uv, const uint16_t *cache, const int64_t *tables,
+               int64_t max_blocks, int64_t bs, const int64_t *lens, float scale, void *out, int64_t o_row,
+               int64_t o_head, int out_bf16, int nthreads) {
+    const int64_t K = C + R;
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 0 || lens[b] > max_blocks * bs || (rows && (rows[b] < 0 || rows[b] >= T))) return 0;
+        max_len = lens[b] > max_len ? lens[b] : max_len;
+    }
+    // heads in groups that share each latent's load; enough groups for every thread at small batches
+    int64_t ngroups = B >= nthreads ? 1 : (nthreads + B - 1) / B;
+    if (ngroups < (H + MLA_MAX_GROUP - 1) / MLA_MAX_GROUP) ngroups = (H + MLA_MAX_GROUP - 1) / MLA_MAX_GROUP;
+    if (ngroups > H) ngroups = H;
+    const int64_t HG = (H + ngroups - 1) / ngroups;
+    const int64_t per = HG * (K + max_len + C + V) + N + 16;
+    float *scratch = malloc(sizeof(float) * (size_t)(nthreads * per));
+    if (!scratch) return 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *qf = scratch + TID * per, *sc = qf + HG * K, *cx = sc + HG * max_len, *ov = cx + HG * C, *qn = ov + HG * V;
+#pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < B * ngroups; i++) {
+            const int64_t b = i / ngroups, h0 = i % ngroups * HG, len = lens[b], r = rows ? rows[b] : b;
+            const int64_t G = H - h0 < HG ? H - h0 : HG;
+            if (G <= 0) continue;
+            for (int64_t g = 0; g < G; g++) {  // head h0 + g's query: W_UK^T q_nope and q_pe, scaled
+                const int64_t h = h0 + g;
+                float *q = qf + g * K;
+                if (q_bf16) {
+                    const uint16_t *qb = (const uint16_t *)q_nope + r * qn_row + h * qn_head;
+                    const uint16_t *pb = (const uint16_t *)q_pe + r * qp_row + h * qp_head;
+                    for (int64_t n = 0; n < N; n++) qn[n] = bf16_to_float(qb[n]);
+                    for (int64_t k = 0; k < R; k++) q[C + k] = bf16_to_float(pb[k]) * scale;
+                } else {
+                    const float *qb = (const float *)q_nope + r * qn_row + h * qn_head;
+                    const float *pb = (const float *)q_pe + r * qp_row + h * qp_head;
+                    for (int64_t n = 0; n < N; n++) qn[n] = qb[n];
+                    for (int64_t k = 0; k < R; k++) q[C + k] = pb[k] * scale;
+                }
+                const uint16_t *wk = w_uk_t + h * C * N;
+                for (int64_t j = 0; j < C; j++) q[j] = dot_bf16_f32(wk + j * N, qn, N) * scale;
+            }
+            if (len == 0) memset(ov, 0, sizeof(float) * (size_t)(G * V));
+            else mla_heads(G, C, R, V, qf, w_uv + h0 * V * C, cache, tables + b * max_blocks, bs, len, sc, cx, ov);
+            for (int64_t g = 0; g < G; g++) {
+                const float *og = ov + g * V;
+                if (out_bf16) {
+                    uint16_t *o = (uint16_t *)out + r * o_row + (h0 + g) * o_head;
+                    for (int64_t j = 0; j < V; j++) o[j] = float_to_bf16(og[j]);
+                } else {
+                    memcpy((float *)out + r * o_row + (h0 + g) * o_head, og, sizeof(float) * (size_t)V);
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 1;
+}

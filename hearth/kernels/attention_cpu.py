@@ -10,6 +10,11 @@ gathering the keys (paged_attention.h, the fused decode step's attention): the d
 steps. It needs only a C compiler (AVX-512 where present); `decode_ref` is the same in float64 on gathered keys.
 
 Both take optional per-head `sinks` (gpt-oss): one more logit per head in the softmax denominator with no value.
+
+`mla_decode` is DeepSeek's multi-head latent attention for decode rows in the absorbed form, over the paged latent
+cache [blocks, block_size, c + rope]: W_UK folded into each head's query, scores against the cached latents, softmax,
+the latent mix, then W_UV, all heads and rows in one C call (the torch form is about ten ops and a cache gather per
+layer). `mla_decode_ref` is the same in float64 on gathered latents.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.attn_decode.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ctypes.c_float, ptr,
                                 ptr, ctypes.c_int]  # fmt: skip
     lib.attn_decode.restype = None
+    lib.mla_decode.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ptr,
+                               ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i64, i64, ctypes.c_int,
+                               ctypes.c_int]  # fmt: skip
+    lib.mla_decode.restype = ctypes.c_int
 
 
 _get = Library(SOURCE, "prefill attention", _declare)
@@ -157,4 +166,84 @@ def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
         keys = k_cache.flatten(0, 1)[slots]
         values = v_cache.flatten(0, 1)[slots]
         outs.append(prefill_ref(q[b][None], keys, values, scale, sinks=sinks)[0])
+    return torch.stack(outs)
+
+
+def can_mla_decode(cache: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor) -> bool:
+    """A CPU bf16 latent cache [blocks, block_size, c + rope] and bf16 per-head W_UK^T [H, c, nope], W_UV [H, v, c]
+    (all contiguous), where the library is built."""
+    return (cache.device.type == "cpu" and cache.dtype == w_uk_t.dtype == w_uv.dtype == torch.bfloat16
+            and cache.dim() == 3 and w_uk_t.dim() == 3 and w_uv.dim() == 3 and w_uk_t.shape[0] == w_uv.shape[0]
+            and w_uk_t.shape[1] == w_uv.shape[2] and cache.shape[2] > w_uk_t.shape[1] and cache.is_contiguous()
+            and w_uk_t.is_contiguous() and w_uv.is_contiguous() and _get() is not None)  # fmt: skip
+
+
+def _dims_contiguous(x: torch.Tensor) -> torch.Tensor:  # bf16 or float32 [T, H, d] with contiguous dims
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
+               cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+               rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Absorbed MLA for one query token per decode row b: q_nope[r] [H, nope] and q_pe[r] [H, rope] (rope applied;
+    r = rows[b], or b without `rows`) attend the latents of positions [0, context_lens[b]) found through
+    block_tables[b] in `cache` [blocks, block_size, c + rope] ([c_kv | k_pe] per token). scores = (W_UK^T[h]
+    q_nope . c_kv + q_pe . k_pe) * scale, softmax, the mix of c_kv, then W_UV[h]. q_* bf16 or float32, any row and
+    head strides. Written into out[r] ([T, H, v], bf16 or float32, rounded once) when `out` is given and returned;
+    else a new float32 [B, H, v]."""
+    q_nope, q_pe = _dims_contiguous(q_nope), _dims_contiguous(q_pe)
+    if q_pe.dtype != q_nope.dtype:
+        q_pe = q_pe.to(q_nope.dtype)
+    heads, nope = q_nope.shape[1], q_nope.shape[2]
+    c, v = w_uk_t.shape[1], w_uv.shape[1]
+    rope = cache.shape[2] - c
+    if q_pe.shape[1:] != (heads, rope) or tuple(w_uk_t.shape) != (heads, c, nope):
+        raise ValueError(f"mla_decode: q_nope {tuple(q_nope.shape)} / q_pe {tuple(q_pe.shape)} do not fit "
+                         f"w_uk_t {tuple(w_uk_t.shape)} and a cache of {cache.shape[2]}")  # fmt: skip
+    tables = block_tables.to(torch.long).contiguous()
+    lens = context_lens.to(torch.long).contiguous()
+    batch = lens.shape[0]
+    if rows is not None:
+        rows = rows.to(torch.long).contiguous()
+        if rows.shape != (batch,):
+            raise ValueError("mla_decode: one query row per context length")
+    elif q_nope.shape[0] != batch or q_pe.shape[0] != batch:
+        raise ValueError("mla_decode: one query row per context length")
+    if tables.shape[0] != batch:
+        raise ValueError("mla_decode: one block table per row")
+    if out is None:
+        if rows is not None:
+            raise ValueError("mla_decode: `rows` needs `out` (the rows are written there)")
+        out = torch.empty(batch, heads, v, dtype=torch.float32)
+    elif (out.dtype not in (torch.bfloat16, torch.float32) or out.stride(2) != 1 or out.shape[1:] != (heads, v)
+          or out.shape[0] != q_nope.shape[0] or q_pe.shape[0] != q_nope.shape[0]):  # fmt: skip
+        raise ValueError(f"mla_decode: out must be bf16 or float32 [T, {heads}, {v}] (q's T) with contiguous dims")
+    ok = _get().mla_decode(batch, q_nope.shape[0], heads, c, rope, nope, v, q_nope.data_ptr(), q_nope.stride(0),
+                           q_nope.stride(1),
+                           q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), int(q_nope.dtype == torch.bfloat16),
+                           None if rows is None else rows.data_ptr(), w_uk_t.data_ptr(), w_uv.data_ptr(),
+                           cache.data_ptr(), tables.data_ptr(), tables.shape[1], cache.shape[1], lens.data_ptr(),
+                           scale, out.data_ptr(), out.stride(0), out.stride(1), int(out.dtype == torch.bfloat16),
+                           torch.get_num_threads())  # fmt: skip
+    if not ok:
+        raise ValueError("mla_decode: each row needs a block table covering its context (and rows within q)")
+    return out
+
+
+def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
+                   cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   scale: float) -> torch.Tensor:  # fmt: skip
+    """`mla_decode` in float64, one row at a time on its gathered latents: [B, H, v] float64."""
+    block_size, c = cache.shape[1], w_uk_t.shape[1]
+    outs = []
+    for b in range(q_nope.shape[0]):
+        length = int(context_lens[b])
+        slots = (block_tables[b].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+        latent = cache.flatten(0, 1)[slots].double()  # [L, c + rope]
+        q_lat = torch.einsum("hcn,hn->hc", w_uk_t.double(), q_nope[b].double())
+        scores = (q_lat @ latent[:, :c].T + q_pe[b].double() @ latent[:, c:].T) * scale  # [H, L]
+        ctx = scores.softmax(-1) @ latent[:, :c]  # [H, c]
+        outs.append(torch.einsum("hvc,hc->hv", w_uv.double(), ctx))
     return torch.stack(outs)

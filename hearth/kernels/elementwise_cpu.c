@@ -13,11 +13,17 @@
 // 1 ulp) by a few float32 ulps, so bf16(silu) can differ by one bf16 step where the float32 value lies within those
 // ulps of a rounding midpoint: rare (none in 6M random gates); the product's rounding can carry that to two steps.
 //
-// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads D apart) with bf16 cos/sin
+// ew_rotary: rotate-half rope in place on x [T, heads, D] (tokens `x_stride` apart, heads `h_stride`) with bf16 cos/sin
 // rows [T, D] (one per token), in torch's bf16 steps (HF's rope on a bf16 model,
 // addcmul(x * cos, rotate_half(x), sin)): for i < D/2
 //   x[i] = bf16(bf16(x[i] * cos[i]) - x[i + D/2] * sin[i]),  x[i + D/2] = bf16(bf16(x[i + D/2] * cos[i + D/2]) + x[i] * sin[i + D/2]).
 // Products of two bf16 values are exact in float32, so each step rounds once, as torch does: bit for bit.
+//
+// ew_grouped_topk: DeepSeek's MoE routing of float32 router logits, one row per token, in torch's float32 steps (the
+// layers' grouped_topk): scores = sigmoid(l) or softmax(l); choice = scores + bias; with groups, only the experts of
+// the `topk_group` best groups (a group scores the sum of its top-2 choices under sigmoid, its best under softmax)
+// compete; the top_k choices in descending order (ties: the lower index); weights = their scores, divided by
+// (their sum + 1e-20) if `norm`, times `scaling`. expf may differ from torch's exp by an ulp: weights agree to ~1e-7.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -119,15 +125,15 @@ void ew_silu_and_mul(int64_t M, int64_t I, const uint16_t *x, int64_t x_stride, 
     }
 }
 
-// x [T, heads, D] bf16 in place (tokens x_stride apart, heads D apart); cos/sin bf16 [T, D]
-void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, const uint16_t *cos,
-               const uint16_t *sin, int nthreads) {
+// x [T, heads, D] bf16 in place (tokens x_stride apart, heads h_stride >= D apart); cos/sin bf16 [T, D]
+void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_stride, int64_t h_stride,
+               const uint16_t *cos, const uint16_t *sin, int nthreads) {
     const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * heads * D >= MIN_PARALLEL)
     for (int64_t t = 0; t < T; t++) {
         const uint16_t *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < heads; h++) {
-            uint16_t *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
+            uint16_t *x1 = x + t * x_stride + h * h_stride, *x2 = x1 + half;
 #ifdef EW_AVX512
             for (int64_t i = 0; i < half; i += 16) {
                 const __mmask16 k = mask16(half - i);
@@ -148,4 +154,67 @@ void ew_rotary(int64_t T, int64_t heads, int64_t D, uint16_t *x, int64_t x_strid
 #endif
         }
     }
+}
+
+#define ROUTE_MAX_EXPERTS 1024
+
+// logits [T, E] float32 (rows l_stride apart), bias [E] float32; weights [T, K] float32 and ids [T, K] int64 out.
+// Returns 0 (nothing written) for more than ROUTE_MAX_EXPERTS experts or groups that do not divide E.
+int ew_grouped_topk(int64_t T, int64_t E, const float *logits, int64_t l_stride, const float *bias, int64_t K,
+                    int64_t G, int64_t KG, int norm, float scaling, int softmax, float *weights, int64_t *ids,
+                    int nthreads) {
+    if (E > ROUTE_MAX_EXPERTS || G < 1 || E % G || K > E || KG > G) return 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * E >= MIN_PARALLEL)
+    for (int64_t t = 0; t < T; t++) {
+        float sc[ROUTE_MAX_EXPERTS], ch[ROUTE_MAX_EXPERTS], gs[ROUTE_MAX_EXPERTS];
+        unsigned char keep[ROUTE_MAX_EXPERTS];
+        const float *l = logits + t * l_stride;
+        if (softmax) {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int64_t e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+            for (int64_t e = 0; e < E; e++) sum += sc[e] = expf(l[e] - mx);
+            for (int64_t e = 0; e < E; e++) sc[e] = sc[e] / sum;
+        } else {
+            for (int64_t e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + expf(-l[e]));
+        }
+        for (int64_t e = 0; e < E; e++) ch[e] = sc[e] + bias[e], keep[e] = 1;
+        if (KG < G) {
+            const int64_t per = E / G;
+            for (int64_t g = 0; g < G; g++) {
+                float a = -INFINITY, b = -INFINITY;  // the group's best two
+                for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                    if (ch[e] > a) b = a, a = ch[e];
+                    else if (ch[e] > b) b = ch[e];
+                }
+                gs[g] = softmax ? a : a + b;
+            }
+            unsigned char chosen[ROUTE_MAX_EXPERTS] = {0};
+            for (int64_t k = 0; k < KG; k++) {
+                int64_t best = -1;
+                for (int64_t g = 0; g < G; g++)
+                    if (!chosen[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                if (best < 0) break;
+                chosen[best] = 1;
+            }
+            for (int64_t e = 0; e < E; e++) keep[e] = chosen[e / per];
+        }
+        float *w = weights + t * K, sum = 0.0f;
+        int64_t *id = ids + t * K;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (keep[e] == 1 && (best < 0 || ch[e] > ch[best])) best = e;
+            if (best < 0) {  // fewer kept experts than K (not for valid configs): the masked ones follow
+                for (int64_t e = 0; e < E; e++)
+                    if (keep[e] == 0 && (best < 0 || ch[e] > ch[best])) best = e;
+            }
+            if (best < 0) best = 0;  // K > E: refused above
+            keep[best] = 2;  // taken
+            id[k] = best;
+            w[k] = sc[best];
+            sum += w[k];
+        }
+        for (int64_t k = 0; k < K; k++) w[k] = (norm ? w[k] / (sum + 1e-20f) : w[k]) * scaling;
+    }
+    return 1;
 }

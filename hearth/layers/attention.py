@@ -61,6 +61,18 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return (p @ v.float()).view(b, num_heads, n, -1).to(q.dtype)
 
 
+def latent_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
+                            cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                            scale: float, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """MLA's absorbed attention for the decode rows `rows` of q_* [T, H, d] over the paged latent cache [blocks,
+    block_size, c + rope] through the block tables, in one C call (attention_cpu.mla_decode), written into those rows
+    of `out` [T, H, v] and returned; None where the kernel cannot run it (not CPU bf16, or no C compiler): the caller
+    keeps its torch form."""
+    if not attention_cpu.can_mla_decode(cache, w_uk_t, w_uv):
+        return None
+    return attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, block_tables, context_lens, scale, rows, out)
+
+
 def batched_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                              scale: float) -> torch.Tensor:  # fmt: skip
     """One new token per sequence against its padded context, in float32 with the query heads grouped per KV head.

@@ -13,11 +13,36 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hearth.kernels import gguf_cpu
+from hearth.kernels import elementwise_cpu, gguf_cpu
 from hearth.layers.distributed import get_tensor_parallel
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 GroupedExpertFn = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
+
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+
+
+def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
+                 topk_group: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                 scoring_func: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DeepSeek MoE routing, in float32. Returns (weights, expert ids), both [T, top_k].
+
+    Scores are the router logits through `scoring_func`: each expert's sigmoid (V3, noaux_tc) or a softmax over the
+    experts (V2). The correction bias (V3; V2 has none, so zeros) only ranks. With groups, only experts of the
+    `topk_group` best groups can be chosen: under sigmoid a group scores the sum of its top-2 biased scores (V3);
+    under softmax its best score (V2's group_limited_greedy, as HF's DeepseekV2 router does; llama.cpp takes the
+    top-2 sum there too). The weights are the unbiased scores, normalised if `norm_topk_prob`, times the scaling factor.
+    One C call on CPU float32 logits (elementwise_cpu.grouped_topk), else the same steps in torch.
+    """
+    if scoring_func not in SCORING_FUNCS:
+        raise ValueError(f"scoring_func {scoring_func!r} is not supported (supported: {', '.join(SCORING_FUNCS)})")
+    args = (top_k, num_groups, topk_group, norm_topk_prob, routed_scaling_factor, scoring_func)
+    if elementwise_cpu.can_grouped_topk(router_logits, correction_bias):
+        routed = elementwise_cpu.grouped_topk(router_logits, correction_bias, *args)
+        if routed is not None:
+            return routed
+    return elementwise_cpu.grouped_topk_ref(router_logits, correction_bias, *args)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,15 +36,15 @@ from torch import nn
 
 from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
-from hearth.layers.attention import cache_zeros
+from hearth.layers.attention import cache_zeros, latent_decode_attention
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
 from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
 from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm
-from hearth.layers.moe import BlocksMoE
+from hearth.layers.moe import SCORING_FUNCS, BlocksMoE, grouped_topk
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 from hearth.layers.weights import dense, stacked_part
 
 MLA_MODES = ("auto", "naive", "absorbed")  # auto: naive for prefill, absorbed for decode
@@ -175,9 +175,10 @@ class DeepseekV3Attention(nn.Module):
         else:
             q = self.q_proj(hidden_states)
         q_nope, q_pe = q.view(num_tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)  # [num_tokens, H, rope]
+        # rope in place on the projections' outputs (one C pass each in bf16, the torch ops' values)
+        q_pe = apply_rotary_emb_(q_pe, cos, sin)  # [num_tokens, H, rope]
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([c, self.rope_dim], dim=-1)
-        k_pe = apply_rotary_emb(k_pe[:, None], cos, sin)[:, 0]
+        k_pe = apply_rotary_emb_(k_pe[:, None], cos, sin)[:, 0]
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [num_tokens, c + rope]: what the cache holds
 
         ctx = get_context()
@@ -201,6 +202,11 @@ class DeepseekV3Attention(nn.Module):
                 out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask)
         if ctx.decode_seq_idx:
             rows = ctx.decode_rows
+            # all heads and rows in one C call, written into out's decode rows, where it runs (CPU, bf16 cache)
+            if self.mode != "naive" and latent_decode_attention(q_nope, q_pe, self.w_uk_t, self.w_uv, cache,
+                                                                ctx.decode_block_tables, ctx.decode_context_lens,
+                                                                self.scale, rows, out) is not None:  # fmt: skip
+                return self.o_proj(out.flatten(1))
             keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
             if self.mode == "naive":
                 for b, row in enumerate(rows.tolist()):
@@ -244,42 +250,6 @@ def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
     # cache: [num_blocks, block_size, latent] -> [length, latent]
     num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
-
-
-SCORING_FUNCS = ("sigmoid", "softmax")
-
-
-def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, num_groups: int,
-                 topk_group: int, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
-                 scoring_func: str = "sigmoid"):  # fmt: skip
-    """DeepSeek MoE routing, in float32. Returns (weights, expert ids), both [T, top_k].
-
-    Scores are the router logits through `scoring_func`: each expert's sigmoid (V3, noaux_tc) or a softmax over the
-    experts (V2). The correction bias (V3; V2 has none, so zeros) only ranks. With groups, only experts of the
-    `topk_group` best groups can be chosen: under sigmoid a group scores the sum of its top-2 biased scores (V3);
-    under softmax its best score (V2's group_limited_greedy, as HF's DeepseekV2 router does; llama.cpp takes the
-    top-2 sum there too). The weights are the unbiased scores, normalised if `norm_topk_prob`, times the scaling factor.
-    """
-    if scoring_func not in SCORING_FUNCS:
-        raise ValueError(f"scoring_func {scoring_func!r} is not supported (supported: {', '.join(SCORING_FUNCS)})")
-    logits = router_logits.float()
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
-    num_tokens, num_experts = scores.shape
-    choice = scores + correction_bias.float()
-    if topk_group < num_groups:  # otherwise every group is kept (V2-Lite: one group): nothing to mask
-        grouped = choice.view(num_tokens, num_groups, -1)
-        if scoring_func == "sigmoid":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-        else:
-            group_scores = grouped.max(dim=-1).values
-        groups = group_scores.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids
 
 
 class DeepseekV3MLP(nn.Module):

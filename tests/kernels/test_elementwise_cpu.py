@@ -138,6 +138,24 @@ def test_rotary_in_place_on_qkv_view(lib, t, d):
     assert torch.equal(apply_rotary_emb(x, cos, sin), ref)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_rotary_on_rope_dims_of_each_head(lib, t):
+    """MLA's rope parts: the last 64 of each head's 192 query dims ([T, H, 64], heads 192 apart) and the last 64 of
+    the 576-dim latent row ([T, 1, 64]); the other dims stay as they were."""
+    cos, sin = rope_tables(256, 64)
+    positions = torch.randint(0, 256, (t,), generator=torch.Generator().manual_seed(t))
+    cos, sin = cos[positions], sin[positions]
+    q = bf16_randn(t, 16 * 192, seed=22, scale=2.0).view(t, 16, 192)
+    kv = bf16_randn(t, 576, seed=23, scale=2.0)
+    for full, part in ((q, q[..., 128:]), (kv, kv[:, 512:][:, None])):
+        before = full.clone()
+        ref = ew.rotary_ref(part.clone(), cos, sin)
+        assert ew.can_rotary(part, cos, sin)
+        assert torch.equal(apply_rotary_emb_(part, cos, sin), ref)
+        changed = (full != before).flatten(0, -2).any(0)
+        assert not changed[: full.shape[-1] - 64].any()
+
+
 def test_rotary_denormals(lib):
     cos, sin = rope_tables(64, 64)
     x = bf16_randn(5, 1, 64, seed=6) * 1e-37  # products near and below 2^-126
@@ -165,7 +183,9 @@ def test_guards():
     assert not ew.can_rotary(q, cos, sin)  # 16 rows for 4 tokens
     assert not ew.can_rotary(q, cos[:4].float(), sin[:4].float())  # float32 rows: the torch path
     assert not ew.can_rotary(q.float(), cos[:4], sin[:4])
-    assert not ew.can_rotary(q.transpose(0, 1), cos[:3], sin[:3])  # heads not head_dim apart
+    assert not ew.can_rotary(q.transpose(0, 1), cos[:3], sin[:3])  # tokens between one token's heads
+    overlapping_heads = bf16_randn(4, 160, seed=21).as_strided((4, 3, 64), (160, 32, 1))
+    assert not ew.can_rotary(overlapping_heads, cos[:4], sin[:4])
     assert not ew.can_rotary(q[:1].expand(4, 3, 64), cos[:4], sin[:4])  # tokens overlapping: rotated twice
     assert not ew.can_rotary(q[..., :63], cos[:4, :63].contiguous(), sin[:4, :63].contiguous())  # odd head_dim
 
