@@ -299,18 +299,6 @@ static inline uint16_t half_times_pow2(uint16_t h, float f) {
     return sign | (uint16_t)(a * 16777216.0f);  // subnormal f16: |v| / 2^-24, an integer here
 }
 
-// One Q4 block's 16 bytes of nibbles (byte j: value j low, j+16 high) -> the 4 R16 lane words (chunk c, lane byte j:
-// value 8c+j low, 8c+4+j high).
-static inline void q4_r16_chunks(const uint8_t *q, uint32_t out[4]) {
-    uint32_t w[4];
-    memcpy(w, q, 16);
-    const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
-    out[0] = (w[0] & lo) | (w[1] & lo) << 4;
-    out[1] = (w[2] & lo) | (w[3] & lo) << 4;
-    out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
-    out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
-}
-
 // GGUF blocks (Q4_0 18 bytes: f16 d, 16 bytes of nibbles; Q4_1 20: d, f16 m, nibbles; Q8_0 34: d, 32 int8) -> R16 qs
 // [G][K/32][chunk bytes] and sc [G][K/32][2][16] (rows past N zero). The N rows come from P parts stacked by row:
 // part p (srcs[p], [rows][K/32 blocks]) holds rows [ends[p-1], ends[p]) (e.g. gate and up, separate in the file, into

@@ -97,3 +97,15 @@ static inline int q8_block(const float *xb, int8_t *q, float *d) {
     return sum;
 #endif
 }
+
+// One GGUF Q4 block's 16 bytes of nibbles (byte j: value j low, j+16 high) -> the 4 words of the R16 lanes (chunk
+// c, lane byte j: value 8c+j low, 8c+4+j high); the GGUF and MXFP4 repacks share it.
+static inline void q4_r16_chunks(const uint8_t *q, uint32_t out[4]) {
+    uint32_t w[4];
+    memcpy(w, q, 16);
+    const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
+    out[0] = (w[0] & lo) | (w[1] & lo) << 4;
+    out[1] = (w[2] & lo) | (w[3] & lo) << 4;
+    out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
+    out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
+}

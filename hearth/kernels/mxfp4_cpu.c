@@ -266,18 +266,6 @@ void mxfp4_repack_r16(int64_t E, int64_t N, int64_t G, const uint8_t *blocks, co
     }
 }
 
-// One GGUF block's 16 bytes (words w0..w3; byte j holds value j in its low nibble, j+16 in its high one) -> the 4 R16
-// chunks (chunk c, lane byte j: value 8c+j low, 8c+4+j high): values 0..15 are the low nibbles, 16..31 the high ones.
-static inline void gguf_r16_chunks(const uint8_t *q, uint32_t out[4]) {
-    uint32_t w[4];
-    memcpy(w, q, 16);
-    const uint32_t lo = 0x0F0F0F0Fu, hi = 0xF0F0F0F0u;
-    out[0] = (w[0] & lo) | (w[1] & lo) << 4;
-    out[1] = (w[2] & lo) | (w[3] & lo) << 4;
-    out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
-    out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
-}
-
 // Load-time repack straight from GGUF's MXFP4 blocks (17 bytes: e8m0 scale, then 16 bytes of codes) -> R16, without
 // the HF layout in between. P sources (srcs[p]: [E][N/P][G][17]) are interleaved by row: output row r of expert e is
 // row r/P of source r%P (P = 2: GGUF's separate gate and up -> gate_up's alternating rows). Output as
@@ -299,7 +287,7 @@ void mxfp4_gguf_repack_r16(int64_t E, int64_t N, int64_t G, int64_t P, const int
             const uint8_t *src = (const uint8_t *)(intptr_t)srcs[row % P] + (e * rows_per_src + row / P) * G * 17;
             for (int64_t g = 0; g < G; g++) {
                 uint32_t chunks[4];
-                gguf_r16_chunks(src + g * 17 + 1, chunks);
+                q4_r16_chunks(src + g * 17 + 1, chunks);
                 for (int c = 0; c < 4; c++) memcpy(qt + g * R16_BYTES + 64 * c + 4 * r, &chunks[c], 4);
                 st[g * 16 + r] = src[g * 17];
             }
