@@ -3,7 +3,8 @@
 Prefill tok/s for a `prompt_len`-token prompt and decode tok/s for `decode_len` tokens at batch 1. Each runtime runs
 in its own worker process, so each peak RSS is its own; the parent alternates them (A B A B …, docs/performance.md), keeps
 every run, and reports medians, spreads and ratios, the memory bandwidth measured in the same run and the decode
-roofline (weight bytes read per token ÷ bandwidth). `hearth bench` and benchmarks/latency.py both call `run_bench`.
+roofline (weight bytes read per token ÷ bandwidth; for a GGUF the file's tensors a token reads, top-k of the
+experts). `hearth bench` and benchmarks/latency.py both call `run_bench`.
 """
 
 from __future__ import annotations
@@ -357,6 +358,14 @@ def run_bench(model: str, vs: list[str] = (), prompt_len: int = 512, decode_len:
         record.update(_run_resident(names, paths, opts, repeat, prompt_len))
     hearth = record["hearth"]
     wbytes = hearth["weight_bytes"]
+    if ref.format == "gguf":  # an MoE file: a token reads top-k of the experts, not all (what `hearth plan FILE` counts)
+        from hearth.loader.gguf import open_gguf
+        from hearth.loader.inspect import read_gguf_config
+        from hearth.planner.plan import gguf_decode_bytes
+
+        gguf = open_gguf(ref.path, check_types=False)
+        wbytes = round(gguf_decode_bytes(gguf.tensor_infos, read_gguf_config(gguf)).touched())
+        record["decode_bytes_per_token"] = wbytes
     record["roofline_decode_tok_s"] = round(record["read_bandwidth_gb_s"] * 1e9 / wbytes, 1)
     record["achieved_gb_s"] = round(wbytes * hearth["decode_tok_s"] / 1e9, 2)
     record["decode_vs_roofline"] = round(hearth["decode_tok_s"] / record["roofline_decode_tok_s"], 3)

@@ -22,23 +22,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def gguf_decode_bytes(tensor_infos, cfg):
-    """What one decode step reads of a GGUF file, from its tensor table: every tensor but the token embedding (a row
-    per token; read in full only when it doubles as the LM head, i.e. the file has no `output.weight`), except the
-    routed experts (`*_exps.*`), of which a token reads top-k of E."""
-    from hearth.planner.plan import FileBytes
-
-    names = {t.name for t in tensor_infos}
-    dense = experts = 0
-    for t in tensor_infos:
-        if "_exps." in t.name:
-            experts += t.nbytes
-        elif t.name != "token_embd.weight" or "output.weight" not in names:
-            dense += t.nbytes
-    fraction = cfg.num_experts_per_tok / cfg.num_local_experts if experts and cfg.num_local_experts else 0.0
-    return FileBytes(dense, experts, fraction) if fraction else FileBytes(dense + experts)
-
-
 def _model(ref: str, fmt: str | None):
     """(name, ModelConfig, real weight bytes or None, format label or None, FileBytes or None) for a card, a GGUF
     file or an HF folder."""
@@ -53,6 +36,7 @@ def _model(ref: str, fmt: str | None):
     if model_ref.format == "gguf":
         from hearth.loader.gguf import open_gguf
         from hearth.loader.inspect import read_gguf_config
+        from hearth.planner.plan import gguf_decode_bytes
 
         g = open_gguf(model_ref.path, check_types=False)
         cfg = read_gguf_config(g)

@@ -130,6 +130,21 @@ class FileBytes:
         return self.dense + self.experts * (1.0 - (1.0 - self.expert_fraction) ** batch)
 
 
+def gguf_decode_bytes(tensor_infos, cfg):
+    """What one decode step reads of a GGUF file, from its tensor table: every tensor but the token embedding (a row
+    per token; read in full only when it doubles as the LM head, i.e. the file has no `output.weight`), except the
+    routed experts (`*_exps.*`), of which a token reads top-k of E."""
+    names = {t.name for t in tensor_infos}
+    dense = experts = 0
+    for t in tensor_infos:
+        if "_exps." in t.name:
+            experts += t.nbytes
+        elif t.name != "token_embd.weight" or "output.weight" not in names:
+            dense += t.nbytes
+    fraction = cfg.num_experts_per_tok / cfg.num_local_experts if experts and cfg.num_local_experts else 0.0
+    return FileBytes(dense, experts, fraction) if fraction else FileBytes(dense + experts)
+
+
 def decode_efficiency(hw: Hardware) -> float:
     return CPU_DECODE_EFFICIENCY if hw.kind == "cpu" else DECODE_EFFICIENCY
 
