@@ -55,7 +55,7 @@ def weight_bytes(model) -> int:
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + [getattr(module, n, None) for n in WEIGHT_ATTRS]
         for t in tensors:
-            for part in (t.qs, t.sc) if hasattr(t, "qs") else (t,):  # a repacked GGUF weight holds two tensors
+            for part in (t.qs, t.sc, *getattr(t, "raw", ())) if hasattr(t, "qs") else (t,):  # packed or read in place
                 if isinstance(part, torch.Tensor) and part.numel() and part.data_ptr() not in seen:
                     seen.add(part.data_ptr())
                     total += part.numel() * part.element_size()

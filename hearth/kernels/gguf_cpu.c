@@ -161,13 +161,25 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
             const int64_t g = gb / nb, b = gb % nb;
             const int rows = (int)(w->N - 16 * g < 16 ? w->N - 16 * g : 16);
             uint8_t *dst = (uint8_t *)out + (16 * (g - g0) * w->K + b * QK) * esize;
+            // a weight read in place: this block of the group's rows packed first, then dequantized as a repacked one
+            uint8_t one_qs[512] __attribute__((aligned(64)));
+            uint16_t one_sc[32];
+            R16 one = {one_qs, one_sc, w->qtype, rows, QK, {NULL}, {0}};
+            const R16 *v = w;
+            int64_t vg = g, vb = b;
+            if (w->raw[0]) {
+                const uint8_t *rp[16];
+                raw_group_rows(w, g, rp);
+                raw_pack_block(w->qtype, rp, b, one_qs, one_sc);
+                v = &one, vg = vb = 0;
+            }
 #ifdef HAVE_ZMM
-            r16_dequant_group(w, g, b, rows, dst, w->K * esize, out_bf16, stream);
+            r16_dequant_group(v, vg, vb, rows, dst, w->K * esize, out_bf16, stream);
 #else
             (void)stream;
             for (int r = 0; r < rows; r++) {
                 float row[QK];
-                r16_dequant_block(w, g, b, r, row);
+                r16_dequant_block(v, vg, vb, r, row);
                 if (out_bf16)
                     for (int k = 0; k < QK; k++) ((uint16_t *)(dst + r * w->K * esize))[k] = float_to_bf16(row[k]);
                 else
@@ -191,11 +203,14 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
 // experts' row groups, taken by the threads as they come; (2) each pair's SwiGLU, quantized; (3) chunks of the H
 // output rows: that slice of every hit expert's down projection, then each token's pairs summed into out in slot
 // order with their weights (no reduction across threads; a token's result does not depend on the other tokens).
-#define DOWN_GROUPS 4  // output row groups per chunk of the down projections (H = 2048: 32 chunks)
+// Output row groups per chunk of the down projections (H = 2048: 32 chunks); a decode step's few tokens take longer
+// runs, which a weight read in place streams better (each run's first group is fetched before it is read).
+#define DOWN_GROUPS 4
+#define DOWN_GROUPS_DECODE 16
 
 void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *ids, const float *wts, const float *x,
              float *out, int nthreads) {
-    const int64_t P = T * S, H = gu[ids[0]].K, nbh = H / QK;
+    const int64_t P = T * S, H = gu[ids[0]].K, nbh = H / QK, dg = T <= RAW_REGISTER_ROWS ? DOWN_GROUPS_DECODE : DOWN_GROUPS;
     int64_t E = 0;
     for (int64_t i = 0; i < P; i++) E = ids[i] + 1 > E ? ids[i] + 1 : E;
     // counting sort of the pairs by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
@@ -255,11 +270,11 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
                 quantize_block(v, qh.q + foff[r] + b * QK, qh.d + foff[r] / QK, qh.s + foff[r] / QK, b);
             }
         }
-        // (3) down: chunks of DOWN_GROUPS output row groups, each of every hit expert, then their weighted sums
+        // (3) down: chunks of `dg` output row groups, each of every hit expert, then their weighted sums
         const int64_t OG = (H + 15) / 16;
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t oc = 0; oc < (OG + DOWN_GROUPS - 1) / DOWN_GROUPS; oc++) {
-            const int64_t o0 = oc * DOWN_GROUPS, o1 = o0 + DOWN_GROUPS < OG ? o0 + DOWN_GROUPS : OG;
+        for (int64_t oc = 0; oc < (OG + dg - 1) / dg; oc++) {
+            const int64_t o0 = oc * dg, o1 = o0 + dg < OG ? o0 + dg : OG;
             for (int64_t u = 0; u < U; u++) {
                 const int64_t r0 = ustart[u];
                 const R16 *w = &dn[uexp[u]];
@@ -283,22 +298,6 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
 
 // ---- load-time repack: GGUF blocks -> R16 ----
 
-// f16 d times -8 (Q4_0) or -128 (Q8_0) as f16, as torch's float16 multiply gives it: the product is exact (a power of
-// two), so only overflow (to infinity) and NaN need care.
-static inline uint16_t half_times_pow2(uint16_t h, float f) {
-    const float v = half_to_float(h) * f;
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    const uint16_t sign = (uint16_t)(bits >> 16 & 0x8000u);
-    const uint32_t mag = bits & 0x7fffffffu;
-    if (mag > 0x7f800000u) return sign | 0x7e00u;                // NaN
-    if (mag >= 0x477ff000u) return sign | 0x7c00u;               // >= 65520 (exact products: >= 65536): infinity
-    if (mag >= 0x38800000u) return sign | (uint16_t)((mag - 0x38000000u) >> 13);  // normal f16 (exact)
-    float a;
-    memcpy(&a, &mag, 4);
-    return sign | (uint16_t)(a * 16777216.0f);  // subnormal f16: |v| / 2^-24, an integer here
-}
-
 // GGUF blocks (Q4_0 18 bytes: f16 d, 16 bytes of nibbles; Q4_1 20: d, f16 m, nibbles; Q8_0 34: d, 32 int8) -> R16 qs
 // [G][K/32][chunk bytes] and sc [G][K/32][2][16] (rows past N zero). The N rows come from P parts stacked by row:
 // part p (srcs[p], [rows][K/32 blocks]) holds rows [ends[p-1], ends[p]) (e.g. gate and up, separate in the file, into
@@ -307,7 +306,7 @@ static inline uint16_t half_times_pow2(uint16_t h, float f) {
 void r16_repack(int64_t qtype, int64_t N, int64_t K, int64_t P, const int64_t *srcs, const int64_t *ends, uint8_t *qs,
                 uint16_t *sc, int nthreads) {
     const int64_t nb = K / QK, G = (N + 15) / 16;
-    const int64_t cb = qtype == T_Q8_0 ? 512 : 256, bb = qtype == T_Q8_0 ? 34 : qtype == T_Q4_1 ? 20 : 18;
+    const int64_t cb = qtype == T_Q8_0 ? 512 : 256, bb = block_bytes(qtype);
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
     for (int64_t g = 0; g < G; g++) {
         const int rows = N - 16 * g < 16 ? (int)(N - 16 * g) : 16;
@@ -322,31 +321,7 @@ void r16_repack(int64_t qtype, int64_t N, int64_t K, int64_t P, const int64_t *s
             const int64_t row = 16 * g + r;
             while (row >= ends[p]) p++;
             const uint8_t *src = (const uint8_t *)(intptr_t)srcs[p] + (row - (p ? ends[p - 1] : 0)) * nb * bb;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = src + b * bb;
-                uint8_t *qb = qg + b * cb + 4 * r;
-                uint16_t d, m;
-                memcpy(&d, blk, 2);
-                if (qtype == T_Q8_0) {
-                    for (int c = 0; c < 8; c++) {
-                        uint32_t w;
-                        memcpy(&w, blk + 2 + 4 * c, 4);
-                        w ^= 0x80808080u;  // int8 q + 128 as uint8
-                        memcpy(qb + 64 * c, &w, 4);
-                    }
-                    m = half_times_pow2(d, -128.0f);
-                } else {
-                    uint32_t chunks[4];
-                    q4_r16_chunks(blk + (qtype == T_Q4_1 ? 4 : 2), chunks);
-                    for (int c = 0; c < 4; c++) memcpy(qb + 64 * c, &chunks[c], 4);
-                    if (qtype == T_Q4_1)
-                        memcpy(&m, blk + 2, 2);
-                    else
-                        m = half_times_pow2(d, -8.0f);
-                }
-                sg[b * 32 + r] = d;
-                sg[b * 32 + 16 + r] = m;
-            }
+            for (int64_t b = 0; b < nb; b++) repack_block(qtype, src + b * bb, qg + b * cb + 4 * r, sg + b * 32, r);
         }
     }
 }

@@ -28,8 +28,12 @@ BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
+RAW_PARTS = 3  # shards of a fused weight read in place (r16_gemm.h)
+
+
 class R16(ctypes.Structure):
-    _fields_ = [("qs", ptr), ("sc", ptr), ("qtype", i64), ("N", i64), ("K", i64)]
+    _fields_ = [("qs", ptr), ("sc", ptr), ("qtype", i64), ("N", i64), ("K", i64), ("raw", ptr * RAW_PARTS),
+                ("raw_end", i64 * RAW_PARTS)]  # fmt: skip
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -57,16 +61,28 @@ def supports(qtype: int, k: int) -> bool:
 @dataclass(slots=True)
 class R16Weight:
     """A [n, k] weight in the kernels' row-interleaved form: qs uint8 [groups, k/32, chunk bytes], sc f16
-    [groups, k/32, 2, 16] (per row: scale d, then offset m), from GGUF type `qtype` (w = d*q + m)."""
+    [groups, k/32, 2, 16] (per row: scale d, then offset m), from GGUF type `qtype` (w = d*q + m). Or, with `raw`
+    (`in_place`), the file's own blocks as row-major parts stacked by row (qs and sc empty), which the kernels pack a
+    row group at a time as they read it."""
 
     qs: torch.Tensor
     sc: torch.Tensor
     qtype: int
     n: int
     k: int
+    raw: tuple[torch.Tensor, ...] = ()
 
     def struct(self) -> R16:
-        return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
+        if not self.raw:
+            return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
+        ends = torch.tensor([p.shape[0] for p in self.raw]).cumsum(0).tolist()
+        return R16(None, None, self.qtype, self.n, self.k, (ptr * RAW_PARTS)(*(p.data_ptr() for p in self.raw)),
+                   (i64 * RAW_PARTS)(*ends))  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul reads: the repacked form's, or the file's blocks."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.sc, *self.raw))
 
 
 HUGE_PAGE = 2 << 20
@@ -118,6 +134,26 @@ def repack(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int
     lib.r16_repack(qtype, n, k, len(parts), srcs.data_ptr(), ends.data_ptr(), qs.data_ptr(), sc.data_ptr(),
                    torch.get_num_threads())  # fmt: skip
     return R16Weight(qs, sc, qtype, n, k)
+
+
+def can_read_in_place(parts: list[torch.Tensor], k: int) -> bool:
+    """`in_place` takes these shards: few enough, each contiguous, of whole rows."""
+    return available() and k % 32 == 0 and 0 < len(parts) <= RAW_PARTS and all(p.is_contiguous() for p in parts)
+
+
+def in_place(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int) -> R16Weight:
+    """GGUF blocks [n, k/32 * block bytes] (Q4_0, Q4_1 or Q8_0; a list: up to RAW_PARTS shards stacked by row) as an
+    R16Weight that reads them where they lie (e.g. views of the mapped file): nothing is copied at load, and the
+    kernels pack each row group as they read it, into the bytes `repack` would have written, so every result is the
+    same bit for bit. A decode step then reads the file's bytes (Q4_0 and Q8_0: 1/9 and 1/17 fewer than the repacked
+    form); packing costs a few instructions per block, which prefill's many rows per group pay once."""
+    parts = _parts(blocks, qtype, n, k)
+    if len(parts) > RAW_PARTS:
+        raise ValueError(f"GGUF kernel: at most {RAW_PARTS} shards of a weight are read in place, got {len(parts)}")
+    if any(not p.is_contiguous() for p in parts):
+        raise ValueError("GGUF kernel: blocks read in place must be contiguous rows")
+    empty = torch.empty(0, dtype=torch.uint8)
+    return R16Weight(empty, empty.view(torch.float16), qtype, n, k, tuple(parts))
 
 
 def repack_ref(blocks: torch.Tensor | list[torch.Tensor], qtype: int, n: int, k: int, chunk_rows: int = 4096) -> R16Weight:

@@ -27,7 +27,7 @@ typedef struct {
     const LayerWeights *layers;
     const float *final_norm;     // [H]
     const float *cos, *sin;      // [max_pos, D] (rotate-half tables, D values per position)
-    R16 lm_head;                 // [V, H]; qs NULL: logits are not computed
+    R16 lm_head;                 // [V, H]; qs and raw[0] NULL: logits are not computed
     int64_t vocab;
 } ModelWeights;
 
@@ -144,7 +144,7 @@ void llama_decode_ops(const ModelWeights *mw, int64_t M, float *h, const int64_t
                 memcpy(h + m * H, xn + m * H, sizeof(float) * (size_t)H);
             }
         }
-        if (op1 > 2 * mw->num_layers && mw->lm_head.qs && logits) {
+        if (op1 > 2 * mw->num_layers && (mw->lm_head.qs || mw->lm_head.raw[0]) && logits) {
             lx.K = H;
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * (H / QK); i++) qx_block(&lx, h, H, H, i / (H / QK), i % (H / QK));

@@ -60,11 +60,19 @@ static inline void thread_range(int64_t N, int tid, int nth, int64_t *n0, int64_
 
 // ---- R16 weights ----
 
+#define RAW_PARTS 3
+
 typedef struct {
     const uint8_t *qs;   // [G][K/32][chunk bytes]
     const uint16_t *sc;  // [G][K/32][32]: 16 f16 d, then 16 f16 m
     int64_t qtype, N, K; // qtype: the GGUF type it came from (2 Q4_0, 3 Q4_1, 8 Q8_0)
+    // Or, with raw[0] set (qs and sc unused): the file's own row-major blocks, read in place. Rows [end[p-1], end[p])
+    // are in part p (a fused weight's shards, e.g. gate and up, where they lie in the file).
+    const uint8_t *raw[RAW_PARTS];
+    int64_t raw_end[RAW_PARTS];
 } R16;
+
+static inline int64_t block_bytes(int64_t qtype) { return qtype == T_Q8_0 ? 34 : qtype == T_Q4_1 ? 20 : 18; }
 
 static inline int64_t r16_chunk_bytes(const R16 *w) { return w->qtype == T_Q8_0 ? 512 : 256; }
 
@@ -100,11 +108,42 @@ static inline int32_t load_i32(const int8_t *p) {
     return v;
 }
 
-// Rows 16g.. of W against T rows of x (m0..): acc[i] lane r += (int dot of the block) * d_r * dx + m_r * sx
+// One block of 16 rows (wv: chunk c = values 4c..4c+3 of each row as unsigned bytes; d16, m16: the rows' w = d*q + m)
+// against T rows of x (m0..): acc[i] lane r += (int dot of the block) * d_r * dx + m_r * sx
+static inline __attribute__((always_inline)) void r16_block_dot(const int T, const __m512i wv[8], __m512 d16, __m512 m16,
+                                                                const QX *x, int64_t m0, int64_t b, __m512 acc[4]) {
+    const int64_t K = x->K, nb = K / QK;
+    for (int i = 0; i < T; i++) {
+        const int8_t *xb = x->q + (m0 + i) * K + b * QK;
+        // two independent chains: vpdpbusd's latency, not its throughput, bounded one chain of 8
+        __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c += 2) {
+            i0 = _mm512_dpbusd_epi32(i0, wv[c], _mm512_set1_epi32(load_i32(xb + 4 * c)));
+            i1 = _mm512_dpbusd_epi32(i1, wv[c + 1], _mm512_set1_epi32(load_i32(xb + 4 * c + 4)));
+        }
+        const __m512i iacc = _mm512_add_epi32(i0, i1);
+        const int64_t xi = (m0 + i) * nb + b;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_mul_ps(d16, _mm512_set1_ps(x->d[xi])), acc[i]);
+        acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(x->s[xi]), acc[i]);
+    }
+}
+
+// acc[i] (16 rows from row n0, `rows` of them valid) into out rows m0 + i
+static inline __attribute__((always_inline)) void r16_tile_store(const int T, const __m512 acc[4], int64_t rows, int64_t n0,
+                                                                 int64_t m0, float *out, int64_t ldo, int accumulate) {
+    const __mmask16 mask = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
+    for (int i = 0; i < T; i++) {
+        float *o = out + (m0 + i) * ldo + n0;
+        const __m512 v = accumulate ? _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(mask, o)) : acc[i];
+        _mm512_mask_storeu_ps(o, mask, v);
+    }
+}
+
+// Rows 16g.. of a repacked W against T rows of x (m0..)
 static inline __attribute__((always_inline)) void r16_tile(const int q8, const int T, const R16 *w, int64_t g,
                                                            int64_t m0, const QX *x, float *out, int64_t ldo,
                                                            int accumulate) {
-    const int64_t K = w->K, nb = K / QK, cb = q8 ? 512 : 256;
+    const int64_t nb = w->K / QK, cb = q8 ? 512 : 256;
     const uint8_t *qg = w->qs + g * nb * cb;
     const uint16_t *sg = w->sc + g * nb * 32;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -125,27 +164,9 @@ static inline __attribute__((always_inline)) void r16_tile(const int q8, const i
         }
         const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + b * 32)));
         const __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + b * 32 + 16)));
-        for (int i = 0; i < T; i++) {
-            const int8_t *xb = x->q + (m0 + i) * K + b * QK;
-            // two independent chains: vpdpbusd's latency, not its throughput, bounded one chain of 8
-            __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
-            for (int c = 0; c < 8; c += 2) {
-                i0 = _mm512_dpbusd_epi32(i0, wv[c], _mm512_set1_epi32(load_i32(xb + 4 * c)));
-                i1 = _mm512_dpbusd_epi32(i1, wv[c + 1], _mm512_set1_epi32(load_i32(xb + 4 * c + 4)));
-            }
-            const __m512i iacc = _mm512_add_epi32(i0, i1);
-            const int64_t xi = (m0 + i) * nb + b;
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_mul_ps(d16, _mm512_set1_ps(x->d[xi])), acc[i]);
-            acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(x->s[xi]), acc[i]);
-        }
+        r16_block_dot(T, wv, d16, m16, x, m0, b, acc);
     }
-    const int64_t rows = w->N - 16 * g;
-    const __mmask16 mask = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1);
-    for (int i = 0; i < T; i++) {
-        float *o = out + (m0 + i) * ldo + 16 * g;
-        const __m512 v = accumulate ? _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(mask, o)) : acc[i];
-        _mm512_mask_storeu_ps(o, mask, v);
-    }
+    r16_tile_store(T, acc, w->N - 16 * g, 16 * g, m0, out, ldo, accumulate);
 }
 
 static inline __attribute__((always_inline)) void r16_groups_t(const int q8, const R16 *w, int64_t g0, int64_t g1,
@@ -160,6 +181,157 @@ static inline __attribute__((always_inline)) void r16_groups_t(const int q8, con
 }
 #endif
 
+// ---- GGUF blocks -> R16 (at load for a repacked weight; a row group at a time, as it is read, for one read in place) ----
+
+// f16 d times -8 (Q4_0) or -128 (Q8_0) as f16, as torch's float16 multiply gives it: the product is exact (a power of
+// two), so only overflow (to infinity) and NaN need care.
+static inline uint16_t half_times_pow2(uint16_t h, float f) {
+    const float v = half_to_float(h) * f;
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    const uint16_t sign = (uint16_t)(bits >> 16 & 0x8000u);
+    const uint32_t mag = bits & 0x7fffffffu;
+    if (mag > 0x7f800000u) return sign | 0x7e00u;                // NaN
+    if (mag >= 0x477ff000u) return sign | 0x7c00u;               // >= 65520 (exact products: >= 65536): infinity
+    if (mag >= 0x38800000u) return sign | (uint16_t)((mag - 0x38000000u) >> 13);  // normal f16 (exact)
+    float a;
+    memcpy(&a, &mag, 4);
+    return sign | (uint16_t)(a * 16777216.0f);  // subnormal f16: |v| / 2^-24, an integer here
+}
+
+// One GGUF block (Q4_0 18 bytes: f16 d, 16 bytes of nibbles; Q4_1 20: d, f16 m, nibbles; Q8_0 34: d, 32 int8) as
+// lane r of an R16 block: its chunks' dwords at qb (+ 64 per chunk), its d and m in sb[r] and sb[16 + r].
+static inline void repack_block(int64_t qtype, const uint8_t *blk, uint8_t *qb, uint16_t *sb, int r) {
+    uint16_t d, m;
+    memcpy(&d, blk, 2);
+    if (qtype == T_Q8_0) {
+        for (int c = 0; c < 8; c++) {
+            uint32_t w;
+            memcpy(&w, blk + 2 + 4 * c, 4);
+            w ^= 0x80808080u;  // int8 q + 128 as uint8
+            memcpy(qb + 64 * c, &w, 4);
+        }
+        m = half_times_pow2(d, -128.0f);
+    } else {
+        uint32_t chunks[4];
+        q4_r16_chunks(blk + (qtype == T_Q4_1 ? 4 : 2), chunks);
+        for (int c = 0; c < 4; c++) memcpy(qb + 64 * c, &chunks[c], 4);
+        if (qtype == T_Q4_1)
+            memcpy(&m, blk + 2, 2);
+        else
+            m = half_times_pow2(d, -8.0f);
+    }
+    sb[r] = d;
+    sb[16 + r] = m;
+}
+
+// row `row` of a weight read in place (a short last group repeats the last row: lanes past N are never stored)
+static inline const uint8_t *raw_row(const R16 *w, int64_t row) {
+    if (row >= w->N) row = w->N - 1;
+    int p = 0;
+    while (row >= w->raw_end[p]) p++;
+    return w->raw[p] + (row - (p ? w->raw_end[p - 1] : 0)) * (w->K / QK) * block_bytes(w->qtype);
+}
+
+#ifdef HAVE_ZMM
+// Q8_0 block at byte `off` of the 16 rows at rp: chunk c (c = 0..7) = bytes 4c..4c+3 of each row's 32 values, lane r
+// = row r. Rows i and i+8 side by side in a register, an 8x8 transpose of dwords in each 256-bit half (unpacks of
+// dwords, then qwords, then one two-source permute of qwords).
+static inline __attribute__((always_inline)) void raw_q8_chunks(const uint8_t *const rp[16], int64_t off, __m512i ch[8]) {
+    __m512i z[8], t[8], u[8];
+    for (int i = 0; i < 8; i++)
+        z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[i] + off + 2))),
+                                  _mm256_loadu_si256((const __m256i *)(rp[i + 8] + off + 2)), 1);
+    for (int i = 0; i < 8; i += 2)
+        t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+    for (int h = 0; h < 8; h += 4) {  // u[h + j]: dword j (128-bit lanes 0, 2) and j + 4 (lanes 1, 3) of 4 rows
+        u[h] = _mm512_unpacklo_epi64(t[h], t[h + 2]), u[h + 1] = _mm512_unpackhi_epi64(t[h], t[h + 2]);
+        u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]), u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
+    }
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int j = 0; j < 4; j++)
+        ch[j] = _mm512_permutex2var_epi64(u[j], lo, u[4 + j]), ch[j + 4] = _mm512_permutex2var_epi64(u[j], hi, u[4 + j]);
+}
+
+// Q4 block's 16 nibble bytes at byte `off` of the 16 rows: w[k] = bytes 4k..4k+3, lane r = row r. Rows i, i+4, i+8,
+// i+12 in one register, a 4x4 transpose of dwords in each 128-bit lane.
+static inline __attribute__((always_inline)) void raw_q4_dwords(const uint8_t *const rp[16], int64_t off, __m512i w[4]) {
+    __m512i z[4];
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rp[i] + off)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rp[i + 4] + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rp[i + 8] + off)), 2);
+        z[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rp[i + 12] + off)), 3);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    w[0] = _mm512_unpacklo_epi64(t0, t2), w[1] = _mm512_unpackhi_epi64(t0, t2);
+    w[2] = _mm512_unpacklo_epi64(t1, t3), w[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+#endif
+
+// Block b of the 16 rows at rp (a weight read in place) -> one R16 block (qb: chunk bytes, sb: 32 f16): the same bytes
+// as repack_block gives each row.
+static inline void raw_pack_block(int64_t qtype, const uint8_t *const rp[16], int64_t b, uint8_t *qb, uint16_t *sb) {
+    const int64_t bb = block_bytes(qtype), off = b * bb;
+#ifdef HAVE_ZMM
+    for (int r = 0; r < 16; r++) memcpy(sb + r, rp[r] + off, 2);
+    if (qtype == T_Q4_1) {
+        for (int r = 0; r < 16; r++) memcpy(sb + 16 + r, rp[r] + off + 2, 2);
+    } else {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sb));
+        const __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(qtype == T_Q8_0 ? -128.0f : -8.0f));  // exact, as f16
+        _mm256_storeu_si256((__m256i *)(sb + 16), _mm512_cvtps_ph(m, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    if (qtype == T_Q8_0) {
+        __m512i ch[8];
+        raw_q8_chunks(rp, off, ch);
+        const __m512i flip = _mm512_set1_epi8((char)0x80);  // int8 q + 128 as uint8
+        for (int c = 0; c < 8; c++) _mm512_storeu_si512(qb + 64 * c, _mm512_xor_si512(ch[c], flip));
+    } else {
+        __m512i w[4];  // to the R16 chunks as q4_r16_chunks does, on 16 lanes at once
+        raw_q4_dwords(rp, off + (qtype == T_Q4_1 ? 4 : 2), w);
+        const __m512i l4 = _mm512_set1_epi8(0x0F), h4 = _mm512_set1_epi8((char)0xF0);
+        _mm512_storeu_si512(qb, _mm512_or_si512(_mm512_and_si512(w[0], l4), _mm512_slli_epi32(_mm512_and_si512(w[1], l4), 4)));
+        _mm512_storeu_si512(qb + 64, _mm512_or_si512(_mm512_and_si512(w[2], l4), _mm512_slli_epi32(_mm512_and_si512(w[3], l4), 4)));
+        _mm512_storeu_si512(qb + 128, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w[0], 4), l4), _mm512_and_si512(w[1], h4)));
+        _mm512_storeu_si512(qb + 192, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w[2], 4), l4), _mm512_and_si512(w[3], h4)));
+    }
+#else
+    for (int r = 0; r < 16; r++) repack_block(qtype, rp[r] + off, qb + 4 * r, sb, r);
+#endif
+}
+
+// the 16 rows of group g of a weight read in place
+static inline void raw_group_rows(const R16 *w, int64_t g, const uint8_t *rp[16]) {
+    for (int r = 0; r < 16; r++) rp[r] = raw_row(w, 16 * g + r);
+}
+
+// Group g of a weight read in place, packed into this thread's buffer as a one-group R16 view (the rows it holds:
+// min(16, N - 16 g)); the buffer is reused by the thread's next call.
+static inline R16 raw_group_view(const R16 *w, int64_t g) {
+    static __thread uint8_t *buf;
+    static __thread int64_t cap;
+    const int64_t nb = w->K / QK, cb = r16_chunk_bytes(w), need = nb * (cb + 64);
+    if (need > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
+        cap = buf ? need : 0;
+        if (!buf) abort();  // out of memory for a few KB: nothing sensible to return
+    }
+    const uint8_t *rp[16];
+    raw_group_rows(w, g, rp);
+    uint16_t *sc = (uint16_t *)(buf + nb * cb);
+    for (int64_t b = 0; b < nb; b++) {
+        if (b + 4 < nb)
+            for (int r = 0; r < 16; r++) __builtin_prefetch(rp[r] + (b + 4) * block_bytes(w->qtype));
+        raw_pack_block(w->qtype, rp, b, buf + b * cb, sc + b * 32);
+    }
+    const int64_t rows = w->N - 16 * g < 16 ? w->N - 16 * g : 16;
+    R16 v = {buf, sc, w->qtype, rows, w->K, {NULL}, {0}};
+    return v;
+}
+
 // the integer value of row r, element k of block b of group g (0..15 for Q4, w+128 for Q8)
 static inline int r16_value(const R16 *w, int64_t g, int64_t b, int r, int k) {
     const int64_t cb = r16_chunk_bytes(w);
@@ -169,9 +341,9 @@ static inline int r16_value(const R16 *w, int64_t g, int64_t b, int r, int k) {
     return (k % 8) < 4 ? byte & 15 : byte >> 4;
 }
 
-// groups [g0, g1) of W against the M rows of x: out[m, n] (+)= W[n] . x[m]
-static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
-                       int accumulate) {
+// groups [g0, g1) of a repacked W against the M rows of x
+static void r16_groups_packed(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
+                              int accumulate) {
 #ifdef HAVE_ZMM
     if (w->qtype == T_Q8_0)
         r16_groups_t(1, w, g0, g1, M, x, out, ldo, accumulate);
@@ -194,6 +366,96 @@ static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX
                 *o = accumulate ? *o + acc : acc;
             }
 #endif
+}
+
+#ifdef HAVE_ZMM
+// Rows 16g.. of a weight read in place against T rows of x, each block transposed in registers (no buffer): for the
+// few rows of a decode step, where a group is read once. The same registers as r16_tile would load for the repacked
+// form (m as the f16 the repack writes), so the same results.
+static inline __attribute__((always_inline)) void raw_tile(const int qt, const int T, const R16 *w, int64_t g,
+                                                           const uint8_t *next, int64_t m0, const QX *x, float *out,
+                                                           int64_t ldo, int accumulate) {
+    const int64_t nb = w->K / QK, bb = qt == T_Q8_0 ? 34 : qt == T_Q4_1 ? 20 : 18;
+    const uint8_t *rp[16];
+    raw_group_rows(w, g, rp);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t off = b * bb;
+        if (next)
+            for (int64_t p = b * 16 * bb; p < (b + 1) * 16 * bb; p += 64) _mm_prefetch((const char *)(next + p), _MM_HINT_T1);
+        uint32_t dw[16];  // per row: f16 d, then Q4_1's m (scalar loads: a vector gather costs several times more)
+        for (int r = 0; r < 16; r++) memcpy(dw + r, rp[r] + off, 4);
+        const __m512i dm = _mm512_loadu_si512(dw);
+        const __m512 d16 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+        __m512 m16;
+        if (qt == T_Q4_1) {
+            m16 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
+        } else {
+            const __m512 m = _mm512_mul_ps(d16, _mm512_set1_ps(qt == T_Q8_0 ? -128.0f : -8.0f));
+            m16 = _mm512_cvtph_ps(_mm512_cvtps_ph(m, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        __m512i wv[8];
+        if (qt == T_Q8_0) {
+            raw_q8_chunks(rp, off, wv);
+            for (int c = 0; c < 8; c++) wv[c] = _mm512_xor_si512(wv[c], flip);
+        } else {
+            __m512i d4[4];  // bytes 4j..4j+3: values 4j.. in the low nibbles, 16 + 4j.. in the high ones
+            raw_q4_dwords(rp, off + (qt == T_Q4_1 ? 4 : 2), d4);
+            for (int j = 0; j < 4; j++)
+                wv[j] = _mm512_and_si512(d4[j], m4), wv[j + 4] = _mm512_and_si512(_mm512_srli_epi32(d4[j], 4), m4);
+        }
+        r16_block_dot(T, wv, d16, m16, x, m0, b, acc);
+    }
+    r16_tile_store(T, acc, w->N - 16 * g, 16 * g, m0, out, ldo, accumulate);
+}
+
+static inline __attribute__((always_inline)) void raw_groups_t(const int qt, const R16 *w, int64_t g0, int64_t g1,
+                                                               int64_t M, const QX *x, float *out, int64_t ldo,
+                                                               int accumulate) {
+    for (int64_t g = g0; g < g1; g++) {
+        // The run's next group (16 rows in a row: one span of the file) is fetched while this one is read, a block's
+        // worth of bytes per block: one sequential stream, where this group's 16 rows read in turn make 16 short ones.
+        const uint8_t *next = g + 1 < g1 ? raw_row(w, 16 * (g + 1)) : NULL;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) raw_tile(qt, 4, w, g, m0 ? NULL : next, m0, x, out, ldo, accumulate);
+        for (; m0 + 2 <= M; m0 += 2) raw_tile(qt, 2, w, g, m0 ? NULL : next, m0, x, out, ldo, accumulate);
+        if (m0 < M) raw_tile(qt, 1, w, g, m0 ? NULL : next, m0, x, out, ldo, accumulate);
+    }
+}
+#endif
+
+// rows of x up to which a weight read in place is transposed in registers per tile rather than packed per group
+#define RAW_REGISTER_ROWS 4
+
+// groups [g0, g1) of W against the M rows of x: out[m, n] (+)= W[n] . x[m]. A weight read in place is packed a group
+// at a time into this thread's buffer, then read as a repacked one: the same bytes, so the same results, bit for bit.
+static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
+                       int accumulate) {
+    if (!w->raw[0]) {
+        r16_groups_packed(w, g0, g1, M, x, out, ldo, accumulate);
+        return;
+    }
+#ifdef HAVE_ZMM
+    if (M <= RAW_REGISTER_ROWS) {
+        // each group fetches the next one as it goes (raw_tile); the run's first group is asked for here, at once
+        const int64_t span = (w->N - 16 * g0 < 16 ? w->N - 16 * g0 : 16) * (w->K / QK) * block_bytes(w->qtype);
+        const uint8_t *first = raw_row(w, 16 * g0);
+        for (int64_t p = 0; p < span; p += 64) _mm_prefetch((const char *)(first + p), _MM_HINT_T1);
+        if (w->qtype == T_Q8_0)
+            raw_groups_t(T_Q8_0, w, g0, g1, M, x, out, ldo, accumulate);
+        else if (w->qtype == T_Q4_1)
+            raw_groups_t(T_Q4_1, w, g0, g1, M, x, out, ldo, accumulate);
+        else
+            raw_groups_t(T_Q4_0, w, g0, g1, M, x, out, ldo, accumulate);
+        return;
+    }
+#endif
+    for (int64_t g = g0; g < g1; g++) {
+        const R16 v = raw_group_view(w, g);
+        r16_groups_packed(&v, 0, 1, M, x, out + 16 * g, ldo, accumulate);
+    }
 }
 
 // this thread's share of W's row groups against x

@@ -7,6 +7,7 @@ undone here; fused projections are resolved through the model's `packed_modules_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -130,7 +131,9 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             released += _release(gguf_file, module, fed.pop(module))
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
         released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
-        gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)))  # weights kept as views: read them now
+        # weights kept as views (a Q8_0 file's blocks, which the kernels read in place): their pages are read in the
+        # background, so that the load returns at once, as llama.cpp's map of the file does
+        gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)), background=True)
     note = cache.finish()
     logger.info("loaded %s in %.1fs%s", ref.path, time.perf_counter() - start, note)
     if released:
@@ -236,14 +239,24 @@ def checkpoint_weight_bytes(ref: ModelRef, keep_quantized: bool, element_bytes: 
     return total
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The fields of a dataclass type (QuantizedTensor, R16Weight, a LinearMethod, ...), None for other types: a load
+    walks its model's tensors many times, and `dataclasses.fields` each time was a visible share of it."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+
+
 def _tensors(value):
     if isinstance(value, torch.Tensor):
         yield value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # QuantizedTensor, Mxfp4Weight, ...
-        for f in dataclasses.fields(value):
-            yield from _tensors(getattr(value, f.name))
+    elif (names := _field_names(type(value))) is not None:
+        for name in names:
+            yield from _tensors(getattr(value, name))
     elif isinstance(value, dict):
         for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):  # e.g. the shards of a GGUF weight read in place
+        for v in value:
             yield from _tensors(v)
 
 

@@ -191,6 +191,58 @@ def test_dequant_row_ranges_into_a_buffer(qtype):
             gguf_cpu.dequant(w, rows=bad)
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN where the other is NaN (edge scales make some)."""
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("sizes,k", [([37], 96), ([16], 64), ([1], 32), ([130], 576), ([21, 5, 40], 160)])
+def test_in_place_computes_what_the_repacked_form_does(qtype, sizes, k):
+    """Blocks read where they lie (packed a row group at a time inside the kernels) give the repacked weight's
+    results bit for bit: gemm at decode and prefill row counts, accumulate, dequant to bf16/float32 and row ranges;
+    edge f16 scales, a short last group, and a fused weight's shards (read from each part in turn)."""
+    parts = [with_edge_scales(random_blocks(qtype, r, k, seed=i + r), qtype) for i, r in enumerate(sizes)]
+    n = sum(sizes)
+    packed, raw = gguf_cpu.repack(parts, qtype, n, k), gguf_cpu.in_place(parts, qtype, n, k)
+    assert raw.qs.numel() == 0 and raw.nbytes == sum(p.numel() for p in parts)
+    for m in (1, 3, 5, 40):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        want = gguf_cpu.gemm(x, packed)
+        assert same(gguf_cpu.gemm(x, raw), want)
+        out = torch.randn(m, n)
+        assert same(gguf_cpu.gemm(x, raw, out=out.clone()), gguf_cpu.gemm(x, packed, out=out.clone()))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert same(gguf_cpu.dequant(raw, dtype), gguf_cpu.dequant(packed, dtype))
+    if n > 16:
+        assert same(gguf_cpu.dequant(raw, rows=(16, n)), gguf_cpu.dequant(packed, rows=(16, n)))
+    ref = dequantize(torch.cat(parts).reshape(-1), qtype, (n, k))
+    finite = torch.isfinite(ref).all(dim=1)
+    assert torch.equal(gguf_cpu.dequant(raw, torch.float32)[finite], ref[finite])
+
+
+def test_in_place_experts_compute_what_repacked_ones_do():
+    ffns, hidden = [64, 64, 128], 96
+    gate_up, down, packed = random_experts(ffns, hidden, [gguf_cpu.Q8_0, gguf_cpu.Q4_0])
+    # gate and up as two parts, as the file holds them
+    raw = gguf_cpu.R16Experts([gguf_cpu.in_place([b[: n // 2], b[n // 2 :]], q, n, hidden) for b, q, n in gate_up],
+                              [gguf_cpu.in_place(b, q, hidden, f) for (b, q, _), f in zip(down, ffns)])  # fmt: skip
+    for tokens in (1, 7):
+        gen = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, hidden, generator=gen)
+        ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=gen)
+        assert torch.equal(gguf_cpu.moe(x, raw, ids, weights), gguf_cpu.moe(x, packed, ids, weights))
+
+
+def test_in_place_rejects_what_it_cannot_read():
+    blocks = random_blocks(gguf_cpu.Q8_0, 32, 64)
+    with pytest.raises(ValueError, match="at most"):
+        gguf_cpu.in_place([blocks[i : i + 8] for i in range(0, 32, 8)], gguf_cpu.Q8_0, 32, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        gguf_cpu.in_place(torch.cat([blocks, blocks], dim=1)[:, : blocks.shape[1]], gguf_cpu.Q8_0, 32, 64)
+
+
 def test_store_picker_follows_the_cheaper_stores():
     picker = gguf_cpu.StorePicker(probe_every=4, margin=1.3, decay=0.5)
     assert picker.pick() is False  # plain first

@@ -61,6 +61,42 @@ def test_logits_correlate_with_llama_cpp(script, tiny_gguf):
         assert record[step]["correlation"] >= 0.99, record
 
 
+def test_q8_0_weights_are_read_in_place_and_compute_what_repacked_ones_do(tiny_gguf, monkeypatch):
+    """A Q8_0 file's projections and experts are read where they lie in the file's map (nothing copied at load, none
+    of their pages unmapped), and greedy generation with logprobs is the same, bit for bit, as with every weight
+    repacked."""
+    from hearth import LLM
+    from hearth.kernels import gguf_cpu
+    from hearth.layers.linear import Linear
+    from hearth.loader.gguf import open_gguf
+    from hearth.sampling_params import SamplingParams
+
+    if not gguf_cpu.available():
+        pytest.skip("no C compiler for the GGUF kernels")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    prompts = [[5, 17, 300, 41, 9, 77, 2, 150], [400, 3, 3, 8]]
+
+    def run():
+        llm = LLM(tiny_gguf, block_size=4, max_model_len=64, max_num_seqs=2)
+        model = llm.engine.runner.model
+        outs = llm.generate(prompts, params)
+        held = {n: m.blocks for n, m in model.named_modules() if isinstance(m, Linear) and m.blocks is not None}
+        return outs, held.values(), held
+
+    outs, _, held = run()
+    assert held and all(w.raw and not w.qs.numel() for w in held.values())
+    gguf_file = open_gguf(tiny_gguf)  # the same (cached) map the load used
+    # views of the file's map, not copies; except where the loader reorders rope rows (then it reads that copy)
+    parts = [p for n, w in held.items() if not n.endswith(("q_proj", "kv_a_proj_with_mqa")) for p in w.raw]
+    assert len(parts) >= 30 and len(gguf_file.mapped_ranges(parts, own_bytes=True)) == len(parts)
+    monkeypatch.setattr(gguf_cpu, "can_read_in_place", lambda parts, k: False)
+    repacked_outs, repacked, _ = run()
+    assert all(not w.raw and w.qs.numel() for w in repacked)
+    for a, b in zip(outs, repacked_outs):
+        assert a.token_ids == b.token_ids
+        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
+
+
 def test_stacked_experts_are_unmapped_as_each_expert_is_repacked(tiny_gguf, monkeypatch):
     """The file pages of a layer's stacked experts (one tensor per kind, split among the experts' Linears) are
     unmapped expert by expert, each Linear's own rows once it is finalized, and what is left of the stacked tensors
@@ -76,6 +112,7 @@ def test_stacked_experts_are_unmapped_as_each_expert_is_repacked(tiny_gguf, monk
 
     if not gguf_cpu.available():
         pytest.skip("no C compiler for the GGUF kernels")
+    monkeypatch.setattr(gguf_cpu, "can_read_in_place", lambda parts, k: False)  # Q8_0 is read in place otherwise
     calls = []
     release, gguf_release = load._release, GGUFFile.release
 
