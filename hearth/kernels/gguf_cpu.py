@@ -12,10 +12,11 @@ Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers the
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,13 +72,18 @@ class R16Weight:
     n: int
     k: int
     raw: tuple[torch.Tensor, ...] = ()
+    _struct: R16 | None = field(default=None, init=False, repr=False, compare=False)
 
     def struct(self) -> R16:
-        if not self.raw:
-            return R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
-        ends = torch.tensor([p.shape[0] for p in self.raw]).cumsum(0).tolist()
-        return R16(None, None, self.qtype, self.n, self.k, (ptr * RAW_PARTS)(*(p.data_ptr() for p in self.raw)),
-                   (i64 * RAW_PARTS)(*ends))  # fmt: skip
+        """The C struct (built once: a decode step passes it for every projection)."""
+        if self._struct is None:
+            if not self.raw:
+                self._struct = R16(self.qs.data_ptr(), self.sc.data_ptr(), self.qtype, self.n, self.k)
+            else:
+                ends = list(itertools.accumulate(p.shape[0] for p in self.raw))
+                self._struct = R16(None, None, self.qtype, self.n, self.k,
+                                   (ptr * RAW_PARTS)(*(p.data_ptr() for p in self.raw)), (i64 * RAW_PARTS)(*ends))  # fmt: skip
+        return self._struct
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,6 @@ parts form one table (docs/models.md §4.1).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import math
@@ -22,7 +21,6 @@ import os
 import re
 import struct
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -237,7 +235,6 @@ def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorI
 
 
 MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
-POPULATE_CHUNK = 64 << 20  # bytes per madvise call of a background populate
 
 
 def populate_map(buf: mmap.mmap, start: int = 0, length: int | None = None) -> None:
@@ -301,34 +298,18 @@ class GGUFFile:
                     break
         return out
 
-    def populate(self, ranges: list[tuple[int, int, int]], background: bool = False) -> threading.Thread | None:
-        """Read the pages of `ranges` (from `mapped_ranges`: the weights kept as views of the file) into memory: now,
-        or with `background` in a daemon thread, returned, so that a load returns while they are read (a request
-        that comes first faults in what it reads, as with any map). The thread calls libc's madvise through ctypes,
-        which runs without the GIL, and holds the maps until it is done."""
-        if not background or sys.platform != "linux":
-            for part, start, end in ranges:
-                populate_map(self._bufs[part], start, end - start)
-            return None
-        spans, bufs = self._spans(), list(self._bufs)
-
-        def run() -> None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            page, chunk = mmap.PAGESIZE, POPULATE_CHUNK
-            for part, start, end in sorted(ranges):
-                base = spans[part][0]
-                first = start // page * page
-                for a in range(first, end, chunk):
-                    n = min(chunk, end - a)
-                    if libc.madvise(base + a, n, MADV_POPULATE_READ) != 0:  # older kernels: read ahead instead
-                        libc.madvise(base + a, end - a, mmap.MADV_WILLNEED)
-                        break
-            del bufs[:]
-
-        thread = threading.Thread(target=run, name="hearth-populate", daemon=True)
-        thread.start()
-        return thread
+    def read_ahead(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Ask the kernel to read the pages of `ranges` into the page cache in the background (MADV_WILLNEED, which
+        returns at once), without mapping them into this process: a weight's pages are then mapped as the kernels
+        first read them, as a map of the file is in llama.cpp. Mapping them all up front (MADV_POPULATE_READ) cost ~1 s
+        of system time per GB on a 2-core VM, which a load would wait for or a first request would compete with."""
+        if sys.platform != "linux":
+            return
+        page = mmap.PAGESIZE
+        for part, start, end in ranges:
+            first = start // page * page
+            with contextlib.suppress(OSError, ValueError):
+                self._bufs[part].madvise(mmap.MADV_WILLNEED, first, end - first)
 
     def release(self, ranges: list[tuple[int, int, int]], keep: list[tuple[int, int, int]] = ()) -> int:
         """Unmap the whole pages of `ranges` (from `mapped_ranges`) from this process (Linux MADV_DONTNEED) once what

@@ -131,9 +131,9 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
             released += _release(gguf_file, module, fed.pop(module))
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
         released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
-        # weights kept as views (a Q8_0 file's blocks, which the kernels read in place): their pages are read in the
-        # background, so that the load returns at once, as llama.cpp's map of the file does
-        gguf_file.populate(gguf_file.mapped_ranges(_model_tensors(model)), background=True)
+        # weights kept as views (a Q8_0 file's blocks, which the kernels read in place): read ahead into the page
+        # cache, mapped as they are first read
+        gguf_file.read_ahead(gguf_file.mapped_ranges(_model_tensors(model)))
     note = cache.finish()
     logger.info("loaded %s in %.1fs%s", ref.path, time.perf_counter() - start, note)
     if released:
