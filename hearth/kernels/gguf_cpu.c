@@ -36,16 +36,36 @@ static inline void qx_gemm_dyn(const QX *x, int64_t M, const R16 *w, float *out,
     }
 }
 
-void r16_gemm(int64_t M, const R16 *w, const float *x, float *out, int accumulate, int nthreads) {
-    const int64_t K = w->K;
+// x float32 or (x_bf16) bf16 [M, K]; out float32 or (out_bf16, not with accumulate) bf16 [M, N], rounded once as
+// torch's .to(torch.bfloat16): a decode step's projections take and give the model's bf16 without torch conversions.
+void r16_gemm(int64_t M, const R16 *w, const void *x, int x_bf16, void *out, int out_bf16, int accumulate,
+              int nthreads) {
+    const int64_t K = w->K, N = w->N, nb = K / QK;
     QX qx = qx_alloc(M, K);
     qx.K = K;
+    float *of = out_bf16 ? malloc(sizeof(float) * (size_t)(M * N)) : (float *)out;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * (K / QK); i++) qx_block(&qx, x, K, K, i / (K / QK), i % (K / QK));
-        qx_gemm_dyn(&qx, M, w, out, w->N, accumulate);
+        for (int64_t i = 0; i < M * nb; i++) {
+            const int64_t m = i / nb, b = i % nb;
+            if (x_bf16) {
+                float xb[QK];
+                const uint16_t *src = (const uint16_t *)x + m * K + b * QK;
+                for (int k = 0; k < QK; k++) xb[k] = bf16_to_float(src[k]);
+                quantize_block(xb, qx.q + m * K + b * QK, qx.d + m * nb, qx.s + m * nb, b);
+            } else {
+                qx_block(&qx, (const float *)x, K, K, m, b);
+            }
+        }
+        qx_gemm_dyn(&qx, M, w, of, N, accumulate && !out_bf16);
+        if (out_bf16) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < M * N; i++) ((uint16_t *)out)[i] = float_to_bf16(of[i]);
+        }
     }
+    if (out_bf16) free(of);
     qx_free(&qx);
 }
 
@@ -208,11 +228,17 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
 #define DOWN_GROUPS 4
 #define DOWN_GROUPS_DECODE 16
 
-void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *ids, const float *wts, const float *x,
-             float *out, int nthreads) {
-    const int64_t P = T * S, H = gu[ids[0]].K, nbh = H / QK, dg = T <= RAW_REGISTER_ROWS ? DOWN_GROUPS_DECODE : DOWN_GROUPS;
+// x and out float32, or (x_bf16, out_bf16) bf16, out rounded once as torch's .to(torch.bfloat16). Returns 0, or -1
+// (nothing done) when an id is outside [0, num_experts).
+int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 *dn, const int64_t *ids,
+            const float *wts, const void *x, int x_bf16, void *out, int out_bf16, int nthreads) {
+    const int64_t P = T * S, dg = T <= RAW_REGISTER_ROWS ? DOWN_GROUPS_DECODE : DOWN_GROUPS;
     int64_t E = 0;
-    for (int64_t i = 0; i < P; i++) E = ids[i] + 1 > E ? ids[i] + 1 : E;
+    for (int64_t i = 0; i < P; i++) {
+        if (ids[i] < 0 || ids[i] >= num_experts) return -1;
+        E = ids[i] + 1 > E ? ids[i] + 1 : E;
+    }
+    const int64_t H = gu[ids[0]].K, nbh = H / QK;
     // counting sort of the pairs by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
     int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), *perm = malloc(sizeof(int64_t) * (size_t)P);
     int64_t *rank = malloc(sizeof(int64_t) * (size_t)P), *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1));
@@ -239,8 +265,15 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
     {
         // (0) quantize each token once, then copy it to its pairs' sorted rows
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < T * nbh; i++)
-            quantize_block(x + i * QK, qt.q + i * QK, qt.d + (i / nbh) * nbh, qt.s + (i / nbh) * nbh, i % nbh);
+        for (int64_t i = 0; i < T * nbh; i++) {
+            float xb[QK];
+            const float *src = (const float *)x + i * QK;
+            if (x_bf16) {
+                for (int k = 0; k < QK; k++) xb[k] = bf16_to_float(((const uint16_t *)x)[i * QK + k]);
+                src = xb;
+            }
+            quantize_block(src, qt.q + i * QK, qt.d + (i / nbh) * nbh, qt.s + (i / nbh) * nbh, i % nbh);
+        }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
             const int64_t t = perm[r] / S;
@@ -282,18 +315,22 @@ void r16_moe(int64_t T, int64_t S, const R16 *gu, const R16 *dn, const int64_t *
                 r16_groups(w, o0, o1, ustart[u + 1] - r0, &hu, ys + r0 * H, H, 0);
             }
             const int64_t c0 = 16 * o0, c1 = 16 * o1 < H ? 16 * o1 : H;
+            float sum[16 * DOWN_GROUPS_DECODE];  // this chunk's columns of one token, for a bf16 out
             for (int64_t t = 0; t < T; t++) {
-                float *o = out + t * H;
-                for (int64_t c = c0; c < c1; c++) o[c] = 0.0f;
+                float *o = out_bf16 ? sum : (float *)out + t * H + c0;
+                for (int64_t c = 0; c < c1 - c0; c++) o[c] = 0.0f;
                 for (int64_t p = t * S; p < (t + 1) * S; p++) {  // slot order
-                    const float wt = wts[p], *y = ys + rank[p] * H;
-                    for (int64_t c = c0; c < c1; c++) o[c] += wt * y[c];
+                    const float wt = wts[p], *y = ys + rank[p] * H + c0;
+                    for (int64_t c = 0; c < c1 - c0; c++) o[c] += wt * y[c];
                 }
+                if (out_bf16)
+                    for (int64_t c = 0; c < c1 - c0; c++) ((uint16_t *)out)[t * H + c0 + c] = float_to_bf16(o[c]);
             }
         }
     }
     qx_free(&qt), qx_free(&qx), qx_free(&qh);
     free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
+    return 0;
 }
 
 // ---- load-time repack: GGUF blocks -> R16 ----

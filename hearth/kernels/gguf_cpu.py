@@ -39,12 +39,13 @@ class R16(ctypes.Structure):
 
 def _declare(lib: ctypes.CDLL) -> None:
     r16 = ctypes.POINTER(R16)
-    lib.r16_gemm.argtypes = [i64, r16, ptr, ptr, c_int, c_int]
+    lib.r16_gemm.argtypes = [i64, r16, ptr, c_int, ptr, c_int, c_int, c_int]
     lib.r16_dequant.argtypes = [r16, i64, i64, ptr, c_int, c_int, c_int]
     lib.gguf_quantize_q8.argtypes = [i64, i64, ptr, ptr, ptr, ptr]
-    lib.r16_moe.argtypes = [i64, i64, r16, r16, ptr, ptr, ptr, ptr, c_int]
+    lib.r16_moe.argtypes = [i64, i64, i64, r16, r16, ptr, ptr, ptr, c_int, ptr, c_int, c_int]
+    lib.r16_moe.restype = c_int
     lib.r16_repack.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
-    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "r16_moe", "r16_repack"):
+    for name in ("r16_gemm", "r16_dequant", "gguf_quantize_q8", "r16_repack"):
         getattr(lib, name).restype = None
 
 
@@ -201,17 +202,22 @@ def _repack_rows(blk: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Ten
     return qs, sc
 
 
-def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> x W^T [M, N] float32 with int8 activations (added into `out` when given)."""
+def gemm(x: torch.Tensor, w: R16Weight, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [M, K] -> x W^T [M, N] with int8 activations: float32 (added into `out` when given), or with `dtype` bf16
+    the float32 result rounded once to bf16. bf16 x is read as it is (the values torch's .float() gives)."""
     lib = _get()
     m, k = x.shape
-    assert k == w.k
-    x = x.float().contiguous()
+    assert k == w.k and dtype in (torch.float32, torch.bfloat16)
+    x_bf16 = x.dtype == torch.bfloat16
+    x = x.contiguous() if x_bf16 else x.float().contiguous()
     accumulate = out is not None
+    assert not (accumulate and dtype == torch.bfloat16)
     if out is None:
-        out = torch.empty(m, w.n, dtype=torch.float32)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (m, w.n)
-    lib.r16_gemm(m, ctypes.byref(w.struct()), x.data_ptr(), out.data_ptr(), int(accumulate), torch.get_num_threads())
+        out = torch.empty(m, w.n, dtype=dtype)
+    assert out.dtype == torch.float32 or not accumulate
+    assert out.is_contiguous() and out.shape == (m, w.n)
+    lib.r16_gemm(m, ctypes.byref(w.struct()), x.data_ptr(), int(x_bf16), out.data_ptr(), int(dtype == torch.bfloat16),
+                 int(accumulate), torch.get_num_threads())  # fmt: skip
     return out
 
 
@@ -234,21 +240,25 @@ class R16Experts:
         self._weights = (gate_up, down)
 
 
-def moe(x: torch.Tensor, experts: R16Experts, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x [T, H], ids [T, S] (int, expert indices) and weights [T, S] -> [T, H] float32:
-    out[t] = sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, s], all in one C call with int8
-    activations (x, then each SwiGLU output, quantized per 32 values as in `gemm`). `moe_ref` is the same in torch."""
+def moe(x: torch.Tensor, experts: R16Experts, ids: torch.Tensor, weights: torch.Tensor,
+        dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """x [T, H], ids [T, S] (int, expert indices) and weights [T, S] -> [T, H] float32 (or with `dtype` bf16, rounded
+    once): out[t] = sum_s weights[t, s] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, s], all in one C call with
+    int8 activations (x, then each SwiGLU output, quantized per 32 values as in `gemm`; bf16 x read as it is).
+    `moe_ref` is the same in torch."""
     t, h = x.shape
     if h != experts.hidden or ids.shape != weights.shape or ids.shape[0] != t or not ids.numel():
         raise ValueError(f"moe: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weights {tuple(weights.shape)}")
+    assert dtype in (torch.float32, torch.bfloat16)
     ids = ids.to(torch.int64).contiguous()
-    if int(ids.min()) < 0 or int(ids.max()) >= experts.num_experts:
-        raise ValueError(f"moe: expert ids outside [0, {experts.num_experts})")
-    x = x.float().contiguous()
+    x_bf16 = x.dtype == torch.bfloat16
+    x = x.contiguous() if x_bf16 else x.float().contiguous()
     weights = weights.float().contiguous()
-    out = torch.empty(t, h, dtype=torch.float32)
-    _get().r16_moe(t, ids.shape[1], experts.gate_up, experts.down, ids.data_ptr(), weights.data_ptr(), x.data_ptr(),
-                   out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    out = torch.empty(t, h, dtype=dtype)
+    if _get().r16_moe(t, ids.shape[1], experts.num_experts, experts.gate_up, experts.down, ids.data_ptr(),
+                      weights.data_ptr(), x.data_ptr(), int(x_bf16), out.data_ptr(), int(dtype == torch.bfloat16),
+                      torch.get_num_threads()):  # fmt: skip
+        raise ValueError(f"moe: expert ids outside [0, {experts.num_experts})")
     return out
 
 

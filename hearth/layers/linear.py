@@ -107,6 +107,8 @@ def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = F
     the Llama family's fused decode step does; each row's result is its own. Otherwise bf16 arithmetic on the weight
     dequantized to bf16 (prefill: compute-bound, where the dense matmul is faster)."""
     if int8_activations or is_decode_step():
+        if x.dtype in (torch.bfloat16, torch.float32):
+            return gguf_cpu.gemm(x, w, dtype=x.dtype)
         return gguf_cpu.gemm(x, w).to(x.dtype)
     m = x.shape[0]
     xb = x.to(torch.bfloat16)
@@ -502,7 +504,7 @@ class Embedding(nn.Module):
             self.tie_lm_head()
             if self.lm_blocks is not None:
                 # always the int8-activation kernel: a dense copy of a whole vocabulary would cost more than it saves
-                return gguf_cpu.gemm(hidden_states, self.lm_blocks).to(hidden_states.dtype)
+                return blocks_mm(hidden_states, self.lm_blocks, int8_activations=True)
             return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
         return hidden_states @ self.weight.t()
 

@@ -136,4 +136,5 @@ class BlocksMoE:
         if num_shared:
             ids = torch.cat([ids, self._shared_ids.expand(num_tokens, num_shared)], dim=1)
             weights = torch.cat([weights.float(), weights.new_ones(num_tokens, num_shared, dtype=torch.float32)], dim=1)
-        return gguf_cpu.moe(hidden_states, self.experts, ids, weights).to(hidden_states.dtype)
+        out_dtype = torch.bfloat16 if hidden_states.dtype == torch.bfloat16 else torch.float32
+        return gguf_cpu.moe(hidden_states, self.experts, ids, weights, out_dtype).to(hidden_states.dtype)

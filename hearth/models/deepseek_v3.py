@@ -5,7 +5,8 @@ noaux_tc, or V2's softmax).
 Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/model.py; facts in docs/models.md §2.
 The cache holds one vector per token per layer, [c_kv (kv_lora_rank, after kv_a_layernorm) | k_pe (rope dims, after
 rope)]. Prefill attends in the naive form (keys and values expanded through kv_b_proj); decode in the absorbed form
-(W_UK folded into the query, W_UV applied after attending over the latents), which never expands the cache.
+(W_UK folded into the query, W_UV applied after attending over the latents), which never expands the cache. Both read
+kv_b_proj as its per-head W_UK^T and W_UV (copies made at load; the loaded weight is then dropped).
 Weights: HF bf16/fp32, DeepSeek's FP8 128×128 blocks (`weight_scale_inv`, quant/fp8.py) and GGUF `deepseek2`.
 
 NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj / q_proj / kv_a_proj_with_mqa are
@@ -166,6 +167,7 @@ class DeepseekV3Attention(nn.Module):
         # contiguous per-head matrices: batched matmuls on strided views of kv_b copy them on every call
         self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
         self.w_uv = w[:, self.nope_dim :].contiguous()
+        self.kv_b_proj.method = None  # both forms read only these copies: the weight is not held twice
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -219,14 +221,13 @@ class DeepseekV3Attention(nn.Module):
     def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None):
         """HF's form: expand the latents to per-head keys and values. q_*: [n, H, d]; latent: [L, c + rope];
         mask: [n, L] bool or None (attend to all). Returns [n, H, v]."""
-        length = latent.shape[0]
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_nope, v = self.kv_b_proj(c_kv).view(length, self.num_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                           scale=self.scale)  # fmt: skip
-        return o.transpose(0, 1)
+        # kv_b_proj's keys (nope part) and values per head, through its rows W_UK and W_UV: [H, L, nope], [H, L, v]
+        k_nope = torch.matmul(c_kv, self.w_uk_t)
+        v = torch.matmul(c_kv, self.w_uv.transpose(1, 2))
+        k = torch.cat([k_nope, k_pe[None].expand(self.num_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor):
         """Attention in latent space: q̃ = W_UK^T q_nope per head scores against c_kv, q_pe against k_pe, the context

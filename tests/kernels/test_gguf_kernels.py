@@ -60,6 +60,18 @@ def test_gemm_matches_reference(qtype, n, k, m):
     assert rel_err(gguf_cpu.gemm(x, w, out=out), expected) <= 1e-5  # accumulate into `out`
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gemm_takes_and_gives_bf16_as_torch_converts_it(qtype):
+    blocks = random_blocks(qtype, 37, 96)
+    for w in (gguf_cpu.repack(blocks, qtype, 37, 96), gguf_cpu.in_place(blocks, qtype, 37, 96)):
+        for m in (1, 5):
+            x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)).bfloat16()
+            want = gguf_cpu.gemm(x.float(), w)
+            assert torch.equal(gguf_cpu.gemm(x, w), want)  # bf16 x read as .float() gives it
+            got = gguf_cpu.gemm(x, w, dtype=torch.bfloat16)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())  # rounded once, as .to() does
+
+
 def random_experts(ffns: list[int], hidden: int, qtypes: list[int]):
     """SwiGLU experts of intermediate sizes `ffns`: (gate/up, down) as (blocks, qtype, rows) and as R16Experts."""
     gate_up, down = [], []
@@ -91,6 +103,10 @@ def test_moe_matches_reference(qtypes, tokens):
     assert got.shape == ref.shape and rel_err(got, ref) <= 5e-3
     for t in range(tokens):  # each token's result is its own (batch-invariant)
         assert torch.equal(gguf_cpu.moe(x[t : t + 1], experts, ids[t : t + 1], weights[t : t + 1]), got[t : t + 1])
+    xb = x.bfloat16()  # bf16 in and out: as converting with torch before and after
+    got_bf16 = gguf_cpu.moe(xb, experts, ids, weights, torch.bfloat16)
+    want_bf16 = gguf_cpu.moe(xb.float(), experts, ids, weights).bfloat16()
+    assert got_bf16.dtype == torch.bfloat16 and torch.equal(got_bf16, want_bf16)
 
 
 def test_moe_rejects_bad_input():

@@ -284,7 +284,11 @@ def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepsee
     for i in range(3):
         ours, theirs = model.model.layers[i], reference.model.layers[i]
         assert torch.equal(ours.self_attn.o_proj.weight, theirs.self_attn.o_proj.weight)
-        assert torch.equal(ours.self_attn.kv_b_proj.weight, theirs.self_attn.kv_b_proj.weight)
+        kv_b = theirs.self_attn.kv_b_proj.weight.view(4, -1, theirs.self_attn.kv_b_proj.weight.shape[1])
+        nope = ours.self_attn.nope_dim
+        assert torch.equal(ours.self_attn.w_uk_t, kv_b[:, :nope].transpose(1, 2))  # kv_b's rows, per head
+        assert torch.equal(ours.self_attn.w_uv, kv_b[:, nope:])
+        assert ours.self_attn.kv_b_proj.weight is None  # not held twice
         perm = rope_row_permutation(4, 24, 8)  # rope rows de-interleaved at load
         assert torch.equal(ours.self_attn.q_b_proj.weight, theirs.self_attn.q_b_proj.weight[perm])
     ref_moe = reference.model.layers[2].mlp
