@@ -29,6 +29,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mxfp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_moe_q8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    c_int, c_float = ctypes.c_int, ctypes.c_float
+    lib.mxfp4_moe.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, c_int, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_float,
+                              c_float, ptr, c_int, c_int]  # fmt: skip
+    lib.mxfp4_moe.restype = c_int
     lib.mxfp4_repack_r16.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_gguf_repack_r16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.mxfp4_gguf_to_hf.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int]
@@ -202,6 +206,38 @@ def moe_q8(x: torch.Tensor, w: R16Mxfp4, expert_ids: list[int], counts: list[int
     lib.mxfp4_moe_q8(t, k, w.n, x.data_ptr(), len(counts), experts.data_ptr(), starts.data_ptr(), w.qs.data_ptr(),
                      w.sc.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
     return out
+
+
+def moe(x: torch.Tensor, gate_up: R16Mxfp4, gate_up_bias: torch.Tensor, down: R16Mxfp4, down_bias: torch.Tensor,
+        ids: torch.Tensor, weights: torch.Tensor, alpha: float, limit: float,
+        dtype: torch.dtype = torch.float32) -> torch.Tensor | None:  # fmt: skip
+    """gpt-oss's MoE for x [T, H] in one C call (mxfp4_moe): for each token, over its experts e = ids[t, s] in
+    ascending order, weights[t, s] * (down_e(act(gate_up_e x + gate_up_bias[e])) + down_bias[e]), act the clamped
+    SwiGLU of gate_up's (even, odd) rows with `alpha` and `limit`; int8 activations as `moe_q8`, and the float32 steps
+    of that torch path. x and the biases bf16 or float32; returns [T, H] in `dtype` (float32 or bf16, rounded once),
+    or None for more experts per token than the kernel takes."""
+    t, h = x.shape
+    experts, i2 = gate_up.qs.shape[0], gate_up.n
+    if (gate_up.qs.dim() != 4 or gate_up.k != h or down.n != h or down.k * 2 != i2 or ids.shape != weights.shape
+            or ids.shape[0] != t or gate_up_bias.shape != (experts, i2) or down_bias.shape != (experts, h)):  # fmt: skip
+        raise ValueError(f"mxfp4 moe: x {tuple(x.shape)}, gate_up {gate_up.shape}, down {down.shape}, ids "
+                         f"{tuple(ids.shape)}, weights {tuple(weights.shape)}")  # fmt: skip
+    assert dtype in (torch.float32, torch.bfloat16) and gate_up_bias.dtype == down_bias.dtype
+    x_bf16, bias_bf16 = x.dtype == torch.bfloat16, gate_up_bias.dtype == torch.bfloat16
+    x = x.contiguous() if x_bf16 else x.float().contiguous()
+    if not bias_bf16:
+        gate_up_bias, down_bias = gate_up_bias.float(), down_bias.float()
+    gate_up_bias, down_bias = gate_up_bias.contiguous(), down_bias.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.float().contiguous()
+    out = torch.empty(t, h, dtype=dtype)
+    rc = _get().mxfp4_moe(t, ids.shape[1], experts, h, i2, ids.data_ptr(), weights.data_ptr(), x.data_ptr(), int(x_bf16),
+                          gate_up.qs.data_ptr(), gate_up.sc.data_ptr(), gate_up_bias.data_ptr(), down.qs.data_ptr(),
+                          down.sc.data_ptr(), down_bias.data_ptr(), int(bias_bf16), alpha, limit, out.data_ptr(),
+                          int(dtype == torch.bfloat16), torch.get_num_threads())  # fmt: skip
+    if rc == -1:
+        raise ValueError(f"mxfp4 moe: expert ids outside [0, {experts})")
+    return out if rc == 0 else None
 
 
 def moe_q8_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, expert_ids: list[int],

@@ -39,7 +39,8 @@ class Mxfp4Experts(nn.Module):
     [expert_start, expert_end) whole, runs the (token, expert) pairs routed to them and one all-reduce sums the ranks'
     outputs; a split of each expert's matrices is not implemented, so tensor parallelism without it is refused."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation,
+                 swiglu_oss: tuple[float, float] | None = None):  # fmt: skip
         super().__init__()
         tp = get_tensor_parallel()
         if tp.size > 1 and not tp.expert_parallel:
@@ -50,6 +51,9 @@ class Mxfp4Experts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.activation = activation
+        # (alpha, limit) when `activation` is gpt-oss's clamped SwiGLU: repacked experts then run in one C call
+        # (mxfp4_cpu.moe), routing to output, instead of two kernel calls and the torch steps between them
+        self.swiglu_oss = swiglu_oss
         self._parts: dict[str, torch.Tensor | QuantizedTensor] = {}
         self.gate_up: torch.Tensor | Mxfp4Weight | R16Mxfp4 | None = None
         self.down: torch.Tensor | Mxfp4Weight | R16Mxfp4 | None = None
@@ -234,6 +238,12 @@ class Mxfp4Experts(nn.Module):
         if self.use_reference:
             return moe_ref(hidden_states, weights, ids, self.expert_ref)
         if isinstance(self.gate_up, R16Mxfp4) and isinstance(self.down, R16Mxfp4):
+            if self.swiglu_oss is not None:
+                out_dtype = torch.bfloat16 if hidden_states.dtype == torch.bfloat16 else torch.float32
+                out = mxfp4_cpu.moe(hidden_states, self.gate_up, self.gate_up_bias, self.down, self.down_bias, ids,
+                                    weights, *self.swiglu_oss, dtype=out_dtype)  # fmt: skip
+                if out is not None:
+                    return out.to(hidden_states.dtype)
             return grouped_moe(hidden_states, weights, ids, self.experts_q8)
         return fused_moe(hidden_states, weights, ids, self.expert)
 

@@ -19,7 +19,7 @@ from hearth.layers.linear import Linear, ParallelLMHead, QKVParallelLinear, RowP
 from hearth.layers.moe import topk_softmax
 from hearth.layers.mxfp4_experts import Mxfp4Experts
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
 from hearth.layers.weights import dense
 
 
@@ -69,11 +69,11 @@ class GptOssAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # rope on q and k in place, in one pass (a C kernel in bf16: the torch ops' values)
+        qk = apply_rotary_emb_(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [num_tokens, heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, sinks=self.sinks))
 
 
@@ -84,7 +84,7 @@ class GptOssExperts(Mxfp4Experts):
         alpha = float(config.extra.get("swiglu_alpha", 1.702))
         limit = float(config.extra.get("swiglu_limit", 7.0))
         super().__init__(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                         partial(swiglu_oss, alpha=alpha, limit=limit))  # fmt: skip
+                         partial(swiglu_oss, alpha=alpha, limit=limit), swiglu_oss=(alpha, limit))  # fmt: skip
 
 
 class GptOssMLP(nn.Module):

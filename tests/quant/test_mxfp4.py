@@ -232,3 +232,13 @@ def test_gpt_oss_bf16_experts_use_the_q8_kernel(num_tokens):
     assert ours.dtype == torch.bfloat16
     assert rel_err(ours, ref) <= 2**-7
     assert rel_err(ours, exact) <= 0.05  # int8 activations
+    # the one-call kernel (mxfp4_cpu.moe) against the two kernel calls and torch steps it replaces: the same float32
+    # steps, except the sigmoid's last ulp, which can move an int8 activation of the down projection by one step
+    assert experts.swiglu_oss is not None
+    with torch.inference_mode():
+        experts.swiglu_oss, fused = None, ours
+        stepwise = experts(hidden_states, weights, ids)
+    assert rel_err(fused, stepwise) <= 2**-7 and (fused == stepwise).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="outside"):
+        mxfp4_cpu.moe(hidden_states, experts.gate_up, experts.gate_up_bias, experts.down, experts.down_bias, ids + 6,
+                      weights, 1.702, 7.0)  # fmt: skip
