@@ -11,6 +11,9 @@
 // As in llama.cpp, activations are quantized per 32 values to int8 (xd = amax/127, xq = round(x/xd)); a 64-byte chunk
 // times 4 broadcast activation bytes is one dpbusd giving 16 rows' partial dots, so a block of 16 rows costs 8 of them
 // plus one scale step; `xs` = xd * sum(xq) carries the offsets.
+// A weight may instead be read in place (R16.raw: the file's row-major blocks, e.g. in its map): each 16-row group is
+// put in this form as it is read, in registers for a decode step's few rows, into a per-thread buffer for more, so
+// the results are the repacked form's bit for bit (gguf_cpu.in_place).
 #pragma once
 
 #include <math.h>
