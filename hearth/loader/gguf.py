@@ -265,6 +265,7 @@ class GGUFFile:
         self._bufs = buf if isinstance(buf, list) else [buf]
         self.paths = paths or [path]  # every part's path, in order
         self.file_size = sum(len(b) for b in self._bufs)
+        self._span_cache: list[tuple[int, int]] | None = None
 
     def header_bytes(self) -> bytes:
         """Every part's bytes before its first tensor's data: magic, metadata and tensor table."""
@@ -275,12 +276,14 @@ class GGUFFile:
         return out
 
     def _spans(self) -> list[tuple[int, int]]:
-        """(address, length) of each part's map."""
-        spans = []
-        for buf in self._bufs:
-            probe = torch.frombuffer(buf, dtype=torch.uint8, count=1)  # the map's first byte, to learn its address
-            spans.append((probe.data_ptr(), len(buf)))
-        return spans
+        """(address, length) of each part's map (learned once: a load asks for them for every module)."""
+        if self._span_cache is None:
+            spans = []
+            for buf in self._bufs:
+                probe = torch.frombuffer(buf, dtype=torch.uint8, count=1)  # the map's first byte, to learn its address
+                spans.append((probe.data_ptr(), len(buf)))
+            self._span_cache = spans
+        return self._span_cache
 
     def mapped_ranges(self, tensors, own_bytes: bool = False) -> list[tuple[int, int, int]]:
         """(part, start, end) byte offsets in the maps of those of `tensors` that are views of them (others ignored):
