@@ -239,19 +239,12 @@ int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 
         E = ids[i] + 1 > E ? ids[i] + 1 : E;
     }
     const int64_t H = gu[ids[0]].K, nbh = H / QK;
-    // counting sort of the pairs by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
-    int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), *perm = malloc(sizeof(int64_t) * (size_t)P);
-    int64_t *rank = malloc(sizeof(int64_t) * (size_t)P), *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1));
-    int64_t *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    // the pairs sorted by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
+    int64_t *perm = malloc(sizeof(int64_t) * (size_t)P), *rank = malloc(sizeof(int64_t) * (size_t)P);
+    int64_t *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    int64_t *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1));
     int64_t *hoff = malloc(sizeof(int64_t) * (size_t)(P + 1)), *foff = malloc(sizeof(int64_t) * (size_t)(P + 1));
-    for (int64_t i = 0; i < P; i++) cnt[ids[i] + 1]++;
-    for (int64_t e = 0; e < E; e++) cnt[e + 1] += cnt[e];
-    int64_t U = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (cnt[e + 1] > cnt[e]) uexp[U] = e, ustart[U++] = cnt[e];
-    ustart[U] = P;
-    for (int64_t i = 0; i < P; i++) perm[cnt[ids[i]]++] = i;  // stable: pairs of one expert in pair order
-    for (int64_t r = 0; r < P; r++) rank[perm[r]] = r;
+    const int64_t U = moe_sort_pairs(P, E, ids, perm, rank, uexp, ustart);
     // per sorted row: gate/up outputs at hoff (2F floats), SwiGLU at foff (F values); gate/up cost before run u
     hoff[0] = foff[0] = ucost[0] = 0;
     for (int64_t u = 0; u < U; u++) {  // ucost: gate/up chunks of DYN_GROUPS row groups before run u
@@ -329,7 +322,7 @@ int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 
         }
     }
     qx_free(&qt), qx_free(&qx), qx_free(&qh);
-    free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
+    free(hbuf), free(ys), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
     return 0;
 }
 

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -108,4 +109,22 @@ static inline void q4_r16_chunks(const uint8_t *q, uint32_t out[4]) {
     out[1] = (w[2] & lo) | (w[3] & lo) << 4;
     out[2] = (w[0] >> 4 & lo) | (w[1] & hi);
     out[3] = (w[2] >> 4 & lo) | (w[3] & hi);
+}
+
+// The P (token, slot) pairs of a MoE step (ids: each pair's expert, all in [0, E)) sorted by expert, stably: sorted row
+// r holds pair perm[r] and rank[perm[r]] = r; the hit experts in order, uexp[u], each a run of sorted rows [ustart[u],
+// ustart[u+1]). perm and rank hold P values, uexp and ustart E + 1. Returns the number of runs. (The GGUF and MXFP4
+// MoE kernels both sort this way, so an expert hit by several tokens reads its weights once.)
+static inline int64_t moe_sort_pairs(int64_t P, int64_t E, const int64_t *ids, int64_t *perm, int64_t *rank,
+                                     int64_t *uexp, int64_t *ustart) {
+    int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), U = 0;
+    for (int64_t i = 0; i < P; i++) cnt[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    for (int64_t e = 0; e < E; e++)
+        if (cnt[e + 1] > cnt[e]) uexp[U] = e, ustart[U++] = cnt[e];
+    ustart[U] = P;
+    for (int64_t i = 0; i < P; i++) perm[cnt[ids[i]]++] = i;  // stable: pairs of one expert in pair order
+    for (int64_t r = 0; r < P; r++) rank[perm[r]] = r;
+    free(cnt);
+    return U;
 }

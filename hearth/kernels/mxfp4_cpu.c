@@ -239,6 +239,22 @@ void mxfp4_moe_q8(int64_t T, int64_t K, int64_t N, const float *x, int64_t S, co
 #define MOE_GROUPS 16    // row groups per chunk of a projection's tiles
 #define MOE_MAX_SLOTS 64  // experts per token (more: -2, the caller keeps its own path)
 
+// One projection [E][N][K] of the hit experts against their sorted rows of x (runs of rows per expert: uexp, ustart),
+// into out [rows][N]: chunks of MOE_GROUPS row groups of each run, taken by the enclosing region's threads as they
+// come (so each streams a contiguous part of an expert's weights).
+static void moe_projection(const uint8_t *qs, const uint8_t *sc, int64_t N, const QX *x, int64_t U, const int64_t *uexp,
+                           const int64_t *ustart, float *out) {
+    const int64_t K = x->K, nb = K / QK, groups = (N + 15) / 16, chunks = (groups + MOE_GROUPS - 1) / MOE_GROUPS;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < U * chunks; c++) {
+        const int64_t u = c / chunks, e = uexp[u], r0 = ustart[u], g0 = (c % chunks) * MOE_GROUPS;
+        const QX xu = {x->q + r0 * K, x->d + r0 * nb, x->s + r0 * nb, K};
+        for (int64_t g = g0; g < g0 + MOE_GROUPS && g < groups; g++)
+            tile_rows(qs + (e * groups + g) * nb * R16_BYTES, sc + (e * groups + g) * nb * 16, nb, &xu, 0,
+                      ustart[u + 1] - r0, out + r0 * N + 16 * g, N, N - 16 * g < 16 ? N - 16 * g : 16);
+    }
+}
+
 static inline float value_at(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -248,23 +264,13 @@ int mxfp4_moe(int64_t T, int64_t S, int64_t E, int64_t H, int64_t I2, const int6
               const uint8_t *dsc, const void *dbias, int bias_bf16, float alpha, float limit, void *out, int out_bf16,
               int nthreads) {
     const int64_t P = T * S, I = I2 / 2, nbh = H / QK, nbi = I / QK;
-    const int64_t g2 = (I2 + 15) / 16, gh = (H + 15) / 16, c2 = (g2 + MOE_GROUPS - 1) / MOE_GROUPS;
-    const int64_t ch = (gh + MOE_GROUPS - 1) / MOE_GROUPS;
     if (S > MOE_MAX_SLOTS) return -2;
     for (int64_t i = 0; i < P; i++)
         if (ids[i] < 0 || ids[i] >= E) return -1;
-    // counting sort of the pairs by expert (stable): sorted row r holds pair perm[r]; run u is rows [ustart[u], ustart[u+1])
-    int64_t *cnt = calloc((size_t)E + 1, sizeof(int64_t)), *perm = malloc(sizeof(int64_t) * (size_t)P);
-    int64_t *rank = malloc(sizeof(int64_t) * (size_t)P), *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1));
-    int64_t *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1));
-    for (int64_t i = 0; i < P; i++) cnt[ids[i] + 1]++;
-    for (int64_t e = 0; e < E; e++) cnt[e + 1] += cnt[e];
-    int64_t U = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (cnt[e + 1] > cnt[e]) uexp[U] = e, ustart[U++] = cnt[e];
-    ustart[U] = P;
-    for (int64_t i = 0; i < P; i++) perm[cnt[ids[i]]++] = i;
-    for (int64_t r = 0; r < P; r++) rank[perm[r]] = r;
+    // the pairs sorted by expert: sorted row r holds pair perm[r]; run u is rows [ustart[u], ustart[u+1])
+    int64_t *perm = malloc(sizeof(int64_t) * (size_t)P), *rank = malloc(sizeof(int64_t) * (size_t)P);
+    int64_t *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1));
+    const int64_t U = moe_sort_pairs(P, E, ids, perm, rank, uexp, ustart);
     QX qt = {malloc((size_t)(T * H)), malloc(sizeof(float) * (size_t)(T * nbh)), malloc(sizeof(int32_t) * (size_t)(T * nbh)), H};
     QX qx = {malloc((size_t)(P * H)), malloc(sizeof(float) * (size_t)(P * nbh)), malloc(sizeof(int32_t) * (size_t)(P * nbh)), H};
     QX qh = {malloc((size_t)(P * I)), malloc(sizeof(float) * (size_t)(P * nbi)), malloc(sizeof(int32_t) * (size_t)(P * nbi)), I};
@@ -285,15 +291,7 @@ int mxfp4_moe(int64_t T, int64_t S, int64_t E, int64_t H, int64_t I2, const int6
             memcpy(qx.d + r * nbh, qt.d + t * nbh, sizeof(float) * (size_t)nbh);
             memcpy(qx.s + r * nbh, qt.s + t * nbh, sizeof(int32_t) * (size_t)nbh);
         }
-        // (1) gate/up: chunks of MOE_GROUPS row groups of each hit expert
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < U * c2; c++) {
-            const int64_t u = c / c2, e = uexp[u], r0 = ustart[u], g0 = (c % c2) * MOE_GROUPS;
-            const QX xu = {qx.q + r0 * H, qx.d + r0 * nbh, qx.s + r0 * nbh, H};
-            for (int64_t g = g0; g < g0 + MOE_GROUPS && g < g2; g++)
-                tile_rows(gqs + (e * g2 + g) * nbh * R16_BYTES, gsc + (e * g2 + g) * nbh * 16, nbh, &xu, 0,
-                          ustart[u + 1] - r0, hbuf + r0 * I2 + 16 * g, I2, I2 - 16 * g < 16 ? I2 - 16 * g : 16);
-        }
+        moe_projection(gqs, gsc, I2, &qx, U, uexp, ustart, hbuf);  // (1) gate/up
         // (2) bias, activation, quantized per 32 values
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
@@ -322,15 +320,7 @@ int mxfp4_moe(int64_t T, int64_t S, int64_t E, int64_t H, int64_t I2, const int6
                 quantize_block(a, qh.q + r * I + b * QK, qh.d + r * nbi + b, qh.s + r * nbi + b);
             }
         }
-        // (3) down: chunks of MOE_GROUPS output row groups of each hit expert
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < U * ch; c++) {
-            const int64_t u = c / ch, e = uexp[u], r0 = ustart[u], g0 = (c % ch) * MOE_GROUPS;
-            const QX hu = {qh.q + r0 * I, qh.d + r0 * nbi, qh.s + r0 * nbi, I};
-            for (int64_t g = g0; g < g0 + MOE_GROUPS && g < gh; g++)
-                tile_rows(dqs + (e * gh + g) * nbi * R16_BYTES, dsc + (e * gh + g) * nbi * 16, nbi, &hu, 0,
-                          ustart[u + 1] - r0, ys + r0 * H + 16 * g, H, H - 16 * g < 16 ? H - 16 * g : 16);
-        }
+        moe_projection(dqs, dsc, H, &qh, U, uexp, ustart, ys);  // (3) down
         // (4) per token, its pairs in expert order (as index_add_ over the sorted pairs): (y + bias) * w, summed
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
@@ -365,7 +355,7 @@ int mxfp4_moe(int64_t T, int64_t S, int64_t E, int64_t H, int64_t I2, const int6
         }
     }
     free(qt.q), free(qt.d), free(qt.s), free(qx.q), free(qx.d), free(qx.s), free(qh.q), free(qh.d), free(qh.s);
-    free(hbuf), free(ys), free(cnt), free(perm), free(rank), free(uexp), free(ustart);
+    free(hbuf), free(ys), free(perm), free(rank), free(uexp), free(ustart);
     return 0;
 }
 
