@@ -3,10 +3,12 @@
 Weights are repacked once at load from the file's blocks (in C, fused shards read where they lie; `repack_ref` is
 the same in torch) into a row-interleaved form (`R16Weight`, layout in r16_gemm.h) that lets one VNNI instruction
 work on 16 rows; it holds the same bits (Q4_1: the same bytes; Q4_0 and Q8_0 +1/9 and +1/17 for the extra f16
-offset row). As in llama.cpp, activations are quantized per 32 values to int8 for
-integer dot products; `gemm_ref` is that computation in plain torch on the original blocks (quantize x the same way,
-dequantize W, float64 matmul), and `quantize_q8_ref` the activation step. Other GGUF types are requantized once to
-Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers then use PyTorch's int4 / int8 kernels.
+offset row). Or they are read where they lie (`in_place`: the kernels build that form a row group at a time as they
+read it, with the same results bit for bit; the model code does so for Q8_0). As in llama.cpp, activations are
+quantized per 32 values to int8 for integer dot products; `gemm_ref` is that computation in plain torch on the
+original blocks (quantize x the same way, dequantize W, float64 matmul), and `quantize_q8_ref` the activation step.
+Other GGUF types are requantized once to Q8_0 (`quantize_q8_0`). `available()` is False without a C compiler; callers
+then use PyTorch's int4 / int8 kernels.
 """
 
 from __future__ import annotations
