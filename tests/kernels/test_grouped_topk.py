@@ -1,6 +1,7 @@
 """DeepSeek's MoE routing in C (elementwise_cpu.grouped_topk) against its plain-torch steps (grouped_topk_ref):
-identical expert ids (in the same order) and weights within 1e-6 relative (float32 exp and sums: a few ulps), under sigmoid and softmax scoring, with and without
-groups, normalised or not, for decode-sized and larger batches; and layers.moe.grouped_topk takes the C path."""
+identical expert ids (in the same order) and weights within 1e-6 relative (float32 exp and sums: a few ulps), under
+sigmoid and softmax scoring, with and without groups, normalised or not, for decode-sized and larger batches; and
+layers.moe.grouped_topk takes the C path."""
 
 from __future__ import annotations
 
