@@ -503,8 +503,10 @@ class Embedding(nn.Module):
         if self.qweight is not None:
             self.tie_lm_head()
             if self.lm_blocks is not None:
-                # always the int8-activation kernel: a dense copy of a whole vocabulary would cost more than it saves
-                return blocks_mm(hidden_states, self.lm_blocks, int8_activations=True)
+                # always the int8-activation kernel: a dense copy of a whole vocabulary would cost more than it saves;
+                # float32 logits, as the fused decode step's (and llama.cpp's): bf16 logits of 16 and more are 0.125
+                # apart, where a near tie becomes an exact one that argmax breaks by token id
+                return gguf_cpu.gemm(hidden_states.to(self.dtype), self.lm_blocks, dtype=torch.float32)
             return int8_mm(hidden_states, self.int8_weight, self.int8_scales)
         return hidden_states @ self.weight.t()
 
