@@ -241,8 +241,11 @@ void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, 
 // The cache is bf16 [blocks, bs, C + R] ([c_kv | k_pe] per token), read through the row's block table. A task is one
 // (row, group of heads): a group reads each cached latent once for all its heads; with fewer rows than threads a
 // row's heads split into enough groups for every thread (dynamic schedule), so both cores work at batch 1.
+// W_UK^T and W_UV are bf16, or (w_q8) GGUF Q8_0 blocks read where they lie in the file: 32 values a block, an f16
+// scale then 32 int8 codes (34 bytes), along N for w_uk_t and along C for w_uv (the file's attn_k_b / attn_v_b).
 // Everything accumulates in float32.
 #define MLA_MAX_GROUP 16  // heads per task at most
+#define Q8_BLOCK_BYTES 34
 
 static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
     int64_t i = 0;
@@ -258,6 +261,32 @@ static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
 #endif
     for (; i < d; i++) s += bf16_to_float(w[i]) * x[i];
     return s;
+}
+
+// A row of d values (d % 32 == 0) as Q8_0 blocks, dotted with x: per block its f16 scale times sum(code * x).
+static inline float dot_q8_f32(const uint8_t *w, const float *x, int64_t d) {
+    float s = 0.0f;
+    for (int64_t b = 0; b < d / 32; b++, w += Q8_BLOCK_BYTES, x += 32) {
+        uint16_t h;
+        memcpy(&h, w, 2);
+        const int8_t *q = (const int8_t *)(w + 2);
+#if defined(__AVX512F__)
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+        const float sb = _mm512_reduce_add_ps(_mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x))));
+#else
+        float sb = 0.0f;
+        for (int i = 0; i < 32; i++) sb += (float)q[i] * x[i];
+#endif
+        s += half_to_float(h) * sb;
+    }
+    return s;
+}
+
+// Row j of a [rows, d] weight (bf16, or Q8_0 blocks when q8) dotted with x.
+static inline float dot_row_f32(const void *w, int q8, int64_t j, const float *x, int64_t d) {
+    if (q8) return dot_q8_f32((const uint8_t *)w + j * (d / 32) * Q8_BLOCK_BYTES, x, d);
+    return dot_bf16_f32((const uint16_t *)w + j * d, x, d);
 }
 
 static inline void axpy_bf16(float a, const uint16_t *row, float *acc, int64_t d) {
@@ -316,8 +345,8 @@ static inline __attribute__((always_inline)) void mla_mix_g(const int G, int64_t
 
 // G heads of one row of mla_decode, sharing each latent's load: qf[g] (K = C + R floats each) holds head g's query
 // in latent space, already scaled: [W_UK^T q_nope | q_pe] * scale; scratch sc (G x len floats) and cx (G x C floats);
-// ov[g] (V floats each) gets head g's outputs. wv: W_UV of the first head (V x C each).
-static void mla_heads(int64_t G, int64_t C, int64_t R, int64_t V, const float *qf, const uint16_t *wv,
+// ov[g] (V floats each) gets head g's outputs. wv: W_UV of the first head (V x C each; bf16, or Q8_0 when wv_q8).
+static void mla_heads(int64_t G, int64_t C, int64_t R, int64_t V, const float *qf, const void *wv, int wv_q8,
                       const uint16_t *cache, const int64_t *table, int64_t bs, int64_t len, float *sc, float *cx,
                       float *ov) {
     const int64_t K = C + R;
@@ -382,20 +411,22 @@ static void mla_heads(int64_t G, int64_t C, int64_t R, int64_t V, const float *q
     }
     for (int64_t g = 0; g < G; g++) {
         const float inv = 1.0f / sum[g];
-        for (int64_t j = 0; j < V; j++) ov[g * V + j] = dot_bf16_f32(wv + (g * V + j) * C, cx + g * C, C) * inv;
+        for (int64_t j = 0; j < V; j++) ov[g * V + j] = dot_row_f32(wv, wv_q8, g * V + j, cx + g * C, C) * inv;
     }
 }
 
 // Decode row b reads query row r = rows ? rows[b] : b of q_nope [., H, N] and q_pe [., H, R] (bf16 when q_bf16, else
 // float32; rows and heads at the given strides, dims contiguous) and writes out[r] [H, V] (bf16 when out_bf16, else
-// float32; rows and heads at the given strides). tables [B, max_blocks], lens [B]. Returns 0 (nothing written) when a
-// context length is out of range of its block table or a row out of [0, T).
+// float32; rows and heads at the given strides). w_uk_t and w_uv bf16, or Q8_0 blocks when w_q8. tables [B,
+// max_blocks], lens [B]. Returns 0 (nothing written) when a context length is out of range of its block table, a row
+// out of [0, T), or Q8_0 weights with N or C not a multiple of 32.
 int mla_decode(int64_t B, int64_t T, int64_t H, int64_t C, int64_t R, int64_t N, int64_t V, const void *q_nope, int64_t qn_row,
                int64_t qn_head, const void *q_pe, int64_t qp_row, int64_t qp_head, int q_bf16, const int64_t *rows,
-               const uint16_t *w_uk_t, const uint16_t *w_uv, const uint16_t *cache, const int64_t *tables,
+               const void *w_uk_t, const void *w_uv, int w_q8, const uint16_t *cache, const int64_t *tables,
                int64_t max_blocks, int64_t bs, const int64_t *lens, float scale, void *out, int64_t o_row,
                int64_t o_head, int out_bf16, int nthreads) {
     const int64_t K = C + R;
+    if (w_q8 && (N % 32 || C % 32)) return 0;
     int64_t max_len = 1;
     for (int64_t b = 0; b < B; b++) {
         if (lens[b] < 0 || lens[b] > max_blocks * bs || (rows && (rows[b] < 0 || rows[b] >= T))) return 0;
@@ -431,11 +462,14 @@ int mla_decode(int64_t B, int64_t T, int64_t H, int64_t C, int64_t R, int64_t N,
                     for (int64_t n = 0; n < N; n++) qn[n] = qb[n];
                     for (int64_t k = 0; k < R; k++) q[C + k] = pb[k] * scale;
                 }
-                const uint16_t *wk = w_uk_t + h * C * N;
-                for (int64_t j = 0; j < C; j++) q[j] = dot_bf16_f32(wk + j * N, qn, N) * scale;
+                for (int64_t j = 0; j < C; j++) q[j] = dot_row_f32(w_uk_t, w_q8, h * C + j, qn, N) * scale;
             }
             if (len == 0) memset(ov, 0, sizeof(float) * (size_t)(G * V));
-            else mla_heads(G, C, R, V, qf, w_uv + h0 * V * C, cache, tables + b * max_blocks, bs, len, sc, cx, ov);
+            else {
+                const void *wv = w_q8 ? (const void *)((const uint8_t *)w_uv + h0 * V * (C / 32) * Q8_BLOCK_BYTES)
+                                      : (const void *)((const uint16_t *)w_uv + h0 * V * C);
+                mla_heads(G, C, R, V, qf, wv, w_q8, cache, tables + b * max_blocks, bs, len, sc, cx, ov);
+            }
             for (int64_t g = 0; g < G; g++) {
                 const float *og = ov + g * V;
                 if (out_bf16) {

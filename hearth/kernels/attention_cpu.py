@@ -14,7 +14,8 @@ Both take optional per-head `sinks` (gpt-oss): one more logit per head in the so
 `mla_decode` is DeepSeek's multi-head latent attention for decode rows in the absorbed form, over the paged latent
 cache [blocks, block_size, c + rope]: W_UK folded into each head's query, scores against the cached latents, softmax,
 the latent mix, then W_UV, all heads and rows in one C call (the torch form is about ten ops and a cache gather per
-layer). `mla_decode_ref` is the same in float64 on gathered latents.
+layer). W_UK^T and W_UV are bf16, or the GGUF file's Q8_0 blocks read where they lie (half the bytes of a bf16 copy,
+and no copy held). `mla_decode_ref` is the same in float64 on gathered latents.
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ def _declare(lib: ctypes.CDLL) -> None:
                                 ptr, ctypes.c_int]  # fmt: skip
     lib.attn_decode.restype = None
     lib.mla_decode.argtypes = [i64, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ptr,
-                               ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i64, i64, ctypes.c_int,
+                               ptr, ctypes.c_int, ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr, i64, i64, ctypes.c_int,
                                ctypes.c_int]  # fmt: skip
     lib.mla_decode.restype = ctypes.c_int
 
 
 _get = Library(SOURCE, "prefill attention", _declare)
+
+
+def available() -> bool:
+    """The library is built (a C compiler was found): `decode` and `mla_decode` run."""
+    return _get() is not None
 
 
 def fast() -> bool:
@@ -169,12 +175,23 @@ def decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
     return torch.stack(outs)
 
 
+Q8_0_BLOCK = 34  # bytes of a GGUF Q8_0 block: an f16 scale, 32 int8 codes
+
+
+def q8_0_cols(w: torch.Tensor) -> int:
+    """Values per row of W_UK^T / W_UV: its last dim, or for Q8_0 blocks (uint8) 32 per 34 bytes."""
+    return w.shape[-1] // Q8_0_BLOCK * 32 if w.dtype == torch.uint8 else w.shape[-1]
+
+
 def can_mla_decode(cache: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor) -> bool:
-    """A CPU bf16 latent cache [blocks, block_size, c + rope] and bf16 per-head W_UK^T [H, c, nope], W_UV [H, v, c]
-    (all contiguous), where the library is built."""
-    return (cache.device.type == "cpu" and cache.dtype == w_uk_t.dtype == w_uv.dtype == torch.bfloat16
+    """A CPU bf16 latent cache [blocks, block_size, c + rope] and per-head W_UK^T [H, c, nope], W_UV [H, v, c], both
+    bf16 or both GGUF Q8_0 blocks (uint8 [H, rows, cols / 32 · 34]), all contiguous, where the library is built."""
+    q8 = w_uk_t.dtype == w_uv.dtype == torch.uint8
+    return (cache.device.type == "cpu" and cache.dtype == torch.bfloat16
+            and (q8 or w_uk_t.dtype == w_uv.dtype == torch.bfloat16)
+            and (not q8 or (w_uk_t.shape[-1] % Q8_0_BLOCK == 0 and w_uv.shape[-1] % Q8_0_BLOCK == 0))
             and cache.dim() == 3 and w_uk_t.dim() == 3 and w_uv.dim() == 3 and w_uk_t.shape[0] == w_uv.shape[0]
-            and w_uk_t.shape[1] == w_uv.shape[2] and cache.shape[2] > w_uk_t.shape[1] and cache.is_contiguous()
+            and w_uk_t.shape[1] == q8_0_cols(w_uv) and cache.shape[2] > w_uk_t.shape[1] and cache.is_contiguous()
             and w_uk_t.is_contiguous() and w_uv.is_contiguous() and _get() is not None)  # fmt: skip
 
 
@@ -191,15 +208,19 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w
     r = rows[b], or b without `rows`) attend the latents of positions [0, context_lens[b]) found through
     block_tables[b] in `cache` [blocks, block_size, c + rope] ([c_kv | k_pe] per token). scores = (W_UK^T[h]
     q_nope . c_kv + q_pe . k_pe) * scale, softmax, the mix of c_kv, then W_UV[h]. q_* bf16 or float32, any row and
-    head strides. Written into out[r] ([T, H, v], bf16 or float32, rounded once) when `out` is given and returned;
-    else a new float32 [B, H, v]."""
+    head strides. W_UK^T [H, c, nope] and W_UV [H, v, c] bf16, or both GGUF Q8_0 blocks (uint8 [H, c, nope / 32 · 34]
+    and [H, v, c / 32 · 34]). Written into out[r] ([T, H, v], bf16 or float32, rounded once) when `out` is given and
+    returned; else a new float32 [B, H, v]."""
     q_nope, q_pe = _dims_contiguous(q_nope), _dims_contiguous(q_pe)
     if q_pe.dtype != q_nope.dtype:
         q_pe = q_pe.to(q_nope.dtype)
     heads, nope = q_nope.shape[1], q_nope.shape[2]
     c, v = w_uk_t.shape[1], w_uv.shape[1]
     rope = cache.shape[2] - c
-    if q_pe.shape[1:] != (heads, rope) or tuple(w_uk_t.shape) != (heads, c, nope):
+    q8 = w_uk_t.dtype == torch.uint8
+    if q8 != (w_uv.dtype == torch.uint8) or q8_0_cols(w_uv) != c:
+        raise ValueError("mla_decode: W_UK^T and W_UV must both be bf16 or both Q8_0 blocks, W_UV [H, v, c]")
+    if q_pe.shape[1:] != (heads, rope) or (heads, c, nope) != (w_uk_t.shape[0], c, q8_0_cols(w_uk_t)):
         raise ValueError(f"mla_decode: q_nope {tuple(q_nope.shape)} / q_pe {tuple(q_pe.shape)} do not fit "
                          f"w_uk_t {tuple(w_uk_t.shape)} and a cache of {cache.shape[2]}")  # fmt: skip
     tables = block_tables.to(torch.long).contiguous()
@@ -223,7 +244,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w
     ok = _get().mla_decode(batch, q_nope.shape[0], heads, c, rope, nope, v, q_nope.data_ptr(), q_nope.stride(0),
                            q_nope.stride(1),
                            q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), int(q_nope.dtype == torch.bfloat16),
-                           None if rows is None else rows.data_ptr(), w_uk_t.data_ptr(), w_uv.data_ptr(),
+                           None if rows is None else rows.data_ptr(), w_uk_t.data_ptr(), w_uv.data_ptr(), int(q8),
                            cache.data_ptr(), tables.data_ptr(), tables.shape[1], cache.shape[1], lens.data_ptr(),
                            scale, out.data_ptr(), out.stride(0), out.stride(1), int(out.dtype == torch.bfloat16),
                            torch.get_num_threads())  # fmt: skip
@@ -237,6 +258,7 @@ def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tenso
                    scale: float) -> torch.Tensor:  # fmt: skip
     """`mla_decode` in float64, one row at a time on its gathered latents: [B, H, v] float64."""
     block_size, c = cache.shape[1], w_uk_t.shape[1]
+    w_uk_t, w_uv = q8_0_ref(w_uk_t), q8_0_ref(w_uv)
     outs = []
     for b in range(q_nope.shape[0]):
         length = int(context_lens[b])
@@ -247,3 +269,12 @@ def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tenso
         ctx = scores.softmax(-1) @ latent[:, :c]  # [H, c]
         outs.append(torch.einsum("hvc,hc->hv", w_uv.double(), ctx))
     return torch.stack(outs)
+
+
+def q8_0_ref(w: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks (uint8 [..., cols / 32 · 34]) -> float64 [..., cols], scale times code; other tensors as given."""
+    if w.dtype != torch.uint8:
+        return w
+    blocks = w.reshape(*w.shape[:-1], -1, Q8_0_BLOCK)
+    scale = blocks[..., :2].contiguous().view(torch.float16).double()
+    return (scale * blocks[..., 2:].contiguous().view(torch.int8).double()).flatten(-2)

@@ -30,6 +30,26 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 
+// f16 -> float32 (exact): a GGUF block scale
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = (float)man * (1.0f / 16777216.0f);  // subnormal (or zero): man * 2^-24
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // 16 bf16 values -> float32 (exact), from a register or from memory

@@ -30,22 +30,6 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };  // GGML type ids
 
 #define QK 32
 
-static inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        float f = (float)man * (1.0f / 16777216.0f);  // subnormal (or zero): man * 2^-24
-        return sign ? -f : f;
-    }
-    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
 // ---- activations -> int8 blocks ----
 
 // Per block: q = round(x / d) with d = amax/127; d[b] and s[b] = d * sum(q).

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hearth.kernels import attention_cpu
+from hearth.kernels import attention_cpu, gguf_cpu
 from hearth.layers.context import get_context
+from hearth.quant.gguf_types import QuantizedTensor
 
 
 def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -61,13 +62,38 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return (p @ v.float()).view(b, num_heads, n, -1).to(q.dtype)
 
 
+def latent_blocks(k_b, v_b) -> tuple[gguf_cpu.R16Weight, gguf_cpu.R16Weight] | None:
+    """MLA's per-head W_UK^T [H, c, nope] and W_UV [H, v, c] from a GGUF file's Q8_0 attn_k_b / attn_v_b, kept where
+    they lie in the file (R16Weight in place, [H·c, nope] and [H·v, c]): decode reads them there (latent_decode_attention,
+    1.06 bytes a value against a bf16 copy's 2, and no copy held), prefill dequantizes them in C when it runs
+    (`latent_weight`). None for other types, or where the C kernels are not built: the caller keeps dense copies."""
+    if not all(isinstance(t, QuantizedTensor) and t.qtype == gguf_cpu.Q8_0 and len(t.shape) == 3 for t in (k_b, v_b)):
+        return None
+    if not (attention_cpu.available() and gguf_cpu.available() and k_b.data.is_contiguous() and v_b.data.is_contiguous()):
+        return None
+    return tuple(gguf_cpu.in_place(t.data, t.qtype, t.shape[0] * t.shape[1], t.shape[2]) for t in (k_b, v_b))
+
+
+def latent_weight(w: torch.Tensor | gguf_cpu.R16Weight, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-head latent weight ([H, rows, cols]) as the torch forms multiply it: as held, or dequantized from the
+    file's blocks (`latent_blocks`; in C over both cores, about a millisecond for DeepSeek-V2-Lite's layer)."""
+    if isinstance(w, gguf_cpu.R16Weight):
+        return gguf_cpu.dequant(w, dtype).view(heads, -1, w.k)
+    return w
+
+
 def latent_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,
                             cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             scale: float, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
     """MLA's absorbed attention for the decode rows `rows` of q_* [T, H, d] over the paged latent cache [blocks,
     block_size, c + rope] through the block tables, in one C call (attention_cpu.mla_decode), written into those rows
     of `out` [T, H, v] and returned; None where the kernel cannot run it (not CPU bf16, or no C compiler): the caller
-    keeps its torch form."""
+    keeps its torch form. W_UK^T / W_UV dense, or `latent_blocks` (read in place)."""
+    heads = q_nope.shape[1]
+    if isinstance(w_uk_t, gguf_cpu.R16Weight):
+        w_uk_t = w_uk_t.raw[0].view(heads, -1, w_uk_t.raw[0].shape[-1])
+    if isinstance(w_uv, gguf_cpu.R16Weight):
+        w_uv = w_uv.raw[0].view(heads, -1, w_uv.raw[0].shape[-1])
     if not attention_cpu.can_mla_decode(cache, w_uk_t, w_uv):
         return None
     return attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, block_tables, context_lens, scale, rows, out)

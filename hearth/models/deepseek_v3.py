@@ -6,7 +6,8 @@ Reference: transformers' modeling_deepseek_v3.py and DeepSeek-V3's inference/mod
 The cache holds one vector per token per layer, [c_kv (kv_lora_rank, after kv_a_layernorm) | k_pe (rope dims, after
 rope)]. Prefill attends in the naive form (keys and values expanded through kv_b_proj); decode in the absorbed form
 (W_UK folded into the query, W_UV applied after attending over the latents), which never expands the cache. Both read
-kv_b_proj as its per-head W_UK^T and W_UV (copies made at load; the loaded weight is then dropped).
+kv_b_proj as its per-head W_UK^T and W_UV (copies made at load; the loaded weight is then dropped), except that a
+GGUF file's Q8_0 attn_k_b / attn_v_b stay in the file: decode's kernel reads them there, prefill dequantizes them per step.
 Weights: HF bf16/fp32, DeepSeek's FP8 128×128 blocks (`weight_scale_inv`, quant/fp8.py) and GGUF `deepseek2`.
 
 NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj / q_proj / kv_a_proj_with_mqa are
@@ -37,7 +38,7 @@ from torch import nn
 
 from hearth.config import ModelConfig
 from hearth.layers.activation import SiluAndMul
-from hearth.layers.attention import cache_zeros, latent_decode_attention
+from hearth.layers.attention import cache_zeros, latent_blocks, latent_decode_attention, latent_weight
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
@@ -82,8 +83,9 @@ def rope_scaling(config: ModelConfig) -> dict | None:
 
 
 class KvBProj(Fp8ColumnParallelLinear):
-    """kv_b_proj [H·(nope+v), kv_lora_rank], always held dense (the absorbed form takes per-head views of it).
-    Also accepts newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c].
+    """kv_b_proj [H·(nope+v), kv_lora_rank], held dense (the absorbed form takes per-head views of it). Also accepts
+    newer GGUF `deepseek2` files that store it split: k_b [H, c, nope] (transposed) and v_b [H, v, c]; a Q8_0 pair
+    that one rank holds whole stays in the file as `file_blocks` (layers.attention.latent_blocks), read in place.
     Under tensor parallelism a rank keeps the rows of its heads [head_start, head_start + num_heads)."""
 
     def __init__(self, kv_lora_rank: int, num_heads: int, nope_dim: int, v_dim: int,
@@ -94,25 +96,30 @@ class KvBProj(Fp8ColumnParallelLinear):
         self.total_heads, self.head_start = num_heads, head_start
         self.num_heads, self.nope_dim, self.v_dim = head_end - head_start, nope_dim, v_dim
         self._split: dict[str, torch.Tensor] = {}
+        self.file_blocks = None  # W_UK^T and W_UV read where they lie in the file (latent_blocks), or None
 
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         if kind not in ("k_b", "v_b"):
             return super().weight_loader(tensor, kind, shard_id)
-        t = dense(tensor)
         c, heads = self.in_features, self.total_heads
         want = (heads, c, self.nope_dim) if kind == "k_b" else (heads, self.v_dim, c)
-        if tuple(t.shape) != want:
-            raise ValueError(f"{kind}: expected shape {want}, got {tuple(t.shape)}")
-        self._split[kind] = t[self.head_start : self.head_start + self.num_heads]
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{kind}: expected shape {want}, got {tuple(tensor.shape)}")
+        self._split[kind] = tensor
         if len(self._split) == 2:
             k_b, v_b = self._split.pop("k_b"), self._split.pop("v_b")
-            w = torch.cat([k_b.transpose(1, 2).to(v_b.dtype), v_b], dim=1)  # [this rank's H, nope + v, c]
-            Fp8Linear.weight_loader(self, w.reshape(-1, c), "weight", 0)  # already this rank's rows
+            self.file_blocks = latent_blocks(k_b, v_b) if self.num_heads == heads else None
+            if self.file_blocks is None:
+                mine = slice(self.head_start, self.head_start + self.num_heads)
+                k_b, v_b = dense(k_b)[mine], dense(v_b)[mine]
+                w = torch.cat([k_b.transpose(1, 2).to(v_b.dtype), v_b], dim=1)  # [this rank's H, nope + v, c]
+                Fp8Linear.weight_loader(self, w.reshape(-1, c), "weight", 0)  # already this rank's rows
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
         if self._split:
             raise ValueError(f"GGUF split kv_b: only {sorted(self._split)} present")
-        super().finalize(dtype, keep_quantized=False)
+        if self.file_blocks is None:
+            super().finalize(dtype, keep_quantized=False)
 
 
 class DeepseekV3Attention(nn.Module):
@@ -151,9 +158,9 @@ class DeepseekV3Attention(nn.Module):
         self.mode = "auto"
         self.kv_cache: torch.Tensor | None = None  # set by the model runner
         # per-head W_UK^T [H, c, nope] and W_UV [H, v, c] from kv_b_proj, set in finalize: both [H, out, in] as
-        # heads_mm takes them
-        self.w_uk_t: torch.Tensor | None = None
-        self.w_uv: torch.Tensor | None = None
+        # heads_mm takes them, or the file's blocks (KvBProj.file_blocks; the torch forms get them from latent_weights)
+        self.w_uk_t = None
+        self.w_uv = None
 
     def allocate_cache(self, num_blocks: int, block_size: int, layer_spec, dtype: torch.dtype, device) -> None:
         """Called by the model runner with this layer's (latent) LayerKV."""
@@ -162,7 +169,13 @@ class DeepseekV3Attention(nn.Module):
         self.kv_cache = cache_zeros((num_blocks, block_size, layer_spec.latent_size), dtype, device)
 
     def finalize(self, dtype: torch.dtype, keep_quantized: bool = True) -> None:
-        """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by."""
+        """After the projections: the per-head W_UK / W_UV views the absorbed form multiplies by. The file's blocks
+        stay where they are in bf16 (the decode kernel reads them); other dtypes take dense copies."""
+        blocks = self.kv_b_proj.file_blocks
+        if blocks is not None:
+            self.w_uk_t, self.w_uv = blocks if dtype == torch.bfloat16 else (latent_weight(w, self.num_heads, dtype)
+                                                                            for w in blocks)  # fmt: skip
+            return
         w = self.kv_b_proj.dense_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         # contiguous per-head matrices: batched matmuls on strided views of kv_b copy them on every call
         self.w_uk_t = w[:, : self.nope_dim].transpose(1, 2).contiguous()
@@ -188,6 +201,7 @@ class DeepseekV3Attention(nn.Module):
         if cache is not None:
             cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, latent.to(cache.dtype))
         out = hidden_states.new_empty(num_tokens, heads, self.v_dim)
+        weights = self.latent_weights(latent.dtype) if ctx.prefill_seq_idx else None
         for i in ctx.prefill_seq_idx:
             start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
             length, num_new = ctx.context_lens[i], end - start
@@ -199,9 +213,9 @@ class DeepseekV3Attention(nn.Module):
             mask = k_pos[None, :] <= k_pos[length - num_new :, None]  # [num_new, length], causal after the cached part
             if self.mode == "absorbed":
                 out[start:end] = self.absorbed(q_nope[None, start:end], q_pe[None, start:end], seq_latent[None],
-                                               mask[None, None])[0]  # fmt: skip
+                                               mask[None, None], weights)[0]  # fmt: skip
             else:
-                out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask)
+                out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask, weights)
         if ctx.decode_seq_idx:
             rows = ctx.decode_rows
             # all heads and rows in one C call, written into out's decode rows, where it runs (CPU, bf16 cache)
@@ -210,40 +224,50 @@ class DeepseekV3Attention(nn.Module):
                                                                 self.scale, rows, out) is not None:  # fmt: skip
                 return self.o_proj(out.flatten(1))
             keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
+            weights = weights or self.latent_weights(latent.dtype)
             if self.mode == "naive":
                 for b, row in enumerate(rows.tolist()):
                     length = int(ctx.decode_context_lens[b])
-                    out[row] = self.naive(q_nope[row : row + 1], q_pe[row : row + 1], keys[b, :length], None)[0]
+                    out[row] = self.naive(q_nope[row : row + 1], q_pe[row : row + 1], keys[b, :length], None,
+                                          weights)[0]  # fmt: skip
             else:
-                out[rows] = self.absorbed(q_nope[rows, None], q_pe[rows, None], keys, ctx.decode_mask)[:, 0]
+                out[rows] = self.absorbed(q_nope[rows, None], q_pe[rows, None], keys, ctx.decode_mask, weights)[:, 0]
         return self.o_proj(out.flatten(1))
 
-    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None):
+    def latent_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK^T and W_UV for the torch forms: the held copies, or for this step from the file's blocks."""
+        return latent_weight(self.w_uk_t, self.num_heads, dtype), latent_weight(self.w_uv, self.num_heads, dtype)
+
+    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+              weights: tuple[torch.Tensor, torch.Tensor]):  # fmt: skip
         """HF's form: expand the latents to per-head keys and values. q_*: [n, H, d]; latent: [L, c + rope];
-        mask: [n, L] bool or None (attend to all). Returns [n, H, v]."""
+        mask: [n, L] bool or None (attend to all); weights: (W_UK^T, W_UV). Returns [n, H, v]."""
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        w_uk_t, w_uv = weights
         # kv_b_proj's keys (nope part) and values per head, through its rows W_UK and W_UV: [H, L, nope], [H, L, v]
-        k_nope = torch.matmul(c_kv, self.w_uk_t)
-        v = torch.matmul(c_kv, self.w_uv.transpose(1, 2))
+        k_nope = torch.matmul(c_kv, w_uk_t)
+        v = torch.matmul(c_kv, w_uv.transpose(1, 2))
         k = torch.cat([k_nope, k_pe[None].expand(self.num_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(0, 1)
 
-    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor):
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor,
+                 weights: tuple[torch.Tensor, torch.Tensor]):  # fmt: skip
         """Attention in latent space: q̃ = W_UK^T q_nope per head scores against c_kv, q_pe against k_pe, the context
         is a mix of latents, and W_UV maps it to each head's values. q_*: [B, n, H, d]; latent: [B, L, c + rope];
-        mask: bool broadcastable to [B, H, n, L]. Returns [B, n, H, v]."""
+        mask: bool broadcastable to [B, H, n, L]; weights: (W_UK^T, W_UV). Returns [B, n, H, v]."""
         b, n, heads, _ = q_nope.shape
+        w_uk_t, w_uv = weights
         length = latent.shape[1]
         # per head: [B·n, nope] @ W_UK [nope, c], as one batched matmul over the heads
-        q_lat = heads_mm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), self.w_uk_t)
+        q_lat = heads_mm(q_nope.permute(2, 0, 1, 3).reshape(heads, b * n, -1), w_uk_t)
         q_lat = q_lat.view(heads, b, n, -1).transpose(0, 1)  # [B, H, n, c]
         q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(b, heads * n, -1)  # [B, H·n, c + rope]
         scores = torch.bmm(q_full, latent.transpose(1, 2)).view(b, heads, n, length) * self.scale
         scores = scores.float().masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(latent.dtype).view(b, heads * n, length)
         ctx_lat = torch.bmm(p, latent[..., : self.kv_lora_rank]).view(b, heads, n, -1)  # [B, H, n, c]
-        out = heads_mm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), self.w_uv)  # [H, B·n, v]
+        out = heads_mm(ctx_lat.transpose(0, 1).reshape(heads, b * n, -1), w_uv)  # [H, B·n, v]
         return out.view(heads, b, n, -1).permute(1, 2, 0, 3)  # [B, n, H, v]
 
 

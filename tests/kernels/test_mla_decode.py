@@ -48,6 +48,48 @@ def test_mla_decode_vs_float64(heads, c, rope, nope, v, block_size):
     assert err <= 2e-5 * ref.abs().max().item(), err
 
 
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """w [..., cols] quantized by gguf-py to Q8_0 as a GGUF file holds it: uint8 [..., cols / 32 · 34]."""
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = quants.quantize(w.float().numpy(), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(blocks).view(*w.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("heads", [1, 16, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mla_decode_q8_0_weights_in_place(heads, threads):
+    """W_UK^T / W_UV as a GGUF file's Q8_0 blocks (attn_k_b, attn_v_b), read where they lie: against the float64
+    reference on the same blocks (which dequantizes them as gguf-py does), heads grouped 16/8/4 and odd."""
+    from gguf import GGMLQuantizationType, quants
+
+    c, rope, nope, v, lengths = 512, 64, 128, 128, [1, 40, 129]
+    cache, tables, lens = latent_cache(lengths, c + rope, 16, seed=heads)
+    g = torch.Generator().manual_seed(heads + 100)
+    w_uk_t = q8_0_blocks(torch.randn(heads, c, nope, generator=g) * nope**-0.5)
+    w_uv = q8_0_blocks(torch.randn(heads, v, c, generator=g) * c**-0.5)
+    assert w_uk_t.shape == (heads, c, nope // 32 * 34) and w_uv.shape == (heads, v, c // 32 * 34)
+    dequantized = quants.dequantize(w_uv.numpy(), GGMLQuantizationType.Q8_0)
+    assert torch.equal(attention_cpu.q8_0_ref(w_uv), torch.from_numpy(dequantized).double())
+    q_nope = torch.randn(len(lengths), heads, nope, generator=g).bfloat16()
+    q_pe = torch.randn(len(lengths), heads, rope, generator=g).bfloat16()
+    scale = (nope + rope) ** -0.5
+    assert attention_cpu.can_mla_decode(cache, w_uk_t, w_uv)
+    assert not attention_cpu.can_mla_decode(cache, w_uk_t, w_uv[..., :-1])  # not whole blocks
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, scale)
+    finally:
+        torch.set_num_threads(old)
+    ref = attention_cpu.mla_decode_ref(q_nope, q_pe, w_uk_t, w_uv, cache, tables, lens, scale)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2e-5 * ref.abs().max().item(), err
+    with pytest.raises(ValueError, match="both be bf16 or both Q8_0"):
+        attention_cpu.mla_decode(q_nope, q_pe, w_uk_t, attention_cpu.q8_0_ref(w_uv).bfloat16(), cache, tables, lens,
+                                 scale)  # fmt: skip
+
+
 def test_mla_decode_peaked_softmax_and_threads():
     """Large scores (a near one-hot softmax) and 1, 2 or 3 threads: the split over rows and heads changes nothing."""
     lengths = [33, 200]

@@ -97,6 +97,36 @@ def test_q8_0_weights_are_read_in_place_and_compute_what_repacked_ones_do(tiny_g
         assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
 
 
+def test_latent_weights_stay_in_the_file(tiny_gguf, monkeypatch):
+    """attn_k_b / attn_v_b (Q8_0) are held as views of the file's map, not bf16 copies: decode's MLA kernel reads them
+    there, prefill dequantizes them per step. Greedy decoding with logprobs matches the torch absorbed form on their
+    bf16 dequantization (which rounds each weight to bf16, hence a tolerance)."""
+    from hearth import LLM
+    from hearth.kernels import attention_cpu, gguf_cpu
+    from hearth.loader.gguf import open_gguf
+    from hearth.models.deepseek_v3 import DeepseekV3Attention
+    from hearth.sampling_params import SamplingParams
+
+    if not (gguf_cpu.available() and attention_cpu.available()):
+        pytest.skip("no C compiler for the kernels")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = [[5, 17, 300, 41, 9, 77, 2, 150], [400, 3, 3, 8]]
+    llm = LLM(tiny_gguf, block_size=4, max_model_len=64, max_num_seqs=2)
+    attns = [m for m in llm.engine.runner.model.modules() if isinstance(m, DeepseekV3Attention)]
+    assert len(attns) == 2 and all(isinstance(a.w_uk_t, gguf_cpu.R16Weight) for a in attns)
+    parts = [p for a in attns for w in (a.w_uk_t, a.w_uv) for p in w.raw]
+    assert len(open_gguf(tiny_gguf).mapped_ranges(parts, own_bytes=True)) == len(parts)  # views of the map
+    assert all(a.kv_b_proj.method is None for a in attns)  # no dense kv_b held either
+    outs = llm.generate(prompts, params)
+    del llm
+    monkeypatch.setattr(attention_cpu, "can_mla_decode", lambda *args: False)  # decode in the torch absorbed form
+    torch_outs = LLM(tiny_gguf, block_size=4, max_model_len=64, max_num_seqs=2).generate(prompts, params)
+    for a, b in zip(outs, torch_outs):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) <= 0.02
+
+
 def test_stacked_experts_are_unmapped_as_each_expert_is_repacked(tiny_gguf, monkeypatch):
     """The file pages of a layer's stacked experts (one tensor per kind, split among the experts' Linears) are
     unmapped expert by expert, each Linear's own rows once it is finalized, and what is left of the stacked tensors
