@@ -166,6 +166,87 @@ static inline __attribute__((always_inline)) void r16_groups_t(const int q8, con
         if (m0 < M) r16_tile(q8, 1, w, g, m0, x, out, ldo, accumulate);
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_YMM 1
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// AVX2 without VNNI: rows 16g + 8h.. (half h of group g) against T rows of x (m0..). A chunk's 8 dwords (a row's 4
+// values each) times 4 broadcast activation bytes: vpmaddubsw multiplies and adds pairs, vpmaddwd sums the pairs to
+// dwords. Q4 values (0..15) cannot saturate a pair (2 * 15 * 127); Q8's w + 128 (0..255) could, so it goes as its two
+// nibbles, 16 hi + lo, the hi pairs summed by vpmaddwd with 16. The integer dots are exact and each row takes the
+// AVX-512 path's float steps (fmadd of the dot by d * dx, then of m by sx): the same results, bit for bit.
+static inline __attribute__((always_inline)) void r16_half_tile(const int q8, const int T, const R16 *w, int64_t g,
+                                                                int h, int64_t m0, const QX *x, float *out,
+                                                                int64_t ldo, int accumulate) {
+    const int64_t nb = w->K / QK, cb = q8 ? 512 : 256, K = x->K;
+    const uint8_t *qg = w->qs + g * nb * cb + 32 * h;
+    const uint16_t *sg = w->sc + g * nb * 32 + 8 * h;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    __m256 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = qg + b * cb;
+        __m256i wv[8];
+        if (q8) {
+            for (int c = 0; c < 8; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
+                wv[2 * c] = _mm256_and_si256(v, m4);
+                wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+        }
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + b * 32)));
+        const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + b * 32 + 16)));
+        for (int i = 0; i < T; i++) {
+            const int8_t *xb = x->q + (m0 + i) * K + b * QK;
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i xv = _mm256_set1_epi32(load_i32(xb + 4 * c));
+                if (q8) {
+                    const __m256i lo = _mm256_and_si256(wv[c], m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv[c], 4), m4);
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xv), ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xv), sixteen));
+                } else if (c % 2 == 0) {
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
+                } else {
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
+                }
+            }
+            const int64_t xi = (m0 + i) * nb + b;
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[i]);
+            acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[i]);
+        }
+    }
+    const int64_t n0 = 16 * g + 8 * h, rows = w->N - n0 < 8 ? w->N - n0 : 8;
+    for (int i = 0; i < T; i++) {
+        float *o = out + (m0 + i) * ldo + n0;
+        if (rows == 8) {
+            _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[i], _mm256_loadu_ps(o)) : acc[i]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[i]);
+            for (int64_t r = 0; r < rows; r++) o[r] = accumulate ? tmp[r] + o[r] : tmp[r];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void r16_groups_ymm(const int q8, const R16 *w, int64_t g0, int64_t g1,
+                                                                 int64_t M, const QX *x, float *out, int64_t ldo,
+                                                                 int accumulate) {
+    for (int64_t g = g0; g < g1; g++)
+        for (int h = 0; h < 2 && 16 * g + 8 * h < w->N; h++) {
+            int64_t m0 = 0;
+            for (; m0 + 4 <= M; m0 += 4) r16_half_tile(q8, 4, w, g, h, m0, x, out, ldo, accumulate);
+            for (; m0 + 2 <= M; m0 += 2) r16_half_tile(q8, 2, w, g, h, m0, x, out, ldo, accumulate);
+            if (m0 < M) r16_half_tile(q8, 1, w, g, h, m0, x, out, ldo, accumulate);
+        }
+}
 #endif
 
 // ---- GGUF blocks -> R16 (at load for a repacked weight; a row group at a time, as it is read, for one read in place) ----
@@ -336,6 +417,11 @@ static void r16_groups_packed(const R16 *w, int64_t g0, int64_t g1, int64_t M, c
         r16_groups_t(1, w, g0, g1, M, x, out, ldo, accumulate);
     else
         r16_groups_t(0, w, g0, g1, M, x, out, ldo, accumulate);
+#elif defined(HAVE_YMM)
+    if (w->qtype == T_Q8_0)
+        r16_groups_ymm(1, w, g0, g1, M, x, out, ldo, accumulate);
+    else
+        r16_groups_ymm(0, w, g0, g1, M, x, out, ldo, accumulate);
 #else
     const int64_t nb = w->K / QK;
     for (int64_t g = g0; g < g1; g++)

@@ -47,6 +47,11 @@ DENSE_MIN_TOKENS = 64
 # as llama.cpp does: a decode step is bound by the bytes it reads, about one per weight there against five for
 # dequantize + matmul.
 BLOCKS_DENSE_MIN_TOKENS = 16
+# ...where bf16 matmuls are fast: with AVX512-BF16 or AMX. Without them (an AVX2 CPU) oneDNN runs bf16 at about a fifth
+# of its float32 speed (7 against 31 GFLOP/s on 2 cores of an AVX2-only EPYC), slower than the int8-activation
+# kernel, which then takes every step.
+BF16_MATMUL_FAST = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
+                        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # fmt: skip
 
 
 def gguf_blocks(qt: QuantizedTensor | list[QuantizedTensor]) -> gguf_cpu.R16Weight:
@@ -104,9 +109,10 @@ def is_decode_step() -> bool:
 def blocks_mm(x: torch.Tensor, w: gguf_cpu.R16Weight, int8_activations: bool = False) -> torch.Tensor:
     """x [M, K] times a repacked GGUF weight [N, K] -> [M, N] in x's dtype. int8_activations (or a decode-only step,
     whatever the model): llama.cpp's arithmetic, x quantized per 32 values and the weight read in its packed form, as
-    the Llama family's fused decode step does; each row's result is its own. Otherwise bf16 arithmetic on the weight
-    dequantized to bf16 (prefill: compute-bound, where the dense matmul is faster)."""
-    if int8_activations or is_decode_step():
+    the Llama family's fused decode step does; each row's result is its own; and every step on a CPU without fast bf16
+    matmuls. Otherwise bf16 arithmetic on the weight dequantized to bf16 (prefill: compute-bound, where the dense
+    matmul is faster)."""
+    if int8_activations or is_decode_step() or not BF16_MATMUL_FAST:
         if x.dtype in (torch.bfloat16, torch.float32):
             return gguf_cpu.gemm(x, w, dtype=x.dtype)
         return gguf_cpu.gemm(x, w).to(x.dtype)
@@ -200,7 +206,7 @@ class BlocksMethod(LinearMethod):
 
     def apply_wide(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.blocks.k)
-        if self.int8_activations or is_decode_step():
+        if self.int8_activations or is_decode_step() or not BF16_MATMUL_FAST:
             out = gguf_cpu.gemm(x2d, self.blocks).float()
         else:
             m = x2d.shape[0]
