@@ -182,7 +182,7 @@ static inline int32_t load_i32(const int8_t *p) {
 static inline __attribute__((always_inline)) void r16_half_tile(const int q8, const int T, const R16 *w, int64_t g,
                                                                 int h, int64_t m0, const QX *x, float *out,
                                                                 int64_t ldo, int accumulate) {
-    const int64_t nb = w->K / QK, cb = q8 ? 512 : 256, K = x->K;
+    const int64_t nb = w->K / QK, cb = q8 ? 512 : 256, K = x->K, nbx = K / QK;  // x's rows are K apart
     const uint8_t *qg = w->qs + g * nb * cb + 32 * h;
     const uint16_t *sg = w->sc + g * nb * 32 + 8 * h;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
@@ -217,7 +217,7 @@ static inline __attribute__((always_inline)) void r16_half_tile(const int q8, co
                     s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
                 }
             }
-            const int64_t xi = (m0 + i) * nb + b;
+            const int64_t xi = (m0 + i) * nbx + b;
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
             acc[i] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[i]);
             acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[i]);
@@ -365,6 +365,31 @@ static inline void raw_pack_block(int64_t qtype, const uint8_t *const rp[16], in
         _mm512_storeu_si512(qb + 128, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w[0], 4), l4), _mm512_and_si512(w[1], h4)));
         _mm512_storeu_si512(qb + 192, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w[2], 4), l4), _mm512_and_si512(w[3], h4)));
     }
+#elif defined(HAVE_YMM)
+    if (qtype != T_Q8_0) {
+        for (int r = 0; r < 16; r++) repack_block(qtype, rp[r] + off, qb + 4 * r, sb, r);
+        return;
+    }
+    // Q8_0, 8 rows at a time: d as stored, m = -128 d (exact, as f16), the rows' 8 dwords transposed in registers
+    // (unpacks of dwords, of qwords, then 128-bit halves) into the chunks, as raw_q8_chunks does for 16
+    for (int r = 0; r < 16; r++) memcpy(sb + r, rp[r] + off, 2);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int h = 0; h < 2; h++) {
+        const __m256 m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + 8 * h))), _mm256_set1_ps(-128.0f));
+        _mm_storeu_si128((__m128i *)(sb + 16 + 8 * h), _mm256_cvtps_ph(m, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i z[8], t[8], u[8];
+        for (int i = 0; i < 8; i++) z[i] = _mm256_loadu_si256((const __m256i *)(rp[8 * h + i] + off + 2));
+        for (int i = 0; i < 8; i += 2)
+            t[i] = _mm256_unpacklo_epi32(z[i], z[i + 1]), t[i + 1] = _mm256_unpackhi_epi32(z[i], z[i + 1]);
+        for (int j = 0; j < 8; j += 4) {  // u[j + c]: dword c (low half) and c + 4 (high half) of 4 rows
+            u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]), u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+            u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]), u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+        }
+        for (int c = 0; c < 4; c++) {
+            _mm256_storeu_si256((__m256i *)(qb + 64 * c + 32 * h), _mm256_xor_si256(_mm256_permute2x128_si256(u[c], u[4 + c], 0x20), flip));
+            _mm256_storeu_si256((__m256i *)(qb + 64 * (c + 4) + 32 * h), _mm256_xor_si256(_mm256_permute2x128_si256(u[c], u[4 + c], 0x31), flip));
+        }
+    }
 #else
     for (int r = 0; r < 16; r++) repack_block(qtype, rp[r] + off, qb + 4 * r, sb, r);
 #endif
@@ -423,17 +448,17 @@ static void r16_groups_packed(const R16 *w, int64_t g0, int64_t g1, int64_t M, c
     else
         r16_groups_ymm(0, w, g0, g1, M, x, out, ldo, accumulate);
 #else
-    const int64_t nb = w->K / QK;
+    const int64_t nb = w->K / QK, nbx = x->K / QK;  // x's rows are x->K apart
     for (int64_t g = g0; g < g1; g++)
         for (int r = 0; r < 16 && 16 * g + r < w->N; r++)
             for (int64_t m = 0; m < M; m++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
                     int dot = 0;
-                    for (int k = 0; k < QK; k++) dot += r16_value(w, g, b, r, k) * x->q[m * w->K + b * QK + k];
+                    for (int k = 0; k < QK; k++) dot += r16_value(w, g, b, r, k) * x->q[m * x->K + b * QK + k];
                     const float d = half_to_float(w->sc[(g * nb + b) * 32 + r]);
                     const float mm = half_to_float(w->sc[(g * nb + b) * 32 + 16 + r]);
-                    acc += (float)dot * d * x->d[m * nb + b] + mm * x->s[m * nb + b];
+                    acc += (float)dot * d * x->d[m * nbx + b] + mm * x->s[m * nbx + b];
                 }
                 float *o = out + m * ldo + 16 * g + r;
                 *o = accumulate ? *o + acc : acc;
