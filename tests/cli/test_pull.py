@@ -327,9 +327,13 @@ def test_list_and_run_ollama_and_lmstudio_models(stores, capsys, smollm2_path):
         model = resolve_model(ref)
         assert model.format == "gguf" and model.source == source and model.name == ref
         assert os.path.realpath(model.path) == os.path.realpath(smollm2_path)
-    code = main(["run", "ollama:smol:135m", "What is the capital of France?", "--temperature", "0",
-                 "--max-tokens", "16"])  # fmt: skip
-    assert code == 0 and "Paris" in capsys.readouterr().out
+    # the Ollama name runs the very file: greedy output equal to the file's own (the words themselves depend on the
+    # arithmetic the CPU gets: int8 or bf16 prefill tips this 135M model's first token between 'The' and 'L'')
+    question = ["What is the capital of France?", "--temperature", "0", "--max-tokens", "16"]
+    assert main(["run", smollm2_path, *question]) == 0
+    direct = capsys.readouterr().out
+    assert main(["run", "ollama:smol:135m", *question]) == 0
+    assert capsys.readouterr().out == direct and len(direct.split()) >= 3
     # LM Studio's file goes through the same resolution; `show` reads it without a second (slow) load
     assert main(["show", lms, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
