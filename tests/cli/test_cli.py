@@ -28,7 +28,9 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def test_run_answers_paris(capsys):
-    code, out, _ = run_cli(capsys, "run", "smollm2", "What is the capital of France?", "--temperature", "0",
+    # this wording: 'What is the capital of France?' tips the 135M model's first token to 'L'' under int8-activation
+    # prefill (what an AVX2 CPU runs), margin 0.31; this one answers Paris in int8, bf16 and the torch path
+    code, out, _ = run_cli(capsys, "run", "smollm2", "Name the capital of France.", "--temperature", "0",
                            "--max-tokens", "24")  # fmt: skip
     assert code == 0
     assert "Paris" in out
