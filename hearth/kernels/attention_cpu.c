@@ -247,6 +247,18 @@ void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, 
 #define MLA_MAX_GROUP 16  // heads per task at most
 #define Q8_BLOCK_BYTES 34
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline __m256 load_bf16x8(const uint16_t *p) {  // 8 bf16 values -> float32 (exact)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
     int64_t i = 0;
     float s = 0.0f;
@@ -258,6 +270,13 @@ static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
     }
     for (; i + 16 <= d; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= d; i += 16) {
+        a0 = _mm256_fmadd_ps(load_bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load_bf16x8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    s = hsum8(_mm256_add_ps(a0, a1));
 #endif
     for (; i < d; i++) s += bf16_to_float(w[i]) * x[i];
     return s;
@@ -274,6 +293,12 @@ static inline float dot_q8_f32(const uint8_t *w, const float *x, int64_t d) {
         const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
         const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
         const float sb = _mm512_reduce_add_ps(_mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x))));
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)))),
+                                  _mm256_loadu_ps(x + i), acc);
+        const float sb = hsum8(acc);
 #else
         float sb = 0.0f;
         for (int i = 0; i < 32; i++) sb += (float)q[i] * x[i];
@@ -294,6 +319,9 @@ static inline void axpy_bf16(float a, const uint16_t *row, float *acc, int64_t d
 #if defined(__AVX512F__)
     const __m512 av = _mm512_set1_ps(a);
     for (; i + 16 <= d; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, load_bf16x16(row + i), _mm512_loadu_ps(acc + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, load_bf16x8(row + i), _mm256_loadu_ps(acc + i)));
 #endif
     for (; i < d; i++) acc[i] += a * bf16_to_float(row[i]);
 }
