@@ -75,11 +75,11 @@ def latent_blocks(k_b, v_b) -> tuple[gguf_cpu.R16Weight, gguf_cpu.R16Weight] | N
 
 
 def latent_weight(w: torch.Tensor | gguf_cpu.R16Weight, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-head latent weight ([H, rows, cols]) as the torch forms multiply it: as held, or dequantized from the
-    file's blocks (`latent_blocks`; in C over both cores, about a millisecond for DeepSeek-V2-Lite's layer)."""
+    """A per-head latent weight ([H, rows, cols]) as the torch forms multiply it, in `dtype`: as held, or dequantized
+    from the file's blocks (`latent_blocks`; in C over both cores, about a millisecond for DeepSeek-V2-Lite's layer)."""
     if isinstance(w, gguf_cpu.R16Weight):
         return gguf_cpu.dequant(w, dtype).view(heads, -1, w.k)
-    return w
+    return w.to(dtype)
 
 
 def latent_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, w_uk_t: torch.Tensor, w_uv: torch.Tensor,

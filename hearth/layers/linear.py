@@ -99,6 +99,12 @@ def heads_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, weight.transpose(1, 2))
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype for dense matmuls on x: float32 in place of bf16 on a CPU where bf16 matmuls are slow
+    (BF16_MATMUL_FAST), else x's own."""
+    return torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not BF16_MATMUL_FAST else x.dtype
+
+
 def is_decode_step() -> bool:
     """The model runner's step has decode rows only (one new token per sequence, or a few when it verifies draft
     tokens; nothing prefilling)."""

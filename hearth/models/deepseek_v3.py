@@ -43,7 +43,7 @@ from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
 from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
-from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm
+from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm, matmul_dtype
 from hearth.layers.moe import SCORING_FUNCS, BlocksMoE, grouped_topk
 from hearth.layers.norm import RMSNorm
 from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
@@ -201,21 +201,23 @@ class DeepseekV3Attention(nn.Module):
         if cache is not None:
             cache.view(-1, cache.shape[-1]).index_copy_(0, ctx.slot_mapping, latent.to(cache.dtype))
         out = hidden_states.new_empty(num_tokens, heads, self.v_dim)
-        weights = self.latent_weights(latent.dtype) if ctx.prefill_seq_idx else None
+        # prefill attends in float32 where bf16 matmuls are slow (an AVX2 CPU), else in the model's dtype
+        pdt = matmul_dtype(latent)
+        weights = self.latent_weights(pdt) if ctx.prefill_seq_idx else None
         for i in ctx.prefill_seq_idx:
             start, end = ctx.q_starts[i], ctx.q_starts[i + 1]
             length, num_new = ctx.context_lens[i], end - start
             if cache is None or length == num_new:
                 seq_latent = latent[start:end]
             else:
-                seq_latent = gather_latent(cache, ctx.block_tables[i], length).to(latent.dtype)
+                seq_latent = gather_latent(cache, ctx.block_tables[i], length)
+            seq_latent, qn, qp = seq_latent.to(pdt), q_nope[start:end].to(pdt), q_pe[start:end].to(pdt)
             k_pos = torch.arange(length, device=q.device)
             mask = k_pos[None, :] <= k_pos[length - num_new :, None]  # [num_new, length], causal after the cached part
             if self.mode == "absorbed":
-                out[start:end] = self.absorbed(q_nope[None, start:end], q_pe[None, start:end], seq_latent[None],
-                                               mask[None, None], weights)[0]  # fmt: skip
+                out[start:end] = self.absorbed(qn[None], qp[None], seq_latent[None], mask[None, None], weights)[0]
             else:
-                out[start:end] = self.naive(q_nope[start:end], q_pe[start:end], seq_latent, mask, weights)
+                out[start:end] = self.naive(qn, qp, seq_latent, mask, weights)
         if ctx.decode_seq_idx:
             rows = ctx.decode_rows
             # all heads and rows in one C call, written into out's decode rows, where it runs (CPU, bf16 cache)
@@ -224,7 +226,7 @@ class DeepseekV3Attention(nn.Module):
                                                                 self.scale, rows, out) is not None:  # fmt: skip
                 return self.o_proj(out.flatten(1))
             keys = cache[ctx.decode_block_tables].flatten(1, 2).to(latent.dtype)  # [B, max_len, c + rope]
-            weights = weights or self.latent_weights(latent.dtype)
+            weights = self.latent_weights(latent.dtype)
             if self.mode == "naive":
                 for b, row in enumerate(rows.tolist()):
                     length = int(ctx.decode_context_lens[b])

@@ -110,7 +110,10 @@ def test_paged_decode_matches_transformers(tiny_deepseek):
 
 def test_bf16_decode_through_the_mla_kernel(tiny_deepseek, monkeypatch):
     """In bf16 the decode rows attend through attention_cpu.mla_decode (one C call per layer); the tokens and logprobs
-    match the torch absorbed form's (which rounds q_lat, scores and p to bf16: logprobs within 0.05)."""
+    match the torch absorbed form's (which rounds q_lat, scores and p to bf16: logprobs within 0.02). This random tiny
+    model's next-token distribution is nearly flat, so the two may part only where each run's top two are within that
+    tolerance (on an AVX2 CPU with float32 prefill attention they parted at logprobs 2e-6 apart); the rest of such a
+    pair is not compared."""
     from hearth import LLM
     from hearth.kernels import attention_cpu
     from hearth.models import deepseek_v3
@@ -121,7 +124,7 @@ def test_bf16_decode_through_the_mla_kernel(tiny_deepseek, monkeypatch):
     llm = LLM(folder, dtype="bfloat16", block_size=4, max_model_len=128)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (21, 6)]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     calls = []
     kernel = deepseek_v3.latent_decode_attention
 
@@ -135,10 +138,17 @@ def test_bf16_decode_through_the_mla_kernel(tiny_deepseek, monkeypatch):
     assert calls and all(calls)
     monkeypatch.setattr(deepseek_v3, "latent_decode_attention", lambda *args: None)
     plain = llm.generate(prompts, params)
+    compared = 0
     for a, b in zip(fused, plain):
-        assert a.token_ids == b.token_ids
-        diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs))
-        assert diff <= 0.02, diff
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) <= 0.02
+            compared += 1
+            if x.token_id != y.token_id:  # a tie within the tolerance, seen from both runs
+                tx, ty = dict(x.top), dict(y.top)
+                assert y.token_id in tx and tx[x.token_id] - tx[y.token_id] <= 0.02
+                assert x.token_id in ty and ty[y.token_id] - ty[x.token_id] <= 0.02
+                break
+    assert compared >= 9
 
 
 def test_latent_cache_layout(tiny_deepseek):
