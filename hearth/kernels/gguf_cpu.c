@@ -47,17 +47,7 @@ void r16_gemm(int64_t M, const R16 *w, const void *x, int x_bf16, void *out, int
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * nb; i++) {
-            const int64_t m = i / nb, b = i % nb;
-            if (x_bf16) {
-                float xb[QK];
-                const uint16_t *src = (const uint16_t *)x + m * K + b * QK;
-                for (int k = 0; k < QK; k++) xb[k] = bf16_to_float(src[k]);
-                quantize_block(xb, qx.q + m * K + b * QK, qx.d + m * nb, qx.s + m * nb, b);
-            } else {
-                qx_block(&qx, (const float *)x, K, K, m, b);
-            }
-        }
+        for (int64_t i = 0; i < M * nb; i++) qx_block_any(&qx, x, x_bf16, K, i / nb, i % nb);
         qx_gemm_dyn(&qx, M, w, of, N, accumulate && !out_bf16);
         if (out_bf16) {
 #pragma omp barrier
@@ -258,15 +248,7 @@ int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 
     {
         // (0) quantize each token once, then copy it to its pairs' sorted rows
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < T * nbh; i++) {
-            float xb[QK];
-            const float *src = (const float *)x + i * QK;
-            if (x_bf16) {
-                for (int k = 0; k < QK; k++) xb[k] = bf16_to_float(((const uint16_t *)x)[i * QK + k]);
-                src = xb;
-            }
-            quantize_block(src, qt.q + i * QK, qt.d + (i / nbh) * nbh, qt.s + (i / nbh) * nbh, i % nbh);
-        }
+        for (int64_t i = 0; i < T * nbh; i++) qx_block_any(&qt, x, x_bf16, H, i / nbh, i % nbh);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
             const int64_t t = perm[r] / S;

@@ -87,6 +87,18 @@ static inline void qx_block(QX *x, const float *src, int64_t ldx, int64_t K, int
     quantize_block(src + m * ldx + b * QK, x->q + m * K + b * QK, x->d + m * (K / QK), x->s + m * (K / QK), b);
 }
 
+// the same for x float32 or (x_bf16) bf16 [., K] (rows K apart): bf16 read as torch's .float() gives it
+static inline void qx_block_any(QX *x, const void *src, int x_bf16, int64_t K, int64_t m, int64_t b) {
+    if (!x_bf16) {
+        qx_block(x, (const float *)src, K, K, m, b);
+        return;
+    }
+    float xb[QK];
+    const uint16_t *row = (const uint16_t *)src + m * K + b * QK;
+    for (int k = 0; k < QK; k++) xb[k] = bf16_to_float(row[k]);
+    quantize_block(xb, x->q + m * K + b * QK, x->d + m * (K / QK), x->s + m * (K / QK), b);
+}
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_ZMM 1
 static inline int32_t load_i32(const int8_t *p) {
@@ -190,15 +202,13 @@ static inline __attribute__((always_inline)) void r16_half_tile(const int q8, co
     for (int i = 0; i < T; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *qb = qg + b * cb;
-        __m256i wv[8];
-        if (q8) {
-            for (int c = 0; c < 8; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
-        } else {
-            for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
-                wv[2 * c] = _mm256_and_si256(v, m4);
-                wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            }
+        // each 64-byte piece's half split into nibbles, once for the T rows of x: Q4's 4 pieces give the 8 chunks
+        // (wv[c]); Q8's 8 pieces give chunk c's low nibbles at wv[2c] and its high ones at wv[2c + 1]
+        __m256i wv[16];
+        for (int c = 0; c < (q8 ? 8 : 4); c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
+            wv[2 * c] = _mm256_and_si256(v, m4);
+            wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
         }
         const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + b * 32)));
         const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + b * 32 + 16)));
@@ -208,9 +218,8 @@ static inline __attribute__((always_inline)) void r16_half_tile(const int q8, co
             for (int c = 0; c < 8; c++) {
                 const __m256i xv = _mm256_set1_epi32(load_i32(xb + 4 * c));
                 if (q8) {
-                    const __m256i lo = _mm256_and_si256(wv[c], m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv[c], 4), m4);
-                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xv), ones));
-                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xv), sixteen));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[2 * c], xv), ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[2 * c + 1], xv), sixteen));
                 } else if (c % 2 == 0) {
                     s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
                 } else {

@@ -239,19 +239,16 @@ def _parse(path: str, buf: mmap.mmap) -> tuple[int, dict[str, Any], list[TensorI
 MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it
 
 
-def populate_map(buf: mmap.mmap, start: int = 0, length: int | None = None) -> None:
-    """Read `length` bytes of a map from `start` into memory now (MADV_POPULATE_READ), so that a load, not the first
-    request, pays for reading them; on older kernels, ask for them to be read ahead (MADV_WILLNEED)."""
+def populate_map(buf: mmap.mmap) -> None:
+    """Read a whole map into memory now (MADV_POPULATE_READ), so that a load, not the first request, pays for reading
+    it; on older kernels, ask for it to be read ahead (MADV_WILLNEED)."""
     if sys.platform != "linux":
         return
-    page = mmap.PAGESIZE
-    first = start // page * page
-    length = (len(buf) - start if length is None else length) + start - first
     try:
-        buf.madvise(MADV_POPULATE_READ, first, length)
+        buf.madvise(MADV_POPULATE_READ)
     except (OSError, ValueError):
         with contextlib.suppress(OSError, ValueError):
-            buf.madvise(mmap.MADV_WILLNEED, first, length)
+            buf.madvise(mmap.MADV_WILLNEED)
 
 
 def coalesce_ranges(ranges: list[tuple[int, int, int]], page: int) -> list[tuple[int, int, int]]:

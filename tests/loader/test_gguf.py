@@ -141,10 +141,11 @@ def test_read_ahead_hints_joined_runs_of_the_views(tiny_llama):
     g = open_gguf(path)
     views = [t.data if isinstance(t, QuantizedTensor) else t for _, t in g.iter_tensors()]
     assert g.read_ahead([]) is None
+    before = [v.flatten()[:64].clone() for v in views]
     thread = g.read_ahead(g.mapped_ranges(views))  # runs off the caller's path; the maps outlive it
     thread.join(timeout=10)
     assert not thread.is_alive()
-    assert torch.equal(views[0].flatten()[:8], views[0].flatten()[:8].clone())  # still readable
+    assert all(torch.equal(v.flatten()[:64], b) for v, b in zip(views, before))  # hints change no byte of the views
 
 
 def test_unpermute_restores_hf_qk(tiny_llama):

@@ -81,17 +81,17 @@ def test_q8_0_weights_are_read_in_place_and_compute_what_repacked_ones_do(tiny_g
         model = llm.engine.runner.model
         outs = llm.generate(prompts, params)
         held = {n: m.blocks for n, m in model.named_modules() if isinstance(m, Linear) and m.blocks is not None}
-        return outs, held.values(), held
+        return outs, held
 
-    outs, _, held = run()
+    outs, held = run()
     assert held and all(w.raw and not w.qs.numel() for w in held.values())
     gguf_file = open_gguf(tiny_gguf)  # the same (cached) map the load used
     # views of the file's map, not copies; except where the loader reorders rope rows (then it reads that copy)
     parts = [p for n, w in held.items() if not n.endswith(("q_proj", "kv_a_proj_with_mqa")) for p in w.raw]
     assert len(parts) >= 30 and len(gguf_file.mapped_ranges(parts, own_bytes=True)) == len(parts)
     monkeypatch.setattr(gguf_cpu, "can_read_in_place", lambda parts, k: False)
-    repacked_outs, repacked, _ = run()
-    assert all(not w.raw and w.qs.numel() for w in repacked)
+    repacked_outs, repacked = run()
+    assert repacked.keys() == held.keys() and all(not w.raw and w.qs.numel() for w in repacked.values())
     for a, b in zip(outs, repacked_outs):
         assert a.token_ids == b.token_ids
         assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
