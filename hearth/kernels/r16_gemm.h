@@ -186,6 +186,22 @@ static inline int32_t load_i32(const int8_t *p) {
     return v;
 }
 
+// T rows of x's results for rows n0.. (up to 8, fewer at the end of a weight of N rows) to out (or added to it)
+static inline __attribute__((always_inline)) void half_tile_store(const int T, const __m256 acc[4], int64_t N, int64_t n0,
+                                                                  int64_t m0, float *out, int64_t ldo, int accumulate) {
+    const int64_t rows = N - n0 < 8 ? N - n0 : 8;
+    for (int i = 0; i < T; i++) {
+        float *o = out + (m0 + i) * ldo + n0;
+        if (rows == 8) {
+            _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[i], _mm256_loadu_ps(o)) : acc[i]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[i]);
+            for (int64_t r = 0; r < rows; r++) o[r] = accumulate ? tmp[r] + o[r] : tmp[r];
+        }
+    }
+}
+
 // AVX2 without VNNI: rows 16g + 8h.. (half h of group g) against T rows of x (m0..). A chunk's 8 dwords (a row's 4
 // values each) times 4 broadcast activation bytes: vpmaddubsw multiplies and adds pairs, vpmaddwd sums the pairs to
 // dwords. Q4 values (0..15) cannot saturate a pair (2 * 15 * 127); Q8's w + 128 (0..255) could, so it goes as its two
@@ -232,17 +248,7 @@ static inline __attribute__((always_inline)) void r16_half_tile(const int q8, co
             acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[i]);
         }
     }
-    const int64_t n0 = 16 * g + 8 * h, rows = w->N - n0 < 8 ? w->N - n0 : 8;
-    for (int i = 0; i < T; i++) {
-        float *o = out + (m0 + i) * ldo + n0;
-        if (rows == 8) {
-            _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[i], _mm256_loadu_ps(o)) : acc[i]);
-        } else {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, acc[i]);
-            for (int64_t r = 0; r < rows; r++) o[r] = accumulate ? tmp[r] + o[r] : tmp[r];
-        }
-    }
+    half_tile_store(T, acc, w->N, 16 * g + 8 * h, m0, out, ldo, accumulate);
 }
 
 static inline __attribute__((always_inline)) void r16_groups_ymm(const int q8, const R16 *w, int64_t g0, int64_t g1,
@@ -583,6 +589,83 @@ static inline __attribute__((always_inline)) void raw_groups_t(const int qt, con
 // rows of x up to which a weight read in place is transposed in registers per tile rather than packed per group
 #define RAW_REGISTER_ROWS 4
 
+#ifdef HAVE_YMM
+// Half h of group g of a Q8_0 weight read in place (rows 16g + 8h..) against T rows of x, straight from the file's
+// blocks (no packing): per row, its 32 codes q against x's block with llama.cpp's sign trick, vpmaddubsw of |q| (a
+// code of -128 reads as 128 unsigned) and x's codes with q's signs (|x| <= 127, so pairs stay under 2^15), summed by
+// vpmaddwd; the 8 rows' dword sums are reduced with vphaddd. Adding 128 * sum(x) (xs128) gives the repacked form's
+// integer dot of q + 128 exactly, then each row takes r16_half_tile's float steps: the same results, bit for bit.
+static inline __attribute__((always_inline)) void raw_half_tile_q8(const int T, const R16 *w, int64_t g, int h,
+                                                                   const uint8_t *next, int64_t m0, const QX *x,
+                                                                   const int32_t *xs128, float *out, int64_t ldo,
+                                                                   int accumulate) {
+    const int64_t nb = w->K / QK, bb = 34, K = x->K, nbx = K / QK;  // x's rows are K apart
+    const uint8_t *rp[8];
+    for (int r = 0; r < 8; r++) rp[r] = raw_row(w, 16 * g + 8 * h + r);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t off = b * bb;
+        if (next)
+            for (int64_t p = (h * nb + b) * 8 * bb; p < (h * nb + b + 1) * 8 * bb; p += 64)
+                _mm_prefetch((const char *)(next + p), _MM_HINT_T1);
+        uint16_t dh[8];
+        for (int r = 0; r < 8; r++) memcpy(dh + r, rp[r] + off, 2);
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+        const __m256 m8 = _mm256_cvtph_ps(
+            _mm256_cvtps_ph(_mm256_mul_ps(d8, _mm256_set1_ps(-128.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i xv[4], s[4][2];  // s[i][q]: rows 4q..4q+3 of x row i, per 128-bit lane (vphaddd's layout)
+        for (int i = 0; i < T; i++) xv[i] = _mm256_loadu_si256((const __m256i *)(x->q + (m0 + i) * K + b * QK));
+        for (int q = 0; q < 2; q++) {
+            __m256i pair[4][2];
+            for (int j = 0; j < 2; j++) {
+                __m256i p[4][2];
+                for (int k = 0; k < 2; k++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(rp[4 * q + 2 * j + k] + off + 2));
+                    const __m256i aw = _mm256_sign_epi8(wv, wv);
+                    for (int i = 0; i < T; i++)
+                        p[i][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)), ones);
+                }
+                for (int i = 0; i < T; i++) pair[i][j] = _mm256_hadd_epi32(p[i][0], p[i][1]);
+            }
+            for (int i = 0; i < T; i++) s[i][q] = _mm256_hadd_epi32(pair[i][0], pair[i][1]);
+        }
+        for (int i = 0; i < T; i++) {
+            const int64_t xi = (m0 + i) * nbx + b;
+            __m256i dot = _mm256_add_epi32(_mm256_permute2x128_si256(s[i][0], s[i][1], 0x20),
+                                           _mm256_permute2x128_si256(s[i][0], s[i][1], 0x31));
+            dot = _mm256_add_epi32(dot, _mm256_set1_epi32(xs128[(m0 + i) * nb + b]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[i]);
+            acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(x->s[xi]), acc[i]);
+        }
+    }
+    half_tile_store(T, acc, w->N, 16 * g + 8 * h, m0, out, ldo, accumulate);
+}
+
+// groups [g0, g1) of a Q8_0 weight read in place against M <= 4 rows of x, each group's next one fetched as it goes
+static void raw_groups_q8_ymm(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
+                              int accumulate) {
+    const int64_t nb = w->K / QK;
+    int32_t xs128[RAW_REGISTER_ROWS * nb];  // per row of x and block: 128 * the sum of its codes
+    for (int64_t i = 0; i < M * nb; i++) {
+        const int8_t *q = x->q + (i / nb) * x->K + (i % nb) * QK;
+        int sum = 0;
+        for (int k = 0; k < QK; k++) sum += q[k];
+        xs128[i] = 128 * sum;
+    }
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *next = g + 1 < g1 ? raw_row(w, 16 * (g + 1)) : NULL;
+        for (int h = 0; h < 2 && 16 * g + 8 * h < w->N; h++) {
+            if (M == 1) raw_half_tile_q8(1, w, g, h, next, 0, x, xs128, out, ldo, accumulate);
+            else if (M == 2) raw_half_tile_q8(2, w, g, h, next, 0, x, xs128, out, ldo, accumulate);
+            else if (M == 3) raw_half_tile_q8(3, w, g, h, next, 0, x, xs128, out, ldo, accumulate);
+            else raw_half_tile_q8(4, w, g, h, next, 0, x, xs128, out, ldo, accumulate);
+        }
+    }
+}
+#endif
+
 // groups [g0, g1) of W against the M rows of x: out[m, n] (+)= W[n] . x[m]. A weight read in place is packed a group
 // at a time into this thread's buffer, then read as a repacked one: the same bytes, so the same results, bit for bit.
 static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX *x, float *out, int64_t ldo,
@@ -603,6 +686,14 @@ static void r16_groups(const R16 *w, int64_t g0, int64_t g1, int64_t M, const QX
             raw_groups_t(T_Q4_1, w, g0, g1, M, x, out, ldo, accumulate);
         else
             raw_groups_t(T_Q4_0, w, g0, g1, M, x, out, ldo, accumulate);
+        return;
+    }
+#elif defined(HAVE_YMM)
+    if (M <= RAW_REGISTER_ROWS && w->qtype == T_Q8_0) {
+        const int64_t span = (w->N - 16 * g0 < 16 ? w->N - 16 * g0 : 16) * (w->K / QK) * block_bytes(w->qtype);
+        const uint8_t *first = raw_row(w, 16 * g0);
+        for (int64_t p = 0; p < span; p += 64) _mm_prefetch((const char *)(first + p), _MM_HINT_T1);
+        raw_groups_q8_ymm(w, g0, g1, M, x, out, ldo, accumulate);
         return;
     }
 #endif
