@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from hearth.layers.linear import ColumnParallelLinear, Linear, LinearMethod, RowParallelLinear
-from hearth.layers.weights import permute_rows
 from hearth.quant.fp8 import BLOCK, Fp8Weight, dequantize_fp8_block, fp8_linear, fp8_runtime_mode
 
 logger = logging.getLogger(__name__)
@@ -40,19 +39,14 @@ class Fp8Method(LinearMethod):
 
 
 class Fp8Linear(Linear):
-    """Linear that also loads FP8 block weights (`weight` in float8_e4m3fn plus `weight_scale_inv`) and can reorder
-    its output rows at load (`row_perm`: new row j = checkpoint row row_perm[j]).
+    """Linear that also loads FP8 block weights (`weight` in float8_e4m3fn plus `weight_scale_inv`).
 
     With `keep_fp8` (a CUDA device with FP8, see quant/fp8.py) the weight stays FP8 in memory; otherwise it is
     dequantized in `finalize`, then held like any other weight.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None,
-                 row_perm: torch.Tensor | None = None):  # fmt: skip
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
         super().__init__(in_features, out_features, bias, output_sizes)
-        if row_perm is not None and len(self.output_sizes) != 1:
-            raise ValueError("row_perm needs an unfused linear")
-        self.row_perm = row_perm
         self.keep_fp8 = default_fp8_mode() == "fp8"
         self._scale_invs: dict[int, torch.Tensor] = {}
 
@@ -78,24 +72,15 @@ class Fp8Linear(Linear):
             for i in fp8_ids:
                 self._shards[("weight", i)] = dequantize_fp8_block(self._shards[("weight", i)], self._scale_invs[i])
             self._scale_invs.clear()
-        if self.row_perm is not None:
-            for key in [k for k in self._shards]:
-                self._shards[key] = permute_rows(self._shards[key], self.row_perm)
         super().finalize(dtype, keep_quantized)
 
     def _can_keep_fp8(self, fp8_ids: list[int]) -> bool:
-        """All shards FP8, shard boundaries on block edges, and any row reordering inside blocks (scales stay put)."""
-        if len(fp8_ids) != len(self.output_sizes) or any(s % BLOCK for s in self.output_sizes[:-1]):
-            return False
-        if self.row_perm is None:
-            return True
-        return bool((self.row_perm // BLOCK == torch.arange(len(self.row_perm)) // BLOCK).all())
+        """All shards FP8 and shard boundaries on block edges."""
+        return len(fp8_ids) == len(self.output_sizes) and not any(s % BLOCK for s in self.output_sizes[:-1])
 
     def _keep_fp8(self, dtype: torch.dtype) -> None:
         n = len(self.output_sizes)
         weight = torch.cat([self._shards[("weight", i)] for i in range(n)])
-        if self.row_perm is not None:
-            weight = weight[self.row_perm]
         self.method = Fp8Method(Fp8Weight(weight.contiguous(), torch.cat([self._scale_invs[i].float() for i in range(n)])))
         if self.has_bias:
             self.bias = torch.cat([self._shards[("bias", i)] for i in range(n)]).to(dtype)
@@ -141,15 +126,7 @@ def fp8_shard(tensor: torch.Tensor, kind: str, dim: int, start: int, end: int, f
 
 
 class Fp8ColumnParallelLinear(ColumnParallelLinear, Fp8Linear):
-    """ColumnParallelLinear that also loads FP8 block weights (each fused shard's rows cut on block edges);
-    `row_perm` reorders this rank's rows at load, as Fp8Linear's does."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
-                 shard_ranges: list[tuple[int, int]] | None = None, row_perm: torch.Tensor | None = None):  # fmt: skip
-        super().__init__(in_features, output_sizes, bias, shard_ranges)
-        if row_perm is not None and len(self.output_sizes) != 1:
-            raise ValueError("row_perm needs an unfused linear")
-        self.row_perm = row_perm
+    """ColumnParallelLinear that also loads FP8 block weights (each fused shard's rows cut on block edges)."""
 
     def weight_loader(self, tensor, kind: str = "weight", shard_id: int = 0) -> None:
         if self.tp_size > 1 and (kind == "weight_scale_inv" or (kind == "weight" and _is_fp8(tensor))):

@@ -89,6 +89,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The last dim's pairs (2i, 2i+1) as rotate-half's halves (i, i + d/2), in a new contiguous tensor: a rope
+    checkpoint written for interleaved pairs (DeepSeek's) rotated by the rotate-half tables."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, head_dim]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -19,10 +19,3 @@ def stacked_part(t, index: int):
         rows = t.shape[1]
         return QuantizedTensor(t.data[index * rows : (index + 1) * rows], t.qtype, tuple(t.shape[1:]))
     return t[index]
-
-
-def permute_rows(t, perm: torch.Tensor):
-    """Rows of a weight, bias or GGUF QuantizedTensor (blocks run along rows, so raw bytes move as whole rows)."""
-    if isinstance(t, QuantizedTensor):
-        return QuantizedTensor(t.data[perm].contiguous(), t.qtype, t.shape)
-    return t[perm].contiguous()

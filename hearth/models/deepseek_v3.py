@@ -10,9 +10,9 @@ kv_b_proj as its per-head W_UK^T and W_UV (copies made at load; the loaded weigh
 GGUF file's Q8_0 attn_k_b / attn_v_b stay in the file: decode's kernel reads them there, prefill dequantizes them per step.
 Weights: HF bf16/fp32, DeepSeek's FP8 128×128 blocks (`weight_scale_inv`, quant/fp8.py) and GGUF `deepseek2`.
 
-NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1); the rope rows of q_b_proj / q_proj / kv_a_proj_with_mqa are
-reordered once at load to [even | odd] so the shared rotate_half rope applies (HF `rope_interleave=True` does the
-same de-interleave at run time).
+NOTE: DeepSeek's rope pairs adjacent dims (2i, 2i+1): the rope values out of q_b_proj / q_proj / kv_a_proj_with_mqa
+are put in [even | odd] order at run time so the shared rotate_half rope applies, as HF `rope_interleave=True` does.
+(Reordering the weights' rows once at load instead copied them: a GGUF file's Q8_0 q_proj could not stay in the map.)
 
 The MTP (multi-token prediction) layer, `model.layers.{num_hidden_layers}` in the checkpoint, is built only when the
 config asks for it (`extra["mtp"]`, set for speculative decoding with it: engine/speculative.py, docs/speculative.md);
@@ -46,19 +46,10 @@ from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowP
 from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm, matmul_dtype
 from hearth.layers.moe import SCORING_FUNCS, BlocksMoE, grouped_topk
 from hearth.layers.norm import RMSNorm
-from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_
+from hearth.layers.rotary import RotaryEmbedding, apply_rotary_emb_, deinterleave_pairs
 from hearth.layers.weights import dense, stacked_part
 
 MLA_MODES = ("auto", "naive", "absorbed")  # auto: naive for prefill, absorbed for decode
-
-
-def rope_row_permutation(num_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
-    """Row order turning the interleaved rope pairs (2i, 2i+1) in the last `rope_dim` rows of each head into
-    rotate_half halves (i, i + rope_dim/2); the other rows stay in place."""
-    idx = torch.arange(num_heads * head_dim, device="cpu").view(num_heads, head_dim)
-    rope = idx[:, head_dim - rope_dim :]
-    idx = torch.cat([idx[:, : head_dim - rope_dim], rope[:, 0::2], rope[:, 1::2]], dim=1)
-    return idx.flatten()
 
 
 def softmax_scale(config: ModelConfig) -> float:
@@ -137,19 +128,15 @@ class DeepseekV3Attention(nn.Module):
         self.kv_lora_rank = c = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
         q_head_dim = self.nope_dim + self.rope_dim
-        q_perm = rope_row_permutation(heads, q_head_dim, self.rope_dim)
         q_rows = [(h0 * q_head_dim, h1 * q_head_dim)]
         bias = config.attention_bias
         if self.q_lora_rank:
             self.q_a_proj = Fp8Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = Fp8ColumnParallelLinear(self.q_lora_rank, [total_heads * q_head_dim], shard_ranges=q_rows,
-                                                    row_perm=q_perm)  # fmt: skip
+            self.q_b_proj = Fp8ColumnParallelLinear(self.q_lora_rank, [total_heads * q_head_dim], shard_ranges=q_rows)
         else:
-            self.q_proj = Fp8ColumnParallelLinear(hidden, [total_heads * q_head_dim], shard_ranges=q_rows, row_perm=q_perm)
-        self.kv_a_proj_with_mqa = Fp8Linear(
-            hidden, c + self.rope_dim, bias=bias, row_perm=rope_row_permutation(1, c + self.rope_dim, self.rope_dim)
-        )
+            self.q_proj = Fp8ColumnParallelLinear(hidden, [total_heads * q_head_dim], shard_ranges=q_rows)
+        self.kv_a_proj_with_mqa = Fp8Linear(hidden, c + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(c, 1e-6)
         self.kv_b_proj = KvBProj(c, total_heads, self.nope_dim, self.v_dim, heads=(h0, h1))
         self.o_proj = Fp8RowParallelLinear(total_heads * self.v_dim, hidden, bias=bias,
@@ -190,10 +177,11 @@ class DeepseekV3Attention(nn.Module):
         else:
             q = self.q_proj(hidden_states)
         q_nope, q_pe = q.view(num_tokens, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        # rope in place on the projections' outputs (one C pass each in bf16, the torch ops' values)
-        q_pe = apply_rotary_emb_(q_pe, cos, sin)  # [num_tokens, H, rope]
+        # the checkpoint's rope dims come as interleaved pairs: put in rotate-half order (copies of the few rope
+        # values; the weights stay as the file has them), then rotated in place (one C pass each in bf16)
+        q_pe = apply_rotary_emb_(deinterleave_pairs(q_pe), cos, sin)  # [num_tokens, H, rope]
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([c, self.rope_dim], dim=-1)
-        k_pe = apply_rotary_emb_(k_pe[:, None], cos, sin)[:, 0]
+        k_pe = apply_rotary_emb_(deinterleave_pairs(k_pe[:, None]), cos, sin)[:, 0]
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [num_tokens, c + rope]: what the cache holds
 
         ctx = get_context()

@@ -10,7 +10,7 @@ from gguf import quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hearth.layers.weights import dense, permute_rows, stacked_part
+from hearth.layers.weights import dense, stacked_part
 from hearth.quant.gguf_types import QuantizedTensor
 
 
@@ -34,16 +34,21 @@ def test_stacked_part_is_the_slice_of_the_dequantized_tensor(experts, rows, bloc
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_permute_rows_moves_whole_rows_of_blocks(rows, seed):
-    rng = np.random.default_rng(seed)
-    values = rng.standard_normal((rows, 64)).astype(np.float32)
-    perm = torch.from_numpy(rng.permutation(rows))
-    qt = q8_0(values)
-    moved = permute_rows(qt, perm)
-    assert isinstance(moved, QuantizedTensor) and moved.shape == qt.shape
-    assert torch.equal(dense(moved), dense(qt)[perm])
-    assert torch.equal(permute_rows(dense(qt), perm), dense(qt)[perm])
+@given(tokens=st.integers(1, 4), heads=st.integers(1, 3), half=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_deinterleaved_rotate_half_rope_is_the_interleaved_rope(tokens, heads, half, seed):
+    """DeepSeek's rope pairs dims (2i, 2i+1): its values put in rotate-half order and rotated by the rotate-half tables
+    are the interleaved rotation's values in that order."""
+    from hearth.layers.rotary import apply_rotary_emb, deinterleave_pairs
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, heads, 2 * half, generator=gen, dtype=torch.float64)
+    angles = torch.rand(tokens, half, generator=gen, dtype=torch.float64) * 6
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)  # interleaved, directly
+    got = apply_rotary_emb(deinterleave_pairs(x), torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    torch.testing.assert_close(got, deinterleave_pairs(want), rtol=1e-12, atol=1e-12)
+    assert deinterleave_pairs(x).is_contiguous() and torch.equal(deinterleave_pairs(x)[..., :half], even)
 
 
 def test_dense_leaves_plain_tensors_alone():

@@ -282,8 +282,6 @@ def fp8_deepseek(tmp_path_factory):
 
 def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepseek):
     from hearth import LLM
-    from hearth.models.deepseek_v3 import rope_row_permutation
-
     folder, reference = fp8_deepseek
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         assert any(name.startswith("model.layers.3.") for name in f.keys())  # noqa: SIM118  # the MTP layer is in the file
@@ -299,8 +297,8 @@ def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepsee
         assert torch.equal(ours.self_attn.w_uk_t, kv_b[:, :nope].transpose(1, 2))  # kv_b's rows, per head
         assert torch.equal(ours.self_attn.w_uv, kv_b[:, nope:])
         assert ours.self_attn.kv_b_proj.weight is None  # not held twice
-        perm = rope_row_permutation(4, 24, 8)  # rope rows de-interleaved at load
-        assert torch.equal(ours.self_attn.q_b_proj.weight, theirs.self_attn.q_b_proj.weight[perm])
+        # rows as the checkpoint has them (the rope values are de-interleaved after the projection)
+        assert torch.equal(ours.self_attn.q_b_proj.weight, theirs.self_attn.q_b_proj.weight)
     ref_moe = reference.model.layers[2].mlp
     for e in range(8):
         assert torch.equal(model.model.layers[2].mlp.experts[e].gate_up_proj.weight, ref_moe.experts.gate_up_proj[e])
