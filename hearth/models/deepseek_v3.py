@@ -123,7 +123,7 @@ class DeepseekV3Attention(nn.Module):
         tp = get_tensor_parallel()
         total_heads = config.num_attention_heads
         h0, h1 = split_range(total_heads, tp.rank, tp.size)  # this rank's query heads (as config.tensor_parallel_config)
-        self.num_heads = heads = h1 - h0
+        self.num_heads = h1 - h0
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = c = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank

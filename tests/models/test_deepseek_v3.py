@@ -282,6 +282,7 @@ def fp8_deepseek(tmp_path_factory):
 
 def test_fp8_checkpoint_loads_exact_dequantized_values_and_skips_mtp(fp8_deepseek):
     from hearth import LLM
+
     folder, reference = fp8_deepseek
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         assert any(name.startswith("model.layers.3.") for name in f.keys())  # noqa: SIM118  # the MTP layer is in the file
