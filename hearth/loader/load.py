@@ -114,7 +114,7 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
     for mod_name, module in reversed(list(model.named_modules())):  # children before parents
         if hasattr(module, "finalize"):
             cache.before(mod_name, module)
-            parts = list(_model_tensors(module)) if gguf_file is not None and module in split else []
+            parts = _model_tensors(module) if gguf_file is not None and module in split else []
             try:
                 module.finalize(dtype, keep_quantized)
             except ValueError as e:
@@ -130,10 +130,11 @@ def load_model(model: nn.Module, ref: ModelRef, dtype: torch.dtype, keep_quantiz
         if gguf_file is not None and module in fed:
             released += _release(gguf_file, module, fed.pop(module))
     if gguf_file is not None:  # copied weights (plain parameters) no longer read the map either
-        released += _release(gguf_file, model, [t for ts in fed.values() for t in ts])
+        held = gguf_file.mapped_ranges(_model_tensors(model))
+        released += _release(gguf_file, model, [t for ts in fed.values() for t in ts], keep=held)
         # weights kept as views (a Q8_0 file's blocks, which the kernels read in place): read ahead into the page
         # cache, mapped as they are first read
-        gguf_file.read_ahead(gguf_file.mapped_ranges(_model_tensors(model)))
+        gguf_file.read_ahead(held)
     note = cache.finish()
     logger.info("loaded %s in %.1fs%s", ref.path, time.perf_counter() - start, note)
     if released:
@@ -192,24 +193,29 @@ class _RepackCacheUse:
         return f" (weights repacked; repack cache written to {path})" if path else " (weights repacked; no cache)"
 
 
-def _release(gguf_file, model: nn.Module, tensors: list[torch.Tensor]) -> int:
+def _release(gguf_file, model: nn.Module, tensors: list[torch.Tensor], keep=None) -> int:
     """Unmap the pages of `tensors` (views of the GGUF file) that no weight of `model` still views (a module's tensors
-    went to it alone, so once it is finalized only it can view them)."""
+    went to it alone, so once it is finalized only it can view them); `keep`: those views' ranges, if known."""
     ranges = gguf_file.mapped_ranges(t for x in tensors for t in _tensors(x))
     if not ranges:
         return 0
-    return gguf_file.release(ranges, keep=gguf_file.mapped_ranges(_model_tensors(model)))
+    return gguf_file.release(ranges, keep=gguf_file.mapped_ranges(_model_tensors(model)) if keep is None else keep)
 
 
-def _model_tensors(model: nn.Module):
+# what every nn.Module keeps in its __dict__ besides its parameters and buffers (hooks, flags): never a weight
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"_parameters", "_buffers"}
+
+
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Every tensor a module of `model` holds: parameters, buffers, and attributes (dataclasses, dicts, lists of them;
-    loaded tensors a module keeps for its finalize included)."""
+    loaded tensors a module keeps for its finalize included). A load walks its modules several times (thousands of
+    expert Linears in a DeepSeek file), so this is a plain loop that skips the Module internals and scalars."""
+    out: list[torch.Tensor] = []
     for module in model.modules():
         for name, value in vars(module).items():
-            if name == "_modules":
-                continue
-            for v in value if isinstance(value, (list, tuple)) else (value,):
-                yield from _tensors(v)
+            if name not in _MODULE_INTERNALS and type(value) not in _SCALARS:
+                _collect(value, out)
+    return out
 
 
 def checkpoint_weight_bytes(ref: ModelRef, keep_quantized: bool, element_bytes: int) -> int:
@@ -246,18 +252,30 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
     return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
 
 
-def _tensors(value):
+_SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device})
+
+
+def _collect(value, out: list[torch.Tensor]) -> None:
     if isinstance(value, torch.Tensor):
-        yield value
+        out.append(value)
+    elif type(value) in _SCALARS:
+        return
     elif (names := _field_names(type(value))) is not None:
         for name in names:
-            yield from _tensors(getattr(value, name))
+            _collect(getattr(value, name), out)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            _collect(v, out)
     elif isinstance(value, (list, tuple)):  # e.g. the shards of a GGUF weight read in place
         for v in value:
-            yield from _tensors(v)
+            _collect(v, out)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in `value` (a tensor, or dataclasses, dicts, lists and tuples holding them)."""
+    out: list[torch.Tensor] = []
+    _collect(value, out)
+    return out
 
 
 def model_nbytes(model: nn.Module) -> int:

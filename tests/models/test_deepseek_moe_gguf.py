@@ -146,9 +146,9 @@ def test_stacked_experts_are_unmapped_as_each_expert_is_repacked(tiny_gguf, monk
     calls = []
     release, gguf_release = load._release, GGUFFile.release
 
-    def spy_release(f, module, tensors):
+    def spy_release(f, module, tensors, keep=None):
         calls.append(("module", module, f.mapped_ranges(t for x in tensors for t in load._tensors(x))))
-        return release(f, module, tensors)
+        return release(f, module, tensors, keep)
 
     def spy_gguf_release(self, ranges, keep=()):
         calls.append(("ranges", None, list(ranges)))
