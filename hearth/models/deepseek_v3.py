@@ -42,7 +42,7 @@ from hearth.layers.attention import cache_zeros, latent_blocks, latent_decode_at
 from hearth.layers.context import get_context
 from hearth.layers.decoder import DecoderLayer, DecoderModel
 from hearth.layers.distributed import all_reduce, get_tensor_parallel, split_range
-from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, default_fp8_mode, fp8_mode
+from hearth.layers.fp8_linear import Fp8ColumnParallelLinear, Fp8Linear, Fp8RowParallelLinear, fp8_mode, set_fp8_mode
 from hearth.layers.linear import ParallelLMHead, VocabParallelEmbedding, heads_mm, matmul_dtype
 from hearth.layers.moe import SCORING_FUNCS, BlocksMoE, grouped_topk
 from hearth.layers.norm import RMSNorm
@@ -509,7 +509,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
         mtp = config.extra.get("mtp")
         self.mtp = DeepseekV3MTP(config, mtp) if mtp else None  # registered last: its cache comes after the layers'
-        self.fp8_mode = default_fp8_mode()
+        self.fp8_mode = set_fp8_mode(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
