@@ -188,13 +188,13 @@ def _byte_level_bpe(tokens: list[str], types: list[int], meta: dict[str, Any]) -
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
         raise ValueError(f"unknown GGUF pre-tokenizer {pre!r} (supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})")
-    alphabet = set(_bytes_to_unicode().values())
     spell = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for i, (tok, kind) in enumerate(zip(tokens, types)):
-        if kind not in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and not set(tok) <= alphabet:
-            tok = "".join(spell[b] for b in tok.encode("utf-8"))  # some converters store raw text
-        vocab.setdefault(tok, i)
+    alphabet = set(spell.values())
+    whole = (TOKEN_CONTROL, TOKEN_USER_DEFINED)  # matched as written, never byte-spelled
+    if not set("".join(t for t, k in zip(tokens, types) if k not in whole)) <= alphabet:  # one check for the vocabulary
+        tokens = [t if k in whole or set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))
+                  for t, k in zip(tokens, types)]  # fmt: skip  # some converters store raw text
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # a repeated token keeps its first id
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     backend = Backend(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES_PRES))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre] or []]

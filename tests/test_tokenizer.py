@@ -462,3 +462,24 @@ def test_llama3_and_qwen_vocabs_match_their_reference_encoders(vocab: str, pre: 
     for text in TEXTS:
         text = normalize(text)
         assert tok.encode(text) == reference.encode_ordinary(text), text
+
+
+def test_gguf_vocab_stored_as_raw_text_is_respelled_and_a_repeated_token_keeps_its_first_id() -> None:
+    """Some converters store a byte-level vocabulary's tokens as their text ("€", not its bytes spelled): those are
+    spelled in the byte alphabet, the spelled ones and control tokens are kept as written; a token repeated later
+    (padding) keeps the first id, as llama.cpp reads it."""
+    from hearth.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, _bytes_to_unicode
+
+    spell = _bytes_to_unicode()
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"\xe2\x82"], ranks["€".encode()] = 256, 257
+    meta = _gguf_vocab(ranks, "default", {"<|end|>": 258})
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    assert tokens[257] == "".join(spell[b] for b in "€".encode())
+    tokens[257] = "€"  # this one as raw text, the others spelled
+    meta["tokenizer.ggml.tokens"] = [*tokens, spell[ord("a")]]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], TOKEN_NORMAL]
+    assert meta["tokenizer.ggml.token_type"][258] == TOKEN_CONTROL
+    tok = _load_from_metadata(meta)
+    assert tok.encode("€") == [257] and tok.decode([257]) == "€"
+    assert tok.encode("a<|end|>") == [ord("a"), 258]  # not the repeat of "a" at the end
