@@ -284,16 +284,14 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, output_sizes: list[int] | None = None):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.output_sizes = output_sizes or [out_features]
-        assert sum(self.output_sizes) == out_features
-        self.has_bias = bias
-        self._shards: dict[tuple[str, int], torch.Tensor | QuantizedTensor] = {}
-        self.bias: torch.Tensor | None = None
-        self.quant_type: str | None = None
-        self.method: LinearMethod | None = None
-        self.keep_dense = False  # a router: `requantize_dense` leaves it as it is
+        sizes = output_sizes or [out_features]
+        assert sum(sizes) == out_features
+        # Plain attributes (no Parameter, buffer or Module among them) set in one step: nn.Module.__setattr__'s checks,
+        # once per attribute, were a visible share of building a model of thousands of expert linears.
+        # _shards: the loaded (kind, shard) tensors until `finalize`; method: the LinearMethod it chooses; keep_dense:
+        # a router, which `requantize_dense` leaves as it is.
+        vars(self).update(in_features=in_features, out_features=out_features, output_sizes=sizes, has_bias=bias,
+                          _shards={}, bias=None, quant_type=None, method=None, keep_dense=False)  # fmt: skip
 
     # the held weight by format, None where another method holds it (the fused decode and benchmarks read these)
     def _held(self, cls: type, field: str):
