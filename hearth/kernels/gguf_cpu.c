@@ -209,10 +209,12 @@ void r16_dequant(const R16 *w, int64_t g0, int64_t g1, void *out, int out_bf16, 
 // slots each (routed experts, and shared ones as slots of weight 1), int8 activations throughout. gu[e]: gate and up
 // rows stacked [2 F_e, H] (gate first), dn[e]: [H, F_e]; experts may differ in F_e (the shared experts' is wider).
 // The (token, slot) pairs are sorted by expert, so an expert hit by several tokens reads its weight once for all of
-// them. One OpenMP region: (0) x quantized once per token, copied to the sorted rows; (1) gate/up: chunks of the hit
-// experts' row groups, taken by the threads as they come; (2) each pair's SwiGLU, quantized; (3) chunks of the H
-// output rows: that slice of every hit expert's down projection, then each token's pairs summed into out in slot
-// order with their weights (no reduction across threads; a token's result does not depend on the other tokens).
+// them. One OpenMP region: (0) x quantized once per token, copied to the sorted rows; (1) chunks of the hit experts'
+// gate row groups with the up rows they pair with, taken by the threads as they come, each chunk's SwiGLU quantized
+// at once (its rows are whole blocks of 32); (2) chunks of the H output rows: that slice of every hit expert's down
+// projection, then each token's pairs summed into out in slot order with their weights (no reduction across threads;
+// a token's result does not depend on the other tokens). The gate/up and down results of a chunk go to a buffer of
+// the thread's (a 512-token prefill's [pairs, 2 F] and [pairs, H] floats were ~80 MB at DeepSeek-V2-Lite's shape).
 // Output row groups per chunk of the down projections (H = 2048: 32 chunks); a decode step's few tokens take longer
 // runs, which a weight read in place streams better (each run's first group is fetched before it is read).
 #define DOWN_GROUPS 4
@@ -232,20 +234,23 @@ int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 
     // the pairs sorted by expert: sorted row r holds pair perm[r]; expert run u is rows [ustart[u], ustart[u+1])
     int64_t *perm = malloc(sizeof(int64_t) * (size_t)P), *rank = malloc(sizeof(int64_t) * (size_t)P);
     int64_t *uexp = malloc(sizeof(int64_t) * (size_t)(E + 1)), *ustart = malloc(sizeof(int64_t) * (size_t)(E + 1));
-    int64_t *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1));
-    int64_t *hoff = malloc(sizeof(int64_t) * (size_t)(P + 1)), *foff = malloc(sizeof(int64_t) * (size_t)(P + 1));
+    int64_t *ucost = malloc(sizeof(int64_t) * (size_t)(E + 1)), *foff = malloc(sizeof(int64_t) * (size_t)(P + 1));
     const int64_t U = moe_sort_pairs(P, E, ids, perm, rank, uexp, ustart);
-    // per sorted row: gate/up outputs at hoff (2F floats), SwiGLU at foff (F values); gate/up cost before run u
-    hoff[0] = foff[0] = ucost[0] = 0;
-    for (int64_t u = 0; u < U; u++) {  // ucost: gate/up chunks of DYN_GROUPS row groups before run u
-        const int64_t N1 = gu[uexp[u]].N;
-        for (int64_t r = ustart[u]; r < ustart[u + 1]; r++) hoff[r + 1] = hoff[r] + N1, foff[r + 1] = foff[r] + N1 / 2;
-        ucost[u + 1] = ucost[u] + ((N1 + 15) / 16 + DYN_GROUPS - 1) / DYN_GROUPS;
+    // per sorted row: its SwiGLU's F values at foff; ucost: gate/up chunks (DYN_GROUPS gate row groups) before run u
+    int64_t maxrun = 0;
+    foff[0] = ucost[0] = 0;
+    for (int64_t u = 0; u < U; u++) {
+        const int64_t F = gu[uexp[u]].N / 2;
+        for (int64_t r = ustart[u]; r < ustart[u + 1]; r++) foff[r + 1] = foff[r] + F;
+        ucost[u + 1] = ucost[u] + (F / 16 + DYN_GROUPS - 1) / DYN_GROUPS;
+        maxrun = ustart[u + 1] - ustart[u] > maxrun ? ustart[u + 1] - ustart[u] : maxrun;
     }
     QX qt = qx_alloc(T, H), qx = qx_alloc(P, H), qh = qx_alloc(1, foff[P]);
-    float *hbuf = malloc(sizeof(float) * (size_t)hoff[P]), *ys = malloc(sizeof(float) * (size_t)(P * H));
 #pragma omp parallel num_threads(nthreads)
     {
+        // this thread's results of one chunk: a run's gate and up rows (1), or every pair's slice of out (2)
+        const int64_t gcols = 16 * DYN_GROUPS, ycols = 16 * dg;
+        float *buf = malloc(sizeof(float) * (size_t)(maxrun * 2 * gcols > P * ycols ? maxrun * 2 * gcols : P * ycols));
         // (0) quantize each token once, then copy it to its pairs' sorted rows
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < T * nbh; i++) qx_block_any(&qt, x, x_bf16, H, i / nbh, i % nbh);
@@ -256,55 +261,60 @@ int r16_moe(int64_t T, int64_t S, int64_t num_experts, const R16 *gu, const R16 
             memcpy(qx.d + r * nbh, qt.d + t * nbh, sizeof(float) * (size_t)nbh);
             memcpy(qx.s + r * nbh, qt.s + t * nbh, sizeof(float) * (size_t)nbh);
         }
-        // (1) gate/up: chunks of DYN_GROUPS row groups of the hit experts, taken by the threads as they come
+        // (1) gate rows [16 g0, 16 g1) of a hit expert and its up rows F + those, then their SwiGLU per 32 values,
+        // quantized (block b of sorted row r: values at foff[r] + 32 b, scales at foff[r] / 32 + b)
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < ucost[U]; c++) {
             int64_t u = 0;
             while (ucost[u + 1] <= c) u++;
             const int64_t r0 = ustart[u], rows = ustart[u + 1] - r0;
             const R16 *w = &gu[uexp[u]];
-            const int64_t G = (w->N + 15) / 16, g0 = (c - ucost[u]) * DYN_GROUPS;
+            const int64_t FG = w->N / 32, g0 = (c - ucost[u]) * DYN_GROUPS, g1 = g0 + DYN_GROUPS < FG ? g0 + DYN_GROUPS : FG;
+            const int64_t cw = 16 * (g1 - g0);
             const QX xu = {qx.q + r0 * H, qx.d + r0 * nbh, qx.s + r0 * nbh, H};
-            r16_groups(w, g0, g0 + DYN_GROUPS < G ? g0 + DYN_GROUPS : G, rows, &xu, hbuf + hoff[r0], w->N, 0);
-        }
-        // (2) SwiGLU per 32 values, quantized (block b of row r: values at foff[r] + 32 b, scales at foff[r] / 32 + b)
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < P; r++) {
-            const int64_t F = foff[r + 1] - foff[r];
-            for (int64_t b = 0; b < F / QK; b++) {
-                const float *g = hbuf + hoff[r] + b * QK, *up = g + F;
-                float v[QK];
-                for (int k = 0; k < QK; k++) v[k] = g[k] / (1.0f + expf(-g[k])) * up[k];
-                quantize_block(v, qh.q + foff[r] + b * QK, qh.d + foff[r] / QK, qh.s + foff[r] / QK, b);
+            const R16 gate = r16_rows(w, g0, g1), up = r16_rows(w, FG + g0, FG + g1);
+            float *gb = buf, *ub = buf + rows * cw;
+            r16_groups(&gate, 0, g1 - g0, rows, &xu, gb, cw, 0);
+            r16_groups(&up, 0, g1 - g0, rows, &xu, ub, cw, 0);
+            for (int64_t i = 0; i < rows; i++) {
+                const int64_t r = r0 + i;
+                for (int64_t b = 0; b < cw / QK; b++) {
+                    const float *g = gb + i * cw + b * QK, *v = ub + i * cw + b * QK;
+                    float h[QK];
+                    for (int k = 0; k < QK; k++) h[k] = g[k] / (1.0f + expf(-g[k])) * v[k];
+                    const int64_t blk = 16 * g0 / QK + b;
+                    quantize_block(h, qh.q + foff[r] + blk * QK, qh.d + foff[r] / QK, qh.s + foff[r] / QK, blk);
+                }
             }
         }
-        // (3) down: chunks of `dg` output row groups, each of every hit expert, then their weighted sums
+        // (2) down: chunks of `dg` output row groups, each of every hit expert, then their weighted sums
         const int64_t OG = (H + 15) / 16;
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t oc = 0; oc < (OG + dg - 1) / dg; oc++) {
             const int64_t o0 = oc * dg, o1 = o0 + dg < OG ? o0 + dg : OG;
+            const int64_t c0 = 16 * o0, c1 = 16 * o1 < H ? 16 * o1 : H, cw = c1 - c0;
             for (int64_t u = 0; u < U; u++) {
                 const int64_t r0 = ustart[u];
-                const R16 *w = &dn[uexp[u]];
-                const QX hu = {qh.q + foff[r0], qh.d + foff[r0] / QK, qh.s + foff[r0] / QK, w->K};
-                r16_groups(w, o0, o1, ustart[u + 1] - r0, &hu, ys + r0 * H, H, 0);
+                const R16 w = r16_rows(&dn[uexp[u]], o0, o1);
+                const QX hu = {qh.q + foff[r0], qh.d + foff[r0] / QK, qh.s + foff[r0] / QK, w.K};
+                r16_groups(&w, 0, o1 - o0, ustart[u + 1] - r0, &hu, buf + r0 * cw, cw, 0);
             }
-            const int64_t c0 = 16 * o0, c1 = 16 * o1 < H ? 16 * o1 : H;
             float sum[16 * DOWN_GROUPS_DECODE];  // this chunk's columns of one token, for a bf16 out
             for (int64_t t = 0; t < T; t++) {
                 float *o = out_bf16 ? sum : (float *)out + t * H + c0;
-                for (int64_t c = 0; c < c1 - c0; c++) o[c] = 0.0f;
+                for (int64_t c = 0; c < cw; c++) o[c] = 0.0f;
                 for (int64_t p = t * S; p < (t + 1) * S; p++) {  // slot order
-                    const float wt = wts[p], *y = ys + rank[p] * H + c0;
-                    for (int64_t c = 0; c < c1 - c0; c++) o[c] += wt * y[c];
+                    const float wt = wts[p], *y = buf + rank[p] * cw;
+                    for (int64_t c = 0; c < cw; c++) o[c] += wt * y[c];
                 }
                 if (out_bf16)
-                    for (int64_t c = 0; c < c1 - c0; c++) ((uint16_t *)out)[t * H + c0 + c] = float_to_bf16(o[c]);
+                    for (int64_t c = 0; c < cw; c++) ((uint16_t *)out)[t * H + c0 + c] = float_to_bf16(o[c]);
             }
         }
+        free(buf);
     }
     qx_free(&qt), qx_free(&qx), qx_free(&qh);
-    free(hbuf), free(ys), free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(hoff), free(foff);
+    free(perm), free(rank), free(uexp), free(ustart), free(ucost), free(foff);
     return 0;
 }
 

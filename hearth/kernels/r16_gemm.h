@@ -440,6 +440,28 @@ static inline R16 raw_group_view(const R16 *w, int64_t g) {
     return v;
 }
 
+// Row groups [g0, g1) of W (rows [16 g0, min(16 g1, N))) as a weight of their own: its group 0 is W's group g0, so a
+// caller can write their results to a buffer of just those columns.
+static inline R16 r16_rows(const R16 *w, int64_t g0, int64_t g1) {
+    R16 v = *w;
+    const int64_t r0 = 16 * g0, r1 = 16 * g1 < w->N ? 16 * g1 : w->N, nb = w->K / QK;
+    v.N = r1 - r0;
+    if (!w->raw[0]) {
+        v.qs = w->qs + g0 * nb * r16_chunk_bytes(w);
+        v.sc = w->sc + g0 * nb * 32;
+        return v;
+    }
+    const int64_t rb = nb * block_bytes(w->qtype);
+    int q = 0;
+    for (int p = 0; p < RAW_PARTS; p++) v.raw[p] = NULL, v.raw_end[p] = 0;
+    for (int p = 0; p < RAW_PARTS && w->raw[p]; p++) {  // the parts the rows fall in, cut to them
+        const int64_t s = p ? w->raw_end[p - 1] : 0, e = w->raw_end[p];
+        const int64_t a = s > r0 ? s : r0, b = e < r1 ? e : r1;
+        if (a < b) v.raw[q] = w->raw[p] + (a - s) * rb, v.raw_end[q++] = b - r0;
+    }
+    return v;
+}
+
 // the integer value of row r, element k of block b of group g (0..15 for Q4, w+128 for Q8)
 static inline int r16_value(const R16 *w, int64_t g, int64_t b, int r, int k) {
     const int64_t cb = r16_chunk_bytes(w);
