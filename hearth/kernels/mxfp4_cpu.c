@@ -183,6 +183,71 @@ static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX
     for (; m + 2 <= m1; m += 2) tile(2, qg, sg, nb, x, m, out, ldo, rows);
     if (m < m1) tile(1, qg, sg, nb, x, m, out, ldo, rows);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+static const int8_t LUT2U[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // LUT2 + 12
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// AVX2 without VNNI: rows 8h..8h+7 of a group of 16 (the 32-byte half h of each 64-byte chunk) against T rows of x
+// from m0. vpshufb maps the nibbles to the doubled e2m1 values + 12 (0..24, unsigned), vpmaddubsw multiplies them by
+// 4 broadcast activation bytes and adds pairs (at most 2 * 24 * 127: no saturation), vpmaddwd sums the pairs to
+// dwords; the block's int dot (sum - 12 * sum(xq)) and its float step are the AVX-512 tile's: the same results.
+static inline __attribute__((always_inline)) void half_tile(const int T, const uint8_t *qg, const uint8_t *sg, int64_t nb,
+                                                            int h, const QX *x, int64_t m0, float *out, int64_t ldo,
+                                                            int64_t rows) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)LUT2U));
+    __m256 acc[4];
+    for (int i = 0; i < T; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = qg + b * R16_BYTES + 32 * h;
+        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(qb + 4 * R16_BYTES + 64 * c), _MM_HINT_T0);
+        __m256i wv[8];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 64 * c));
+            wv[2 * c] = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4));
+            wv[2 * c + 1] = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        }
+        const uint8_t *sb = sg + b * 16 + 8 * h;  // 2^(s-128) for the 8 rows' e8m0 scales (e8m0_half, vectorised)
+        const __m256i sv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sb));
+        const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(sv, _mm256_set1_epi32(1)), 23);
+        const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), sv);
+        const __m256 d8 = _mm256_castsi256_ps(_mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), sv)));
+        for (int i = 0; i < T; i++) {
+            const int64_t xi = (m0 + i) * nb + b;
+            const int8_t *xb = x->q + xi * QK;
+            __m256i iacc = _mm256_set1_epi32(-12 * x->s[xi]);
+            for (int c = 0; c < 8; c++)
+                iacc = _mm256_add_epi32(iacc, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(load_i32(xb + 4 * c))), ones));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_mul_ps(d8, _mm256_set1_ps(x->d[xi])), acc[i]);
+        }
+    }
+    for (int i = 0; i < T; i++) {
+        float *o = out + (m0 + i) * ldo + 8 * h;
+        if (rows >= 8) {
+            _mm256_storeu_ps(o, acc[i]);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[i]);
+            for (int64_t r = 0; r < rows; r++) o[r] = tmp[r];
+        }
+    }
+}
+
+static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX *x, int64_t m0, int64_t m1,
+                      float *out, int64_t ldo, int64_t rows) {
+    for (int h = 0; h < 2 && 8 * h < rows; h++) {
+        const int64_t hr = rows - 8 * h;
+        int64_t m = m0;
+        for (; m + 4 <= m1; m += 4) half_tile(4, qg, sg, nb, h, x, m, out, ldo, hr);
+        for (; m + 2 <= m1; m += 2) half_tile(2, qg, sg, nb, h, x, m, out, ldo, hr);
+        if (m < m1) half_tile(1, qg, sg, nb, h, x, m, out, ldo, hr);
+    }
+}
 #else
 static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX *x, int64_t m0, int64_t m1,
                       float *out, int64_t ldo, int64_t rows) {
