@@ -1,15 +1,15 @@
 // bf16 matrix-vector products for a few rows (decode steps), called through ctypes from hearth/kernels/bf16_cpu.py.
 //
 // bf16_gemv: out[m, n] = bf16(sum_k x[m, k] * W[n, k] + bias[n]) with x, W, bias bf16 and W row-major [N, K] (a dense
-// Linear's weight as it is), products and sums in float32 (AVX-512 BF16 vdpbf16ps: 16 lanes of pairwise dots), as
-// torch's bf16 matmul does in another order. Tiles of 4 weight rows by up to 4 rows of x; threads take contiguous runs
+// Linear's weight as it is), products and sums in float32 (AVX-512 BF16 vdpbf16ps: 16 lanes of pairwise dots; AVX2:
+// widened to float32, fmadd), as torch's bf16 matmul does in another order. Tiles of 4 weight rows by up to 4 rows of x; threads take contiguous runs
 // of rows so each streams its own part of W. Beyond 4 rows of x the dot products, not memory, bound the speed and
 // torch's kernel is as fast (MAX_M in bf16_cpu.py).
 #include <stdint.h>
 #include <string.h>
 
 #include "kernel_common.h"
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -58,6 +58,79 @@ static inline __attribute__((always_inline)) void tile4(const int T, const uint1
     }
     for (int r = 0; r < TR; r++)
         for (int m = 0; m < T; m++) acc_out[m * TR + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// Rows one at a time read W as one contiguous stream, fastest while memory bounds the speed (T <= 2)
+static void rows_tile(int R, int T, const uint16_t *w, int64_t K, const uint16_t *x, float *acc) {
+    if (R == TR && T == 4) tile4(4, w, K, x, acc);
+    else if (R == TR && T == 3) tile4(3, w, K, x, acc);
+    else
+        for (int r = 0; r < R; r++) {
+            if (T == 1) tile1(1, w + r * K, K, x, acc + r);
+            else if (T == 2) tile1(2, w + r * K, K, x, acc + r);
+            else if (T == 3) tile1(3, w + r * K, K, x, acc + r);
+            else tile1(4, w + r * K, K, x, acc + r);
+        }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+int bf16_gemv_fast(void) { return 1; }
+
+// AVX2 without AVX512-BF16: 8 bf16 values widened to float32 (exact), products summed with fmadd; the last values
+// of a row (fewer than 8) through a zero-padded copy
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __m256 bf16x8_tail(const uint16_t *p, int64_t n) {
+    uint16_t t[8] = {0};
+    memcpy(t, p, sizeof(uint16_t) * (size_t)n);
+    return bf16x8(t);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// one weight row against T rows of x, two accumulators each (16 values a step)
+static inline __attribute__((always_inline)) void tile1(const int T, const uint16_t *w, int64_t K, const uint16_t *x,
+                                                        float *acc_out) {
+    __m256 a0[TM], a1[TM];
+    for (int m = 0; m < T; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = bf16x8(w + k), w1 = bf16x8(w + k + 8);
+        for (int m = 0; m < T; m++) {
+            a0[m] = _mm256_fmadd_ps(w0, bf16x8(x + m * K + k), a0[m]);
+            a1[m] = _mm256_fmadd_ps(w1, bf16x8(x + m * K + k + 8), a1[m]);
+        }
+    }
+    for (; k < K; k += 8) {
+        const int64_t n = K - k < 8 ? K - k : 8;
+        const __m256 w0 = bf16x8_tail(w + k, n);
+        for (int m = 0; m < T; m++) a0[m] = _mm256_fmadd_ps(w0, bf16x8_tail(x + m * K + k, n), a0[m]);
+    }
+    for (int m = 0; m < T; m++) acc_out[m * TR] = hsum8(_mm256_add_ps(a0[m], a1[m]));
+}
+
+// TR weight rows against T rows of x: each x load serves TR rows (for T > 2, where the dot products bound the speed)
+static inline __attribute__((always_inline)) void tile4(const int T, const uint16_t *w, int64_t K, const uint16_t *x,
+                                                        float *acc_out) {
+    __m256 acc[TR][TM];
+    for (int r = 0; r < TR; r++)
+        for (int m = 0; m < T; m++) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        const int64_t n = K - k < 8 ? K - k : 8;
+        __m256 xv[TM];
+        for (int m = 0; m < T; m++) xv[m] = n == 8 ? bf16x8(x + m * K + k) : bf16x8_tail(x + m * K + k, n);
+        for (int r = 0; r < TR; r++) {
+            const __m256 wv = n == 8 ? bf16x8(w + r * K + k) : bf16x8_tail(w + r * K + k, n);
+            for (int m = 0; m < T; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < TR; r++)
+        for (int m = 0; m < T; m++) acc_out[m * TR + r] = hsum8(acc[r][m]);
 }
 
 // Rows one at a time read W as one contiguous stream, fastest while memory bounds the speed (T <= 2)

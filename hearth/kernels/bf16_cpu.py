@@ -1,8 +1,9 @@
 """bf16 matrix-vector products for decode steps (bf16_cpu.c), built by `cbuild.load_library`, called via ctypes.
 
 PyTorch's bf16 matmul reads a [N, K] weight well below the memory's bandwidth at one to eight rows; this
-kernel (vdpbf16ps, float32 sums) streams it near the memory's bandwidth. `fast()` is True only where it was built
-with AVX-512 BF16; elsewhere callers keep torch. `gemv_ref` is the same arithmetic in float64.
+kernel (vdpbf16ps with AVX-512 BF16; bf16 widened to float32 and fmadd with AVX2; float32 sums) streams it near the
+memory's bandwidth. `fast()` is True where it was built with either; elsewhere callers keep torch. `gemv_ref` is the
+same arithmetic in float64.
 """
 
 from __future__ import annotations
