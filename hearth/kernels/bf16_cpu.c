@@ -17,6 +17,7 @@
 #define TM 4  // x rows per tile
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_TILES 1
 int bf16_gemv_fast(void) { return 1; }
 
 // one weight row against T rows of x, two accumulators each (64 values a step)
@@ -60,19 +61,8 @@ static inline __attribute__((always_inline)) void tile4(const int T, const uint1
         for (int m = 0; m < T; m++) acc_out[m * TR + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Rows one at a time read W as one contiguous stream, fastest while memory bounds the speed (T <= 2)
-static void rows_tile(int R, int T, const uint16_t *w, int64_t K, const uint16_t *x, float *acc) {
-    if (R == TR && T == 4) tile4(4, w, K, x, acc);
-    else if (R == TR && T == 3) tile4(3, w, K, x, acc);
-    else
-        for (int r = 0; r < R; r++) {
-            if (T == 1) tile1(1, w + r * K, K, x, acc + r);
-            else if (T == 2) tile1(2, w + r * K, K, x, acc + r);
-            else if (T == 3) tile1(3, w + r * K, K, x, acc + r);
-            else tile1(4, w + r * K, K, x, acc + r);
-        }
-}
 #elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_TILES 1
 int bf16_gemv_fast(void) { return 1; }
 
 // AVX2 without AVX512-BF16: 8 bf16 values widened to float32 (exact), products summed with fmadd; the last values
@@ -133,6 +123,9 @@ static inline __attribute__((always_inline)) void tile4(const int T, const uint1
         for (int m = 0; m < T; m++) acc_out[m * TR + r] = hsum8(acc[r][m]);
 }
 
+#endif
+
+#ifdef HAVE_TILES
 // Rows one at a time read W as one contiguous stream, fastest while memory bounds the speed (T <= 2)
 static void rows_tile(int R, int T, const uint16_t *w, int64_t K, const uint16_t *x, float *acc) {
     if (R == TR && T == 4) tile4(4, w, K, x, acc);
