@@ -195,11 +195,15 @@ class DenseMethod(LinearMethod):
         if bf16_cpu.can_run(x, self.weight) and len(ctx.prefill_seq_idx) == ctx.num_spec_seqs:
             out = bf16_cpu.gemv(x.reshape(-1, self.weight.shape[1]), self.weight, bias)
             return out.reshape(*x.shape[:-1], self.weight.shape[0])
-        if matmul_dtype(x) != x.dtype and x.dim() == 2 and x.shape[0] > bf16_cpu.MAX_M:
-            # prefill on a CPU whose bf16 matmuls are slow (7 GFLOP/s against 31 in float32 on an AVX2 EPYC): the
-            # weight widened for this call (exact), one rounding of the output to bf16 as the bf16 matmul gives it
+        if matmul_dtype(x) != x.dtype and x.dim() == 2:
+            # on a CPU whose bf16 matmuls are slow (7 GFLOP/s against 31 in float32 on an AVX2 EPYC): the weight
+            # widened for this call (exact), one rounding of the output to bf16 as the bf16 matmul gives it. Rows
+            # padded to BLOCKS_DENSE_MIN_TOKENS, as blocks_mm does: BLAS takes another kernel (another summation order)
+            # for fewer, and a prompt's last rows after a prefix-cache hit must compute what the whole prompt did
+            m = x.shape[0]
             wide = None if bias is None else bias.float()
-            return cpu_linear(x.float(), self.weight.float(), wide).to(x.dtype)
+            xf = F.pad(x.float(), (0, 0, 0, max(0, BLOCKS_DENSE_MIN_TOKENS - m)))
+            return cpu_linear(xf, self.weight.float(), wide)[:m].to(x.dtype)
         return cpu_linear(x, self.weight, bias)
 
 
