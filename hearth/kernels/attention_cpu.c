@@ -247,18 +247,6 @@ void attn_decode(int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *q, 
 #define MLA_MAX_GROUP 16  // heads per task at most
 #define Q8_BLOCK_BYTES 34
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-static inline __m256 load_bf16x8(const uint16_t *p) {  // 8 bf16 values -> float32 (exact)
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
 static inline float dot_bf16_f32(const uint16_t *w, const float *x, int64_t d) {
     int64_t i = 0;
     float s = 0.0f;

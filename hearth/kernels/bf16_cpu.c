@@ -67,20 +67,10 @@ int bf16_gemv_fast(void) { return 1; }
 
 // AVX2 without AVX512-BF16: 8 bf16 values widened to float32 (exact), products summed with fmadd; the last values
 // of a row (fewer than 8) through a zero-padded copy
-static inline __m256 bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 static inline __m256 bf16x8_tail(const uint16_t *p, int64_t n) {
     uint16_t t[8] = {0};
     memcpy(t, p, sizeof(uint16_t) * (size_t)n);
-    return bf16x8(t);
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    return load_bf16x8(t);
 }
 
 // one weight row against T rows of x, two accumulators each (16 values a step)
@@ -90,10 +80,10 @@ static inline __attribute__((always_inline)) void tile1(const int T, const uint1
     for (int m = 0; m < T; m++) a0[m] = a1[m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        const __m256 w0 = bf16x8(w + k), w1 = bf16x8(w + k + 8);
+        const __m256 w0 = load_bf16x8(w + k), w1 = load_bf16x8(w + k + 8);
         for (int m = 0; m < T; m++) {
-            a0[m] = _mm256_fmadd_ps(w0, bf16x8(x + m * K + k), a0[m]);
-            a1[m] = _mm256_fmadd_ps(w1, bf16x8(x + m * K + k + 8), a1[m]);
+            a0[m] = _mm256_fmadd_ps(w0, load_bf16x8(x + m * K + k), a0[m]);
+            a1[m] = _mm256_fmadd_ps(w1, load_bf16x8(x + m * K + k + 8), a1[m]);
         }
     }
     for (; k < K; k += 8) {
@@ -113,9 +103,9 @@ static inline __attribute__((always_inline)) void tile4(const int T, const uint1
     for (int64_t k = 0; k < K; k += 8) {
         const int64_t n = K - k < 8 ? K - k : 8;
         __m256 xv[TM];
-        for (int m = 0; m < T; m++) xv[m] = n == 8 ? bf16x8(x + m * K + k) : bf16x8_tail(x + m * K + k, n);
+        for (int m = 0; m < T; m++) xv[m] = n == 8 ? load_bf16x8(x + m * K + k) : bf16x8_tail(x + m * K + k, n);
         for (int r = 0; r < TR; r++) {
-            const __m256 wv = n == 8 ? bf16x8(w + r * K + k) : bf16x8_tail(w + r * K + k, n);
+            const __m256 wv = n == 8 ? load_bf16x8(w + r * K + k) : bf16x8_tail(w + r * K + k, n);
             for (int m = 0; m < T; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
         }
     }

@@ -34,6 +34,26 @@ static inline uint16_t float_to_bf16(float f) {
 #include <immintrin.h>
 #endif
 
+// 4 bytes of int8 activations as one dword (to broadcast against a 4-byte lane of weights)
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+#if defined(__AVX2__)
+// 8 bf16 values -> float32 (exact), and the sum of a register's 8 floats
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 // f16 -> float32 (exact): a GGUF block scale
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)

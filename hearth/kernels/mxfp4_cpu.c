@@ -123,6 +123,10 @@ typedef struct {
 
 static inline void quantize_block(const float *xb, int8_t *q, float *d, int32_t *s) { *s = q8_block(xb, q, d); }
 
+#if defined(__AVX2__)
+static const int8_t LUT2U[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // LUT2 + 12, unsigned
+#endif
+
 // the doubled e2m1 value (LUT2) of row r, value k of a 16-row block of repacked nibbles
 static inline int r16_code(const uint8_t *qb, int r, int k) {
     const uint8_t byte = qb[(k / 8) * 64 + r * 4 + k % 4];
@@ -130,14 +134,6 @@ static inline int r16_code(const uint8_t *qb, int r, int k) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-static const int8_t LUT2U[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // LUT2 + 12
-
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 // 2^(s-128) for 16 e8m0 scales (e8m0_half, vectorised)
 static inline __m512 e8m0_half16(const uint8_t *s) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s));
@@ -184,14 +180,6 @@ static void tile_rows(const uint8_t *qg, const uint8_t *sg, int64_t nb, const QX
     if (m < m1) tile(1, qg, sg, nb, x, m, out, ldo, rows);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-static const int8_t LUT2U[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};  // LUT2 + 12
-
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 // AVX2 without VNNI: rows 8h..8h+7 of a group of 16 (the 32-byte half h of each 64-byte chunk) against T rows of x
 // from m0. vpshufb maps the nibbles to the doubled e2m1 values + 12 (0..24, unsigned), vpmaddubsw multiplies them by
 // 4 broadcast activation bytes and adds pairs (at most 2 * 24 * 127: no saturation), vpmaddwd sums the pairs to

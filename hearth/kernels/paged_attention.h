@@ -29,9 +29,7 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
     if (d % 8 == 0) {
         __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
         for (int64_t i = 8; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        return _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+        return hsum8(acc);
     }
 #endif
     float s = 0.0f;
@@ -48,8 +46,7 @@ static inline void bf16_row(const uint16_t *src, float *dst, int64_t d) {
 #elif defined(__AVX2__)
     if (d % 8 == 0) {
         for (int64_t i = 0; i < d; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i))), 16)));
+            _mm256_storeu_ps(dst + i, load_bf16x8(src + i));
         return;
     }
 #endif

@@ -101,12 +101,6 @@ static inline void qx_block_any(QX *x, const void *src, int x_bf16, int64_t K, i
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_ZMM 1
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 // One block of 16 rows (wv: chunk c = values 4c..4c+3 of each row as unsigned bytes; d16, m16: the rows' w = d*q + m)
 // against T rows of x (m0..): acc[i] lane r += (int dot of the block) * d_r * dx + m_r * sx
 static inline __attribute__((always_inline)) void r16_block_dot(const int T, const __m512i wv[8], __m512 d16, __m512 m16,
@@ -180,12 +174,6 @@ static inline __attribute__((always_inline)) void r16_groups_t(const int q8, con
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define HAVE_YMM 1
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 // T rows of x's results for rows n0.. (up to 8, fewer at the end of a weight of N rows) to out (or added to it)
 static inline __attribute__((always_inline)) void half_tile_store(const int T, const __m256 acc[4], int64_t N, int64_t n0,
                                                                   int64_t m0, float *out, int64_t ldo, int accumulate) {
